@@ -1,0 +1,5 @@
+"""Allows `python -m cspine`."""
+
+from cspine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Domain objects shared by every stage: studies, series, volumes and the notices that travel with them.
+
+They are plain dataclasses, independent of gRPC and Triton. Coordinates are DICOM patient coordinates
+(LPS: +x toward the patient's left, +y posterior, +z superior), in millimetres.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Modality(str, enum.Enum):
+    """The imaging modalities cspine analyses."""
+
+    CT = "CT"
+    MR = "MR"
+    XR = "XR"  # projection radiograph: DICOM DX or CR
+
+
+class Orientation(str, enum.Enum):
+    """How a series' slices lie in the patient."""
+
+    AXIAL = "axial"
+    SAGITTAL = "sagittal"
+    CORONAL = "coronal"
+    OBLIQUE = "oblique"
+    PROJECTION = "projection"  # a radiograph: no slice plane in patient space
+    UNKNOWN = "unknown"
+
+
+class SeriesRole(str, enum.Enum):
+    """The series the pipeline uses, at most one of each, picked by series selection."""
+
+    CT = "ct"  # axial CT
+    MR_T1 = "mr_t1"  # sagittal T1-weighted MR
+    MR_T2 = "mr_t2"  # sagittal T2-weighted MR
+    XR = "xr"  # lateral radiograph
+
+    @property
+    def modality(self) -> Modality:
+        return _ROLE_MODALITY[self]
+
+
+_ROLE_MODALITY = {
+    SeriesRole.CT: Modality.CT,
+    SeriesRole.MR_T1: Modality.MR,
+    SeriesRole.MR_T2: Modality.MR,
+    SeriesRole.XR: Modality.XR,
+}
+
+
+class NoticeCode(str, enum.Enum):
+    """Closed set of things a result tells its reader about what was done with the input."""
+
+    NOT_AN_IMAGE = "not_an_image"  # SR, SEG, RT, PR … skipped
+    UNSUPPORTED_IMAGE = "unsupported_image"  # an image cspine cannot place or read (colour, no geometry …)
+    DUPLICATE_INSTANCE = "duplicate_instance"
+    MISSING_SLICES = "missing_slices"  # a gap in a series; nothing is interpolated
+    IRREGULAR_SPACING = "irregular_spacing"
+    SERIES_SKIPPED = "series_skipped"  # selection did not use a series, and says why
+    MISSING_MODALITY = "missing_modality"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the reader of a result should know. The message names no patient."""
+
+    code: NoticeCode
+    message: str
+    series_instance_uid: str | None = None
+
+
+@dataclass(eq=False)
+class Volume:
+    """The pixels of one series in modality units (HU for CT), placed in patient space.
+
+    ``voxels[k, i, j]`` is slice ``k``, row ``i``, column ``j``; its centre lies at
+    ``origin + slice_offsets[k] * slice_direction + i * pixel_spacing[0] * column_direction
+    + j * pixel_spacing[1] * row_direction``. Slices are ordered by position along ``slice_direction``;
+    ``slice_offsets`` keep the real positions, so a gap or irregular spacing stays visible.
+    """
+
+    voxels: np.ndarray  # float32 [K, R, C]
+    origin: np.ndarray  # (3,) centre of voxel (0, 0, 0)
+    row_direction: np.ndarray  # (3,) unit vector along a row: the column index j grows (IOP[0:3])
+    column_direction: np.ndarray  # (3,) unit vector down a column: the row index i grows (IOP[3:6])
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), DICOM PixelSpacing order
+    slice_offsets: np.ndarray  # (K,) mm along slice_direction from slice 0, strictly increasing
+    slice_thickness: float | None = None
+    projection: bool = False  # radiograph: pixel_spacing is corrected to the patient plane, origin nominal
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.voxels.shape)  # type: ignore[return-value]
+
+    @property
+    def slice_direction(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    @property
+    def slice_spacing(self) -> float:
+        """Median distance between slices; the slice thickness (or 0) for a single slice."""
+        if len(self.slice_offsets) > 1:
+            return float(np.median(np.diff(self.slice_offsets)))
+        return float(self.slice_thickness or 0.0)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(slice, row, column) spacing in mm."""
+        return (self.slice_spacing, float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
+
+    def slice_positions(self) -> np.ndarray:
+        """(K, 3) ImagePositionPatient of every slice."""
+        return self.origin[None, :] + self.slice_offsets[:, None] * self.slice_direction[None, :]
+
+    def affine(self) -> np.ndarray:
+        """4×4 matrix taking (k, i, j, 1) to patient (x, y, z, 1), using the median slice spacing."""
+        a = np.eye(4)
+        a[:3, 0] = self.slice_direction * self.slice_spacing
+        a[:3, 1] = self.column_direction * self.pixel_spacing[0]
+        a[:3, 2] = self.row_direction * self.pixel_spacing[1]
+        a[:3, 3] = self.origin
+        return a
+
+    def index_to_patient(self, kij: np.ndarray) -> np.ndarray:
+        """Patient coordinates (N, 3) of fractional voxel indices (N, 3), honouring real slice offsets."""
+        kij = np.asarray(kij, dtype=float).reshape(-1, 3)
+        offsets = np.interp(kij[:, 0], np.arange(len(self.slice_offsets)), self.slice_offsets)
+        return (
+            self.origin[None, :]
+            + offsets[:, None] * self.slice_direction[None, :]
+            + kij[:, 1:2] * self.pixel_spacing[0] * self.column_direction[None, :]
+            + kij[:, 2:3] * self.pixel_spacing[1] * self.row_direction[None, :]
+        )
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """Where one slice of a volume came from, for references in DICOM SEG/SR output."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None  # 1-based, for multi-frame instances
+
+
+@dataclass(eq=False)
+class Series:
+    """One DICOM series of a study, as ingest understood it."""
+
+    series_instance_uid: str
+    dicom_modality: str  # (0008,0060) as sent: CT, MR, DX, CR, SR, SEG …
+    modality: Modality | None  # None: nothing cspine analyses
+    sop_class_uid: str
+    series_number: int | None = None
+    description: str = ""
+    orientation: Orientation = Orientation.UNKNOWN
+    volume: Volume | None = None
+    instances: tuple[InstanceRef, ...] = ()  # in slice order when there is a volume
+    frame_of_reference_uid: str | None = None
+    echo_time_ms: float | None = None  # MR
+    repetition_time_ms: float | None = None  # MR
+    view_position: str | None = None  # XR: AP, PA, LL, RL, LATERAL …
+    # pydicom datasets without their pixel data, in slice order: what the DICOM writers need from the source.
+    headers: tuple[Any, ...] = field(default=(), repr=False)
+
+
+@dataclass(eq=False)
+class Study:
+    """One patient study: its series and what ingest noticed on the way."""
+
+    study_instance_uid: str
+    series: list[Series]
+    notices: list[Notice] = field(default_factory=list)
+
+    def image_series(self) -> list[Series]:
+        return [s for s in self.series if s.volume is not None]
+
+
+@dataclass(eq=False)
+class Selection:
+    """The series chosen for each role, and a notice for every series not chosen."""
+
+    chosen: dict[SeriesRole, Series]
+    notices: list[Notice] = field(default_factory=list)

@@ -1,0 +1,68 @@
+"""The one root of cspine's exceptions, by category; the gateway maps categories to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class CspineError(Exception):
+    """Root of every error cspine raises on purpose. Messages are safe to show a client: no PHI, no traces."""
+
+
+class InvalidInputError(CspineError):
+    """The caller sent something cspine cannot use (→ INVALID_ARGUMENT)."""
+
+
+class LimitExceededError(CspineError):
+    """The request is larger than a configured limit, or the service is full (→ RESOURCE_EXHAUSTED)."""
+
+
+class UnavailableError(CspineError):
+    """A dependency (Triton, the support store) does not answer (→ UNAVAILABLE)."""
+
+
+class DicomInputError(InvalidInputError):
+    """One uploaded DICOM instance is unusable. The message names the instance and the reason."""
+
+    def __init__(self, instance: str, reason: str) -> None:
+        self.instance = instance
+        self.reason = reason
+        super().__init__(f"instance {instance}: {reason}")
+
+
+class NotDicomError(DicomInputError):
+    """The bytes are not a DICOM Part-10 file."""
+
+
+class TruncatedDicomError(DicomInputError):
+    """The file ends before its data set (or its pixel data) does."""
+
+
+class MissingPixelDataError(DicomInputError):
+    """An image object carries no pixel data."""
+
+
+class MixedStudiesError(DicomInputError):
+    """One upload holds instances of more than one study."""
+
+
+class InconsistentSeriesError(DicomInputError):
+    """An instance disagrees with the rest of its series (rows/columns, orientation, …)."""
+
+
+class UndecodablePixelDataError(DicomInputError):
+    """The pixel data cannot be decoded (unsupported or corrupt encoding)."""
+
+
+class FrameTooLargeError(DicomInputError, LimitExceededError):
+    """A frame's decoded size would exceed the configured limit (checked before decoding)."""
+
+
+class StudyTooLargeError(LimitExceededError):
+    """The study has more instances, bytes or voxels than the configured limits allow."""
+
+
+class MalformedDicomError(DicomInputError):
+    """A required attribute (a UID, Rows, Columns, BitsAllocated …) is missing or has an unusable value."""
+
+
+class EmptyStudyError(InvalidInputError):
+    """The upload holds no instance of a study: nothing at all, or only DICOMDIR files."""

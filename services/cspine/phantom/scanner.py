@@ -1,0 +1,259 @@
+"""SYNTHETIC acquisitions of one phantom: protocols, sampling grids, rendered series with label maps.
+
+CT is axial, MR sagittal (T1- and T2-like on one grid), the radiograph lateral. Every rendered series
+carries the geometry the DICOM writer needs and label maps in the slice order cspine's ingest returns
+(ascending along the slice normal, i.e. row direction × column direction).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cspine.phantom.anatomy import Label, Spine, Tissue, neck_chords, paint_skeleton, paint_soft_tissue
+from cspine.phantom.geometry import Canvas, Grid
+from cspine.phantom.render import BASE_TISSUES, mu_table, render_ct, render_mr, render_xr
+from cspine.phantom.tumors import Tumor, paint_tumor
+
+
+class Role(str, enum.Enum):
+    """The SYNTHETIC series a phantom study holds (same names as the pipeline's series roles)."""
+
+    CT = "ct"
+    MR_T1 = "mr_t1"
+    MR_T2 = "mr_t2"
+    XR = "xr"
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Domain-shift knobs, 1.0 (or None) meaning the usual cohort variation only."""
+
+    noise: float = 1.0  # multiplies image noise of every modality
+    resolution: float = 1.0  # multiplies pixel spacing (coarser images, same field of view)
+    contrast: float = 1.0  # scales image contrast around a mid value
+    thickness: float | None = None  # slice thickness in mm for CT and MR
+
+    def __post_init__(self) -> None:
+        for name in ("noise", "resolution", "contrast"):
+            if not 0.1 <= getattr(self, name) <= 10.0:
+                raise ValueError(f"shift {name} must be between 0.1 and 10, got {getattr(self, name)}")
+        if self.thickness is not None and not 0.3 <= self.thickness <= 10.0:
+            raise ValueError(f"shift thickness must be between 0.3 and 10 mm, got {self.thickness}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shift:
+        """``"noise=2,resolution=1.5,contrast=0.8,thickness=3"`` → Shift; an empty string → no shift."""
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key not in {"noise", "resolution", "contrast", "thickness"}:
+                raise ValueError(f"bad shift {part!r}: expected noise=, resolution=, contrast= or thickness=")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise ValueError(f"bad shift {part!r}: {value!r} is not a number") from None
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return {"noise": self.noise, "resolution": self.resolution, "contrast": self.contrast, "thickness": self.thickness}
+
+
+@dataclass
+class RenderedSeries:
+    """Float image values on a grid with DICOM geometry, plus ground-truth label maps."""
+
+    role: Role
+    values: np.ndarray  # float32 [K, R, C]: HU, MR signal, or radiograph log-attenuation
+    origin: np.ndarray  # ImagePositionPatient of slice 0 (nominal for the radiograph)
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in the patient plane
+    slice_spacing: float
+    slice_thickness: float
+    labels: np.ndarray  # uint8, [K, R, C] (radiograph: [R, C])
+    levels: np.ndarray
+    acquisition: dict = field(default_factory=dict)  # protocol values the writer records
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+
+@dataclass
+class Scene:
+    spine: Spine
+    tumor: Tumor | None
+
+    def tissue_values(self) -> dict:
+        return {**BASE_TISSUES, **(self.tumor.tissue_values() if self.tumor else {})}
+
+    def paint(self, canvas: Canvas) -> None:
+        paint_soft_tissue(canvas, self.spine)
+        self.paint_inner(canvas)
+
+    def paint_inner(self, canvas: Canvas) -> None:
+        paint_skeleton(canvas, self.spine)
+        if self.tumor is not None:
+            paint_tumor(canvas, self.tumor, self.spine)
+
+
+def _noise_factor(difficulty: float) -> float:
+    return 0.7 + 0.8 * float(np.clip(difficulty, 0.0, 1.0))
+
+
+def _spine_box(spine: Spine) -> tuple[np.ndarray, np.ndarray]:
+    c1, t1 = spine.by_name["C1"], spine.by_name["T1"]
+    z_top = c1.centre[2] + 14.0
+    z_bottom = t1.centre[2] - t1.half[2] - 10.0
+    centre = np.mean([v.centre for v in spine.vertebrae], axis=0)
+    return centre, np.array([z_bottom, z_top])
+
+
+def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> RenderedSeries:
+    spine = scene.spine
+    spacing = float(rng.uniform(0.55, 0.75)) * shift.resolution
+    matrix = int(round(256 / shift.resolution / 2)) * 2
+    thickness = shift.thickness or float(rng.choice([1.5, 2.0, 2.5]))
+    step = thickness if rng.random() < 0.75 else round(thickness * 0.8, 3)
+    centre, (z_bottom, z_top) = _spine_box(spine)
+    count = int(np.ceil((z_top - z_bottom) / step)) + 1
+    fov_centre = centre + np.array([rng.normal(0, 3), rng.uniform(5, 20), 0.0])
+    origin = np.array([fov_centre[0] - spacing * (matrix - 1) / 2, fov_centre[1] - spacing * (matrix - 1) / 2, z_bottom])
+    grid = Grid(origin, np.array([[0, 0, step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix))
+    canvas = Canvas(grid)
+    scene.paint(canvas)
+    noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
+    blur = (0.42 * thickness / step, 0.6, 0.6)
+    hu = render_ct(canvas.tissue, canvas.level, spine, scene.tissue_values(), rng, blur, noise, shift.contrast)
+    return RenderedSeries(
+        role=Role.CT,
+        values=hu,
+        origin=origin,
+        row_direction=np.array([1.0, 0.0, 0.0]),
+        column_direction=np.array([0.0, 1.0, 0.0]),
+        pixel_spacing=(spacing, spacing),
+        slice_spacing=step,
+        slice_thickness=thickness,
+        labels=canvas.label,
+        levels=canvas.level,
+        acquisition={"kvp": float(rng.choice([100.0, 120.0])), "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
+                     "noise": noise},
+    )
+
+
+def acquire_mr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> tuple[RenderedSeries, RenderedSeries]:
+    """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference)."""
+    spine = scene.spine
+    spacing = float(rng.uniform(0.7, 0.9)) * shift.resolution
+    matrix = int(round(256 / shift.resolution / 2)) * 2
+    thickness = shift.thickness or 3.0
+    step = round(thickness * 1.1, 3)
+    count = int(rng.choice([11, 13, 15]))
+    sub = 3
+    centre, (z_bottom, z_top) = _spine_box(spine)
+    x0 = centre[0] + rng.normal(0, 1.5) + step * (count - 1) / 2  # slice 0 is the patient's leftmost
+    z0 = (z_top + z_bottom) / 2 + spacing * (matrix - 1) / 2 + rng.normal(0, 5)
+    y0 = centre[1] + rng.uniform(0, 15) - spacing * (matrix - 1) / 2
+    origin = np.array([x0, y0, z0])
+    sub_origin = origin + np.array([step / sub, 0.0, 0.0])
+    grid = Grid(sub_origin, np.array([[-step / sub, 0, 0], [0, 0, -spacing], [0, spacing, 0]], dtype=float),
+                (count * sub, matrix, matrix))
+    canvas = Canvas(grid)
+    scene.paint(canvas)
+    labels = canvas.label[1::sub].copy()
+    levels = canvas.level[1::sub].copy()
+    noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
+    field_strength = float(rng.choice([1.5, 3.0]))
+    out = []
+    weightings = {
+        Role.MR_T1: (1, {"tr": float(rng.uniform(450, 700)), "te": float(rng.uniform(8, 14)), "etl": 3}),
+        Role.MR_T2: (2, {"tr": float(rng.uniform(2500, 4000)), "te": float(rng.uniform(90, 120)), "etl": int(rng.integers(12, 25))}),
+    }
+    for role, (channel, params) in weightings.items():
+        signal = render_mr(canvas.tissue, canvas.level, spine, scene.tissue_values(), rng, channel, sub, noise,
+                           gain=float(rng.uniform(1.5, 3.0)), contrast=shift.contrast)
+        out.append(
+            RenderedSeries(
+                role=role,
+                values=signal,
+                origin=origin,
+                row_direction=np.array([0.0, 1.0, 0.0]),
+                column_direction=np.array([0.0, 0.0, -1.0]),
+                pixel_spacing=(spacing, spacing),
+                slice_spacing=step,
+                slice_thickness=thickness,
+                labels=labels,
+                levels=levels,
+                acquisition={**params, "field_strength": field_strength, "noise": noise},
+            )
+        )
+    return out[0], out[1]
+
+
+# Priority of structures when a ray crosses several (the radiograph label is the highest).
+_XR_PRIORITY = np.zeros(256, dtype=np.uint8)
+for _rank, _label in enumerate(
+    [Label.SOFT_TISSUE, Label.CSF, Label.CORD, Label.DISC, Label.POSTERIOR_ELEMENTS, Label.OPLL,
+     Label.VERTEBRAL_BODY, Label.TUMOR], start=1):
+    _XR_PRIORITY[int(_label)] = _rank
+_XR_RANK_LABEL = np.zeros(16, dtype=np.uint8)
+_XR_RANK_LABEL[_XR_PRIORITY[_XR_PRIORITY > 0]] = np.nonzero(_XR_PRIORITY)[0]
+
+
+def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> RenderedSeries:
+    """A lateral radiograph: parallel projection along x, soft tissue integrated analytically."""
+    spine = scene.spine
+    spacing = float(rng.uniform(0.5, 0.6)) * shift.resolution
+    magnification = float(rng.uniform(1.08, 1.15))
+    facing = str(rng.choice(["A", "P"]))  # PatientOrientation of the row direction
+    centre, (z_bottom, z_top) = _spine_box(spine)
+    z_top += 25.0
+    z_bottom -= 15.0
+    rows = int(np.ceil((z_top - z_bottom) / spacing))
+    y_front = centre[1] - 45.0
+    cols = int(np.ceil(150.0 / spacing))
+    y_sign = 1.0 if facing == "P" else -1.0
+    y_first = y_front if facing == "P" else y_front + spacing * (cols - 1)
+    dx = 1.0
+    half_x = 42.0
+    xs = int(2 * half_x / dx) + 1
+    origin = np.array([centre[0] - half_x, y_first, z_top])
+    grid = Grid(origin, np.array([[0, 0, -spacing], [0, y_sign * spacing, 0], [dx, 0, 0]], dtype=float), (rows, cols, xs))
+    canvas = Canvas(grid)
+    paint_soft_tissue(canvas, spine)
+    base = canvas.tissue.copy()
+    scene.paint_inner(canvas)
+    mu = mu_table(scene.tissue_values())
+    # Σ μ dx = analytic soft tissue + (what the spine region adds over the soft tissue it replaced)
+    zz = z_top - spacing * np.arange(rows)
+    yy = y_first + y_sign * spacing * np.arange(cols)
+    fat, muscle, _ = neck_chords(spine, yy[None, :], zz[:, None])
+    path = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
+    path = path + (mu[canvas.tissue] - mu[base]).sum(axis=2) * dx
+    noise = float(rng.uniform(0.6, 1.2)) * shift.noise * _noise_factor(difficulty)
+    image = render_xr(path.astype(np.float32), rng, noise, scatter=float(rng.uniform(0.15, 0.4)), blur_px=0.7,
+                      equalise_px=20.0 / spacing, contrast=shift.contrast)
+    # Highest-priority structure along each ray; where two vertebrae overlap, the upper one (its
+    # inferior endplate is what a Cobb angle is measured on).
+    best = (_XR_PRIORITY[canvas.label].astype(np.uint16) * 16 + (15 - canvas.level)).max(axis=2)
+    labels = _XR_RANK_LABEL[best // 16]
+    levels = np.where(labels > 0, 15 - best % 16, 0).astype(np.uint8)
+    labels[(labels == Label.BACKGROUND) & ((fat + muscle) > 0)] = Label.SOFT_TISSUE
+    return RenderedSeries(
+        role=Role.XR,
+        values=image[None],
+        origin=np.array([0.0, 0.0, 0.0]),
+        row_direction=np.array([0.0, y_sign, 0.0]),
+        column_direction=np.array([0.0, 0.0, -1.0]),
+        pixel_spacing=(spacing, spacing),
+        slice_spacing=0.0,
+        slice_thickness=0.0,
+        labels=labels,
+        levels=levels,
+        acquisition={"magnification": magnification, "facing": facing, "kvp": float(rng.choice([70.0, 75.0, 80.0])),
+                     "sid_mm": 1800.0, "monochrome1": bool(rng.random() < 0.3),
+                     "projection_origin": origin.tolist()},
+    )
