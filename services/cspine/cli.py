@@ -55,7 +55,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_paths([Path(p) for p in args.paths], limits=IngestLimits.from_env())
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))
-    return 0
+    refused = report["refused"] or any(study["error"] for study in report["studies"])
+    return 1 if refused else 0
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
@@ -67,7 +68,10 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         # A 512 × 512 SYNTHETIC CT (half the usual pixel spacing), stored uncompressed.
         options = PhantomOptions(modalities=("ct",), tumor="none", shift=Shift(resolution=0.5, thickness=args.thickness))
         truth = generate_case(Path(tmp) / "case", "bench", args.seed, 0, options)
-        files = [Path(tmp) / "case" / f for f in truth["series"]["ct"]["files"]]
+        ct = truth["series"]["ct"]
+        files = [Path(tmp) / "case" / f for f in ct["files"]]
+        slices, rows, columns = ct["shape"]
+        print(f"SYNTHETIC CT, {slices} slices of {rows}×{columns}, uncompressed ({ct['storage']})")
         print(format_bench(bench_ingest(files, repeats=args.repeats)))
     return 0
 
@@ -89,7 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             what = "no tumor"
         print(f"== {case_id}: truth: {what}; C2–C7 Cobb {truth['cobb_angle_c2_c7_deg']:.1f}°")
-        report = inspect_paths([out / case_id], limits=IngestLimits.from_env())
+        # the DICOM folders only: truth.json and labels.npz beside them are not part of the study
+        report = inspect_paths([out / case_id / folder for folder in ("ct", "mr", "xr")], limits=IngestLimits.from_env())
         print(format_inspect(report))
         print()
     return 0
@@ -131,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("inspect", help="show what ingest makes of DICOM files or folders")
+    p = sub.add_parser(
+        "inspect",
+        help="show what ingest makes of DICOM files or folders",
+        description="Exit status 1 when ingest would refuse a file or a study, 0 otherwise.",
+    )
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
     p.set_defaults(func=cmd_inspect)
