@@ -27,6 +27,7 @@ demo: venv
 	$(BIN)/cspine demo
 
 test: venv sysdeps
+	$(BIN)/ruff check services tests
 	$(BIN)/python -m pytest
 
 bench: venv

@@ -60,8 +60,16 @@ def _normal(orientation: Sequence[float]) -> np.ndarray:
 
 
 def _pixel_dtype(bits_allocated: int, signed: bool) -> np.dtype:
-    return np.dtype({(8, False): "u1", (8, True): "i1", (16, False): "<u2", (16, True): "<i2",
-                     (32, False): "<u4", (32, True): "<i4"}[(bits_allocated, signed)])
+    return np.dtype(
+        {
+            (8, False): "u1",
+            (8, True): "i1",
+            (16, False): "<u2",
+            (16, True): "<i2",
+            (32, False): "<u4",
+            (32, True): "<i4",
+        }[(bits_allocated, signed)]
+    )
 
 
 def base_dataset(
@@ -209,8 +217,9 @@ ENCODERS: dict[str, Callable[[Dataset], bytes]] = {
     dicom_uid.JPEGBaseline8Bit: _gdcm_encoder("JPEGBaselineProcess1"),  # 8-bit images only
     dicom_uid.JPEGExtended12Bit: _gdcm_encoder("JPEGExtendedProcess2_4"),  # 8-bit images only here
 }
-LOSSY = frozenset({dicom_uid.JPEGLSNearLossless, dicom_uid.JPEG2000, dicom_uid.JPEGBaseline8Bit,
-                   dicom_uid.JPEGExtended12Bit})
+LOSSY = frozenset(
+    {dicom_uid.JPEGLSNearLossless, dicom_uid.JPEG2000, dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit}
+)
 EIGHT_BIT_ONLY = frozenset({dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit})
 
 
@@ -226,8 +235,13 @@ def encode(ds: Dataset, syntax: str = dicom_uid.ExplicitVRLittleEndian) -> bytes
 # Type 1/2 attributes of the CT and MR Image modules, so that the files are complete enough for dciodvfy.
 _MODALITY_ATTRIBUTES = {
     "CT": {"KVP": "120"},
-    "MR": {"ScanningSequence": "SE", "SequenceVariant": "NONE", "ScanOptions": "", "MRAcquisitionType": "2D",
-           "EchoTrainLength": 1},
+    "MR": {
+        "ScanningSequence": "SE",
+        "SequenceVariant": "NONE",
+        "ScanOptions": "",
+        "MRAcquisitionType": "2D",
+        "EchoTrainLength": 1,
+    },
 }
 
 
@@ -293,8 +307,14 @@ def cross_sectional_series(
         ds.RescaleIntercept = f"{intercept:g}"
         for keyword, value in (extra or {}).items():
             setattr(ds, keyword, value)
-        set_pixels(ds, stored[k], signed=signed, bits_allocated=bits_allocated, bits_stored=bits_stored,
-                   photometric=photometric)
+        set_pixels(
+            ds,
+            stored[k],
+            signed=signed,
+            bits_allocated=bits_allocated,
+            bits_stored=bits_stored,
+            photometric=photometric,
+        )
         files.append((f"{modality.lower()}_{series_number}_{k:03d}.dcm", encode(ds, syntax)))
     return Built(files, stored, positions, study_uid, series_uid, slope, intercept)
 
@@ -329,8 +349,9 @@ def ct_series(
 ) -> Built:
     """An axial CT series (by default): ``n`` slices ``spacing`` mm apart, or at ``offsets`` mm along the
     slice normal from ``origin``; stored values in [low, high], HU = stored × slope + intercept."""
-    return cross_sectional_series(**{k: v for k, v in locals().items()}, modality="CT",
-                                  sop_class_uid=dicom_uid.CTImageStorage)
+    return cross_sectional_series(
+        **{k: v for k, v in locals().items()}, modality="CT", sop_class_uid=dicom_uid.CTImageStorage
+    )
 
 
 def mr_series(
@@ -366,12 +387,33 @@ def mr_series(
     if repetition_time is not None:
         extra["RepetitionTime"] = f"{repetition_time:g}"
     return cross_sectional_series(
-        modality="MR", sop_class_uid=dicom_uid.MRImageStorage, n=n, rows=rows, cols=cols,
-        orientation=orientation, spacing=spacing, offsets=offsets, origin=origin, pixel_spacing=pixel_spacing,
-        thickness=thickness, slope=slope, intercept=intercept, signed=signed, low=low, high=high,
-        bits_allocated=16, bits_stored=16, photometric="MONOCHROME2", study_uid=study_uid,
-        series_uid=series_uid, series_number=series_number, description=description, syntax=syntax,
-        instance_numbers=instance_numbers, extra=extra, seed=seed,
+        modality="MR",
+        sop_class_uid=dicom_uid.MRImageStorage,
+        n=n,
+        rows=rows,
+        cols=cols,
+        orientation=orientation,
+        spacing=spacing,
+        offsets=offsets,
+        origin=origin,
+        pixel_spacing=pixel_spacing,
+        thickness=thickness,
+        slope=slope,
+        intercept=intercept,
+        signed=signed,
+        low=low,
+        high=high,
+        bits_allocated=16,
+        bits_stored=16,
+        photometric="MONOCHROME2",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number,
+        description=description,
+        syntax=syntax,
+        instance_numbers=instance_numbers,
+        extra=extra,
+        seed=seed,
     )
 
 
@@ -408,8 +450,15 @@ def radiograph(
         ("CR", False): dicom_uid.ComputedRadiographyImageStorage,
         ("CR", True): dicom_uid.ComputedRadiographyImageStorage,
     }[(modality, for_processing)]
-    ds = base_dataset(sop_class_uid=sop_class, modality=modality, study_uid=study_uid, series_uid=series_uid,
-                      series_number=series_number, instance_number=instance_number, description=description)
+    ds = base_dataset(
+        sop_class_uid=sop_class,
+        modality=modality,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        description=description,
+    )
     if view_position is not None:
         ds.ViewPosition = view_position
     if pixel_spacing is not None:
@@ -436,8 +485,9 @@ def radiograph(
     ds.RescaleSlope = f"{slope:g}"
     ds.RescaleIntercept = f"{intercept:g}"
     stored = pattern((1, rows, cols), 0, (1 << bits_stored) - 1, seed)
-    set_pixels(ds, stored[0], signed=False, bits_allocated=bits_allocated, bits_stored=bits_stored,
-               photometric=photometric)
+    set_pixels(
+        ds, stored[0], signed=False, bits_allocated=bits_allocated, bits_stored=bits_stored, photometric=photometric
+    )
     files = [(f"{modality.lower()}_{series_number}_{instance_number}.dcm", encode(ds, syntax))]
     return Built(files, stored, np.zeros((1, 3)), study_uid, series_uid, slope, intercept)
 
@@ -475,12 +525,18 @@ def enhanced_series(
     if sorted(order) != list(range(n_frames)):
         raise ValueError("frame_order must be a permutation")
     sop_class = {"CT": dicom_uid.EnhancedCTImageStorage, "MR": dicom_uid.EnhancedMRImageStorage}[modality]
-    ds = base_dataset(sop_class_uid=sop_class, modality=modality, study_uid=study_uid, series_uid=series_uid,
-                      series_number=series_number, description=description)
+    ds = base_dataset(
+        sop_class_uid=sop_class,
+        modality=modality,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number,
+        description=description,
+    )
     ds.FrameOfReferenceUID = dicom_uid.generate_uid()
-    slice_positions = np.asarray(origin, float)[None, :] + (np.arange(n_frames) * spacing)[:, None] * _normal(
-        orientation
-    )[None, :]
+    slice_positions = (
+        np.asarray(origin, float)[None, :] + (np.arange(n_frames) * spacing)[:, None] * _normal(orientation)[None, :]
+    )
     slice_stored = pattern((n_frames, rows, cols), 0, 2000, seed)
     shared = Dataset()
     plane_orientation = Dataset()
@@ -541,9 +597,14 @@ def colour_image(*, modality: str = "CT", study_uid: str | None = None, series_n
     """An RGB image of an analysed modality (a secondary-capture-like screenshot), which ingest skips."""
     study_uid = study_uid or dicom_uid.generate_uid()
     series_uid = dicom_uid.generate_uid()
-    ds = base_dataset(sop_class_uid=dicom_uid.CTImageStorage if modality == "CT" else
-                      dicom_uid.SecondaryCaptureImageStorage, modality=modality, study_uid=study_uid,
-                      series_uid=series_uid, series_number=series_number, description="SCREENSHOT")
+    ds = base_dataset(
+        sop_class_uid=dicom_uid.CTImageStorage if modality == "CT" else dicom_uid.SecondaryCaptureImageStorage,
+        modality=modality,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number,
+        description="SCREENSHOT",
+    )
     rgb = (pattern((1, 8, 8), 0, 255)[0][..., None] * np.array([1, 0, 0]) % 256).astype(np.uint8)
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
@@ -563,10 +624,19 @@ def other_modality_image(modality: str = "US", *, study_uid: str | None = None, 
     """A greyscale image of a modality cspine does not analyse."""
     study_uid = study_uid or dicom_uid.generate_uid()
     series_uid = dicom_uid.generate_uid()
-    sop_class = {"US": dicom_uid.UltrasoundImageStorage, "NM": dicom_uid.NuclearMedicineImageStorage,
-                 "OT": dicom_uid.SecondaryCaptureImageStorage}[modality]
-    ds = base_dataset(sop_class_uid=sop_class, modality=modality, study_uid=study_uid, series_uid=series_uid,
-                      series_number=series_number, description=f"{modality} IMAGE")
+    sop_class = {
+        "US": dicom_uid.UltrasoundImageStorage,
+        "NM": dicom_uid.NuclearMedicineImageStorage,
+        "OT": dicom_uid.SecondaryCaptureImageStorage,
+    }[modality]
+    ds = base_dataset(
+        sop_class_uid=sop_class,
+        modality=modality,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        series_number=series_number,
+        description=f"{modality} IMAGE",
+    )
     stored = pattern((1, 6, 7), 0, 200)
     set_pixels(ds, stored[0], signed=False, bits_allocated=8)
     return Built([(f"{modality.lower()}.dcm", encode(ds))], stored, np.zeros((1, 3)), study_uid, series_uid)
@@ -574,8 +644,14 @@ def other_modality_image(modality: str = "US", *, study_uid: str | None = None, 
 
 def sr_document(*, study_uid: str, series_number: int = 90) -> tuple[str, bytes]:
     """A Basic Text SR: no pixels, skipped by ingest."""
-    ds = base_dataset(sop_class_uid=dicom_uid.BasicTextSRStorage, modality="SR", study_uid=study_uid,
-                      series_uid=dicom_uid.generate_uid(), series_number=series_number, description="REPORT")
+    ds = base_dataset(
+        sop_class_uid=dicom_uid.BasicTextSRStorage,
+        modality="SR",
+        study_uid=study_uid,
+        series_uid=dicom_uid.generate_uid(),
+        series_number=series_number,
+        description="REPORT",
+    )
     ds.ContentDate = "20240102"
     ds.ContentTime = "111111"
     ds.PerformedProcedureCodeSequence = DicomSequence([])
@@ -625,8 +701,17 @@ def fuzz_seed_files() -> list[tuple[str, bytes]]:
         mr_series(1, rows=8, cols=8, syntax=dicom_uid.JPEGLSLossless, seed=6),
         ct_series(1, rows=32, cols=32, syntax=dicom_uid.JPEG2000Lossless, seed=7),
         ct_series(1, rows=8, cols=8, syntax=dicom_uid.JPEGLosslessSV1, seed=8),
-        ct_series(1, rows=8, cols=8, syntax=dicom_uid.JPEGBaseline8Bit, bits_allocated=8, bits_stored=8,
-                  high=255, intercept=0.0, seed=9),
+        ct_series(
+            1,
+            rows=8,
+            cols=8,
+            syntax=dicom_uid.JPEGBaseline8Bit,
+            bits_allocated=8,
+            bits_stored=8,
+            high=255,
+            intercept=0.0,
+            seed=9,
+        ),
         ct_series(1, rows=8, cols=8, syntax=dicom_uid.DeflatedExplicitVRLittleEndian, seed=10),
         mr_series(1, rows=8, cols=8, syntax=dicom_uid.ExplicitVRBigEndian, seed=11),
     ]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import random
 
-import dicom_builders as b
 import numpy as np
 import pytest
 from pydicom import uid as dicom_uid
 
+import dicom_builders as b
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import StudyBuilder, ingest, ingest_paths
 from cspine.domain import Modality, NoticeCode, Orientation
@@ -181,7 +181,11 @@ def test_a_repeated_instance_is_dropped_with_a_notice():
 def test_two_instances_at_one_position_keep_the_lowest_instance_number(duplicate_number, kept):
     built = b.ct_series(4)
     other = b.ct_series(
-        1, offsets=[5.0], seed=7, study_uid=built.study_uid, series_uid=built.series_uid,
+        1,
+        offsets=[5.0],
+        seed=7,
+        study_uid=built.study_uid,
+        series_uid=built.series_uid,
         instance_numbers=[duplicate_number],
     )
     study = ingest(shuffled(built.files + other.files))
@@ -242,8 +246,14 @@ def test_cr_and_dx_for_processing_are_radiographs(modality, for_processing):
 
 def test_a_radiograph_series_with_several_images_uses_the_lateral_one():
     study_uid, series_uid = dicom_uid.generate_uid(), dicom_uid.generate_uid()
-    frontal = b.radiograph(view_position="AP", patient_orientation=("L", "F"), study_uid=study_uid,
-                           series_uid=series_uid, instance_number=1, seed=11)
+    frontal = b.radiograph(
+        view_position="AP",
+        patient_orientation=("L", "F"),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance_number=1,
+        seed=11,
+    )
     lateral = b.radiograph(view_position="LL", study_uid=study_uid, series_uid=series_uid, instance_number=2)
     study = ingest(frontal.files + lateral.files)
     series = only_series(study)
@@ -284,13 +294,20 @@ def test_every_encodable_transfer_syntax_decodes_to_the_same_values(syntax):
 
 @pytest.mark.parametrize(
     "syntax",
-    [dicom_uid.RLELossless, dicom_uid.JPEGLSLossless, dicom_uid.JPEG2000Lossless, dicom_uid.JPEGLosslessSV1,
-     dicom_uid.ExplicitVRBigEndian, dicom_uid.DeflatedExplicitVRLittleEndian],
+    [
+        dicom_uid.RLELossless,
+        dicom_uid.JPEGLSLossless,
+        dicom_uid.JPEG2000Lossless,
+        dicom_uid.JPEGLosslessSV1,
+        dicom_uid.ExplicitVRBigEndian,
+        dicom_uid.DeflatedExplicitVRLittleEndian,
+    ],
     ids=lambda s: s.name,
 )
 def test_signed_pixels_survive_lossless_compression(syntax):
-    built = b.ct_series(2, rows=32, cols=32, signed=True, low=-1500, high=1500, intercept=0.0, bits_stored=16,
-                        syntax=syntax)
+    built = b.ct_series(
+        2, rows=32, cols=32, signed=True, low=-1500, high=1500, intercept=0.0, bits_stored=16, syntax=syntax
+    )
     np.testing.assert_array_equal(only_series(ingest(built.files)).volume.voxels, built.stored)
 
 
@@ -340,8 +357,9 @@ def test_enhanced_ct_applies_each_frames_rescale():
 
 
 def test_enhanced_mr_reads_echo_and_repetition_time_from_functional_groups():
-    built = b.enhanced_series(3, modality="MR", orientation=b.SAGITTAL, echo_time=95.0, repetition_time=2800.0,
-                              intercept=0.0)
+    built = b.enhanced_series(
+        3, modality="MR", orientation=b.SAGITTAL, echo_time=95.0, repetition_time=2800.0, intercept=0.0
+    )
     series = only_series(ingest(built.files))
     assert series.orientation is Orientation.SAGITTAL
     assert series.echo_time_ms == 95.0 and series.repetition_time_ms == 2800.0

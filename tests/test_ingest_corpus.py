@@ -80,8 +80,15 @@ def test_ct_small_gives_an_axial_ct_slice_in_hounsfield_units():
 
 @pytest.mark.parametrize(
     "twin",
-    ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
-     "MR_small_expb.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm"],
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_padded.dcm",
+    ],
 )
 def test_mr_small_twins_decode_to_the_uncompressed_values(twin):
     reference = _volume("MR_small.dcm").volume

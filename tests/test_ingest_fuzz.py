@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from dicom_builders import fuzz_seed_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +19,10 @@ from cspine.dicom.ingest import ingest
 from cspine.errors import CspineError
 from cspine.phantom.generate import PhantomOptions, generate_case
 from cspine.phantom.scanner import Shift
+from dicom_builders import fuzz_seed_files
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.timeout(120)]
+
 
 def phantom_seed_files() -> list[tuple[str, bytes]]:
     """A CT slice, an MR slice and the radiograph of a SYNTHETIC case at a quarter resolution (fast)."""
@@ -61,8 +62,12 @@ interesting_byte = st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x01, 0xFE, 0x20, 0x
 
 
 @FUZZ
-@given(seed_index, st.lists(st.tuples(st.floats(0, 1, exclude_max=True), interesting_byte | st.integers(0, 255)),
-                            min_size=1, max_size=12))
+@given(
+    seed_index,
+    st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), interesting_byte | st.integers(0, 255)), min_size=1, max_size=12
+    ),
+)
 def test_flipped_bytes_are_ingested_or_refused(index, flips):
     name, data = SEEDS[index]
     damaged = bytearray(data)

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import json
 
-import dicom_builders as b
 import pytest
 
+import dicom_builders as b
 from cspine.dicom.inspect import format_inspect, inspect_paths
 
 STUDY_KEYS = {"study_instance_uid", "files", "error", "series", "selection", "notices"}
 SERIES_KEYS = {
-    "series_instance_uid", "series_number", "dicom_modality", "modality", "description", "instances", "shape",
-    "spacing_mm", "orientation", "slice_thickness", "notices",
+    "series_instance_uid",
+    "series_number",
+    "dicom_modality",
+    "modality",
+    "description",
+    "instances",
+    "shape",
+    "spacing_mm",
+    "orientation",
+    "slice_thickness",
+    "notices",
 }
 
 
@@ -76,8 +85,11 @@ def test_inspect_lists_refused_and_skipped_files(two_studies):
         }
     ]
     assert report["skipped"] == [
-        {"file": str(folder / "DICOMDIR"), "code": "not_an_image",
-         "message": f"{folder / 'DICOMDIR'} is a DICOMDIR (a file index); skipped"}
+        {
+            "file": str(folder / "DICOMDIR"),
+            "code": "not_an_image",
+            "message": f"{folder / 'DICOMDIR'} is a DICOMDIR (a file index); skipped",
+        }
     ]
 
 

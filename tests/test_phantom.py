@@ -6,13 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from scipy import ndimage
 
+from cspine.domain import SeriesRole
 from cspine.phantom.anatomy import MEASURED_LEVELS, Label, level_code, sample_spine
 from cspine.phantom.generate import (
     TUMOR_FREE_SHARE,
@@ -20,9 +20,16 @@ from cspine.phantom.generate import (
     build_case,
     draw_subtype,
 )
-from cspine.phantom.scanner import Role, Scene, Shift
+from cspine.phantom.scanner import Scene, Shift
 from cspine.phantom.truth import spine_truth, tumor_truth
-from cspine.phantom.tumors import SUBTYPES, TumorClass, TumorSubtype, place_tumor, plan_tumor, subtypes_of
+from cspine.phantom.tumors import (
+    SUBTYPES,
+    TumorClass,
+    TumorSubtype,
+    place_tumor,
+    plan_tumor,
+    subtypes_of,
+)
 
 TUMOR_CASES = ["malignant", "benign", "borderline"]
 
@@ -33,8 +40,12 @@ def _voxel_coordinates(series: dict, indices: np.ndarray) -> np.ndarray:
     row, col = np.array(series["row_direction"]), np.array(series["column_direction"])
     normal = np.cross(row, col)
     ps = series["pixel_spacing_mm"]
-    return (origin + indices[:, :1] * series["slice_spacing_mm"] * normal
-            + indices[:, 1:2] * ps[0] * col + indices[:, 2:3] * ps[1] * row)
+    return (
+        origin
+        + indices[:, :1] * series["slice_spacing_mm"] * normal
+        + indices[:, 1:2] * ps[0] * col
+        + indices[:, 2:3] * ps[1] * row
+    )
 
 
 def _sample(labels: np.ndarray, series: dict, points: np.ndarray) -> np.ndarray:
@@ -69,7 +80,9 @@ def test_lesion_volume_and_centre_in_truth_match_the_ct_label_map(phantom_cases,
     assert mask.sum() * voxel_ml == pytest.approx(lesion["volume_ml"], rel=0.15, abs=0.08)
     centroid = _voxel_coordinates(ct, np.argwhere(mask)).mean(axis=0)
     weights = np.array([c["volume_ml"] for c in lesion["components"]])
-    truth_centroid = (np.array([c["centre_mm"] for c in lesion["components"]]) * weights[:, None]).sum(0) / weights.sum()
+    truth_centroid = (np.array([c["centre_mm"] for c in lesion["components"]]) * weights[:, None]).sum(
+        0
+    ) / weights.sum()
     assert np.linalg.norm(centroid - truth_centroid) < 2.0
 
 
@@ -189,8 +202,11 @@ def test_every_phantom_file_passes_dciodvfy_without_errors(phantom_cases):
         for path in sorted(case.path.rglob("*.dcm")):
             result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
             checked += 1
-            errors += [f"{path.name}: {line}" for line in (result.stdout + result.stderr).splitlines()
-                       if line.startswith("Error")]
+            errors += [
+                f"{path.name}: {line}"
+                for line in (result.stdout + result.stderr).splitlines()
+                if line.startswith("Error")
+            ]
     assert checked > 300
     assert not errors, "\n".join(errors[:20])
 
@@ -206,7 +222,7 @@ def test_every_series_says_it_is_synthetic(phantom_cases):
 
 def test_stored_pixels_and_geometry_reproduce_the_rendered_ct(phantom_cases):
     case = phantom_cases["benign"]
-    rendered = case.case.series[Role.CT]
+    rendered = case.case.series[SeriesRole.CT]
     datasets = [pydicom.dcmread(p) for p in case.files("ct")]
     datasets.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
     hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
@@ -221,8 +237,8 @@ def test_same_seed_gives_the_same_anatomy_whatever_modalities_are_drawn(phantom_
     reference = phantom_cases["none"]
     again = build_case("none", 11, 3, PhantomOptions(tumor="none", opll="yes", modalities=("xr",)))
     assert spine_truth(again.scene) == {k: reference.truth[k] for k in spine_truth(again.scene)}
-    assert np.array_equal(again.series[Role.XR].values, reference.case.series[Role.XR].values)
-    assert np.array_equal(again.series[Role.XR].labels, reference.labels["xr_labels"])
+    assert np.array_equal(again.series[SeriesRole.XR].values, reference.case.series[SeriesRole.XR].values)
+    assert np.array_equal(again.series[SeriesRole.XR].labels, reference.labels["xr_labels"])
 
 
 @pytest.mark.parametrize("subtype", list(TumorSubtype))
@@ -243,8 +259,11 @@ def test_subtypes_cover_every_class_and_their_sizes_overlap_across_classes():
     for cls in TumorClass:
         members = subtypes_of(cls)
         assert len(members) >= 2, cls
-        ranges[cls] = [(SUBTYPES[s].diameter_mm[0] * np.exp(-s_), SUBTYPES[s].diameter_mm[0] * np.exp(s_))
-                       for s in members for s_ in [SUBTYPES[s].diameter_mm[1]]]
+        ranges[cls] = [
+            (SUBTYPES[s].diameter_mm[0] * np.exp(-s_), SUBTYPES[s].diameter_mm[0] * np.exp(s_))
+            for s in members
+            for s_ in [SUBTYPES[s].diameter_mm[1]]
+        ]
     for a in TumorClass:
         for b in TumorClass:
             if a is not b:  # some subtype of a and some of b share sizes within one log-sd
@@ -288,8 +307,9 @@ def _cspine(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_phantom_writes_a_cohort_with_truth_and_manifest(tmp_path):
     out = tmp_path / "cohort"
-    result = _cspine("phantom", "--out", str(out), "--cases", "2", "--seed", "3", "--modalities", "xr",
-                     "--tumor", "none", "--quiet")
+    result = _cspine(
+        "phantom", "--out", str(out), "--cases", "2", "--seed", "3", "--modalities", "xr", "--tumor", "none", "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 2 SYNTHETIC case(s)" in result.stdout
     manifest = json.loads((out / "cohort.json").read_text())

@@ -11,7 +11,6 @@ import pytest
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import Modality, Orientation, SeriesRole
-from cspine.phantom.scanner import Role
 from cspine.phantom.writer import CT_STORAGE, mr_scale
 
 
@@ -23,7 +22,7 @@ def _only_volume(study):
 @pytest.mark.parametrize("name", ["benign", "malignant", "none"])
 def test_ct_round_trip_gives_back_hu_spacing_and_positions(phantom_cases, name):
     case = phantom_cases[name]
-    rendered = case.case.series[Role.CT]
+    rendered = case.case.series[SeriesRole.CT]
     series, volume = _only_volume(ingest_paths([case.path / "ct"]))
     assert series.modality is Modality.CT and series.orientation is Orientation.AXIAL
     assert volume.shape == rendered.values.shape
@@ -54,7 +53,7 @@ def test_shuffled_files_give_the_same_volume(phantom_cases):
         assert [r.sop_instance_uid for r in a.instances] == [r.sop_instance_uid for r in b.instances]
 
 
-@pytest.mark.parametrize("role", [Role.MR_T1, Role.MR_T2])
+@pytest.mark.parametrize("role", [SeriesRole.MR_T1, SeriesRole.MR_T2])
 def test_mr_round_trip_gives_back_signal_and_sagittal_geometry(phantom_cases, role):
     case = phantom_cases["borderline"]
     rendered = case.case.series[role]
@@ -73,7 +72,7 @@ def test_mr_round_trip_gives_back_signal_and_sagittal_geometry(phantom_cases, ro
 
 def test_radiograph_round_trip_gives_back_the_image_and_patient_plane_spacing(phantom_cases):
     for case in phantom_cases.values():
-        rendered = case.case.series[Role.XR]
+        rendered = case.case.series[SeriesRole.XR]
         series, volume = _only_volume(ingest_paths(case.files("xr")))
         assert series.modality is Modality.XR and volume.projection
         assert volume.pixel_spacing == pytest.approx(rendered.pixel_spacing, abs=1e-5)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import dicom_builders as b
 import pytest
 from pydicom import uid as dicom_uid
 
+import dicom_builders as b
 from cspine.dicom.ingest import ingest
-from cspine.dicom.selection import MrWeighting, RadiographView, mr_weighting, radiograph_view, select_series
+from cspine.dicom.selection import (
+    MrWeighting,
+    RadiographView,
+    mr_weighting,
+    radiograph_view,
+    select_series,
+)
 from cspine.domain import NoticeCode, Series, SeriesRole
 
 
@@ -27,8 +33,9 @@ def missing(selection):
 def test_a_full_study_fills_every_role_and_skips_nothing():
     ct = b.ct_series(6, series_number=2)
     t2 = b.mr_series(5, series_number=3, study_uid=ct.study_uid)
-    t1 = b.mr_series(5, series_number=4, echo_time=12, repetition_time=550, description="SAG T1",
-                     study_uid=ct.study_uid)
+    t1 = b.mr_series(
+        5, series_number=4, echo_time=12, repetition_time=550, description="SAG T1", study_uid=ct.study_uid
+    )
     xr = b.radiograph(series_number=5, study_uid=ct.study_uid)
     selection = select_series(study_of(ct, t2, t1, xr))
     assert {role: s.series_instance_uid for role, s in selection.chosen.items()} == {
@@ -52,8 +59,7 @@ def test_a_thinner_axial_ct_wins_and_the_other_is_told_why():
 
 def test_coverage_comes_before_thin_slices():
     short_thin = b.ct_series(10, spacing=1.0, series_number=2, description="THIN PART")
-    long_thick = b.ct_series(20, spacing=3.0, series_number=3, description="WHOLE NECK",
-                             study_uid=short_thin.study_uid)
+    long_thick = b.ct_series(20, spacing=3.0, series_number=3, description="WHOLE NECK", study_uid=short_thin.study_uid)
     selection = select_series(study_of(short_thin, long_thick))
     assert selection.chosen[SeriesRole.CT].series_instance_uid == long_thick.series_uid
     assert "covers more of the patient" in skipped(selection)[short_thin.series_uid]
@@ -77,8 +83,7 @@ def test_equal_series_are_told_apart_by_series_number():
 
 def test_a_non_axial_ct_is_skipped_with_the_reason():
     axial = b.ct_series(5, series_number=2)
-    coronal = b.ct_series(5, orientation=b.CORONAL, series_number=7, description="COR MPR",
-                          study_uid=axial.study_uid)
+    coronal = b.ct_series(5, orientation=b.CORONAL, series_number=7, description="COR MPR", study_uid=axial.study_uid)
     selection = select_series(study_of(axial, coronal))
     assert skipped(selection) == {coronal.series_uid: "CT series 7 'COR MPR' is coronal; axial CT is needed"}
 
@@ -105,8 +110,9 @@ def test_an_axial_mr_is_skipped_because_sagittal_mr_is_needed():
     ],
 )
 def test_mr_weighting_comes_from_timing_then_from_the_description(echo, repetition, description, weighting):
-    series = Series("1.2", "MR", None, "1.2.3", description=description, echo_time_ms=echo,
-                    repetition_time_ms=repetition)
+    series = Series(
+        "1.2", "MR", None, "1.2.3", description=description, echo_time_ms=echo, repetition_time_ms=repetition
+    )
     assert mr_weighting(series)[0] is weighting
 
 
@@ -147,10 +153,20 @@ def test_radiograph_view_comes_from_view_position_then_patient_orientation(view_
 
 def test_frontal_and_unknown_radiographs_are_skipped_and_the_lateral_chosen():
     lateral = b.radiograph(view_position=None, patient_orientation=("A", "F"), series_number=3)
-    frontal = b.radiograph(view_position="AP", patient_orientation=("L", "F"), series_number=4,
-                           study_uid=lateral.study_uid, description="C-SPINE AP")
-    unknown = b.radiograph(view_position=None, patient_orientation=None, series_number=5,
-                           study_uid=lateral.study_uid, description="C-SPINE")
+    frontal = b.radiograph(
+        view_position="AP",
+        patient_orientation=("L", "F"),
+        series_number=4,
+        study_uid=lateral.study_uid,
+        description="C-SPINE AP",
+    )
+    unknown = b.radiograph(
+        view_position=None,
+        patient_orientation=None,
+        series_number=5,
+        study_uid=lateral.study_uid,
+        description="C-SPINE",
+    )
     selection = select_series(study_of(lateral, frontal, unknown))
     assert selection.chosen[SeriesRole.XR].series_instance_uid == lateral.series_uid
     assert skipped(selection) == {

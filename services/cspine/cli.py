@@ -39,8 +39,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from cspine.phantom.generate import generate_cohort
 
     options = _phantom_options(args)
-    truths = generate_cohort(Path(args.out), args.cases, args.seed, options, workers=args.workers,
-                             progress=not args.quiet)
+    truths = generate_cohort(
+        Path(args.out), args.cases, args.seed, options, workers=args.workers, progress=not args.quiet
+    )
     counts: dict[str, int] = {}
     for t in truths:
         key = t["tumor"]["class"] if t["tumor"] else "none"
@@ -66,7 +67,9 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cspine-bench-") as tmp:
         # A 512 × 512 SYNTHETIC CT (half the usual pixel spacing), stored uncompressed.
-        options = PhantomOptions(modalities=("ct",), tumor="none", shift=Shift(resolution=0.5, thickness=args.thickness))
+        options = PhantomOptions(
+            modalities=("ct",), tumor="none", shift=Shift(resolution=0.5, thickness=args.thickness)
+        )
         truth = generate_case(Path(tmp) / "case", "bench", args.seed, 0, options)
         ct = truth["series"]["ct"]
         files = [Path(tmp) / "case" / f for f in ct["files"]]
@@ -88,13 +91,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         truth = generate_case(out / case_id, case_id, DEMO_SEED, index, PhantomOptions(tumor=tumor))
         lesion = truth["tumor"]
         if lesion:
-            what = (f"{lesion['class']} ({lesion['subtype']}) at {', '.join(lesion['levels'])}, "
-                    f"{lesion['max_diameter_mm']:.1f} mm, {lesion['volume_ml']:.2f} mL")
+            what = (
+                f"{lesion['class']} ({lesion['subtype']}) at {', '.join(lesion['levels'])}, "
+                f"{lesion['max_diameter_mm']:.1f} mm, {lesion['volume_ml']:.2f} mL"
+            )
         else:
             what = "no tumor"
         print(f"== {case_id}: truth: {what}; C2–C7 Cobb {truth['cobb_angle_c2_c7_deg']:.1f}°")
         # the DICOM folders only: truth.json and labels.npz beside them are not part of the study
-        report = inspect_paths([out / case_id / folder for folder in ("ct", "mr", "xr")], limits=IngestLimits.from_env())
+        report = inspect_paths(
+            [out / case_id / folder for folder in ("ct", "mr", "xr")], limits=IngestLimits.from_env()
+        )
         print(format_inspect(report))
         print()
     return 0
@@ -124,14 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed; case i is the same for the same seed")
     p.add_argument("--modalities", default="ct,mr,xr", help="comma-separated subset of ct,mr,xr (default all)")
-    p.add_argument("--tumor", default="random", choices=tumor_choices(), metavar="SUBTYPE|CLASS|none|random",
-                   help="tumor to draw: a subtype, a class (benign, borderline, malignant), none or random")
-    p.add_argument("--difficulty", default="normal",
-                   help="easy, normal, hard or 0..1: higher blurs the subtypes' distinctive traits, adds noise")
-    p.add_argument("--shift", default="",
-                   help="domain shift, e.g. noise=2,resolution=1.5,contrast=0.8,thickness=3 (mm)")
-    p.add_argument("--opll", default="random", choices=list(OPLL_PROBABILITY),
-                   help="ossification of the posterior longitudinal ligament: random (12%%), yes, no")
+    p.add_argument(
+        "--tumor",
+        default="random",
+        choices=tumor_choices(),
+        metavar="SUBTYPE|CLASS|none|random",
+        help="tumor to draw: a subtype, a class (benign, borderline, malignant), none or random",
+    )
+    p.add_argument(
+        "--difficulty",
+        default="normal",
+        help="easy, normal, hard or 0..1: higher blurs the subtypes' distinctive traits, adds noise",
+    )
+    p.add_argument(
+        "--shift", default="", help="domain shift, e.g. noise=2,resolution=1.5,contrast=0.8,thickness=3 (mm)"
+    )
+    p.add_argument(
+        "--opll",
+        default="random",
+        choices=list(OPLL_PROBABILITY),
+        help="ossification of the posterior longitudinal ligament: random (12%%), yes, no",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)

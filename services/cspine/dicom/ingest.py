@@ -66,10 +66,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import BaseTag
 from pydicom.filereader import data_element_generator
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as pydicom_pixel_array
+from pydicom.tag import BaseTag
 
 from cspine.config import IngestLimits
 from cspine.dicom.selection import RadiographView, radiograph_view, series_name
@@ -116,17 +116,61 @@ MODALITY_BY_DICOM: dict[str, Modality] = {
 # Modality (0008,0060) values of objects that carry no image, even when they carry pixel data (SEG, RTDOSE).
 _NON_IMAGE_MODALITIES = frozenset(
     {
-        "SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTTREAT", "PR", "KO", "DOC", "ECG", "EPS",
-        "HD", "AU", "RESP", "REG", "FID", "PLAN", "RWV", "SMR", "M3D", "AR", "LEN", "KER", "OAM", "OPM",
-        "OPT", "POS", "VA",
+        "SR",
+        "SEG",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTDOSE",
+        "RTRECORD",
+        "RTTREAT",
+        "PR",
+        "KO",
+        "DOC",
+        "ECG",
+        "EPS",
+        "HD",
+        "AU",
+        "RESP",
+        "REG",
+        "FID",
+        "PLAN",
+        "RWV",
+        "SMR",
+        "M3D",
+        "AR",
+        "LEN",
+        "KER",
+        "OAM",
+        "OPM",
+        "OPT",
+        "POS",
+        "VA",
     }
 )
 # Words in a SOP class name that mark a non-image object (pydicom knows every standard SOP class by name).
 _NON_IMAGE_SOP_CLASS_WORDS = (
-    "SR Storage", "Presentation State", "Waveform", "Encapsulated", "Key Object", "RT Plan", "RT Structure",
-    "RT Dose", "Treatment Record", "Segmentation", "Surface", "Raw Data", "Registration", "Fiducials",
-    "Real World Value Mapping", "Media Storage Directory", "Measurement", "Parametric Map", "Tractography",
-    "Contour", "Annotation", "Storage Commitment",
+    "SR Storage",
+    "Presentation State",
+    "Waveform",
+    "Encapsulated",
+    "Key Object",
+    "RT Plan",
+    "RT Structure",
+    "RT Dose",
+    "Treatment Record",
+    "Segmentation",
+    "Surface",
+    "Raw Data",
+    "Registration",
+    "Fiducials",
+    "Real World Value Mapping",
+    "Media Storage Directory",
+    "Measurement",
+    "Parametric Map",
+    "Tractography",
+    "Contour",
+    "Annotation",
+    "Storage Commitment",
 )
 
 _IMAGE_SOP_CLASS_WORD = "Image"  # "CT Image Storage", "Enhanced MR Image Storage", "… X-Ray Image Storage …"
@@ -815,8 +859,14 @@ def _decode_with_pydicom(inst: _Instance) -> np.ndarray:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # a Rust decoder's panic is a BaseException (pyo3 PanicException)
-        logger.debug("%s pixel data of %s not decoded by %s: %s: %s", syntax_name, inst.label,
-                     plugin or "pydicom", type(exc).__name__, exc)
+        logger.debug(
+            "%s pixel data of %s not decoded by %s: %s: %s",
+            syntax_name,
+            inst.label,
+            plugin or "pydicom",
+            type(exc).__name__,
+            exc,
+        )
         raise UndecodablePixelDataError(
             inst.label, f"the {syntax_name} pixel data cannot be decoded ({type(exc).__name__})"
         ) from None
@@ -1031,9 +1081,7 @@ class StudyBuilder:
                 f"instance {label}: the study has more than {self._limits.max_instances} instances"
             )
         if self._bytes > self._limits.max_study_bytes:
-            raise StudyTooLargeError(
-                f"instance {label}: the study is larger than {self._limits.max_study_bytes} bytes"
-            )
+            raise StudyTooLargeError(f"instance {label}: the study is larger than {self._limits.max_study_bytes} bytes")
 
     def _add_guarded(self, label: str, source: Any) -> None:
         try:
@@ -1423,9 +1471,7 @@ def _build_projection(series: Series, name: str, images: list[_Instance], notice
     uid = series.series_instance_uid
     single = [i for i in images if i.image.frame_count == 1]
     if len(single) < len(images):
-        notices.append(
-            Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: multi-frame radiographs are not analysed", uid)
-        )
+        notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: multi-frame radiographs are not analysed", uid))
     if not single:
         return
     views = {id(i): _view_of(i.ds) for i in single}

@@ -89,9 +89,7 @@ def _study_entry(uid: str, files: int, study: Study | None, selection: Selection
         "files": files,
         "error": error,
         "series": [_series_entry(s, notices) for s in study.series] if study else [],
-        "selection": {
-            role.value: chosen[role].series_instance_uid if role in chosen else None for role in SeriesRole
-        },
+        "selection": {role.value: chosen[role].series_instance_uid if role in chosen else None for role in SeriesRole},
         "notices": [_notice(n) for n in notices],
     }
 
@@ -157,9 +155,7 @@ def _series_line(entry: dict[str, Any]) -> str:
 def format_inspect(report: dict[str, Any]) -> str:
     """The report as text: a table of series per study, the selection, notices, refused files."""
     studies, refused, skipped = report["studies"], report["refused"], report["skipped"]
-    lines = [
-        f"{report['files']} file(s): {len(studies)} study(ies), {len(refused)} refused, {len(skipped)} skipped"
-    ]
+    lines = [f"{report['files']} file(s): {len(studies)} study(ies), {len(refused)} refused, {len(skipped)} skipped"]
     for study in studies:
         lines += ["", f"Study {study['study_instance_uid']} ({study['files']} file(s))"]
         if study["error"]:

@@ -157,8 +157,8 @@ _CROSS_SECTIONAL_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]]
 _RADIOGRAPH_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]], ...] = (
     (
         "has a larger field of view",
-        lambda s, c: -round(
-            s.volume.shape[1] * s.volume.pixel_spacing[0] * s.volume.shape[2] * s.volume.pixel_spacing[1] / 100
+        lambda s, c: (
+            -round(s.volume.shape[1] * s.volume.pixel_spacing[0] * s.volume.shape[2] * s.volume.pixel_spacing[1] / 100)
         ),
     ),
     ("has finer pixels", lambda s, c: round(s.volume.pixel_spacing[0] * s.volume.pixel_spacing[1], 4)),
@@ -279,8 +279,6 @@ def select_series(study: Study) -> Selection:
 
     order = {id(s): n for n, s in enumerate(study.series)}
     for series, reason in sorted(skipped, key=lambda pair: order[id(pair[0])]):
-        notices.append(
-            Notice(NoticeCode.SERIES_SKIPPED, f"{series_name(series)} {reason}", series.series_instance_uid)
-        )
+        notices.append(Notice(NoticeCode.SERIES_SKIPPED, f"{series_name(series)} {reason}", series.series_instance_uid))
     logger.info("selected %d of %d series: %s", len(chosen), len(study.series), ", ".join(r.value for r in chosen))
     return Selection(chosen=chosen, notices=notices)

@@ -280,7 +280,10 @@ def sample_spine(
         degeneration[name] = float(rng.uniform(0.3, 1.0)) if rng.random() < p else float(rng.uniform(0.0, 0.15))
 
     # Stack T1 … C2 bottom-up; then hang C1 on the dens.
-    frames = {n: rotation(np.radians(tilt[n]), np.radians(lateral + rng.normal(0, 1.2)), np.radians(rng.normal(0, 2.0))) for n in names}
+    frames = {
+        n: rotation(np.radians(tilt[n]), np.radians(lateral + rng.normal(0, 1.2)), np.radians(rng.normal(0, 2.0)))
+        for n in names
+    }
     vertebrae: dict[str, Vertebra] = {}
     centre = np.array([rng.normal(0.0, 2.0), 0.0, 0.0])
     below: Vertebra | None = None

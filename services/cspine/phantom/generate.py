@@ -23,10 +23,25 @@ import numpy as np
 from tqdm import tqdm
 
 import cspine
+from cspine.domain import SeriesRole
 from cspine.phantom.anatomy import LEVELS, Label, sample_spine
-from cspine.phantom.scanner import RenderedSeries, Role, Scene, Shift, acquire_ct, acquire_mr, acquire_xr
+from cspine.phantom.scanner import (
+    RenderedSeries,
+    Scene,
+    Shift,
+    acquire_ct,
+    acquire_mr,
+    acquire_xr,
+)
 from cspine.phantom.truth import spine_truth, tumor_truth
-from cspine.phantom.tumors import SUBTYPES, TumorClass, TumorSubtype, place_tumor, plan_tumor, subtypes_of
+from cspine.phantom.tumors import (
+    SUBTYPES,
+    TumorClass,
+    TumorSubtype,
+    place_tumor,
+    plan_tumor,
+    subtypes_of,
+)
 from cspine.phantom.writer import CT_STORAGE, StudyInfo, write_ct, write_mr, write_xr
 
 logger = logging.getLogger(__name__)
@@ -77,8 +92,13 @@ class PhantomOptions:
             raise ValueError(f"opll must be one of {', '.join(OPLL_PROBABILITY)}; got {self.opll!r}")
 
     def as_dict(self) -> dict:
-        return {"modalities": list(self.modalities), "tumor": self.tumor, "difficulty": self.difficulty,
-                "shift": self.shift.as_dict(), "opll": self.opll}
+        return {
+            "modalities": list(self.modalities),
+            "tumor": self.tumor,
+            "difficulty": self.difficulty,
+            "shift": self.shift.as_dict(),
+            "opll": self.opll,
+        }
 
 
 def draw_subtype(rng: np.random.Generator, tumor: str) -> TumorSubtype | None:
@@ -100,12 +120,14 @@ def _describe(series: RenderedSeries, paths: list[Path], case_dir: Path, uid: st
         "row_direction": series.row_direction.tolist(),
         "column_direction": series.column_direction.tolist(),
     }
-    if series.role is not Role.XR:
-        out.update({
-            "origin_mm": [round(float(v), 4) for v in series.origin],
-            "slice_spacing_mm": round(series.slice_spacing, 4),
-            "slice_thickness_mm": round(series.slice_thickness, 4),
-        })
+    if series.role is not SeriesRole.XR:
+        out.update(
+            {
+                "origin_mm": [round(float(v), 4) for v in series.origin],
+                "slice_spacing_mm": round(series.slice_spacing, 4),
+                "slice_thickness_mm": round(series.slice_thickness, 4),
+            }
+        )
     else:
         out["magnification"] = round(series.acquisition["magnification"], 4)
         out["photometric"] = "MONOCHROME1" if series.acquisition["monochrome1"] else "MONOCHROME2"
@@ -123,9 +145,9 @@ class Case:
     scene: Scene
     study: StudyInfo
     lesion: dict | None
-    series: dict[Role, RenderedSeries]
+    series: dict[SeriesRole, RenderedSeries]
     ct_storage: str
-    mr_bits: dict[Role, int]
+    mr_bits: dict[SeriesRole, int]
 
 
 def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> Case:
@@ -152,23 +174,23 @@ def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> 
         age_years=int(info_rng.integers(18, 51)),
         date=dt.date(2026, 1, 1) + dt.timedelta(days=int(info_rng.integers(0, 300))),
     )
-    series: dict[Role, RenderedSeries] = {}
+    series: dict[SeriesRole, RenderedSeries] = {}
     shift, difficulty = options.shift, options.difficulty
     ct_storage, mr_bits = "", {}
     if "ct" in options.modalities:
         ct_rng = np.random.default_rng(ct_ss)
-        series[Role.CT] = acquire_ct(scene, ct_rng, shift, difficulty)
+        series[SeriesRole.CT] = acquire_ct(scene, ct_rng, shift, difficulty)
         ct_storage = str(ct_rng.choice(list(CT_STORAGE)))
     if "mr" in options.modalities:
         mr_rng = np.random.default_rng(mr_ss)
-        series[Role.MR_T1], series[Role.MR_T2] = acquire_mr(scene, mr_rng, shift, difficulty)
-        mr_bits = {role: int(mr_rng.choice([12, 16])) for role in (Role.MR_T1, Role.MR_T2)}
+        series[SeriesRole.MR_T1], series[SeriesRole.MR_T2] = acquire_mr(scene, mr_rng, shift, difficulty)
+        mr_bits = {role: int(mr_rng.choice([12, 16])) for role in (SeriesRole.MR_T1, SeriesRole.MR_T2)}
     if "xr" in options.modalities:
-        series[Role.XR] = acquire_xr(scene, np.random.default_rng(xr_ss), shift, difficulty)
+        series[SeriesRole.XR] = acquire_xr(scene, np.random.default_rng(xr_ss), shift, difficulty)
     return Case(case_id, seed, index, options, scene, study, lesion, series, ct_storage, mr_bits)
 
 
-_WRITERS = {Role.CT: "ct", Role.MR_T1: "mr", Role.MR_T2: "mr", Role.XR: "xr"}  # role → folder
+_WRITERS = {SeriesRole.CT: "ct", SeriesRole.MR_T1: "mr", SeriesRole.MR_T2: "mr", SeriesRole.XR: "xr"}  # role → folder
 
 
 def write_case(case: Case, case_dir: Path) -> dict:
@@ -180,16 +202,16 @@ def write_case(case: Case, case_dir: Path) -> dict:
     labels: dict[str, np.ndarray] = {}
     for role, rendered in case.series.items():
         folder = case_dir / _WRITERS[role]
-        if role is Role.CT:
+        if role is SeriesRole.CT:
             paths = write_ct(rendered, case.study, folder, case.ct_storage)
-        elif role is Role.XR:
+        elif role is SeriesRole.XR:
             paths = write_xr(rendered, case.study, folder)
         else:
             paths = write_mr(rendered, case.study, folder, case.mr_bits[role])
         described[role.value] = _describe(rendered, paths, case_dir, case.study.uid("series", role.value))
         key = _WRITERS[role]
         labels[f"{key}_labels"], labels[f"{key}_levels"] = rendered.labels, rendered.levels
-    if Role.CT in case.series:
+    if SeriesRole.CT in case.series:
         described["ct"]["storage"] = case.ct_storage
     np.savez_compressed(case_dir / LABELS_FILE, **labels)
 
@@ -212,7 +234,7 @@ def write_case(case: Case, case_dir: Path) -> dict:
                 "<modality>_levels": "vertebral level code per bone, disc or tumor voxel, uint8 (see 'levels')",
             },
             "order": "ct and mr arrays are [slice, row, column] with slices ascending along the slice normal "
-                     "(row direction x column direction), the order cspine ingest returns; xr arrays are [row, column]",
+            "(row direction x column direction), the order cspine ingest returns; xr arrays are [row, column]",
             "labels": {str(int(lab)): lab.name.lower() for lab in Label},
             "levels": {str(i + 1): name for i, name in enumerate(LEVELS)},
         },

@@ -28,8 +28,13 @@ BASE_TISSUES: dict[Tissue, tuple[float, float, float]] = {
     Tissue.EDEMA: (240.0, 300.0, 760.0),
 }
 # Texture (standard deviation of smooth spatial variation) per tissue: CT HU, MR fraction of the signal.
-_TEXTURE = {Tissue.CANCELLOUS: (45.0, 0.08), Tissue.MUSCLE: (8.0, 0.06), Tissue.FAT: (10.0, 0.04),
-            Tissue.TUMOR_SOLID: (15.0, 0.08), Tissue.EDEMA: (20.0, 0.08)}
+_TEXTURE = {
+    Tissue.CANCELLOUS: (45.0, 0.08),
+    Tissue.MUSCLE: (8.0, 0.06),
+    Tissue.FAT: (10.0, 0.04),
+    Tissue.TUMOR_SOLID: (15.0, 0.08),
+    Tissue.EDEMA: (20.0, 0.08),
+}
 
 WATER_MU_PER_MM = 0.0195  # linear attenuation of water near 60 keV
 
@@ -42,9 +47,7 @@ def lookup(tissue_values: dict[Tissue, tuple[float, float, float]], channel: int
     return table
 
 
-def _values(
-    tissue: np.ndarray, level: np.ndarray, channel: int, tissue_values: dict, spine: Spine
-) -> np.ndarray:
+def _values(tissue: np.ndarray, level: np.ndarray, channel: int, tissue_values: dict, spine: Spine) -> np.ndarray:
     """Per-voxel values with disc degeneration applied (dark, low nucleus on T2)."""
     out = lookup(tissue_values, channel)[tissue]
     nucleus = tissue == Tissue.DISC_NUCLEUS

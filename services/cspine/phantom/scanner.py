@@ -7,24 +7,28 @@ carries the geometry the DICOM writer needs and label maps in the slice order cs
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cspine.phantom.anatomy import Label, Spine, Tissue, neck_chords, paint_skeleton, paint_soft_tissue
+from cspine.domain import SeriesRole
+from cspine.phantom.anatomy import (
+    Label,
+    Spine,
+    Tissue,
+    neck_chords,
+    paint_skeleton,
+    paint_soft_tissue,
+)
 from cspine.phantom.geometry import Canvas, Grid
-from cspine.phantom.render import BASE_TISSUES, mu_table, render_ct, render_mr, render_xr
+from cspine.phantom.render import (
+    BASE_TISSUES,
+    mu_table,
+    render_ct,
+    render_mr,
+    render_xr,
+)
 from cspine.phantom.tumors import Tumor, paint_tumor
-
-
-class Role(str, enum.Enum):
-    """The SYNTHETIC series a phantom study holds (same names as the pipeline's series roles)."""
-
-    CT = "ct"
-    MR_T1 = "mr_t1"
-    MR_T2 = "mr_t2"
-    XR = "xr"
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,19 @@ class Shift:
         return cls(**values)
 
     def as_dict(self) -> dict:
-        return {"noise": self.noise, "resolution": self.resolution, "contrast": self.contrast, "thickness": self.thickness}
+        return {
+            "noise": self.noise,
+            "resolution": self.resolution,
+            "contrast": self.contrast,
+            "thickness": self.thickness,
+        }
 
 
 @dataclass
 class RenderedSeries:
     """Float image values on a grid with DICOM geometry, plus ground-truth label maps."""
 
-    role: Role
+    role: SeriesRole
     values: np.ndarray  # float32 [K, R, C]: HU, MR signal, or radiograph log-attenuation
     origin: np.ndarray  # ImagePositionPatient of slice 0 (nominal for the radiograph)
     row_direction: np.ndarray
@@ -121,15 +130,19 @@ def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     centre, (z_bottom, z_top) = _spine_box(spine)
     count = int(np.ceil((z_top - z_bottom) / step)) + 1
     fov_centre = centre + np.array([rng.normal(0, 3), rng.uniform(5, 20), 0.0])
-    origin = np.array([fov_centre[0] - spacing * (matrix - 1) / 2, fov_centre[1] - spacing * (matrix - 1) / 2, z_bottom])
-    grid = Grid(origin, np.array([[0, 0, step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix))
+    origin = np.array(
+        [fov_centre[0] - spacing * (matrix - 1) / 2, fov_centre[1] - spacing * (matrix - 1) / 2, z_bottom]
+    )
+    grid = Grid(
+        origin, np.array([[0, 0, step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix)
+    )
     canvas = Canvas(grid)
     scene.paint(canvas)
     noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
     blur = (0.42 * thickness / step, 0.6, 0.6)
     hu = render_ct(canvas.tissue, canvas.level, spine, scene.tissue_values(), rng, blur, noise, shift.contrast)
     return RenderedSeries(
-        role=Role.CT,
+        role=SeriesRole.CT,
         values=hu,
         origin=origin,
         row_direction=np.array([1.0, 0.0, 0.0]),
@@ -139,12 +152,17 @@ def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
         slice_thickness=thickness,
         labels=canvas.label,
         levels=canvas.level,
-        acquisition={"kvp": float(rng.choice([100.0, 120.0])), "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
-                     "noise": noise},
+        acquisition={
+            "kvp": float(rng.choice([100.0, 120.0])),
+            "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
+            "noise": noise,
+        },
     )
 
 
-def acquire_mr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> tuple[RenderedSeries, RenderedSeries]:
+def acquire_mr(
+    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float
+) -> tuple[RenderedSeries, RenderedSeries]:
     """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference)."""
     spine = scene.spine
     spacing = float(rng.uniform(0.7, 0.9)) * shift.resolution
@@ -159,8 +177,11 @@ def acquire_mr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     y0 = centre[1] + rng.uniform(0, 15) - spacing * (matrix - 1) / 2
     origin = np.array([x0, y0, z0])
     sub_origin = origin + np.array([step / sub, 0.0, 0.0])
-    grid = Grid(sub_origin, np.array([[-step / sub, 0, 0], [0, 0, -spacing], [0, spacing, 0]], dtype=float),
-                (count * sub, matrix, matrix))
+    grid = Grid(
+        sub_origin,
+        np.array([[-step / sub, 0, 0], [0, 0, -spacing], [0, spacing, 0]], dtype=float),
+        (count * sub, matrix, matrix),
+    )
     canvas = Canvas(grid)
     scene.paint(canvas)
     labels = canvas.label[1::sub].copy()
@@ -169,12 +190,25 @@ def acquire_mr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     field_strength = float(rng.choice([1.5, 3.0]))
     out = []
     weightings = {
-        Role.MR_T1: (1, {"tr": float(rng.uniform(450, 700)), "te": float(rng.uniform(8, 14)), "etl": 3}),
-        Role.MR_T2: (2, {"tr": float(rng.uniform(2500, 4000)), "te": float(rng.uniform(90, 120)), "etl": int(rng.integers(12, 25))}),
+        SeriesRole.MR_T1: (1, {"tr": float(rng.uniform(450, 700)), "te": float(rng.uniform(8, 14)), "etl": 3}),
+        SeriesRole.MR_T2: (
+            2,
+            {"tr": float(rng.uniform(2500, 4000)), "te": float(rng.uniform(90, 120)), "etl": int(rng.integers(12, 25))},
+        ),
     }
     for role, (channel, params) in weightings.items():
-        signal = render_mr(canvas.tissue, canvas.level, spine, scene.tissue_values(), rng, channel, sub, noise,
-                           gain=float(rng.uniform(1.5, 3.0)), contrast=shift.contrast)
+        signal = render_mr(
+            canvas.tissue,
+            canvas.level,
+            spine,
+            scene.tissue_values(),
+            rng,
+            channel,
+            sub,
+            noise,
+            gain=float(rng.uniform(1.5, 3.0)),
+            contrast=shift.contrast,
+        )
         out.append(
             RenderedSeries(
                 role=role,
@@ -196,8 +230,18 @@ def acquire_mr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
 # Priority of structures when a ray crosses several (the radiograph label is the highest).
 _XR_PRIORITY = np.zeros(256, dtype=np.uint8)
 for _rank, _label in enumerate(
-    [Label.SOFT_TISSUE, Label.CSF, Label.CORD, Label.DISC, Label.POSTERIOR_ELEMENTS, Label.OPLL,
-     Label.VERTEBRAL_BODY, Label.TUMOR], start=1):
+    [
+        Label.SOFT_TISSUE,
+        Label.CSF,
+        Label.CORD,
+        Label.DISC,
+        Label.POSTERIOR_ELEMENTS,
+        Label.OPLL,
+        Label.VERTEBRAL_BODY,
+        Label.TUMOR,
+    ],
+    start=1,
+):
     _XR_PRIORITY[int(_label)] = _rank
 _XR_RANK_LABEL = np.zeros(16, dtype=np.uint8)
 _XR_RANK_LABEL[_XR_PRIORITY[_XR_PRIORITY > 0]] = np.nonzero(_XR_PRIORITY)[0]
@@ -221,7 +265,9 @@ def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     half_x = 42.0
     xs = int(2 * half_x / dx) + 1
     origin = np.array([centre[0] - half_x, y_first, z_top])
-    grid = Grid(origin, np.array([[0, 0, -spacing], [0, y_sign * spacing, 0], [dx, 0, 0]], dtype=float), (rows, cols, xs))
+    grid = Grid(
+        origin, np.array([[0, 0, -spacing], [0, y_sign * spacing, 0], [dx, 0, 0]], dtype=float), (rows, cols, xs)
+    )
     canvas = Canvas(grid)
     paint_soft_tissue(canvas, spine)
     base = canvas.tissue.copy()
@@ -234,8 +280,15 @@ def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     path = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
     path = path + (mu[canvas.tissue] - mu[base]).sum(axis=2) * dx
     noise = float(rng.uniform(0.6, 1.2)) * shift.noise * _noise_factor(difficulty)
-    image = render_xr(path.astype(np.float32), rng, noise, scatter=float(rng.uniform(0.15, 0.4)), blur_px=0.7,
-                      equalise_px=20.0 / spacing, contrast=shift.contrast)
+    image = render_xr(
+        path.astype(np.float32),
+        rng,
+        noise,
+        scatter=float(rng.uniform(0.15, 0.4)),
+        blur_px=0.7,
+        equalise_px=20.0 / spacing,
+        contrast=shift.contrast,
+    )
     # Highest-priority structure along each ray; where two vertebrae overlap, the upper one (its
     # inferior endplate is what a Cobb angle is measured on).
     best = (_XR_PRIORITY[canvas.label].astype(np.uint16) * 16 + (15 - canvas.level)).max(axis=2)
@@ -243,7 +296,7 @@ def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     levels = np.where(labels > 0, 15 - best % 16, 0).astype(np.uint8)
     labels[(labels == Label.BACKGROUND) & ((fat + muscle) > 0)] = Label.SOFT_TISSUE
     return RenderedSeries(
-        role=Role.XR,
+        role=SeriesRole.XR,
         values=image[None],
         origin=np.array([0.0, 0.0, 0.0]),
         row_direction=np.array([0.0, y_sign, 0.0]),
@@ -253,7 +306,12 @@ def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
         slice_thickness=0.0,
         labels=labels,
         levels=levels,
-        acquisition={"magnification": magnification, "facing": facing, "kvp": float(rng.choice([70.0, 75.0, 80.0])),
-                     "sid_mm": 1800.0, "monochrome1": bool(rng.random() < 0.3),
-                     "projection_origin": origin.tolist()},
+        acquisition={
+            "magnification": magnification,
+            "facing": facing,
+            "kvp": float(rng.choice([70.0, 75.0, 80.0])),
+            "sid_mm": 1800.0,
+            "monochrome1": bool(rng.random() < 0.3),
+            "projection_origin": origin.tolist(),
+        },
     )

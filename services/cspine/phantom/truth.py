@@ -135,13 +135,15 @@ def tumor_truth(scene: Scene) -> dict | None:
         slabs = spine.slab_index(pts.astype(np.float32))
         share = np.bincount(slabs, minlength=len(LEVELS)) / len(slabs)
         # The hull of voxel centres misses half a voxel at each end of the diameter.
-        parts.append({
-            "level": LEVELS[int(np.argmax(share))],
-            "levels": [LEVELS[i] for i in np.nonzero(share >= LEVEL_SHARE)[0]],
-            "volume_ml": round(float(len(idx) * voxel_ml), 3),
-            "max_diameter_mm": round(_feret(pts) + step, 2),
-            "centre_mm": _rounded(pts.mean(axis=0), 2),
-        })
+        parts.append(
+            {
+                "level": LEVELS[int(np.argmax(share))],
+                "levels": [LEVELS[i] for i in np.nonzero(share >= LEVEL_SHARE)[0]],
+                "volume_ml": round(float(len(idx) * voxel_ml), 3),
+                "max_diameter_mm": round(_feret(pts) + step, 2),
+                "centre_mm": _rounded(pts.mean(axis=0), 2),
+            }
+        )
     parts.sort(key=lambda p: -p["volume_ml"])
     total_ml = sum(p["volume_ml"] for p in parts)
     fragments = [p for p in parts[1:] if p["volume_ml"] < MIN_COMPONENT_ML]

@@ -89,6 +89,7 @@ _MID = {"C3": 1.0, "C4": 1.0, "C5": 1.0, "C6": 1.0}
 _ALL = {"C2": 1.0, "C3": 1.0, "C4": 1.0, "C5": 1.0, "C6": 1.0, "C7": 1.0}
 _LOW = {"C3": 0.6, "C4": 0.8, "C5": 1.0, "C6": 1.2, "C7": 1.3, "T1": 0.6}
 
+# fmt: off
 SUBTYPES: dict[TumorSubtype, SubtypeSpec] = {
     TumorSubtype.HEMANGIOMA: SubtypeSpec(
         TumorClass.BENIGN, 0.14, Site.BODY, _ALL, (13.0, 0.25), (1.0, 1.4), 0.05, 0.2, Growth.CONFINED,
@@ -133,6 +134,7 @@ SUBTYPES: dict[TumorSubtype, SubtypeSpec] = {
         (0.0, 2.0), (28.0, 280.0, 930.0),
     ),
 }
+# fmt: on
 
 # Tissue values shared by all lesions: (CT HU, T1, T2). TUMOR_SOLID comes from the subtype.
 TUMOR_TISSUES = {
@@ -152,7 +154,12 @@ _BONE_MARROW = (Tissue.CANCELLOUS, Tissue.POSTERIOR_BONE, Tissue.EDEMA)
 _GROWS_OVER = {
     Growth.EXPANSILE: (Label.VERTEBRAL_BODY, Label.POSTERIOR_ELEMENTS, Label.SOFT_TISSUE, Label.CSF, Label.TUMOR),
     Growth.INFILTRATIVE: (
-        Label.VERTEBRAL_BODY, Label.POSTERIOR_ELEMENTS, Label.SOFT_TISSUE, Label.CSF, Label.CORD, Label.TUMOR,
+        Label.VERTEBRAL_BODY,
+        Label.POSTERIOR_ELEMENTS,
+        Label.SOFT_TISSUE,
+        Label.CSF,
+        Label.CORD,
+        Label.TUMOR,
     ),
     Growth.DISPLACING: (Label.CSF, Label.CORD, Label.POSTERIOR_ELEMENTS, Label.SOFT_TISSUE, Label.TUMOR),
 }
@@ -259,7 +266,10 @@ def blend_spec(spec: SubtypeSpec, difficulty: float) -> SubtypeSpec:
         return (1 - k) * value + k * mean
 
     median = float(np.exp(np.mean([np.log(s.diameter_mm[0]) for s in specs])))
-    diameter = (float(np.exp((1 - k) * np.log(spec.diameter_mm[0]) + k * np.log(median))), spec.diameter_mm[1] * (1 + k))
+    diameter = (
+        float(np.exp((1 - k) * np.log(spec.diameter_mm[0]) + k * np.log(median))),
+        spec.diameter_mm[1] * (1 + k),
+    )
     return replace(
         spec,
         diameter_mm=diameter,
@@ -292,14 +302,24 @@ def place_tumor(rng: np.random.Generator, plan: TumorPlan, spine: Spine, difficu
     if epidural:
         a, b, h = host.half
         blobs.append(
-            _blob(rng, spec, host, np.array([rng.uniform(-0.25, 0.25) * host.canal_lr, b + 2.0, rng.uniform(-0.3, 0.3) * h]),
-                  np.array([host.canal_lr * rng.uniform(0.25, 0.4), rng.uniform(2.5, 4.0), h * rng.uniform(0.6, 1.0)]))
+            _blob(
+                rng,
+                spec,
+                host,
+                np.array([rng.uniform(-0.25, 0.25) * host.canal_lr, b + 2.0, rng.uniform(-0.3, 0.3) * h]),
+                np.array([host.canal_lr * rng.uniform(0.25, 0.4), rng.uniform(2.5, 4.0), h * rng.uniform(0.6, 1.0)]),
+            )
         )
     if prevertebral:
         a, b, h = host.half
         blobs.append(
-            _blob(rng, spec, host, np.array([rng.uniform(-0.2, 0.2) * a, -b - rng.uniform(2.0, 5.0), 0.0]),
-                  np.array([a * rng.uniform(0.6, 1.0), rng.uniform(4.0, 8.0), h * rng.uniform(0.7, 1.3)]))
+            _blob(
+                rng,
+                spec,
+                host,
+                np.array([rng.uniform(-0.2, 0.2) * a, -b - rng.uniform(2.0, 5.0), 0.0]),
+                np.array([a * rng.uniform(0.6, 1.0), rng.uniform(4.0, 8.0), h * rng.uniform(0.7, 1.3)]),
+            )
         )
     if rng.random() < spec.multifocal:
         others = [n for n in LEVELS[1:] if n != plan.level]
@@ -310,10 +330,10 @@ def place_tumor(rng: np.random.Generator, plan: TumorPlan, spine: Spine, difficu
             blobs.append(_blob(rng, spec, other, offset, np.full(3, r) * rng.uniform(0.85, 1.15, size=3)))
 
     jitter = rng.normal(1.0, 0.08, size=3)
-    solid = tuple(float(v * j) for v, j in zip(spec.solid, jitter))
+    solid = tuple(float(v * j) for v, j in zip(spec.solid, jitter, strict=True))
     host_values = (280.0, 600.0, 380.0) if spec.site is not Site.CANAL else (20.0, 300.0, 700.0)
     k = 0.35 * float(np.clip(difficulty, 0.0, 1.0))
-    solid = tuple((1 - k) * s + k * h for s, h in zip(solid, host_values))
+    solid = tuple((1 - k) * s + k * h for s, h in zip(solid, host_values, strict=True))
     tumor = Tumor(
         subtype=plan.subtype,
         spec=spec,
@@ -335,7 +355,7 @@ def place_tumor(rng: np.random.Generator, plan: TumorPlan, spine: Spine, difficu
     if spec.pattern is Pattern.MULTILOCULAR:
         count = int(rng.integers(3, 8))
         seeds = rng.normal(size=(count, 3))
-        seeds *= (rng.uniform(0.0, 0.75, size=(count, 1)) / np.linalg.norm(seeds, axis=1, keepdims=True))
+        seeds *= rng.uniform(0.0, 0.75, size=(count, 1)) / np.linalg.norm(seeds, axis=1, keepdims=True)
         tumor.cells = seeds.astype(np.float32)
         tumor.cell_levels = rng.uniform(-0.25, 0.35, size=count).astype(np.float32) * blobs[0].mean_radius
     return tumor
@@ -356,7 +376,9 @@ def _blob(rng: np.random.Generator, spec: SubtypeSpec, host: Vertebra, offset: n
     )
 
 
-def _main_blobs(rng: np.random.Generator, spec: SubtypeSpec, spine: Spine, host: Vertebra, diameter: float) -> list[Blob]:
+def _main_blobs(
+    rng: np.random.Generator, spec: SubtypeSpec, spine: Spine, host: Vertebra, diameter: float
+) -> list[Blob]:
     a, b, h = host.half
     aspect = rng.uniform(*spec.aspect)
     radii = np.full(3, diameter / 2)
@@ -400,8 +422,14 @@ def paint_tumor(canvas: Canvas, tumor: Tumor, spine: Spine) -> None:
         for blob in tumor.blobs:
             grow = 1.0 + tumor.edema_mm / blob.mean_radius
             lo, hi = box_around(blob.centre, blob.frame, blob.reach() + tumor.edema_mm)
-            canvas.paint(lo, hi, lambda p, b=blob: b.field(p)[0] <= grow, Tissue.EDEMA,
-                         only_tissues=_BONE_MARROW, keep_label=True)
+            canvas.paint(
+                lo,
+                hi,
+                lambda p, b=blob, g=grow: b.field(p)[0] <= g,
+                Tissue.EDEMA,
+                only_tissues=_BONE_MARROW,
+                keep_label=True,
+            )
     if spec.growth is Growth.CONFINED:
         allowed = {"only_tissues": _BONE_MARROW}
     else:
@@ -409,8 +437,15 @@ def paint_tumor(canvas: Canvas, tumor: Tumor, spine: Spine) -> None:
     for blob in tumor.blobs:
         lo, hi = box_around(blob.centre, blob.frame, blob.reach())
         # Lesion voxels carry the level of the slab they lie in, as the ground truth counts levels.
-        canvas.paint(lo, hi, lambda p, b=blob: _tissues(tumor, b, p), None, label=Label.TUMOR,
-                     level=lambda p: spine.slab_index(p) + 1, **allowed)
+        canvas.paint(
+            lo,
+            hi,
+            lambda p, b=blob: _tissues(tumor, b, p),
+            None,
+            label=Label.TUMOR,
+            level=lambda p: spine.slab_index(p) + 1,
+            **allowed,
+        )
 
 
 def _tissues(tumor: Tumor, blob: Blob, p: np.ndarray) -> np.ndarray:
@@ -456,4 +491,3 @@ def _tissues(tumor: Tumor, blob: Blob, p: np.ndarray) -> np.ndarray:
             shell &= _evaluate(t["gaps"], p) < threshold
         out[shell] = Tissue.TUMOR_RIM
     return out
-

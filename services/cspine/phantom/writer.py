@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 import cspine
-from cspine.phantom.scanner import RenderedSeries, Role
+from cspine.domain import SeriesRole
+from cspine.phantom.scanner import RenderedSeries
 
 SYNTHETIC_NOTE = "SYNTHETIC phantom made by cspine: not patient data"
 
@@ -35,10 +36,10 @@ CT_STORAGE = {
 }
 
 _SERIES = {  # role: (series number, description)
-    Role.CT: (2, "SYNTHETIC CT C-spine axial"),
-    Role.MR_T1: (3, "SYNTHETIC MR C-spine sag T1"),
-    Role.MR_T2: (4, "SYNTHETIC MR C-spine sag T2"),
-    Role.XR: (1, "SYNTHETIC XR C-spine lateral"),
+    SeriesRole.CT: (2, "SYNTHETIC CT C-spine axial"),
+    SeriesRole.MR_T1: (3, "SYNTHETIC MR C-spine sag T1"),
+    SeriesRole.MR_T2: (4, "SYNTHETIC MR C-spine sag T2"),
+    SeriesRole.XR: (1, "SYNTHETIC XR C-spine lateral"),
 }
 
 
@@ -66,7 +67,7 @@ def _decimal(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.8g}"
 
 
-def _common(study: StudyInfo, role: Role, sop_class: str, sop_uid: str, instance: int, modality: str) -> Dataset:
+def _common(study: StudyInfo, role: SeriesRole, sop_class: str, sop_uid: str, instance: int, modality: str) -> Dataset:
     number, description = _SERIES[role]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -162,7 +163,7 @@ def write_ct(series: RenderedSeries, study: StudyInfo, out_dir: Path, storage: s
     for k in range(count):
         instance = count - k  # scanned head first: instance 1 is the most superior slice
         uid = study.uid("ct", k)
-        ds = _common(study, Role.CT, CT_IMAGE_STORAGE, uid, instance, "CT")
+        ds = _common(study, SeriesRole.CT, CT_IMAGE_STORAGE, uid, instance, "CT")
         ds.FrameOfReferenceUID = study.uid("for", "ct")
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         _plane(ds, series, k)
@@ -190,7 +191,7 @@ def mr_scale(values: np.ndarray, bits: int) -> float:
 
 def write_mr(series: RenderedSeries, study: StudyInfo, out_dir: Path, bits: int) -> list[Path]:
     count = series.values.shape[0]
-    t1 = series.role is Role.MR_T1
+    t1 = series.role is SeriesRole.MR_T1
     scale = mr_scale(series.values, bits)
     prefix = "T1" if t1 else "T2"
     paths = []
@@ -234,7 +235,7 @@ def write_xr(series: RenderedSeries, study: StudyInfo, out_dir: Path) -> list[Pa
     if monochrome1:
         stored = 4095 - stored
     uid = study.uid("xr", 0)
-    ds = _common(study, Role.XR, DX_PRESENTATION_STORAGE, uid, 1, "DX")
+    ds = _common(study, SeriesRole.XR, DX_PRESENTATION_STORAGE, uid, 1, "DX")
     ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.PatientOrientation = [str(acq["facing"]), "F"]
@@ -267,4 +268,3 @@ def write_xr(series: RenderedSeries, study: StudyInfo, out_dir: Path) -> list[Pa
     path = out_dir / "DX0001.dcm"
     _save(ds, path)
     return [path]
-
