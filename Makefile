@@ -8,14 +8,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes.
 SYSTEM_PACKAGES := dicom3tools
 
-.PHONY: venv sysdeps demo test bench clean
+.PHONY: venv sysdeps demo test bench train clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $@
 
 sysdeps:
@@ -30,8 +30,17 @@ test: venv sysdeps
 	$(BIN)/ruff check services tests
 	$(BIN)/python -m pytest
 
+# Figures, not tests: ingest speed, ONNX Runtime latency, and the local Triton (batching, overhead, shm).
 bench: venv
 	$(BIN)/cspine bench ingest
+	$(BIN)/cspine bench models
+	$(BIN)/cspine bench triton
+
+# Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
+train: venv
+	$(BIN)/cspine train --preset full --workers 2
+	$(BIN)/cspine export
+	$(BIN)/cspine evaluate models --preset full --out docs/models
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

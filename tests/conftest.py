@@ -47,3 +47,21 @@ def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Phantom
         assert json.loads((root / name / "truth.json").read_text()) == truth
         cases[name] = PhantomCase(root / name, truth, labels, case)
     return cases
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton():
+    """One real tritonserver (the bundled binary, CPU, Python backend) over the shipped model repository."""
+    from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+
+    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+    with LocalTriton(default_repository(), ports) as server:
+        yield server

@@ -1,4 +1,4 @@
-"""The `cspine` command: phantom, inspect, bench, demo.
+"""The `cspine` command: phantom, inspect, train, export, evaluate, triton, bench, demo.
 
 Configuration is read here, once, from flags and ``CSPINE_`` environment variables; the library modules
 never read the environment themselves.
@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from cspine.config import IngestLimits
 from cspine.errors import CspineError
+from cspine.inference.local_triton import default_repository
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,126 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from cspine.modeling.bench import bench_models, format_bench
+
+    result = bench_models(Path(args.repository), repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def _split_names(text: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def cmd_bench_triton(args: argparse.Namespace) -> int:
+    from cspine.inference.bench import bench_triton, format_bench_triton
+
+    delays = tuple(int(d) for d in args.queue_delays.split(",") if d.strip())
+    result = bench_triton(Path(args.repository), args.seconds, args.repeats, args.ort_threads, delays)
+    print(json.dumps(result, indent=2) if args.json else format_bench_triton(result))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cspine.modeling.recipes import MODEL_NAMES, PRESETS, train_models
+
+    names = _split_names(args.models, MODEL_NAMES)
+    overrides = {"tumor_labels": args.tumor_labels} if args.tumor_labels else {}
+    if args.steps:
+        overrides["steps"] = args.steps
+    done = train_models(
+        names,
+        PRESETS[args.preset],
+        Path(args.cache),
+        Path(args.checkpoints),
+        args.workers,
+        not args.quiet,
+        args.stop_after,
+        **overrides,
+    )
+    for name, path in done.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cspine.modeling.recipes import export_models
+
+    for path in export_models(Path(args.checkpoints), Path(args.repository)):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_evaluate_models(args: argparse.Namespace) -> int:
+    from cspine.modeling.recipes import PRESETS, dump, evaluate_models
+    from cspine.modeling.report import format_metrics, write_figures
+
+    metrics = evaluate_models(
+        Path(args.repository), Path(args.cache), PRESETS[args.preset], workers=args.workers, progress=not args.quiet
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(dump(metrics))
+        write_figures(metrics, Path(args.repository), Path(args.cache), PRESETS[args.preset], out)
+    print(dump(metrics) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _triton(args: argparse.Namespace):
+    from cspine.inference.local_triton import LocalTriton, TritonPorts
+
+    ports = TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
+    return LocalTriton(
+        Path(args.repository),
+        ports,
+        model_config_name=args.model_config_name,
+        ort_threads=args.ort_threads,
+        log_verbose=args.log_verbose,
+    )
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_triton_start(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    logging.getLogger("cspine.triton").setLevel(logging.INFO)  # forward Triton's own log
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops Triton in order, as Ctrl-C does
+    triton = _triton(args)
+    try:
+        triton.start()
+        print(f"Triton ready: gRPC {triton.grpc_url}, HTTP {triton.http_url}, metrics {triton.metrics_url}", flush=True)
+        while triton.process.poll() is None:
+            time.sleep(0.5)
+        print(f"cspine: error: tritonserver exited (code {triton.process.returncode})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping Triton", file=sys.stderr)
+        return 0
+    finally:
+        triton.stop()
+
+
+def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
+    from cspine.inference.model_config import config_path, load_config, opt_batch
+    from cspine.inference.specs import MODELS
+    from cspine.inference.tensorrt import format_commands, plan_commands
+
+    local = Path(args.local_repository)
+    batches = {name: opt_batch(load_config(config_path(local, name, "gpu"))) for name in MODELS}
+    print(format_commands(plan_commands(args.repository, batches)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cspine.dicom.inspect import format_inspect, inspect_paths
     from cspine.phantom.generate import PhantomOptions, generate_case
@@ -105,6 +227,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(format_inspect(report))
         print()
     return 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def add_triton_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the local Triton, shared by ``cspine triton start`` and ``cspine serve``."""
+    p.add_argument(
+        "--repository",
+        default=os.environ.get("CSPINE_MODEL_REPOSITORY", str(default_repository())),
+        help="model repository (env CSPINE_MODEL_REPOSITORY; default: this checkout's model_repository)",
+    )
+    for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        env = f"CSPINE_TRITON_{name.upper()}_PORT"
+        p.add_argument(
+            f"--{name}-port",
+            type=int,
+            default=_env_int(env, port),
+            help=f"Triton {name} port (env {env}, default {port})",
+        )
+    p.add_argument(
+        "--model-config-name", default=None, help="use configs/<NAME>.pbtxt instead of config.pbtxt (e.g. gpu)"
+    )
+    p.add_argument(
+        "--ort-threads",
+        type=int,
+        default=_env_int("CSPINE_ORT_THREADS", 0) or None,
+        help="ONNX Runtime threads per model (env CSPINE_ORT_THREADS; default: each config.pbtxt's ort_threads)",
+    )
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +326,108 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--thickness", type=float, default=1.5, help="CT slice thickness in mm (default 1.5)")
     b.add_argument("--seed", type=int, default=7)
     b.set_defaults(func=cmd_bench_ingest)
+    b = bench.add_parser("models", help="CPU latency of the exported ONNX models (ONNX Runtime, 2 threads)")
+    b.add_argument("--repository", default="model_repository")
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_models)
+    b = bench.add_parser(
+        "triton",
+        help="the local Triton: dynamic batching on/off, overhead vs in-process ORT, shared memory, ensemble",
+    )
+    b.add_argument("--repository", default=str(default_repository()))
+    b.add_argument("--seconds", type=float, default=3.0, help="load time per model and concurrency (default 3)")
+    b.add_argument("--repeats", type=int, default=30, help="calls per side-by-side comparison (default 30)")
+    b.add_argument("--ort-threads", type=int, default=None, help="override every config's ort_threads")
+    b.add_argument(
+        "--queue-delays", default="", help="also measure batching with these max queue delays (µs, comma-separated)"
+    )
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_triton)
+
+    p = sub.add_parser(
+        "train",
+        help="train models on SYNTHETIC phantom data (CPU, deterministic, checkpointed)",
+        description="Checkpoints go to --checkpoints and runs resume from them. The full preset reproduces "
+        "the shipped models (make train); smoke trains tiny models for seconds.",
+    )
+    p.add_argument(
+        "--models",
+        default="seg_ct,seg_mr,seg_xr,seg_ct_mask,lesion_embed,baseline",
+        help="comma-separated: seg_ct, seg_mr, seg_xr, seg_ct_mask (CT with full lesion masks, for "
+        "comparison), lesion_embed (episodic, with the prototype classifier), baseline",
+    )
+    p.add_argument("--preset", default="full", choices=["full", "smoke"])
+    p.add_argument(
+        "--tumor-labels",
+        choices=["box", "mask"],
+        default=None,
+        help="lesion supervision of segmentation models: box (default; one box per lesion) or mask",
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the preset's segmentation steps")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and stop at this step; the next call resumes (train in slices)",
+    )
+    p.add_argument("--cache", default=".cache/cspine", help="where generated training data is cached")
+    p.add_argument("--checkpoints", default=".cache/cspine/checkpoints", help="checkpoint folder")
+    p.add_argument("--workers", type=int, default=2, help="processes generating phantom data")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export trained checkpoints to ONNX in the model repository")
+    p.add_argument("--checkpoints", default=".cache/cspine/checkpoints")
+    p.add_argument("--repository", default="model_repository")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="evaluations that print figures")
+    evaluate = p.add_subparsers(dest="evaluate", required=True)
+    e = evaluate.add_parser(
+        "models",
+        help="segmentation Dice, lesion size error and few-shot accuracy on held-out SYNTHETIC data",
+    )
+    e.add_argument("--repository", default="model_repository")
+    e.add_argument(
+        "--preset",
+        default="full",
+        choices=["full", "smoke"],
+        help="full: 24 studies, 200 episodes per K; smoke: a tiny run",
+    )
+    e.add_argument("--cache", default=".cache/cspine")
+    e.add_argument("--out", default=None, help="also write metrics.json and PNG figures here")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate_models)
+
+    p = sub.add_parser("triton", help="the local Triton server and the GPU model-plan commands")
+    triton = p.add_subparsers(dest="triton", required=True)
+    t = triton.add_parser(
+        "start",
+        help="run the bundled tritonserver on CPU over the model repository until Ctrl-C / SIGTERM",
+        description=(
+            "Start the tritonserver binary of the nvidia-pytriton wheel with the Python backend, wait until every "
+            "model is READY and forward Triton's log. Fails with the model's name and Triton's reason when a model "
+            "does not load."
+        ),
+    )
+    add_triton_arguments(t)
+    t.set_defaults(func=cmd_triton_start)
+    t = triton.add_parser(
+        "plan-commands",
+        help="print the trtexec commands that build each model.plan from model.onnx on the target GPU",
+    )
+    t.add_argument(
+        "--repository", default="/models", help="model repository path where the commands will run (default /models)"
+    )
+    t.add_argument(
+        "--local-repository",
+        default=str(default_repository()),
+        help="this checkout's model repository, whose configs/gpu.pbtxt give the batch sizes to optimise for",
+    )
+    t.set_defaults(func=cmd_triton_plan_commands)
 
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--out", default="out/demo", help="folder for the demo's SYNTHETIC studies")

@@ -66,3 +66,15 @@ class MalformedDicomError(DicomInputError):
 
 class EmptyStudyError(InvalidInputError):
     """The upload holds no instance of a study: nothing at all, or only DICOMDIR files."""
+
+
+class DeadlineExceededError(CspineError):
+    """The caller's deadline passed before the work was done (→ DEADLINE_EXCEEDED)."""
+
+
+class TritonUnavailableError(UnavailableError):
+    """Triton does not answer, or a model it should serve is not ready. The message names which."""
+
+
+class InferenceError(CspineError):
+    """Triton answered a well-formed request with an error or with outputs that break the model's contract."""

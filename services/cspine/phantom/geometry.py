@@ -39,12 +39,21 @@ class Grid:
             step = self.steps[axis, c]
             a = (lo[c] - self.origin[c]) / step
             b = (hi[c] - self.origin[c]) / step
-            first = max(int(np.ceil(min(a, b))), 0)
-            last = min(int(np.floor(max(a, b))), self.shape[axis] - 1)
+            first = int(np.ceil(np.clip(min(a, b), 0, self.shape[axis])))
+            last = int(np.floor(np.clip(max(a, b), -1, self.shape[axis] - 1)))
             if first > last:
                 return None
             out.append(slice(first, last + 1))
         return tuple(out)  # type: ignore[return-value]
+
+    def crop(self, lo: np.ndarray, hi: np.ndarray) -> Grid:
+        """The part of this grid inside the patient box [lo, hi] (same spacing); the whole grid when the
+        box misses it."""
+        index = self.index_ranges(np.asarray(lo, dtype=float), np.asarray(hi, dtype=float))
+        if index is None:
+            return self
+        starts = np.array([s.start for s in index], dtype=float)
+        return Grid(self.origin + starts @ self.steps, self.steps, tuple(s.stop - s.start for s in index))
 
     def points(self, index: tuple[slice, slice, slice]) -> np.ndarray:
         """Patient coordinates (n0, n1, n2, 3), float32, of the points in ``index``."""

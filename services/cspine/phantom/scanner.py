@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cspine.domain import SeriesRole
+from cspine.domain import SeriesRole, Volume
 from cspine.phantom.anatomy import (
     Label,
     Spine,
@@ -90,6 +90,23 @@ class RenderedSeries:
     def slice_normal(self) -> np.ndarray:
         return np.cross(self.row_direction, self.column_direction)
 
+    def as_volume(self) -> Volume:
+        """The series as ingest would return it (without the DICOM round trip's quantisation)."""
+        count = self.values.shape[0]
+        return Volume(
+            voxels=self.values.astype(np.float32),
+            origin=np.asarray(self.origin, dtype=float),
+            row_direction=np.asarray(self.row_direction, dtype=float),
+            column_direction=np.asarray(self.column_direction, dtype=float),
+            pixel_spacing=self.pixel_spacing,
+            slice_offsets=np.arange(count, dtype=float) * self.slice_spacing,
+            slice_thickness=self.slice_thickness or None,
+            projection=self.role is SeriesRole.XR,
+        )
+
+
+Roi = tuple[np.ndarray, float]  # (centre, half size) of a window in patient mm
+
 
 @dataclass
 class Scene:
@@ -121,7 +138,17 @@ def _spine_box(spine: Spine) -> tuple[np.ndarray, np.ndarray]:
     return centre, np.array([z_bottom, z_top])
 
 
-def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> RenderedSeries:
+def _window(roi: Roi | None) -> tuple[np.ndarray, np.ndarray]:
+    if roi is None:
+        return np.full(3, -np.inf), np.full(3, np.inf)
+    centre, half = roi
+    return np.asarray(centre) - half, np.asarray(centre) + half
+
+
+def acquire_ct(
+    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
+) -> RenderedSeries:
+    """An axial CT; with ``roi`` only the part of the same acquisition inside the window is rendered."""
     spine = scene.spine
     spacing = float(rng.uniform(0.55, 0.75)) * shift.resolution
     matrix = int(round(256 / shift.resolution / 2)) * 2
@@ -135,7 +162,8 @@ def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     )
     grid = Grid(
         origin, np.array([[0, 0, step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix)
-    )
+    ).crop(*_window(roi))
+    origin = grid.origin
     canvas = Canvas(grid)
     scene.paint(canvas)
     noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
@@ -161,7 +189,7 @@ def acquire_ct(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
 
 
 def acquire_mr(
-    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float
+    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
 ) -> tuple[RenderedSeries, RenderedSeries]:
     """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference)."""
     spine = scene.spine
@@ -175,13 +203,16 @@ def acquire_mr(
     x0 = centre[0] + rng.normal(0, 1.5) + step * (count - 1) / 2  # slice 0 is the patient's leftmost
     z0 = (z_top + z_bottom) / 2 + spacing * (matrix - 1) / 2 + rng.normal(0, 5)
     y0 = centre[1] + rng.uniform(0, 15) - spacing * (matrix - 1) / 2
-    origin = np.array([x0, y0, z0])
-    sub_origin = origin + np.array([step / sub, 0.0, 0.0])
-    grid = Grid(
-        sub_origin,
-        np.array([[-step / sub, 0, 0], [0, 0, -spacing], [0, spacing, 0]], dtype=float),
-        (count * sub, matrix, matrix),
-    )
+    slices = Grid(
+        np.array([x0, y0, z0]),
+        np.array([[-step, 0, 0], [0, 0, -spacing], [0, spacing, 0]], dtype=float),
+        (count, matrix, matrix),
+    ).crop(*_window(roi))
+    origin = slices.origin
+    # Each slice is rendered as `sub` sub-slices across its thickness and averaged (partial volume).
+    steps = slices.steps.copy()
+    steps[0] /= sub
+    grid = Grid(origin - steps[0], steps, (slices.shape[0] * sub, *slices.shape[1:]))
     canvas = Canvas(grid)
     scene.paint(canvas)
     labels = canvas.label[1::sub].copy()
@@ -247,8 +278,11 @@ _XR_RANK_LABEL = np.zeros(16, dtype=np.uint8)
 _XR_RANK_LABEL[_XR_PRIORITY[_XR_PRIORITY > 0]] = np.nonzero(_XR_PRIORITY)[0]
 
 
-def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float) -> RenderedSeries:
-    """A lateral radiograph: parallel projection along x, soft tissue integrated analytically."""
+def acquire_xr(
+    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
+) -> RenderedSeries:
+    """A lateral radiograph: parallel projection along x, soft tissue integrated analytically. With
+    ``roi`` only the window (in y and z) of the same radiograph is rendered."""
     spine = scene.spine
     spacing = float(rng.uniform(0.5, 0.6)) * shift.resolution
     magnification = float(rng.uniform(1.08, 1.15))
@@ -264,18 +298,23 @@ def acquire_xr(scene: Scene, rng: np.random.Generator, shift: Shift, difficulty:
     dx = 1.0
     half_x = 42.0
     xs = int(2 * half_x / dx) + 1
-    origin = np.array([centre[0] - half_x, y_first, z_top])
+    lo, hi = _window(roi)
+    lo[0], hi[0] = -np.inf, np.inf  # a projection sees the whole path
     grid = Grid(
-        origin, np.array([[0, 0, -spacing], [0, y_sign * spacing, 0], [dx, 0, 0]], dtype=float), (rows, cols, xs)
-    )
+        np.array([centre[0] - half_x, y_first, z_top]),
+        np.array([[0, 0, -spacing], [0, y_sign * spacing, 0], [dx, 0, 0]], dtype=float),
+        (rows, cols, xs),
+    ).crop(lo, hi)
+    rows, cols, _ = grid.shape
+    origin = grid.origin
     canvas = Canvas(grid)
     paint_soft_tissue(canvas, spine)
     base = canvas.tissue.copy()
     scene.paint_inner(canvas)
     mu = mu_table(scene.tissue_values())
     # Σ μ dx = analytic soft tissue + (what the spine region adds over the soft tissue it replaced)
-    zz = z_top - spacing * np.arange(rows)
-    yy = y_first + y_sign * spacing * np.arange(cols)
+    zz = origin[2] - spacing * np.arange(rows)
+    yy = origin[1] + y_sign * spacing * np.arange(cols)
     fat, muscle, _ = neck_chords(spine, yy[None, :], zz[:, None])
     path = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
     path = path + (mu[canvas.tissue] - mu[base]).sum(axis=2) * dx

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
+from cspine.analysis.shapes import feret_diameter
 from cspine.phantom.anatomy import LEVELS, MEASURED_LEVELS, Label, Spine
 from cspine.phantom.geometry import Canvas, Grid, PointCloud
 from cspine.phantom.scanner import Scene
@@ -95,21 +95,6 @@ def opll_truth(spine: Spine) -> dict:
     }
 
 
-def _feret(points: np.ndarray) -> float:
-    """Largest distance between two points of a set (via its convex hull)."""
-    if len(points) < 2:
-        return 0.0
-    try:
-        points = points[ConvexHull(points).vertices]
-    except QhullError:  # flat or tiny sets
-        pass
-    best = 0.0
-    for start in range(0, len(points), 512):  # in blocks: hulls of voxel sets can have thousands of vertices
-        d = np.linalg.norm(points[start : start + 512, None, :] - points[None, :, :], axis=-1)
-        best = max(best, float(d.max()))
-    return best
-
-
 def tumor_truth(scene: Scene) -> dict | None:
     """Lesion truth; None without a tumor, or when the lesion's shapes cover no tissue they may grow in."""
     tumor = scene.tumor
@@ -140,7 +125,7 @@ def tumor_truth(scene: Scene) -> dict | None:
                 "level": LEVELS[int(np.argmax(share))],
                 "levels": [LEVELS[i] for i in np.nonzero(share >= LEVEL_SHARE)[0]],
                 "volume_ml": round(float(len(idx) * voxel_ml), 3),
-                "max_diameter_mm": round(_feret(pts) + step, 2),
+                "max_diameter_mm": round(feret_diameter(pts) + step, 2),
                 "centre_mm": _rounded(pts.mean(axis=0), 2),
             }
         )

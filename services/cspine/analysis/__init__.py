@@ -1,0 +1,1 @@
+"""Measurements from label maps and geometry; modality fusion."""

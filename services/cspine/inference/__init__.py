@@ -1,0 +1,1 @@
+"""Model contracts (specs), the Triton client and the local Triton launcher."""

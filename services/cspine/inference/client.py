@@ -1,0 +1,167 @@
+"""The async Triton client the pipeline uses: a thin ``tritonclient.grpc.aio`` wrapper driven by
+``inference.specs``.
+
+- Inputs are checked against the model's spec before anything is sent (names, dtypes, shapes), so a
+  programming error is a clear ``InferenceError`` rather than Triton's message about a tensor.
+- A batch larger than the model's ``max_batch_size`` (a CT series of 120 slices) is sent as several
+  requests at once; Triton's dynamic batcher schedules them and the outputs are joined in order.
+- Every call carries a deadline (the caller's, else the client's default); when it passes the call raises
+  ``DeadlineExceededError``.
+- Outputs are checked against the spec too: the bundled Python backend answers with empty tensors and no
+  error when numpy 2 is in its environment (DESIGN.md §5), and that must never pass for a result.
+- Triton down → ``TritonUnavailableError`` naming the URL; a model not ready → the same, naming the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from cspine.errors import DeadlineExceededError, InferenceError, TritonUnavailableError
+from cspine.inference.specs import SERVED, ModelSpec
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def channel_args(round_robin: bool = False) -> list[tuple[str, object]]:
+    """gRPC channel options: large messages, keepalive, and optionally client-side round-robin over every
+    address the name resolves to (a Kubernetes headless service lists one per Triton pod; a ClusterIP
+    gives one long-lived connection to one pod)."""
+    args: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if round_robin:
+        args.append(("grpc.lb_policy_name", "round_robin"))
+    return args
+
+
+class TritonClient:
+    """One channel to Triton (or, with ``round_robin``, to every Triton behind a DNS name)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, round_robin: bool = False) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = triton_aio.InferenceServerClient(url, channel_args=channel_args(round_robin))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> TritonClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def server_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def check_ready(self, models: tuple[str, ...] | None = None, timeout_s: float = 5.0) -> None:
+        """Raise ``TritonUnavailableError`` unless Triton answers and every model in ``models`` is READY."""
+        names = models if models is not None else tuple(SERVED)
+        if not await self.server_ready(timeout_s):
+            raise TritonUnavailableError(f"Triton at {self.url} does not answer or is not ready")
+        for name in names:
+            try:
+                ready = await self._client.is_model_ready(name, client_timeout=timeout_s)
+            except InferenceServerException as error:
+                raise self._translate(error, name) from None
+            if not ready:
+                raise TritonUnavailableError(f"model {name} is not ready on Triton at {self.url}")
+
+    async def infer(
+        self, model: str | ModelSpec, inputs: dict[str, np.ndarray], *, deadline_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` on ``inputs`` (named as in the spec, batch axis first for batching models) and return
+        its outputs by name. ``deadline_s`` is the time left for the whole call, in seconds."""
+        spec = SERVED[model] if isinstance(model, str) else model
+        check_inputs(spec, inputs)
+        deadline = time.monotonic() + (deadline_s if deadline_s is not None else self.timeout_s)
+        if spec.max_batch_size == 0:
+            return await self._infer_once(spec, inputs, deadline)
+        size = len(next(iter(inputs.values())))
+        step = spec.max_batch_size
+        parts = [{k: v[i : i + step] for k, v in inputs.items()} for i in range(0, size, step)]
+        results = await asyncio.gather(*(self._infer_once(spec, p, deadline) for p in parts))
+        if len(results) == 1:
+            return results[0]
+        return {t.name: np.concatenate([r[t.name] for r in results]) for t in spec.outputs}
+
+    async def _infer_once(self, spec: ModelSpec, inputs: dict[str, np.ndarray], deadline: float) -> dict:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(f"the deadline passed before {spec.name} was called")
+        request = []
+        for t in spec.inputs:
+            value = np.ascontiguousarray(inputs[t.name])
+            tensor = InferInput(t.name, list(value.shape), t.dtype.value)
+            tensor.set_data_from_numpy(value)
+            request.append(tensor)
+        outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
+        try:
+            result = await self._client.infer(spec.name, request, outputs=outputs, client_timeout=left)
+        except InferenceServerException as error:
+            raise self._translate(error, spec.name) from None
+        answer = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        check_outputs(spec, inputs, answer)
+        return answer
+
+    def _translate(self, error: InferenceServerException, model: str) -> Exception:
+        status = error.status() or ""
+        message = error.message() or ""
+        if status == str(grpc.StatusCode.DEADLINE_EXCEEDED):
+            return DeadlineExceededError(f"{model}: the deadline passed while Triton was working")
+        if status == str(grpc.StatusCode.UNAVAILABLE):
+            return TritonUnavailableError(f"Triton at {self.url} does not answer ({model})")
+        if "unknown model" in message or "is not ready" in message or "is not found" in message:
+            return TritonUnavailableError(f"model {model} is not ready on Triton at {self.url}")
+        return InferenceError(f"{model}: Triton answered {status or 'an error'}: {message.splitlines()[0]}")
+
+
+def _expected_shape(spec: ModelSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (-1, *shape) if spec.max_batch_size > 0 else shape
+
+
+def _matches(want: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    return len(want) == len(got) and all(w in (-1, g) for w, g in zip(want, got, strict=True))
+
+
+def check_inputs(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
+    names = {t.name for t in spec.inputs}
+    if set(inputs) != names:
+        raise InferenceError(f"{spec.name} takes inputs {sorted(names)}, not {sorted(inputs)}")
+    batch = set()
+    for t in spec.inputs:
+        value = inputs[t.name]
+        if value.dtype != np.dtype(t.dtype.numpy):
+            raise InferenceError(f"{spec.name}.{t.name} must be {t.dtype.numpy}, not {value.dtype}")
+        if not _matches(_expected_shape(spec, t.shape), value.shape) or 0 in value.shape:
+            raise InferenceError(f"{spec.name}.{t.name} has shape {value.shape}; the spec says {t.shape}")
+        if spec.max_batch_size > 0:
+            batch.add(value.shape[0])
+    if len(batch) > 1:
+        raise InferenceError(f"{spec.name}: inputs disagree on the batch size ({sorted(batch)})")
+
+
+def check_outputs(spec: ModelSpec, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    for t in spec.outputs:
+        value = outputs[t.name]
+        if value is None or value.size == 0:
+            raise InferenceError(f"{spec.name}.{t.name}: Triton returned an empty tensor")
+        if value.dtype != np.dtype(t.dtype.numpy) or not _matches(_expected_shape(spec, t.shape), value.shape):
+            raise InferenceError(f"{spec.name}.{t.name}: Triton returned {value.dtype} {value.shape}")
+        if spec.max_batch_size > 0 and value.shape[0] != len(next(iter(inputs.values()))):
+            raise InferenceError(f"{spec.name}.{t.name}: {value.shape[0]} results for a different batch size")

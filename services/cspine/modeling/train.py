@@ -1,0 +1,510 @@
+"""Training on CPU, deterministic for a seed: segmentation per modality, the episodic lesion embedding,
+and the conventional baseline. Each run writes a checkpoint (``<name>.pt``) every few hundred steps and
+resumes from it; randomness is drawn per step from (seed, step), so a resumed run is the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from cspine.domain import Modality
+from cspine.inference.specs import MODALITY_ORDER, SEG_GEOMETRY, SEG_LABELS, SEG_MODEL_NAMES
+from cspine.modeling.data import (
+    SEEN_SUBTYPES,
+    LesionBank,
+    SegCase,
+    lesion_bank,
+    load_seg_case,
+    seg_cases,
+)
+from cspine.modeling.losses import IGNORE, Box, prototypical_loss, seg_loss
+from cspine.modeling.networks import BaselineClassifier, LesionEncoder, ProtoClassifier, UNet2D
+from cspine.phantom.tumors import TumorSubtype
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 250
+TORCH_THREADS = 2
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    modality: Modality
+    tumor_labels: str = "box"  # box: one bounding box per lesion (weak); mask: the full lesion mask
+    cases: int = 120
+    data_seed: int = 1
+    steps: int = 1500
+    stack: int = 8  # consecutive slices per stack (radiographs: 1)
+    stacks: int = 4  # stacks per batch
+    crop: int | None = 96  # square training crops around the spine; None: whole images
+    coordinates: bool = False  # coordinate channels (whole images only)
+    lr: float = 3e-3
+    widths: tuple[int, ...] = (12, 24, 48, 96)
+    seed: int = 0
+    # With box labels, after this share of the steps the model's own lesion masks fill the boxes
+    # (self-training, as in BoxSup) and training goes on with them as labels.
+    pseudo_from: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.tumor_labels not in ("box", "mask"):
+            raise ValueError(f"tumor labels must be box or mask, got {self.tumor_labels!r}")
+        if self.coordinates and self.crop is not None:
+            raise ValueError("a model with coordinate channels must be trained on whole images (crop=None)")
+
+    @classmethod
+    def for_modality(cls, modality: Modality, **overrides) -> SegConfig:
+        """Defaults per modality: CT and MR learn from crops (3× cheaper per step); the radiograph model
+        sees whole images with coordinate channels, because which vertebra is C2 depends on position."""
+        return cls(modality=modality, **{**_SEG_DEFAULTS[modality], **overrides})
+
+    @property
+    def name(self) -> str:
+        return SEG_MODEL_NAMES[self.modality] + ("_mask" if self.tumor_labels == "mask" else "")
+
+
+_SEG_DEFAULTS: dict[Modality, dict] = {
+    Modality.CT: {"stack": 8, "stacks": 4, "crop": 96},
+    Modality.MR: {"stack": 8, "stacks": 2, "crop": 128},
+    Modality.XR: {"stack": 1, "stacks": 8, "crop": None, "coordinates": True},
+}
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    episodes: int = 2500
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    per_subtype: int = 60
+    bank_seed: int = 2
+    lr: float = 1e-3
+    widths: tuple[int, ...] = (32, 64, 96, 128)
+    seed: int = 0
+
+
+def _config_dict(config) -> dict:
+    return {k: (v.value if isinstance(v, Modality) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+@dataclass
+class Run:
+    """A checkpointed training run: model and optimiser state, the step reached, and the loss history."""
+
+    path: Path
+    config: dict
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def resume(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        if not self.path.exists():
+            return
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("config") != self.config:
+            logger.warning("%s was made with another configuration; starting afresh", self.path)
+            return
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+
+    def save(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(
+            {
+                "config": self.config,
+                "step": self.step,
+                "history": self.history,
+                "modules": {name: m.state_dict() for name, m in modules.items()},
+                "optimizer": optimizer.state_dict(),
+            },
+            partial,
+        )
+        partial.replace(self.path)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
+    warmup = max(1, total // 20)
+    factor = (
+        (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * float(max(factor, 0.02))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Segmentation
+
+
+_FLIPPABLE = {Modality.CT: True, Modality.MR: False, Modality.XR: True}  # left–right / anterior–posterior
+
+
+def _crop_origin(labels: np.ndarray, box, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a training crop: around the chosen lesion box, else around a random labelled
+    pixel (the spine), with jitter; always inside the image."""
+    _, h, w = labels.shape
+    if box is not None:  # the whole box inside the crop when it fits, anywhere in it
+
+        def start(extent: slice, limit: int) -> int:
+            lo, hi = max(0, extent.stop - size), min(limit - size, extent.start)
+            return (
+                int(rng.integers(lo, hi + 1))
+                if lo <= hi
+                else int(np.clip((extent.start + extent.stop - size) // 2, 0, limit - size))
+            )
+
+        return start(box[1], h), start(box[2], w)
+    found = np.argwhere(labels[len(labels) // 2] > 0)
+    centre = tuple(found[int(rng.integers(len(found)))]) if len(found) else (h / 2, w / 2)
+    r = int(round(centre[0] - size / 2 + rng.integers(-size // 6, size // 6 + 1)))
+    c = int(round(centre[1] - size / 2 + rng.integers(-size // 6, size // 6 + 1)))
+    return int(np.clip(r, 0, h - size)), int(np.clip(c, 0, w - size))
+
+
+def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConfig):
+    """A run of consecutive slices of one case: inputs [L, C, H, W], targets [L, H, W] (IGNORE inside
+    lesion boxes with box supervision) and the boxes lying wholly inside the run, in its coordinates."""
+    modality = config.modality
+    context = SEG_GEOMETRY[modality].context
+    roles = list(case.images)
+    volume = case.images[roles[int(rng.integers(len(roles)))]]
+    count = volume.shape[0]
+    chosen = boxes[int(rng.integers(len(boxes)))] if boxes and rng.random() < 0.5 else None
+    if chosen is not None:  # a whole lesion box, padded with neighbours to the stack length
+        lo, hi = chosen[0].start, chosen[0].stop
+        spare = max(0, config.stack - (hi - lo))
+        lo = max(0, lo - int(rng.integers(0, spare + 1)))
+        hi = min(count, max(hi, lo + config.stack))
+    else:
+        lo = int(rng.integers(0, max(1, count - config.stack + 1)))
+        hi = min(count, lo + config.stack)
+    index = np.clip(np.arange(lo, hi)[:, None] + np.arange(-context, context + 1)[None, :], 0, count - 1)
+    inputs = volume[index].astype(np.float32)
+    targets = (case.labels if case.pseudo is None else case.pseudo)[lo:hi].copy()
+    h, w = targets.shape[1:]
+    r0, c0, size_r, size_c = 0, 0, h, w
+    if config.crop is not None and config.crop < min(h, w):
+        r0, c0 = _crop_origin(targets, chosen, config.crop, rng)
+        size_r = size_c = config.crop
+        inputs = inputs[..., r0 : r0 + size_r, c0 : c0 + size_c]
+        targets = targets[:, r0 : r0 + size_r, c0 : c0 + size_c]
+    stack_boxes = []
+    for n, b in enumerate(boxes if config.tumor_labels == "box" else []):
+        k0, k1 = max(b[0].start, lo), min(b[0].stop, hi)
+        i0, i1 = max(b[1].start - r0, 0), min(b[1].stop - r0, size_r)
+        j0, j1 = max(b[2].start - c0, 0), min(b[2].stop - c0, size_c)
+        if k0 >= k1 or i0 >= i1 or j0 >= j1:
+            continue
+        if n not in case.filled:
+            targets[k0 - lo : k1 - lo, i0:i1, j0:j1] = IGNORE  # inside a box nothing is known
+        whole = (
+            b[0].start >= lo
+            and b[0].stop <= hi
+            and b[1].start >= r0
+            and b[1].stop <= r0 + size_r
+            and b[2].start >= c0
+            and b[2].stop <= c0 + size_c
+        )
+        if whole:
+            stack_boxes.append(Box(k0 - lo, k1 - lo, i0, i1, j0, j1))
+    inputs = inputs * np.float32(rng.uniform(0.9, 1.1)) + np.float32(rng.normal(0, 0.03))
+    if _FLIPPABLE[modality] and rng.random() < 0.5:
+        inputs, targets = inputs[..., ::-1], targets[..., ::-1]
+        width = targets.shape[-1]
+        stack_boxes = [dataclasses.replace(b, j0=width - b.j1, j1=width - b.j0) for b in stack_boxes]
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(targets), stack_boxes
+
+
+def _predict_probabilities(net: UNet2D, case: SegCase, modality: Modality) -> np.ndarray:
+    """Softmax [K, classes, S, S] of a case, averaged over its series (T1 and T2 for MR)."""
+    context = SEG_GEOMETRY[modality].context
+    total = None
+    net.eval()
+    with torch.no_grad():
+        for volume in case.images.values():
+            count = volume.shape[0]
+            index = np.clip(np.arange(count)[:, None] + np.arange(-context, context + 1)[None, :], 0, count - 1)
+            x = torch.from_numpy(volume[index].astype(np.float32))
+            probs = torch.cat([torch.softmax(net(x[i : i + 16]), 1) for i in range(0, count, 16)]).numpy()
+            total = probs if total is None else total + probs
+    net.train()
+    return total / len(case.images)
+
+
+def pseudo_labels(net: UNet2D, case: SegCase, boxes: list, modality: Modality) -> tuple[np.ndarray, frozenset[int]]:
+    """The case's labels with each box filled by the model's answer: its largest lesion in the box as
+    tumor, the most likely other structure elsewhere in the box."""
+    tumor_class = SEG_LABELS[modality].index("tumor")
+    probs = _predict_probabilities(net, case, modality)
+    predicted = probs.argmax(1).astype(np.uint8)
+    probs[:, tumor_class] = -1.0
+    other = probs.argmax(1).astype(np.uint8)
+    filled_labels, filled = case.labels.copy(), set()
+    for n, box in enumerate(boxes):
+        tumor = predicted[box] == tumor_class
+        if not tumor.any():
+            continue
+        parts, count = ndimage.label(tumor, structure=np.ones((3, 3, 3)))
+        sizes = ndimage.sum_labels(tumor, parts, index=np.arange(1, count + 1))
+        lesion = parts == 1 + int(np.argmax(sizes))
+        filled_labels[box] = np.where(lesion, tumor_class, other[box])
+        filled.add(n)
+    return filled_labels, frozenset(filled)
+
+
+ELLIPSOID_CORE = 0.8  # share of the inscribed ellipsoid's radii taken as certainly lesion
+
+
+def box_prior_labels(case: SegCase, boxes: list, tumor_class: int) -> SegCase:
+    """First-phase targets of box supervision: inside each box, the core of the inscribed ellipsoid is
+    lesion (lesions are roughly ellipsoidal and fill their tight box) and the rest of the box unknown."""
+    targets = case.labels.copy()
+    for box in boxes:
+        centre = [(s.start + s.stop - 1) / 2 for s in box]
+        radii = [max((s.stop - s.start) / 2, 0.5) for s in box]
+        grids = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+        r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True))
+        targets[box] = np.where(r2 <= ELLIPSOID_CORE**2, tumor_class, IGNORE)
+    return dataclasses.replace(case, pseudo=targets, filled=frozenset(range(len(boxes))))
+
+
+def _with_pseudo_labels(net, cases, boxes, modality, path: Path) -> list[SegCase]:
+    """Cases whose boxes are filled by ``net`` (saved to ``path``, or read from it when resuming)."""
+    if path.exists():
+        with np.load(path) as npz:
+            stored = {int(k.split("_")[1]): npz[k] for k in npz.files if k.startswith("labels_")}
+            filled = {int(k.split("_")[1]): frozenset(npz[k].tolist()) for k in npz.files if k.startswith("filled_")}
+    else:
+        stored, filled = {}, {}
+        for i, (case, case_boxes) in enumerate(zip(cases, boxes, strict=True)):
+            if case_boxes:
+                stored[i], filled[i] = pseudo_labels(net, case, case_boxes, modality)
+        arrays = {f"labels_{i}": v for i, v in stored.items()}
+        arrays.update({f"filled_{i}": np.array(sorted(v), dtype=np.int64) for i, v in filled.items()})
+        partial = path.with_suffix(".partial.npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(partial, **arrays)
+        partial.rename(path)
+    return [
+        dataclasses.replace(case, pseudo=stored[i], filled=filled[i]) if i in stored else case
+        for i, case in enumerate(cases)
+    ]
+
+
+def train_seg(
+    config: SegConfig,
+    cache: Path,
+    out_dir: Path,
+    workers: int = 1,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train (or resume) one segmentation model; returns its checkpoint path. ``stop_after`` ends this
+    run at that step with a checkpoint (a later call resumes from it)."""
+    torch.set_num_threads(TORCH_THREADS)
+    modality = config.modality
+    paths = seg_cases(cache, config.data_seed, config.cases, workers=workers, progress=progress)
+    cases = [load_seg_case(p, modality) for p in paths]
+    boxes = [c.boxes() for c in cases]
+    labels = SEG_LABELS[modality]
+    tumor_class = labels.index("tumor")
+    torch.manual_seed(config.seed)
+    net = UNet2D(SEG_GEOMETRY[modality].channels, len(labels), config.widths, config.coordinates)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
+    run = Run(out_dir / f"{config.name}.pt", _config_dict(config))
+    run.resume({"net": net}, optimizer)
+    bar = tqdm(total=config.steps, initial=run.step, desc=config.name, unit="step", disable=not progress)
+    net.train()
+    started = time.monotonic()
+    end = min(config.steps, stop_after or config.steps)
+    pseudo_step = int(config.pseudo_from * config.steps) if config.tumor_labels == "box" else None
+    pseudo_path = out_dir / f"{config.name}.pseudo.npz"
+    if config.tumor_labels == "box":
+        cases = [box_prior_labels(c, b, tumor_class) for c, b in zip(cases, boxes, strict=True)]
+    if pseudo_step is not None and run.step >= pseudo_step and pseudo_path.exists():
+        cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
+    while run.step < end:
+        if run.step == pseudo_step:
+            cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
+        rng = np.random.default_rng([config.seed, run.step])
+        torch.manual_seed(config.seed * 1_000_003 + run.step)
+        parts, offset, batch_boxes = [], 0, []
+        for _ in range(config.stacks):
+            c = int(rng.integers(len(cases)))
+            inputs, targets, stack_boxes = _stack(cases[c], boxes[c], rng, config)
+            parts.append((inputs, targets))
+            batch_boxes += [dataclasses.replace(b, k0=b.k0 + offset, k1=b.k1 + offset) for b in stack_boxes]
+            offset += len(inputs)
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        y = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
+        centre = x[:, SEG_GEOMETRY[modality].context]
+        _schedule(optimizer, config.lr, run.step, config.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss = seg_loss(net(x), y, centre, batch_boxes, tumor_class)
+        loss.backward()
+        optimizer.step()
+        run.step += 1
+        run.history.append({"step": run.step, "loss": float(loss.detach())})
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
+            run.save({"net": net}, optimizer)
+    bar.close()
+    logger.info("%s trained to step %d in %.0f s", config.name, run.step, time.monotonic() - started)
+    return run.path
+
+
+def load_seg(path: Path) -> tuple[UNet2D, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = state["config"]
+    modality = Modality(config["modality"])
+    widths, coordinates = tuple(config["widths"]), config["coordinates"]
+    net = UNet2D(SEG_GEOMETRY[modality].channels, len(SEG_LABELS[modality]), widths, coordinates)
+    net.load_state_dict(state["modules"]["net"])
+    return net.eval(), state
+
+
+# --------------------------------------------------------------------------------------------------------
+# Lesion embedding (episodic) and the conventional baseline
+
+
+def augment_rois(rois: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Small shifts (±3 px) and intensity jitter of ROIs [N, 3, 64, 64]."""
+    out = np.empty_like(rois)
+    for n, roi in enumerate(rois):
+        dy, dx = rng.integers(-3, 4, size=2)
+        out[n] = np.roll(roi, (int(dy), int(dx)), axis=(1, 2))
+    out *= rng.uniform(0.9, 1.1, size=(len(rois), 1, 1, 1)).astype(np.float32)
+    out += rng.normal(0, 0.02, size=out.shape).astype(np.float32)
+    return out
+
+
+def _one_hot(modalities: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.eye(len(MODALITY_ORDER), dtype=np.float32)[modalities])
+
+
+def _bank(config: EmbedConfig, cache: Path, workers: int, progress: bool) -> LesionBank:
+    return lesion_bank(cache, config.bank_seed, SEEN_SUBTYPES, config.per_subtype, workers=workers, progress=progress)
+
+
+def train_embed(
+    config: EmbedConfig,
+    cache: Path,
+    out_dir: Path,
+    workers: int = 1,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Meta-train the lesion encoder and the prototype temperature on N-way K-shot episodes of the seen
+    subtypes (one modality per episode)."""
+    torch.set_num_threads(TORCH_THREADS)
+    bank = _bank(config, cache, workers, progress)
+    codes = [list(TumorSubtype).index(s) for s in SEEN_SUBTYPES]
+    by_subtype = {code: np.nonzero(bank.subtypes == code)[0] for code in codes}
+    torch.manual_seed(config.seed)
+    encoder, proto = LesionEncoder(config.widths), ProtoClassifier()
+    params = list(encoder.parameters()) + list(proto.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
+    modules = {"encoder": encoder, "proto": proto}
+    run = Run(out_dir / "lesion_embed.pt", _config_dict(config))
+    run.resume(modules, optimizer)
+    bar = tqdm(total=config.episodes, initial=run.step, desc="lesion_embed", unit="episode", disable=not progress)
+    encoder.train()
+    per_class = config.shots + config.queries
+    end = min(config.episodes, stop_after or config.episodes)
+    while run.step < end:
+        rng = np.random.default_rng([config.seed, run.step])
+        torch.manual_seed(config.seed * 1_000_003 + run.step)
+        modality = int(rng.integers(len(MODALITY_ORDER)))
+        chosen = rng.choice(codes, size=min(config.ways, len(codes)), replace=False)
+        picks = np.stack([rng.choice(by_subtype[c], size=per_class, replace=False) for c in chosen])
+        support, query = picks[:, : config.shots].ravel(), picks[:, config.shots :].ravel()
+        rois = augment_rois(bank.rois[np.concatenate([support, query]), modality], rng)
+        emb = encoder(torch.from_numpy(rois), _one_hot(np.full(len(rois), modality)))
+        labels = torch.arange(len(chosen)).repeat_interleave(config.shots)
+        query_labels = torch.arange(len(chosen)).repeat_interleave(config.queries)
+        _schedule(optimizer, config.lr, run.step, config.episodes)
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = prototypical_loss(proto.logits, emb[: len(support)], labels, emb[len(support) :], query_labels)
+        loss.backward()
+        optimizer.step()
+        run.step += 1
+        run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": float(accuracy)})
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(accuracy):.2f}")
+        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
+            run.save(modules, optimizer)
+    bar.close()
+    return run.path
+
+
+def train_baseline(
+    config: EmbedConfig,
+    cache: Path,
+    out_dir: Path,
+    workers: int = 1,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """The conventional baseline's pre-training: the same encoder with a linear head, trained with
+    cross-entropy on the seen subtypes, on as many ROIs as the embedding sees."""
+    torch.set_num_threads(TORCH_THREADS)
+    bank = _bank(config, cache, workers, progress)
+    codes = [list(TumorSubtype).index(s) for s in SEEN_SUBTYPES]
+    targets_of = {code: i for i, code in enumerate(codes)}
+    pool = np.nonzero(np.isin(bank.subtypes, codes))[0]
+    torch.manual_seed(config.seed)
+    model = BaselineClassifier(LesionEncoder(config.widths), len(codes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    run = Run(out_dir / "baseline.pt", _config_dict(config))
+    run.resume({"model": model}, optimizer)
+    batch = config.ways * (config.shots + config.queries)
+    bar = tqdm(total=config.episodes, initial=run.step, desc="baseline", unit="step", disable=not progress)
+    model.train()
+    end = min(config.episodes, stop_after or config.episodes)
+    while run.step < end:
+        rng = np.random.default_rng([config.seed, run.step])
+        torch.manual_seed(config.seed * 1_000_003 + run.step)
+        picks = rng.choice(pool, size=batch, replace=False)
+        modalities = rng.integers(len(MODALITY_ORDER), size=batch)
+        rois = augment_rois(bank.rois[picks, modalities], rng)
+        y = torch.tensor([targets_of[int(c)] for c in bank.subtypes[picks]])
+        _schedule(optimizer, config.lr, run.step, config.episodes)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(torch.from_numpy(rois), _one_hot(modalities))
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        run.step += 1
+        accuracy = float((logits.argmax(1) == y).float().mean())
+        run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": accuracy})
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{accuracy:.2f}")
+        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
+            run.save({"model": model}, optimizer)
+    bar.close()
+    return run.path
+
+
+def load_embed(path: Path) -> tuple[LesionEncoder, ProtoClassifier, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    encoder, proto = LesionEncoder(tuple(state["config"]["widths"])), ProtoClassifier()
+    encoder.load_state_dict(state["modules"]["encoder"])
+    proto.load_state_dict(state["modules"]["proto"])
+    return encoder.eval(), proto.eval(), state
+
+
+def load_baseline(path: Path) -> tuple[BaselineClassifier, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = BaselineClassifier(LesionEncoder(tuple(state["config"]["widths"])), len(SEEN_SUBTYPES))
+    model.load_state_dict(state["modules"]["model"])
+    return model.eval(), state

@@ -1,0 +1,216 @@
+"""Models: training on phantom data makes the loss fall, ONNX export matches PyTorch, the shipped
+artifacts honour the specs, and evaluation figures come from the models (a random model scores far lower).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cspine.domain import Modality
+from cspine.inference.specs import LESION_EMBED, MODELS, PROTO_CLASSIFY, SEG_GEOMETRY, SEG_LABELS, DType, seg_spec
+from cspine.modeling.data import SEEN_SUBTYPES, UNSEEN_SUBTYPES, lesion_bank, lesion_boxes, model_labels
+from cspine.modeling.evaluate import eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics, torch_seg
+from cspine.modeling.export import (
+    PARITY,
+    EmbedExport,
+    check_parity,
+    export_embed,
+    export_proto,
+    export_seg,
+    model_path,
+    one_hot_batch,
+    random_inputs,
+)
+from cspine.modeling.networks import LesionEncoder, ProtoClassifier, SegExport, UNet2D
+from cspine.modeling.recipes import EVAL_SEED, FEWSHOT_BANK_SEED, PRESETS, proto_classifier, train_models
+from cspine.phantom.anatomy import Label
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+SMOKE = PRESETS["smoke"]
+ONNX_DTYPES = {DType.FP32: onnx.TensorProto.FLOAT, DType.UINT8: onnx.TensorProto.UINT8}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cspine-cache")
+
+
+def _calibrated(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.nn.Module:
+    """A random model whose batch-norm statistics are not the defaults (so eval mode is exercised)."""
+    module.train()
+    with torch.no_grad():
+        module(*inputs)
+    return module.eval()
+
+
+def test_model_labels_map_phantom_structures_into_each_table():
+    structure = np.array([[Label.VERTEBRAL_BODY, Label.CSF, Label.CORD, Label.OPLL, Label.TUMOR, Label.SOFT_TISSUE]])
+    levels = np.array([[4, 0, 0, 0, 4, 0]])
+    ct = [SEG_LABELS[Modality.CT][v] for v in model_labels(Modality.CT, structure, levels)[0]]
+    assert ct == ["vertebral_body", "canal", "canal", "opll", "tumor", "background"]
+    mr = [SEG_LABELS[Modality.MR][v] for v in model_labels(Modality.MR, structure, levels)[0]]
+    assert mr == ["vertebral_body", "csf", "cord", "background", "tumor", "background"]
+    xr = [SEG_LABELS[Modality.XR][v] for v in model_labels(Modality.XR, structure, levels)[0]]
+    assert xr[0] == "c4_body" and xr[4] == "tumor"
+
+
+def test_lesion_boxes_give_one_tight_box_per_lesion():
+    mask = np.zeros((6, 20, 20), dtype=bool)
+    mask[1:3, 2:5, 3:9] = True
+    mask[4:6, 10:15, 12:14] = True
+    boxes = sorted(lesion_boxes(mask), key=lambda b: b[0].start)
+    assert [(b[0].start, b[0].stop, b[1].start, b[1].stop, b[2].start, b[2].stop) for b in boxes] == [
+        (1, 3, 2, 5, 3, 9),
+        (4, 6, 10, 15, 12, 14),
+    ]
+
+
+@pytest.mark.parametrize("tumor_labels", ["box", "mask"])
+def test_segmentation_training_on_phantom_cases_makes_the_loss_fall(cache, tmp_path, tumor_labels):
+    done = train_models(
+        ["seg_ct"], SMOKE, cache, tmp_path, workers=1, progress=False, steps=40, tumor_labels=tumor_labels, lr=5e-3
+    )
+    history = [h["loss"] for h in torch.load(done["seg_ct"], weights_only=False)["history"]]
+    assert len(history) == 40
+    assert np.mean(history[-10:]) < 0.9 * np.mean(history[:10])
+
+
+def test_episodic_embedding_training_makes_the_loss_fall(cache, tmp_path):
+    done = train_models(["lesion_embed"], SMOKE, cache, tmp_path, workers=1, progress=False)
+    state = torch.load(done["lesion_embed"], weights_only=False)
+    assert state["step"] == SMOKE.embed["episodes"]
+    bank = lesion_bank(cache, 2, SEEN_SUBTYPES, SMOKE.embed["per_subtype"], progress=False)
+    assert len(bank) == len(SEEN_SUBTYPES) * SMOKE.embed["per_subtype"] and np.isfinite(bank.rois).all()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(cache, tmp_path):
+    whole = train_models(["seg_xr"], SMOKE, cache, tmp_path / "a", workers=1, progress=False, steps=4)["seg_xr"]
+    train_models(["seg_xr"], SMOKE, cache, tmp_path / "b", workers=1, progress=False, steps=4, stop_after=2)
+    assert torch.load(tmp_path / "b" / "seg_xr.pt", weights_only=False)["step"] == 2
+    resumed = train_models(["seg_xr"], SMOKE, cache, tmp_path / "b", workers=1, progress=False, steps=4)["seg_xr"]
+    a = torch.load(whole, weights_only=False)
+    b = torch.load(resumed, weights_only=False)
+    assert b["step"] == 4 and [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    for key, value in a["modules"]["net"].items():
+        assert torch.equal(value, b["modules"]["net"][key]), key
+
+
+@pytest.mark.parametrize("modality", list(Modality))
+def test_exported_segmentation_matches_pytorch_and_ends_in_uint8_labels(tmp_path, modality):
+    g = SEG_GEOMETRY[modality]
+    net = _calibrated(
+        UNet2D(g.channels, len(SEG_LABELS[modality]), (4, 8, 16, 32), modality is Modality.XR),
+        torch.randn(4, g.channels, g.size, g.size),
+    )
+    path = export_seg(net, modality, tmp_path, {})
+    for batch in (1, 3):
+        parity = check_parity(SegExport(net), seg_spec(modality), path, random_inputs(seg_spec(modality), batch))
+        assert parity["labels_agreement"] >= PARITY["labels_agreement"]
+
+
+def test_exported_embedding_and_prototype_classifier_match_pytorch(tmp_path):
+    encoder = _calibrated(LesionEncoder((8, 16, 24, 32)), torch.randn(6, 3, 64, 64), torch.eye(3)[[0, 1, 2, 0, 1, 2]])
+    path = export_embed(encoder, tmp_path, {})
+    parity = check_parity(
+        EmbedExport(encoder), LESION_EMBED, path, (random_inputs(LESION_EMBED, 5)[0], one_hot_batch(5))
+    )
+    assert parity["max_abs_diff"] <= PARITY["atol"]
+    proto = ProtoClassifier(scale=7.0)
+    path = export_proto(proto, tmp_path, {})
+    rng = np.random.default_rng(0)
+    for n, k in ((1, 2), (6, 5)):  # K changes at run time: prototypes are an input
+        inputs = (rng.standard_normal((n, 64)).astype(np.float32), rng.standard_normal((k, 64)).astype(np.float32))
+        parity = check_parity(proto, PROTO_CLASSIFY, path, inputs)
+        assert parity["max_abs_diff"] <= PARITY["atol"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shipped_onnx_artifacts_agree_with_the_specs(name):
+    spec = MODELS[name]
+    model = onnx.load(str(model_path(REPOSITORY, name)))
+    onnx.checker.check_model(model)
+    graph_inputs = {i.name: i for i in model.graph.input}
+    graph_outputs = {o.name: o for o in model.graph.output}
+    assert set(graph_inputs) == {t.name for t in spec.inputs}
+    assert set(graph_outputs) == {t.name for t in spec.outputs}
+    for tensor, graph in [
+        *((t, graph_inputs[t.name]) for t in spec.inputs),
+        *((t, graph_outputs[t.name]) for t in spec.outputs),
+    ]:
+        ttype = graph.type.tensor_type
+        assert ttype.elem_type == ONNX_DTYPES[tensor.dtype]
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+        expected = [-1, *tensor.shape] if spec.max_batch_size > 0 else list(tensor.shape)
+        assert dims == expected, (tensor.name, dims, expected)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["synthetic_training_data"] == "true"
+
+
+def test_shipped_models_fit_the_size_budget():
+    total = sum(model_path(REPOSITORY, name).stat().st_size for name in MODELS)
+    assert total <= 30 * 1024 * 1024
+
+
+def test_evaluation_figures_come_from_the_models(cache):
+    """The shipped models against randomly initialised ones of the same shape, on held-out cases."""
+    cases = eval_cohort(cache, EVAL_SEED, 3)
+    shipped = seg_metrics(cases, {Modality.CT: onnx_seg(model_path(REPOSITORY, "seg_ct"))}, None)
+    random_net = _calibrated(UNet2D(3, len(SEG_LABELS[Modality.CT])), torch.randn(2, 3, 160, 160))
+    random = seg_metrics(cases, {Modality.CT: torch_seg(random_net)}, None)
+    assert shipped["seg_dice"]["ct"]["vertebral_body"] > 0.7
+    assert shipped["seg_dice"]["ct"]["vertebral_body"] > random["seg_dice"]["ct"]["vertebral_body"] + 0.4
+
+    pool = lesion_bank(cache, FEWSHOT_BANK_SEED, UNSEEN_SUBTYPES, SMOKE.fewshot_pool, (0.5, 0.5), progress=False)
+    classify = proto_classifier(REPOSITORY)
+    good = fewshot_metrics(
+        pool, onnx_embed(model_path(REPOSITORY, "lesion_embed")), classify, None, (5,), 40, queries=3
+    )
+
+    def blind_embed(rois: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        # the same embedding for every lesion: whatever the pool, the figure must fall to chance
+        return np.tile(np.eye(1, 64, dtype=np.float32), (len(rois), 1))
+
+    blind = fewshot_metrics(pool, blind_embed, classify, None, (5,), 40, queries=3)
+    assert good["fewshot"]["prototype"]["5"]["mean"] > 0.7
+    assert blind["fewshot"]["prototype"]["5"]["mean"] < 0.45
+
+
+def test_cli_evaluate_models_json_has_the_keys_integrators_read(cache):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cspine",
+            "evaluate",
+            "models",
+            "--preset",
+            "smoke",
+            "--cache",
+            str(cache),
+            "--repository",
+            str(REPOSITORY),
+            "--json",
+            "--quiet",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout)
+    assert set(metrics) >= {"seg_dice", "lesion_dice_box", "lesion_dice_mask", "lesion_size_mae_mm", "fewshot"}
+    assert set(metrics["seg_dice"]) == {"ct", "mr", "xr"}
+    assert set(metrics["fewshot"]) == {"prototype", "baseline"}
+    for by_k in metrics["fewshot"].values():
+        for value in by_k.values():
+            assert 0.0 <= value["ci95"][0] <= value["mean"] <= value["ci95"][1] <= 1.0 + 1e-9
