@@ -1,4 +1,4 @@
-"""The `cspine` command: phantom, inspect, train, export, evaluate, triton, bench, demo.
+"""The `cspine` command: phantom, inspect, train, export, calibrate, evaluate, triton, bench, demo.
 
 Configuration is read here, once, from flags and ``CSPINE_`` environment variables; the library modules
 never read the environment themselves.
@@ -152,6 +152,74 @@ def cmd_evaluate_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cohort_run(args: argparse.Namespace, default_dir: str):
+    from cspine.evaluation.pipeline import CohortRun
+
+    return CohortRun(
+        cohort=Path(args.cohort or default_dir),
+        cases=args.cases,
+        seed=args.seed,
+        triton_url=args.triton_url,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+
+
+def cmd_evaluate_pipeline(args: argparse.Namespace) -> int:
+    from cspine.evaluation.pipeline import evaluate, format_metrics, metrics
+
+    records = evaluate(_cohort_run(args, f".cache/cspine/pipeline-eval/seed{args.seed}-{args.cases}"))
+    result = metrics(records)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "records.json").write_text(json.dumps(records, indent=1) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_metrics(result))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cspine.analysis.fusion import Calibration
+    from cspine.evaluation.calibrate import build_default_support, fit_calibration
+    from cspine.evaluation.pipeline import evaluate
+    from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet
+
+    repository = Path(args.repository)
+    embed = repository / "lesion_embed" / "1" / "model.onnx"
+    support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers)
+    support.save(DEFAULT_SUPPORT)
+    prototypes = PrototypeSet.from_support(support)
+    print(f"default support set: {len(support.labels)} SYNTHETIC lesions, prototype set {prototypes.version}")
+    run = _cohort_run(args, f".cache/cspine/pipeline-calibration/seed{args.seed}-{args.cases}")
+    records = evaluate(run, Calibration.uniform(), prototypes)
+    fitted = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
+    path = fitted.save(repository)
+    print(f"wrote {path}:\n{json.dumps(fitted.to_json(), indent=2)}")
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from cspine.evaluation.bench import bench_pipeline, format_bench
+
+    result = bench_pipeline(args.triton_url, args.repeats, progress=not args.quiet)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def _add_cohort_arguments(p: argparse.ArgumentParser, cases: int, seed: int) -> None:
+    p.add_argument("--cases", type=int, default=cases, help=f"SYNTHETIC studies (default {cases})")
+    p.add_argument("--seed", type=int, default=seed, help=f"phantom seed (default {seed})")
+    p.add_argument("--cohort", default=None, help="folder for the cohort (default: under .cache/cspine)")
+    p.add_argument(
+        "--triton-url",
+        default=os.environ.get("CSPINE_TRITON_URL"),
+        help="an external Triton's gRPC address (env CSPINE_TRITON_URL; default: start the local Triton)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes generating the cohort (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _triton(args: argparse.Namespace):
     from cspine.inference.local_triton import LocalTriton, TritonPorts
 
@@ -202,30 +270,52 @@ def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cspine.dicom.inspect import format_inspect, inspect_paths
+    import asyncio
+
+    from cspine.analysis.fusion import Calibration
+    from cspine.analysis.report import format_analysis
+    from cspine.dicom.ingest import ingest_paths
+    from cspine.fewshot.prototypes import default_prototypes
+    from cspine.inference.client import TritonClient
+    from cspine.inference.local_triton import LocalTriton, TritonPorts
     from cspine.phantom.generate import PhantomOptions, generate_case
+    from cspine.pipeline import AnalysisOptions, analyze, model_versions
 
     out = Path(args.out)
-    cases = ["benign", "borderline", "malignant", "none"]
-    print(f"cspine demo: {len(cases)} SYNTHETIC studies (one per tumor class, one tumor-free) in {out}\n")
+    cases = ["malignant", "benign", "borderline", "none"]
+    print(f"cspine demo: {len(cases)} SYNTHETIC studies (one per tumor class, one tumor-free) in {out}")
+    truths = {}
     for index, tumor in enumerate(cases):
-        case_id = f"demo-{tumor}"
-        truth = generate_case(out / case_id, case_id, DEMO_SEED, index, PhantomOptions(tumor=tumor))
-        lesion = truth["tumor"]
-        if lesion:
-            what = (
-                f"{lesion['class']} ({lesion['subtype']}) at {', '.join(lesion['levels'])}, "
-                f"{lesion['max_diameter_mm']:.1f} mm, {lesion['volume_ml']:.2f} mL"
-            )
-        else:
-            what = "no tumor"
-        print(f"== {case_id}: truth: {what}; C2–C7 Cobb {truth['cobb_angle_c2_c7_deg']:.1f}°")
-        # the DICOM folders only: truth.json and labels.npz beside them are not part of the study
-        report = inspect_paths(
-            [out / case_id / folder for folder in ("ct", "mr", "xr")], limits=IngestLimits.from_env()
+        truths[tumor] = generate_case(
+            out / f"demo-{tumor}", f"demo-{tumor}", DEMO_SEED, index, PhantomOptions(tumor=tumor)
         )
-        print(format_inspect(report))
-        print()
+    repository = default_repository()
+    print("starting the local Triton (CPU) …", flush=True)
+
+    async def run(url: str) -> None:
+        async with TritonClient(url, timeout_s=120.0) as client:
+            prototypes, calibration = default_prototypes(), Calibration.load(repository)
+            for tumor in cases:
+                case_dir = out / f"demo-{tumor}"
+                study = ingest_paths([case_dir / f for f in ("ct", "mr", "xr")], limits=IngestLimits.from_env())
+                options = AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True)
+                analysis = await analyze(study, client, prototypes, calibration, options, model_versions(repository))
+                lesion = truths[tumor]["tumor"]
+                truth = (
+                    f"{lesion['class']} ({lesion['subtype']}) at {lesion['primary_level']}, "
+                    f"{lesion['max_diameter_mm']:.1f} mm"
+                    if lesion
+                    else "no tumor"
+                )
+                print(f"\n== demo-{tumor}  (truth: {truth}; Cobb {truths[tumor]['cobb_angle_c2_c7_deg']:.1f}°)")
+                print(format_analysis(analysis))
+                for name, data in (("seg.dcm", analysis.dicom_seg), ("sr.dcm", analysis.dicom_sr)):
+                    if data:
+                        (case_dir / name).write_bytes(data)
+                print(f"analysed in {analysis.stage_seconds['total']:.1f} s; DICOM SEG and SR written to {case_dir}")
+
+    with LocalTriton(repository, TritonPorts.free()) as triton:
+        asyncio.run(run(triton.grpc_url))
     return 0
 
 
@@ -344,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_triton)
+    b = bench.add_parser(
+        "pipeline",
+        help="one SYNTHETIC CT + MR + radiograph study end to end on the local Triton, time per stage",
+    )
+    b.add_argument("--triton-url", default=None, help="an external Triton (default: start the local one)")
+    b.add_argument("--repeats", type=int, default=5, help="timed analyses after one warm-up (default 5)")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench_pipeline)
 
     p = sub.add_parser(
         "train",
@@ -401,6 +500,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate_models)
+    e = evaluate.add_parser(
+        "pipeline",
+        help="the whole pipeline on held-out SYNTHETIC studies: detection, size, level, Cobb, canal, OPLL, times",
+        description=(
+            "Generate (once, cached) a held-out SYNTHETIC phantom cohort, analyse every study through Triton "
+            "(the local one unless --triton-url) and compare with each case's truth.json."
+        ),
+    )
+    _add_cohort_arguments(e, cases=60, seed=9300)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--out", default=None, help="also write metrics.json and per-study records.json here")
+    e.set_defaults(func=cmd_evaluate_pipeline)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="rebuild the default SYNTHETIC support set and fit the fusion weights (model_repository/calibration.json)",
+    )
+    _add_cohort_arguments(p, cases=48, seed=9400)
+    p.add_argument("--repository", default=str(default_repository()))
+    p.add_argument("--cache", default=".cache/cspine")
+    p.add_argument("--per-subtype", type=int, default=12, help="support lesions per subtype (default 12)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("triton", help="the local Triton server and the GPU model-plan commands")
     triton = p.add_subparsers(dest="triton", required=True)
@@ -429,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_triton_plan_commands)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default")
+    p = sub.add_parser(
+        "demo",
+        help="analyse four SYNTHETIC studies on the local Triton: report, DICOM SEG and SR per study",
+    )
     p.add_argument("--out", default="out/demo", help="folder for the demo's SYNTHETIC studies")
     p.set_defaults(func=cmd_demo)
     return parser

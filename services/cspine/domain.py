@@ -63,6 +63,9 @@ class NoticeCode(str, enum.Enum):
     IRREGULAR_SPACING = "irregular_spacing"
     SERIES_SKIPPED = "series_skipped"  # selection did not use a series, and says why
     MISSING_MODALITY = "missing_modality"
+    MODALITY_FAILED = "modality_failed"  # a modality could not be analysed; the result goes on without it
+    MEASUREMENT_UNAVAILABLE = "measurement_unavailable"  # a measurement the images did not allow
+    OUTSIDE_ANALYSED_LEVELS = "outside_analysed_levels"  # a finding above C2 (dens, C1, skull base): not counted
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,135 @@ class Selection:
 
     chosen: dict[SeriesRole, Series]
     notices: list[Notice] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Analysis results (DESIGN.md §4 names). Lengths in mm, areas in mm², volumes in mL, angles in degrees,
+# points in patient coordinates (for a radiograph: in its own nominal image plane).
+
+VERTEBRAL_LEVELS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1")
+MEASURED_LEVELS: tuple[str, ...] = VERTEBRAL_LEVELS[1:7]  # C2–C7: canal, cord and disc per level
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A tumor assessment: detection (is there a tumor, how sure) apart from classification (which class)."""
+
+    tumor_detected: bool
+    detection_score: float  # calibrated probability that a tumor is present, 0–1
+    probabilities: tuple[ClassProbability, ...] = ()  # empty when no lesion was classified
+    uncertainty: float = 1.0  # normalised entropy of the probabilities: 0 certain, 1 uniform (or none)
+
+    @property
+    def label(self) -> str | None:
+        return max(self.probabilities, key=lambda p: p.probability).label if self.probabilities else None
+
+    def probability(self, label: str) -> float:
+        return next((p.probability for p in self.probabilities if p.label == label), 0.0)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One connected lesion found in one modality."""
+
+    vertebral_level: str  # the level holding most of it
+    levels: tuple[str, ...]  # every level holding at least 10 % of it
+    max_diameter_mm: float  # largest distance across it (Feret); in the image plane for a radiograph
+    volume_ml: float | None  # None on a radiograph (a projection has no volume)
+    area_mm2: float | None  # projected area on a radiograph; None otherwise
+    centre_mm: tuple[float, float, float]
+    bbox_min_mm: tuple[float, float, float]  # patient-axis-aligned box around it
+    bbox_max_mm: tuple[float, float, float]
+    series_instance_uid: str
+    assessment: Assessment | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # lesion_embed output
+
+
+@dataclass(frozen=True)
+class SeriesUsed:
+    role: SeriesRole
+    series_instance_uid: str
+    description: str
+    slices: int
+
+
+@dataclass(eq=False)
+class ModalityResult:
+    """What one modality gave: the series used, its lesions (largest first), its own assessment, and the
+    label maps on each source series (for DICOM SEG and overlays)."""
+
+    modality: Modality
+    series: tuple[SeriesUsed, ...]
+    lesions: list[Lesion]
+    assessment: Assessment
+    labels: dict[SeriesRole, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class LevelMeasurement:
+    """Spine measurements at one level; None where no analysed modality could measure it."""
+
+    level: str
+    canal_area_mm2: float | None = None  # free canal (CSF + cord) on the plane through the body centre
+    cord_area_mm2: float | None = None
+    cord_compression_ratio: float | None = None  # cord AP / LR diameter
+    disc_height_mm: float | None = None  # disc below this level, at its centre
+    canal_source: Modality | None = None
+    cord_source: Modality | None = None
+    disc_source: Modality | None = None
+
+
+@dataclass(frozen=True)
+class OpllMeasurement:
+    present: bool
+    occupying_ratio: float  # thickness over the bony canal AP diameter, at the worst level
+    max_thickness_mm: float
+    levels: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class SpineMeasurements:
+    levels: list[LevelMeasurement] = field(default_factory=list)
+    cobb_angle_deg: float | None = None  # C2–C7, positive = lordosis
+    cobb_source: Modality | None = None  # XR (endplates of C2 and C7), else MR (sagittal alignment)
+    opll: OpllMeasurement | None = None  # from CT; None without CT
+
+    def level(self, name: str) -> LevelMeasurement | None:
+        return next((m for m in self.levels if m.level == name), None)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: str
+
+
+@dataclass(eq=False)
+class StudyAnalysis:
+    study_instance_uid: str
+    modalities: list[ModalityResult]
+    fused: Assessment
+    spine: SpineMeasurements
+    prototype_set_version: str
+    models: list[ModelVersion]
+    notices: list[Notice] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per pipeline stage
+    dicom_seg: bytes | None = None
+    dicom_sr: bytes | None = None
+
+    def modality(self, modality: Modality) -> ModalityResult | None:
+        return next((m for m in self.modalities if m.modality is modality), None)
+
+    def primary_lesion(self) -> Lesion | None:
+        """The largest lesion of the modality that measures best (CT, then MR, then the radiograph)."""
+        for modality in (Modality.CT, Modality.MR, Modality.XR):
+            result = self.modality(modality)
+            if result is not None and result.lesions:
+                return result.lesions[0]
+        return None

@@ -1,16 +1,17 @@
-"""Lesion masks: connected components, and the small specks a segmentation leaves that are not lesions."""
+"""Lesions in a segmentation: connected components, the small specks that are not lesions, and each
+lesion's measurements (level, diameter, volume, box) in patient millimetres."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
+from cspine.analysis.levels import SpineFrame
+from cspine.analysis.masks import component_sizes, components
+from cspine.analysis.shapes import feret
+from cspine.domain import Lesion, Volume
+
 MIN_LESION_MM3 = 50.0  # smaller components are noise, not lesions (a 4.6 mm sphere)
-
-
-def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components (full connectivity) of a 2D or 3D mask."""
-    return ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
 
 
 def remove_small_lesions(mask: np.ndarray, voxel_mm3: float, min_mm3: float = MIN_LESION_MM3) -> np.ndarray:
@@ -19,7 +20,7 @@ def remove_small_lesions(mask: np.ndarray, voxel_mm3: float, min_mm3: float = MI
     if not mask.any():
         return mask
     labels, count = components(mask)
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1)) * voxel_mm3
+    sizes = component_sizes(labels, count) * voxel_mm3
     keep = np.zeros(count + 1, dtype=bool)
     keep[1:] = sizes >= min_mm3
     return keep[labels]
@@ -40,3 +41,70 @@ def clean_tumor_labels(
     out = labels.copy()
     out[mask & ~kept] = 0
     return out
+
+
+def _voxel_edges(volume: Volume) -> np.ndarray:
+    """(3, 3) edge vectors (mm) of one voxel; a radiograph's pixels have no depth."""
+    return np.stack(
+        [
+            volume.slice_direction * (0.0 if volume.projection else volume.slice_spacing),
+            volume.column_direction * volume.pixel_spacing[0],
+            volume.row_direction * volume.pixel_spacing[1],
+        ]
+    )
+
+
+def voxel_extent(volume: Volume, direction: np.ndarray) -> float:
+    """Length (mm) of one voxel of ``volume`` along a unit ``direction``: what the distance between voxel
+    centres misses at the two ends of a diameter."""
+    return float(np.abs(_voxel_edges(volume) @ direction).sum())
+
+
+def measure_lesions(mask: np.ndarray, volume: Volume, frame: SpineFrame | None, series_uid: str) -> list[Lesion]:
+    """Every connected lesion of a cleaned tumor mask [K, R, C] on ``volume``'s grid, largest first: level,
+    Feret diameter, volume (area on a radiograph), centre and box, in patient mm."""
+    if not mask.any():
+        return []
+    labels, _ = components(mask[0] if volume.projection else mask)
+    if volume.projection:
+        labels = labels[None]
+    half = 0.5 * np.abs(_voxel_edges(volume)).sum(axis=0)
+    voxel_mm3 = volume.slice_spacing * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    lesions = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        kij = np.argwhere(labels[box] == index) + np.array([s.start for s in box])
+        points = volume.index_to_patient(kij)
+        diameter, direction = feret(points)
+        level, levels = frame.levels_of(points) if frame is not None else ("unknown", ())
+        lesions.append(
+            Lesion(
+                vertebral_level=level,
+                levels=levels,
+                max_diameter_mm=round(diameter + voxel_extent(volume, direction), 2),
+                volume_ml=None if volume.projection else round(len(kij) * voxel_mm3 / 1000.0, 3),
+                area_mm2=round(len(kij) * pixel_mm2, 1) if volume.projection else None,
+                centre_mm=tuple(round(float(v), 2) for v in points.mean(axis=0)),
+                bbox_min_mm=tuple(round(float(v), 2) for v in points.min(axis=0) - half),
+                bbox_max_mm=tuple(round(float(v), 2) for v in points.max(axis=0) + half),
+                series_instance_uid=series_uid,
+            )
+        )
+    lesions.sort(key=lambda lesion: -(lesion.volume_ml if lesion.volume_ml is not None else lesion.area_mm2 or 0.0))
+    return lesions
+
+
+# Lesion centres of C2 lie up to about 15 mm above the C2–C3 disc (its body is 15–18 mm tall). Above C2's
+# body lie the dens, C1 and the skull base, which the models never saw a lesion in; there, and at the top
+# edge of a CT's field of view, they mark false lesions. Such findings are reported as notices instead.
+ABOVE_C2_MM = 22.0
+
+
+def split_above_c2(lesions: list[Lesion], frame: SpineFrame | None) -> tuple[list[Lesion], list[Lesion]]:
+    """(lesions within C2–T1, findings centred above C2's body)."""
+    if frame is None or frame.top != "C2":
+        return lesions, []
+    inside = [les for les in lesions if frame.height_above_top(np.array(les.centre_mm)) <= ABOVE_C2_MM]
+    return inside, [les for les in lesions if les not in inside]

@@ -1,2 +1,2 @@
-"""DICOM in and out: ingest (Part-10 bytes → Study), series selection, the inspect report and the ingest
-benchmark; the SEG/SR writers will live here too. Import the submodules (``cspine.dicom.ingest`` …)."""
+"""DICOM in and out: ingest (Part-10 bytes → Study), series selection, the inspect report, the ingest
+benchmark, and the DICOM SEG / SR writers. Import the submodules (``cspine.dicom.ingest`` …)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,6 @@ from cspine.modeling.bench import BATCH, PROTOTYPES
 CONCURRENCY = (1, 8)
 _BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.MULTILINE | re.DOTALL)
 _DELAY = re.compile(r"max_queue_delay_microseconds: \d+")
-
-
-def _ports() -> TritonPorts:
-    found = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            found.append(s.getsockname()[1])
-    return TritonPorts(*found)
 
 
 def inputs_for(spec: ModelSpec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -221,18 +211,20 @@ def bench_triton(
     served with each of these maximum queue delays instead of its own (how the shipped delay was chosen)."""
     repository = Path(repository).resolve()
     result: dict = {"seconds_per_cell": seconds, "repeats": repeats, "ort_threads": ort_threads}
-    with LocalTriton(repository, _ports(), ort_threads=ort_threads) as triton:
+    with LocalTriton(repository, TritonPorts.free(), ort_threads=ort_threads) as triton:
         on = asyncio.run(_batching_figures(triton.grpc_url, seconds))
         result["overhead"] = asyncio.run(_overhead(triton.grpc_url, repository, repeats, ort_threads))
         result["shared_memory"] = _shared_memory(triton.grpc_url, repeats)
         result["ensemble"] = asyncio.run(_ensemble(triton.grpc_url, repeats))
     with tempfile.TemporaryDirectory(prefix="cspine-bench-") as scratch:
-        with LocalTriton(variant(repository, Path(scratch) / "off", None), _ports(), ort_threads=ort_threads) as t:
+        with LocalTriton(
+            variant(repository, Path(scratch) / "off", None), TritonPorts.free(), ort_threads=ort_threads
+        ) as t:
             off = asyncio.run(_batching_figures(t.grpc_url, seconds))
         by_delay = {}
         for delay in queue_delays_us:
             served = variant(repository, Path(scratch) / f"delay-{delay}", delay)
-            with LocalTriton(served, _ports(), ort_threads=ort_threads) as t:
+            with LocalTriton(served, TritonPorts.free(), ort_threads=ort_threads) as t:
                 by_delay[str(delay)] = asyncio.run(_batching_figures(t.grpc_url, seconds))
     if by_delay:
         result["queue_delay_us"] = by_delay

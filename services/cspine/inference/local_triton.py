@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -48,6 +49,16 @@ class TritonPorts:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    @staticmethod
+    def free() -> TritonPorts:
+        """Three ports the OS says are free now (for a Triton that only this process talks to)."""
+        found = []
+        for _ in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                found.append(s.getsockname()[1])
+        return TritonPorts(*found)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,132 @@
+"""Fusing per-modality results into one assessment, weighting each modality by its measured reliability.
+
+Both detection and classification use weighted log-linear pooling: the fused log-odds (or
+log-probabilities) are the weighted sum of each available modality's, so any subset of modalities works and
+fewer modalities give a less confident answer. The weights, and each modality's detection curve, are fitted
+on held-out SYNTHETIC phantom studies by ``cspine calibrate`` and stored beside the models
+(``model_repository/calibration.json``), never written into the code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cspine.domain import Assessment, ClassProbability, Modality
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class DetectionCurve:
+    """P(tumor | largest lesion size s) = sigmoid(intercept + slope · log1p(s)) for one modality; s in mL
+    (CT, MR) or cm² (radiograph)."""
+
+    intercept: float
+    slope: float
+
+    def logit(self, size: float) -> float:
+        return self.intercept + self.slope * float(np.log1p(max(size, 0.0)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-modality reliability, fitted on held-out SYNTHETIC studies."""
+
+    detection: dict[Modality, DetectionCurve]
+    detection_weights: dict[Modality, float]
+    classification_weights: dict[Modality, float]
+    fitted_on: str = ""  # what the figures were measured on
+    embed_model_sha256: str = ""  # lesion_embed model the classification weights belong to
+
+    @staticmethod
+    def uniform() -> Calibration:
+        """Equal weights and a plain size rule: what an uncalibrated install (and calibration itself) uses."""
+        return Calibration(
+            detection={m: DetectionCurve(-4.0, 40.0) for m in Modality},
+            detection_weights={m: 1.0 for m in Modality},
+            classification_weights={m: 1.0 for m in Modality},
+            fitted_on="uncalibrated: equal weights",
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "note": "fitted by `cspine calibrate` on SYNTHETIC phantom studies; see docs/pipeline.md",
+            "fitted_on": self.fitted_on,
+            "embed_model_sha256": self.embed_model_sha256,
+            "detection": {m.value: {"intercept": c.intercept, "slope": c.slope} for m, c in self.detection.items()},
+            "detection_weights": {m.value: w for m, w in self.detection_weights.items()},
+            "classification_weights": {m.value: w for m, w in self.classification_weights.items()},
+        }
+
+    @staticmethod
+    def from_json(data: dict) -> Calibration:
+        return Calibration(
+            detection={
+                Modality(k): DetectionCurve(float(v["intercept"]), float(v["slope"]))
+                for k, v in data["detection"].items()
+            },
+            detection_weights={Modality(k): float(v) for k, v in data["detection_weights"].items()},
+            classification_weights={Modality(k): float(v) for k, v in data["classification_weights"].items()},
+            fitted_on=str(data.get("fitted_on", "")),
+            embed_model_sha256=str(data.get("embed_model_sha256", "")),
+        )
+
+    @staticmethod
+    def load(repository: Path) -> Calibration:
+        path = repository / CALIBRATION_FILE
+        return Calibration.from_json(json.loads(path.read_text())) if path.exists() else Calibration.uniform()
+
+    def save(self, repository: Path) -> Path:
+        path = repository / CALIBRATION_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+def normalised_entropy(p: np.ndarray) -> float:
+    """Entropy of a distribution over its maximum (log K): 0 when certain, 1 when uniform."""
+    p = np.clip(np.asarray(p, dtype=float), 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum() / np.log(len(p))) if len(p) > 1 else 0.0
+
+
+def detection_logit(modality: Modality, size: float, calibration: Calibration) -> float:
+    return calibration.detection[modality].logit(size)
+
+
+def pool(per_modality: Mapping[Modality, np.ndarray], weights: Mapping[Modality, float]) -> np.ndarray:
+    """Weighted log-linear pooling of class distributions: softmax(Σ w_m log p_m) over the modalities given."""
+    total = sum(weights[m] * np.log(np.clip(p, 1e-9, 1.0)) for m, p in per_modality.items())
+    total = total - np.max(total)
+    fused = np.exp(total)
+    return fused / fused.sum()
+
+
+def assess(
+    sizes: Mapping[Modality, float],
+    probabilities: Mapping[Modality, np.ndarray],
+    labels: tuple[str, ...],
+    calibration: Calibration,
+) -> Assessment:
+    """One assessment from the modalities present: ``sizes`` holds each analysed modality's largest lesion
+    size (0 for none found), ``probabilities`` the class distributions of the modalities that found one."""
+    if not sizes:
+        raise ValueError("no modality to fuse")
+    logit = sum(calibration.detection_weights[m] * detection_logit(m, s, calibration) for m, s in sizes.items())
+    score = _sigmoid(logit)
+    if not probabilities:
+        return Assessment(tumor_detected=score >= 0.5, detection_score=round(score, 4))
+    fused = pool(probabilities, calibration.classification_weights)
+    return Assessment(
+        tumor_detected=score >= 0.5,
+        detection_score=round(score, 4),
+        probabilities=tuple(ClassProbability(label, float(p)) for label, p in zip(labels, fused, strict=True)),
+        uncertainty=round(normalised_entropy(fused), 4),
+    )

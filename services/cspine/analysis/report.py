@@ -1,0 +1,57 @@
+"""A plain-text report of one study's analysis, as a radiologist would skim it: per modality the series
+used, lesions and probabilities; the fused assessment; spine measurements; notices."""
+
+from __future__ import annotations
+
+from cspine.domain import Assessment, StudyAnalysis
+
+
+def _probabilities(assessment: Assessment | None) -> str:
+    if assessment is None or not assessment.probabilities:
+        return "not classified"
+    parts = ", ".join(f"{p.label} {p.probability:.2f}" for p in assessment.probabilities)
+    return f"{parts} (uncertainty {assessment.uncertainty:.2f})"
+
+
+def _value(value: float | None, unit: str, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def format_analysis(analysis: StudyAnalysis) -> str:
+    lines = [f"prototype set {analysis.prototype_set_version}"]
+    for result in analysis.modalities:
+        series = "; ".join(
+            f"{s.role.value}: {s.description or s.series_instance_uid} ({s.slices})" for s in result.series
+        )
+        lines.append(f"{result.modality.value}  series {series}")
+        if not result.lesions:
+            lines.append(f"    no lesion (detection score {result.assessment.detection_score:.2f})")
+        for index, lesion in enumerate(result.lesions[:3], start=1):
+            size = f"{lesion.volume_ml:.2f} mL" if lesion.volume_ml is not None else f"{lesion.area_mm2:.0f} mm²"
+            lines.append(
+                f"    lesion {index}: {lesion.vertebral_level} ({', '.join(lesion.levels)}), "
+                f"{lesion.max_diameter_mm:.1f} mm, {size}; {_probabilities(lesion.assessment)}"
+            )
+        if len(result.lesions) > 3:
+            lines.append(f"    … and {len(result.lesions) - 3} smaller")
+    fused = analysis.fused
+    verdict = "tumor detected" if fused.tumor_detected else "no tumor detected"
+    lines.append(f"FUSED  {verdict} (score {fused.detection_score:.2f}); {_probabilities(fused)}")
+    spine = analysis.spine
+    lines.append("spine  level  canal mm²  cord mm²  cord AP/LR  disc mm")
+    for m in spine.levels:
+        lines.append(
+            f"       {m.level:5}  {_value(m.canal_area_mm2, '', 0):>9}  {_value(m.cord_area_mm2, '', 0):>8}  "
+            f"{_value(m.cord_compression_ratio, '', 2):>10}  {_value(m.disc_height_mm, '', 1):>7}"
+        )
+    if spine.cobb_angle_deg is not None:
+        lines.append(f"       C2–C7 Cobb {spine.cobb_angle_deg:.1f}° (from {spine.cobb_source.value})")
+    if spine.opll is not None:
+        opll = spine.opll
+        lines.append(
+            f"       OPLL {'present at ' + ', '.join(opll.levels) if opll.present else 'not seen'}"
+            + (f", occupying ratio {opll.occupying_ratio:.2f}" if opll.present else "")
+        )
+    for notice in analysis.notices:
+        lines.append(f"notice {notice.code.value}: {notice.message}")
+    return "\n".join(lines)

@@ -1,0 +1,559 @@
+"""DICOM outputs of an analysis, made with highdicom: a SEG of the label map on one source series, a TID 1500
+Comprehensive 3D SR with the lesions, assessments and spine measurements, and a reader for that SR."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr.utils import find_content_items
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+import cspine
+from cspine.domain import (
+    Assessment,
+    Lesion,
+    LevelMeasurement,
+    Modality,
+    ModalityResult,
+    Series,
+    SeriesRole,
+    SpineMeasurements,
+    StudyAnalysis,
+)
+from cspine.inference.specs import SEG_LABELS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_seg", "build_sr", "read_sr_measurements"]
+
+MANUFACTURER = "cspine"
+SEG_SERIES_NUMBER = 901
+SR_SERIES_NUMBER = 902
+SEG_SERIES_DESCRIPTION = "cspine segmentation (software output, research use only)"
+SR_SERIES_DESCRIPTION = "cspine tumor report (software output, research use only)"
+# Software has no serial number, but the Enhanced General Equipment module requires one.
+DEVICE_SERIAL_NUMBER = f"cspine-{cspine.__version__}"
+# The observer device UID is derived, not random, so every report of one version names the same device.
+DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=["cspine device observer", cspine.__version__])
+
+# The SEG segments one source series: the first of these whose modality has a non-empty label map on it.
+SEG_SOURCES: tuple[tuple[Modality, SeriesRole], ...] = (
+    (Modality.CT, SeriesRole.CT),
+    (Modality.MR, SeriesRole.MR_T2),
+    (Modality.MR, SeriesRole.MR_T1),
+    (Modality.XR, SeriesRole.XR),
+)
+
+# --------------------------------------------------------------------------------------------------------
+# Codes. Standard (SCT, DCM, UCUM) where one exists; the rest in the private scheme 99CSPINE.
+
+CSPINE_SCHEME = "99CSPINE"
+CODING_SCHEMES = [
+    CodingSchemeIdentificationItem(
+        designator=CSPINE_SCHEME,
+        name="cspine private concepts",
+        version=cspine.__version__,
+        responsible_organization="cspine project",
+    )
+]
+
+
+def _private(value: str, meaning: str) -> Code:
+    return Code(value, CSPINE_SCHEME, meaning)
+
+
+VERTEBRAL_BODY = Code("3572006", "SCT", "Vertebral body")
+INTERVERTEBRAL_DISC = Code("360499006", "SCT", "Intervertebral disc")
+DETECTION_SCORE = _private("DETECTION-SCORE", "Tumor detection score")
+UNCERTAINTY = _private("UNCERTAINTY", "Classification uncertainty (normalised entropy)")
+CORD_COMPRESSION_RATIO = _private("CORD-COMPRESSION", "Cord compression ratio (AP / LR diameter)")
+OPLL_OCCUPYING_RATIO = _private("OPLL-OCCUPYING", "OPLL occupying ratio")
+OPLL_MAX_THICKNESS = _private("OPLL-THICKNESS", "OPLL maximum thickness")
+MILLILITER = Code("ml", "UCUM", "milliliter")
+MM = codes.UCUM.Millimeter
+MM2 = codes.UCUM.SquareMillimeter
+DEGREE = codes.UCUM.Degree
+RATIO = codes.UCUM.Ratio
+
+LEVEL_CODES: dict[str, Code] = {
+    "C1": codes.SCT.C1Vertebra,
+    "C2": codes.SCT.C2Vertebra,
+    "C3": codes.SCT.C3Vertebra,
+    "C4": codes.SCT.C4Vertebra,
+    "C5": codes.SCT.C5Vertebra,
+    "C6": codes.SCT.C6Vertebra,
+    "C7": codes.SCT.C7Vertebra,
+    "T1": codes.SCT.T1Vertebra,
+}
+# The disc a level's disc height is measured on: the one below it.
+DISC_BELOW: dict[str, tuple[str, Code]] = {
+    "C2": ("C2-C3", codes.SCT.C2C3Disc),
+    "C3": ("C3-C4", codes.SCT.C3C4Disc),
+    "C4": ("C4-C5", codes.SCT.C4C5Disc),
+    "C5": ("C5-C6", codes.SCT.C5C6Disc),
+    "C6": ("C6-C7", codes.SCT.C6C7Disc),
+    "C7": ("C7-T1", codes.SCT.C7T1Disc),
+}
+MODALITY_CODES: dict[Modality, Code] = {
+    Modality.CT: codes.DCM.ComputedTomography,
+    Modality.MR: codes.DCM.MagneticResonance,
+    Modality.XR: codes.DCM.DigitalRadiography,
+}
+PROCEDURE_CODES: dict[Modality, Code] = {
+    Modality.CT: codes.cid100.CTUnspecifiedBodyRegion,
+    Modality.MR: codes.cid100.MRIUnspecifiedBodyRegion,
+    Modality.XR: codes.cid100.XRUnspecifiedBodyRegion,
+}
+PRESENT_ABSENT: dict[bool, Code] = {True: codes.SCT.Present, False: codes.SCT.Absent}
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """How one structure of a label table is described as a SEG segment."""
+
+    label: str
+    category: Code
+    type: Code
+    region: Code | None = None
+    rgb: tuple[int, int, int] = (200, 200, 200)
+
+
+_ANATOMY = codes.SCT.AnatomicalStructure
+_ABNORMAL = codes.SCT.MorphologicallyAbnormalStructure
+
+
+def _body(level: str, rgb: tuple[int, int, int]) -> SegmentCode:
+    return SegmentCode(f"{level} vertebral body", _ANATOMY, VERTEBRAL_BODY, LEVEL_CODES[level], rgb)
+
+
+SEGMENT_CODES: dict[str, SegmentCode] = {
+    "tumor": SegmentCode("Tumor", _ABNORMAL, codes.SCT.Neoplasm, rgb=(230, 30, 30)),
+    "vertebral_body": SegmentCode("Vertebral body", _ANATOMY, VERTEBRAL_BODY, rgb=(241, 214, 145)),
+    "posterior_elements": SegmentCode("Posterior elements", _ANATOMY, codes.SCT.ArchOfVertebra, rgb=(216, 180, 110)),
+    "disc": SegmentCode("Intervertebral disc", _ANATOMY, INTERVERTEBRAL_DISC, rgb=(90, 160, 230)),
+    "canal": SegmentCode("Spinal canal", _ANATOMY, codes.SCT.SpinalCanalStructure, rgb=(120, 220, 220)),
+    "csf": SegmentCode("CSF", codes.SCT.BodySubstance, codes.SCT.CerebrospinalFluid, rgb=(120, 220, 220)),
+    "cord": SegmentCode("Spinal cord", _ANATOMY, codes.SCT.SpinalCord, rgb=(250, 240, 120)),
+    "opll": SegmentCode(
+        "OPLL (ossified posterior longitudinal ligament)", _ABNORMAL, codes.SCT.Ossification, rgb=(230, 130, 30)
+    ),
+    "c2_body": _body("C2", (241, 214, 145)),
+    "c3_body": _body("C3", (200, 230, 150)),
+    "c4_body": _body("C4", (241, 214, 145)),
+    "c5_body": _body("C5", (200, 230, 150)),
+    "c6_body": _body("C6", (241, 214, 145)),
+    "c7_body": _body("C7", (200, 230, 150)),
+    "other_body": SegmentCode("Other vertebral body", _ANATOMY, VERTEBRAL_BODY, rgb=(170, 170, 170)),
+}
+
+
+def _algorithm_sequence() -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name="cspine", family=codes.DCM.ArtificialIntelligence, version=cspine.__version__, source=MANUFACTURER
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# SEG
+
+
+def build_seg(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> bytes | None:
+    """A binary DICOM SEG of the first non-empty label map in ``SEG_SOURCES`` order, one segment per
+    structure present; None when no modality has a labelled voxel."""
+    for modality, role in SEG_SOURCES:
+        result = analysis.modality(modality)
+        labels = result.labels.get(role) if result is not None else None
+        if labels is None or not labels.any():
+            continue
+        if role not in chosen:
+            raise ValueError(f"the {modality.value} label map is on the {role.value} series, which was not chosen")
+        return _encode(_segmentation(modality, chosen[role], labels))
+    logger.info("no label map holds a structure: no DICOM SEG")
+    return None
+
+
+def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.seg.Segmentation:
+    names = SEG_LABELS[modality]
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or labels.shape[0] != len(series.instances):
+        raise ValueError(
+            f"a {modality.value} label map of shape {labels.shape} does not fit a series of "
+            f"{len(series.instances)} slices"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(names):
+        raise ValueError(
+            f"a {modality.value} label map must hold integers 0…{len(names) - 1}, got {labels.dtype} "
+            f"{labels.min()}…{labels.max()}"
+        )
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    # highdicom wants segment numbers 1…S without gaps; structures absent from the map get no segment.
+    renumber = np.zeros(len(names), dtype=np.uint8)
+    renumber[present] = np.arange(1, len(present) + 1)
+    sources, frames = _source_frames(series, renumber[labels])
+    descriptions = [_segment_description(number, names[value]) for number, value in enumerate(present, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="cspine",
+        software_versions=cspine.__version__,
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        series_description=SEG_SERIES_DESCRIPTION,
+        content_label="CSPINE",
+        content_description=f"cspine {modality.value} segmentation",
+    )
+    if "FrameOfReferenceUID" not in seg:
+        _fit_projection_source(seg, sources[0])
+    logger.info(
+        "DICOM SEG on the %s series: %d segments, %d frames", modality.value, len(descriptions), seg.NumberOfFrames
+    )
+    return seg
+
+
+def _source_frames(series: Series, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """The source images and the label map in their frame order: slice order for single-frame images, the
+    frame numbers of the one multi-frame instance otherwise."""
+    headers = list(series.headers)
+    if not headers:
+        raise ValueError(f"series {series.series_instance_uid} kept no headers to reference")
+    if all(ref.frame_number is None for ref in series.instances):
+        if len(headers) != labels.shape[0]:
+            raise ValueError(f"{len(headers)} headers for {labels.shape[0]} slices")
+        return headers, labels
+    if len(headers) != 1:
+        raise ValueError("a SEG can reference one multi-frame source instance, not several")
+    frames = np.zeros((int(headers[0].NumberOfFrames), *labels.shape[1:]), dtype=labels.dtype)
+    for k, ref in enumerate(series.instances):
+        frames[ref.frame_number - 1] = labels[k]
+    return headers, frames
+
+
+def _fit_projection_source(seg: hd.seg.Segmentation, source: Dataset) -> None:
+    """Patch a SEG of a radiograph (no frame of reference) where highdicom 0.28 leaves it short."""
+    # The General Image module needs PatientOrientation when no plane orientation places the frames.
+    if "PatientOrientation" in source:
+        seg.PatientOrientation = source.PatientOrientation
+    # highdicom writes a Pixel Measures item without SliceThickness here and then refuses to read its own
+    # output back; without a frame of reference the SEG does not need it (the frames lie on the source grid).
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+        del shared.PixelMeasuresSequence
+
+
+def _segment_description(number: int, structure: str) -> hd.seg.SegmentDescription:
+    code = SEGMENT_CODES.get(structure) or SegmentCode(
+        structure.replace("_", " ").capitalize(), _ANATOMY, codes.SCT.BodyStructure
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=code.label,
+        segmented_property_category=code.category,
+        segmented_property_type=code.type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=_algorithm_sequence(),
+        tracking_id=structure,
+        tracking_uid=hd.UID(),
+        anatomic_regions=[code.region] if code.region is not None else None,
+        display_color=hd.color.CIELabColor.from_rgb(*code.rgb),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# SR
+
+
+def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None = None) -> bytes:
+    """A Comprehensive 3D SR (TID 1500 measurement report) of the analysis, with the slices of every used
+    series (and the SEG, when given) as evidence."""
+    evidence = _evidence(analysis, chosen)
+    if seg is not None:
+        evidence.append(pydicom.dcmread(DicomBytesIO(seg), stop_before_pixels=True))
+    algorithm = hd.sr.AlgorithmIdentification(
+        name="cspine",
+        version=cspine.__version__,
+        parameters=[
+            f"prototype set version {analysis.prototype_set_version}",
+            *(f"model {m.name} version {m.version}" for m in analysis.models),
+        ],
+        family=codes.DCM.ArtificialIntelligence,
+        manufacturer=MANUFACTURER,
+    )
+    groups = [
+        *_lesion_groups(analysis, chosen, algorithm),
+        *(_assessment_group(f"{r.modality.value} assessment", r.assessment, algorithm) for r in analysis.modalities),
+        _assessment_group("Fused assessment", analysis.fused, algorithm),
+        *_spine_groups(analysis.spine),
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID,
+            name="cspine",
+            manufacturer_name=MANUFACTURER,
+            model_name="cspine",
+        ),
+    )
+    procedures = [PROCEDURE_CODES[r.modality] for r in analysis.modalities] or [codes.cid100.ImagingProcedure]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=list(dict.fromkeys(procedures)),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        coding_schemes=CODING_SCHEMES,
+    )
+    logger.info("DICOM SR: %d measurement groups, %d evidence instances", len(groups), len(evidence))
+    return _encode(sr)
+
+
+def _evidence(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> list[Dataset]:
+    """The headers of every series the analysis used, each instance once."""
+    evidence: dict[str, Dataset] = {}
+    for result in analysis.modalities:
+        for used in result.series:
+            series = chosen.get(used.role)
+            if series is None or series.series_instance_uid != used.series_instance_uid:
+                raise ValueError(f"the {used.role.value} series the analysis used is not the chosen one")
+            for header in series.headers:
+                evidence.setdefault(str(header.SOPInstanceUID), header)
+    return list(evidence.values())
+
+
+def _lesion_groups(
+    analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], algorithm: hd.sr.AlgorithmIdentification
+) -> Iterable[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    by_uid = {s.series_instance_uid: s for s in chosen.values()}
+    for result in analysis.modalities:
+        for number, lesion in enumerate(result.lesions, start=1):
+            yield _lesion_group(result, number, lesion, by_uid.get(lesion.series_instance_uid), algorithm)
+
+
+def _lesion_group(
+    result: ModalityResult,
+    number: int,
+    lesion: Lesion,
+    series: Series | None,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    measurements = [
+        hd.sr.Measurement(name=codes.SCT.Diameter, value=lesion.max_diameter_mm, unit=MM, derivation=codes.SCT.Maximum),
+        *_optional(codes.SCT.Volume, lesion.volume_ml, MILLILITER),
+        *_optional(codes.SCT.Area, lesion.area_mm2, MM2),
+        *(_assessment_measurements(lesion.assessment) if lesion.assessment is not None else ()),
+    ]
+    sources = _slices_through(series, lesion) if series is not None else []
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{result.modality.value} lesion {number}"
+        ),
+        finding_category=_ABNORMAL,
+        finding_type=codes.SCT.Neoplasm,
+        finding_sites=[hd.sr.FindingSite(_level_code(lesion.vertebral_level))],
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.Modality, MODALITY_CODES[result.modality])],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources] or None,
+    )
+
+
+def _slices_through(series: Series, lesion: Lesion) -> list[Dataset]:
+    """The source images that cut the lesion's box, so a viewer can jump to it; every image of a
+    radiograph or of a multi-frame series."""
+    volume = series.volume
+    if volume is None or volume.projection or len(series.headers) != len(series.instances):
+        return list(series.headers)
+    normal = volume.slice_direction
+    corners = np.array(list(itertools.product(*zip(lesion.bbox_min_mm, lesion.bbox_max_mm, strict=True))))
+    lo, hi = (corners @ normal).min(), (corners @ normal).max()
+    positions = volume.slice_positions() @ normal
+    half = volume.slice_spacing / 2
+    inside = np.flatnonzero((positions >= lo - half) & (positions <= hi + half))
+    return [series.headers[k] for k in inside]
+
+
+def _assessment_group(
+    identifier: str, assessment: Assessment, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+        finding_category=_ABNORMAL,
+        finding_type=codes.SCT.Neoplasm,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
+        algorithm_id=algorithm,
+        measurements=_assessment_measurements(assessment),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(codes.DCM.PresenceOfProperty, PRESENT_ABSENT[assessment.tumor_detected])
+        ],
+    )
+
+
+def _assessment_measurements(assessment: Assessment) -> list[hd.sr.Measurement]:
+    return [
+        hd.sr.Measurement(name=DETECTION_SCORE, value=assessment.detection_score, unit=RATIO),
+        *(
+            hd.sr.Measurement(name=_probability_code(p.label), value=p.probability, unit=RATIO)
+            for p in assessment.probabilities
+        ),
+        hd.sr.Measurement(name=UNCERTAINTY, value=assessment.uncertainty, unit=RATIO),
+    ]
+
+
+def _probability_code(label: str) -> Code:
+    """The private concept "Probability of <label>": class labels are data, so their codes are made."""
+    value = "P-" + "".join(c if c.isalnum() else "_" for c in label.upper())
+    return _private(value, f"Probability of {label}")
+
+
+def _spine_groups(spine: SpineMeasurements) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = [group for level in spine.levels for group in _level_groups(level)]
+    if spine.cobb_angle_deg is not None:
+        groups.append(
+            _group(
+                "Cobb angle C2-C7 (lordosis positive)",
+                None,
+                [codes.SCT.CervicalSpine],
+                [hd.sr.Measurement(name=codes.SCT.CobbAngle, value=spine.cobb_angle_deg, unit=DEGREE)],
+                spine.cobb_source,
+                category=None,
+            )
+        )
+    if spine.opll is not None:
+        opll = spine.opll
+        groups.append(
+            _group(
+                "OPLL",
+                codes.SCT.Ossification,
+                [_level_code(level) for level in opll.levels] or [codes.SCT.CervicalSpine],
+                [
+                    hd.sr.Measurement(name=OPLL_OCCUPYING_RATIO, value=opll.occupying_ratio, unit=RATIO),
+                    hd.sr.Measurement(name=OPLL_MAX_THICKNESS, value=opll.max_thickness_mm, unit=MM),
+                ],
+                Modality.CT,
+                category=_ABNORMAL,
+                evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.PresenceOfProperty, PRESENT_ABSENT[opll.present])],
+            )
+        )
+    return groups
+
+
+def _level_groups(m: LevelMeasurement) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One group per structure measured at a level: canal, cord, and the disc below it."""
+    site = [_level_code(m.level)]
+    groups = []
+    canal = _optional(codes.SCT.Area, m.canal_area_mm2, MM2)
+    if canal:
+        groups.append(_group(f"{m.level} spinal canal", codes.SCT.SpinalCanalStructure, site, canal, m.canal_source))
+    cord = [
+        *_optional(codes.SCT.Area, m.cord_area_mm2, MM2),
+        *_optional(CORD_COMPRESSION_RATIO, m.cord_compression_ratio, RATIO),
+    ]
+    if cord:
+        groups.append(_group(f"{m.level} spinal cord", codes.SCT.SpinalCord, site, cord, m.cord_source))
+    disc = _optional(codes.DCM.Height, m.disc_height_mm, MM)
+    if disc:
+        name, code = DISC_BELOW.get(m.level, (f"{m.level} lower", INTERVERTEBRAL_DISC))
+        groups.append(_group(f"{name} disc", code, [code], disc, m.disc_source))
+    return groups
+
+
+def _group(
+    identifier: str,
+    finding: Code | None,
+    sites: Sequence[Code],
+    measurements: list[hd.sr.Measurement],
+    source: Modality | None,
+    category: Code | None = _ANATOMY,
+    evaluations: Sequence[hd.sr.QualitativeEvaluation] = (),
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    evaluations = list(evaluations)
+    if source is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.Modality, MODALITY_CODES[source]))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+        finding_category=category,
+        finding_type=finding,
+        finding_sites=[hd.sr.FindingSite(site) for site in sites],
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+    )
+
+
+def _optional(name: Code, value: float | None, unit: Code) -> list[hd.sr.Measurement]:
+    return [] if value is None else [hd.sr.Measurement(name=name, value=float(value), unit=unit)]
+
+
+def _level_code(level: str) -> Code:
+    return LEVEL_CODES.get(level) or _private(f"LEVEL-{level}", f"{level} vertebra")
+
+
+def _encode(dataset: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading a report back
+
+
+def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
+    """The measurement groups of a cspine SR: ``{tracking identifier: {concept: value}}``.
+
+    A measurement gives its concept name's meaning and a float; a qualitative evaluation its name's and
+    its value's meanings (the group's "Finding category" comes back this way too). Each group also has
+    "Finding" (the finding type's meaning, when there is one), "Finding site" (the meanings of its finding
+    sites, joined by ", ") and, when the group names its algorithm, "Algorithm Parameters" (a tuple of
+    strings; one of them is "prototype set version <version>").
+    """
+    sr = hd.sr.srread(DicomBytesIO(data))
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    out: dict[str, dict[str, Any]] = {}
+    for group in report.get_image_measurement_groups():
+        values: dict[str, Any] = {}
+        if group.finding_type is not None:
+            values["Finding"] = group.finding_type.meaning
+        if group.finding_sites:
+            values["Finding site"] = ", ".join(site.value.meaning for site in group.finding_sites)
+        for measurement in group.get_measurements():
+            values[measurement.name.meaning] = float(measurement.value)
+        for evaluation in group.get_qualitative_evaluations():
+            values[evaluation.name.meaning] = evaluation.value.meaning
+        parameters = _algorithm_parameters(group)
+        if parameters:
+            values["Algorithm Parameters"] = parameters
+        out[group.tracking_identifier] = values
+    return out
+
+
+def _algorithm_parameters(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, ...]:
+    items = find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
+    return tuple(str(item.TextValue) for item in items)

@@ -1,0 +1,286 @@
+"""``cspine evaluate pipeline`` and ``cspine calibrate``: the whole pipeline on a held-out SYNTHETIC
+phantom cohort (DICOM → ingest → Triton → measurements → fusion), compared with each case's truth.json.
+
+Each case gives one record (JSON-able): per modality the largest lesion's size and level and its class
+probabilities, the fused assessment, the spine measurements, and stage times; ``metrics`` reduces the
+records to the figures the issue asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cspine.analysis.fusion import Calibration
+from cspine.dicom.ingest import ingest_paths
+from cspine.domain import MEASURED_LEVELS, StudyAnalysis
+from cspine.fewshot.prototypes import PrototypeSet, default_prototypes
+from cspine.inference.client import TritonClient
+from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from cspine.inference.specs import MODALITY_ORDER
+from cspine.phantom.generate import COHORT_FILE, PhantomOptions, generate_cohort
+from cspine.pipeline import STAGES, AnalysisOptions, analyze, model_versions
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_SEED = 9300  # disjoint from training (1…), model evaluation (9001, 9002), support (9200)
+CALIBRATION_SEED = 9400
+
+
+def ensure_cohort(folder: Path, cases: int, seed: int, workers: int, progress: bool) -> list[Path]:
+    """The SYNTHETIC cohort in ``folder`` (generated unless a cohort of this seed and size is there)."""
+    manifest = folder / COHORT_FILE
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        if data.get("seed") == seed and len(data.get("cases", [])) == cases:
+            return [folder / c["case_id"] for c in data["cases"]]
+    generate_cohort(folder, cases, seed, PhantomOptions(tumor="random"), workers=workers, progress=progress)
+    return [folder / f"case-{i + 1:04d}" for i in range(cases)]
+
+
+def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dict:
+    truth = json.loads((case_dir / "truth.json").read_text())
+    tumor = truth["tumor"]
+    modalities = {}
+    for modality in MODALITY_ORDER:
+        result = analysis.modality(modality)
+        lesion = result.lesions[0] if result and result.lesions else None
+        size = 0.0
+        if lesion is not None:
+            size = lesion.volume_ml if lesion.volume_ml is not None else (lesion.area_mm2 or 0.0) / 100.0
+        modalities[modality.value] = {
+            "analysed": result is not None,
+            "size": float(size),
+            "lesions": len(result.lesions) if result else 0,
+            "level": lesion.vertebral_level if lesion else None,
+            "diameter_mm": lesion.max_diameter_mm if lesion else None,
+            "probabilities": [p.probability for p in lesion.assessment.probabilities]
+            if lesion is not None and lesion.assessment is not None
+            else None,
+        }
+    primary = analysis.primary_lesion()
+    spine = analysis.spine
+    return {
+        "case_id": truth["case_id"],
+        "truth": {
+            "tumor": tumor is not None,
+            "class": tumor["class"] if tumor else None,
+            "level": tumor["primary_level"] if tumor else None,
+            "levels": tumor["levels"] if tumor else [],
+            "diameter_mm": tumor["max_diameter_mm"] if tumor else None,
+            "cobb_deg": truth["cobb_angle_c2_c7_deg"],
+            "canal_area_mm2": {n: truth["levels"][n]["canal_area_mm2"] for n in MEASURED_LEVELS},
+            "cord_area_mm2": {n: truth["levels"][n]["cord_area_mm2"] for n in MEASURED_LEVELS},
+            "disc_height_mm": {n: truth["levels"][n]["disc_height_mm"] for n in MEASURED_LEVELS},
+            "opll": truth["opll"]["present"],
+            "opll_ratio": truth["opll"]["occupying_ratio"],
+        },
+        "modalities": modalities,
+        "fused": {
+            "detected": analysis.fused.tumor_detected,
+            "score": analysis.fused.detection_score,
+            "probabilities": [p.probability for p in analysis.fused.probabilities],
+            "labels": [p.label for p in analysis.fused.probabilities],
+            "uncertainty": analysis.fused.uncertainty,
+        },
+        "primary": {
+            "level": primary.vertebral_level if primary else None,
+            "diameter_mm": primary.max_diameter_mm if primary else None,
+        },
+        "spine": {
+            "cobb_deg": spine.cobb_angle_deg,
+            "cobb_source": spine.cobb_source.value if spine.cobb_source else None,
+            "canal_area_mm2": {m.level: m.canal_area_mm2 for m in spine.levels},
+            "cord_area_mm2": {m.level: m.cord_area_mm2 for m in spine.levels},
+            "disc_height_mm": {m.level: m.disc_height_mm for m in spine.levels},
+            "opll": spine.opll.present if spine.opll else None,
+            "opll_ratio": spine.opll.occupying_ratio if spine.opll else None,
+        },
+        "stage_seconds": {"ingest": ingest_s, **analysis.stage_seconds},
+        "notices": [n.code.value for n in analysis.notices],
+    }
+
+
+async def run_cohort(
+    cases: list[Path],
+    triton_url: str,
+    prototypes: PrototypeSet,
+    calibration: Calibration,
+    models,
+    progress: bool = True,
+) -> list[dict]:
+    records = []
+    async with TritonClient(triton_url, timeout_s=120.0) as client:
+        await client.check_ready()
+        for case_dir in tqdm(cases, desc="pipeline", unit="study", disable=not progress):
+            start = time.perf_counter()
+            study = await asyncio.to_thread(
+                ingest_paths, [case_dir / f for f in ("ct", "mr", "xr") if (case_dir / f).exists()]
+            )
+            ingest_s = time.perf_counter() - start
+            analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models)
+            records.append(case_record(case_dir, analysis, round(ingest_s, 4)))
+    return records
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """ROC AUC: the chance a tumor study scores above a tumor-free one (ties count half)."""
+    if not len(positive) or not len(negative):
+        return None
+    wins = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    return round(float(wins / (len(positive) * len(negative))), 4)
+
+
+def _sensitivity_at(positive: np.ndarray, negative: np.ndarray, specificity: float) -> float | None:
+    """Sensitivity at the lowest threshold whose specificity on these studies reaches ``specificity``."""
+    if not len(positive) or not len(negative):
+        return None
+    for threshold in np.unique(np.concatenate([positive, negative, [np.inf]])):
+        if (negative < threshold).mean() >= specificity:
+            return round(float((positive >= threshold).mean()), 4)
+    return 0.0
+
+
+def metrics(records: list[dict]) -> dict:
+    """The issue's figures from pipeline records."""
+    tumor = [r for r in records if r["truth"]["tumor"]]
+    free = [r for r in records if not r["truth"]["tumor"]]
+    detected = [r for r in tumor if r["fused"]["detected"]]
+    size_errors = [
+        abs(r["primary"]["diameter_mm"] - r["truth"]["diameter_mm"]) for r in detected if r["primary"]["diameter_mm"]
+    ]
+    level_hits = [r["primary"]["level"] == r["truth"]["level"] for r in detected if r["primary"]["level"]]
+    cobb = [abs(r["spine"]["cobb_deg"] - r["truth"]["cobb_deg"]) for r in records if r["spine"]["cobb_deg"] is not None]
+    canal = [
+        100.0 * abs(r["spine"]["canal_area_mm2"][n] - r["truth"]["canal_area_mm2"][n]) / r["truth"]["canal_area_mm2"][n]
+        for r in records
+        for n in MEASURED_LEVELS
+        if r["spine"]["canal_area_mm2"].get(n) is not None
+    ]
+    cord = [
+        100.0 * abs(r["spine"]["cord_area_mm2"][n] - r["truth"]["cord_area_mm2"][n]) / r["truth"]["cord_area_mm2"][n]
+        for r in records
+        for n in MEASURED_LEVELS
+        if r["spine"]["cord_area_mm2"].get(n) is not None and r["truth"]["cord_area_mm2"][n] > 0
+    ]
+    disc = [
+        abs(r["spine"]["disc_height_mm"][n] - r["truth"]["disc_height_mm"][n])
+        for r in records
+        for n in MEASURED_LEVELS
+        if r["spine"]["disc_height_mm"].get(n) is not None
+    ]
+    opll = [r for r in records if r["spine"]["opll"] is not None]
+    opll_true = [r for r in opll if r["truth"]["opll"]]
+    classified = [r for r in detected if r["fused"]["probabilities"] and r["truth"]["class"]]
+    class_hits = [
+        r["fused"]["labels"][int(np.argmax(r["fused"]["probabilities"]))] == r["truth"]["class"] for r in classified
+    ]
+    per_modality = {}
+    for m in MODALITY_ORDER:
+        key = m.value
+        found = [r["modalities"][key]["size"] > 0 for r in tumor]
+        false = [r["modalities"][key]["size"] > 0 for r in free]
+        hits = [r["modalities"][key]["level"] == r["truth"]["level"] for r in tumor if r["modalities"][key]["level"]]
+        per_modality[key.lower()] = {
+            "lesion_found_in_tumor_studies": _mean(found),
+            "lesion_found_in_tumor_free_studies": _mean(false),
+            "level_accuracy": _mean(hits),
+        }
+    scores = np.array([r["fused"]["score"] for r in records])
+    has_tumor = np.array([r["truth"]["tumor"] for r in records])
+    stages = ["ingest", *STAGES, "total"]
+    return {
+        "synthetic": True,
+        "studies": len(records),
+        "studies_with_tumor": len(tumor),
+        "detection_sensitivity": round(len(detected) / len(tumor), 4) if tumor else None,
+        "detection_specificity": round(sum(not r["fused"]["detected"] for r in free) / len(free), 4) if free else None,
+        "detection_auc": _auc(scores[has_tumor], scores[~has_tumor]),
+        "sensitivity_at_specificity_0_90": _sensitivity_at(scores[has_tumor], scores[~has_tumor], 0.90),
+        "size_mae_mm": _mean(size_errors),
+        "size_bias_mm": _mean(
+            [r["primary"]["diameter_mm"] - r["truth"]["diameter_mm"] for r in detected if r["primary"]["diameter_mm"]]
+        ),
+        "level_accuracy": _mean(level_hits),
+        "classification_accuracy": _mean(class_hits),
+        "cobb_mae_deg": _mean(cobb),
+        "cobb_measured": len(cobb),
+        "canal_area_error_pct": _mean(canal),
+        "cord_area_error_pct": _mean(cord),
+        "disc_height_mae_mm": _mean(disc),
+        "opll_accuracy": _mean([r["spine"]["opll"] == r["truth"]["opll"] for r in opll]),
+        "opll_sensitivity": _mean([r["spine"]["opll"] for r in opll_true]),
+        "opll_ratio_mae": _mean([abs(r["spine"]["opll_ratio"] - r["truth"]["opll_ratio"]) for r in opll_true]),
+        "opll_studies": len(opll_true),
+        "per_modality": per_modality,
+        "stage_seconds": {s: _mean([r["stage_seconds"].get(s) for r in records]) for s in stages},
+    }
+
+
+@dataclass(frozen=True)
+class CohortRun:
+    cohort: Path
+    cases: int
+    seed: int
+    triton_url: str | None = None  # None: start the local Triton
+    workers: int = 1
+    progress: bool = True
+
+
+def evaluate(
+    run: CohortRun, calibration: Calibration | None = None, prototypes: PrototypeSet | None = None
+) -> list[dict]:
+    """Generate (or reuse) the cohort, start Triton unless a URL is given, and analyse every case."""
+    cases = ensure_cohort(run.cohort, run.cases, run.seed, run.workers, run.progress)
+    repository = default_repository()
+    calibration = calibration or Calibration.load(repository)
+    prototypes = prototypes or default_prototypes()
+    models = model_versions(repository)
+    with ExitStack() as stack:
+        url = run.triton_url
+        if url is None:
+            url = stack.enter_context(LocalTriton(repository, TritonPorts.free())).grpc_url
+        return asyncio.run(run_cohort(cases, url, prototypes, calibration, models, run.progress))
+
+
+def format_metrics(m: dict) -> str:
+    def f(value, unit="", digits=3):
+        return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+    lines = [
+        f"SYNTHETIC phantom cohort: {m['studies']} studies, {m['studies_with_tumor']} with a tumor",
+        f"  detection sensitivity {f(m['detection_sensitivity'])}  specificity {f(m['detection_specificity'])}"
+        "   (goal ≥ 0.95 at ≥ 0.90)",
+        f"  detection ROC AUC {f(m['detection_auc'])}   sensitivity at specificity ≥ 0.90: "
+        f"{f(m['sensitivity_at_specificity_0_90'])}",
+        f"  lesion size MAE {f(m['size_mae_mm'], ' mm', 2)} (goal ≤ 2 mm; bias {f(m['size_bias_mm'], ' mm', 2)})"
+        f"   level accuracy {f(m['level_accuracy'])}"
+        f"   class accuracy {f(m['classification_accuracy'])}",
+        f"  Cobb C2–C7 MAE {f(m['cobb_mae_deg'], '°', 2)} on {m['cobb_measured']} studies (goal ≤ 2.5°)",
+        f"  canal area error {f(m['canal_area_error_pct'], ' %', 1)}   cord area error "
+        f"{f(m['cord_area_error_pct'], ' %', 1)}   disc height MAE {f(m['disc_height_mae_mm'], ' mm', 2)}",
+        f"  OPLL accuracy {f(m['opll_accuracy'])}  sensitivity {f(m['opll_sensitivity'])} on {m['opll_studies']} "
+        f"OPLL studies, occupying-ratio MAE {f(m['opll_ratio_mae'])}",
+        "  per modality (lesion found in tumor / tumor-free studies, level accuracy):",
+    ]
+    for key, v in m["per_modality"].items():
+        lines.append(
+            f"    {key}: {f(v['lesion_found_in_tumor_studies'])} / {f(v['lesion_found_in_tumor_free_studies'])}, "
+            f"{f(v['level_accuracy'])}"
+        )
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in m["stage_seconds"].items() if v is not None)
+    lines.append(f"  mean seconds per stage: {stages}")
+    return "\n".join(lines)

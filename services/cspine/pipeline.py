@@ -1,0 +1,478 @@
+"""The study analysis pipeline (DESIGN.md §2): an ingested study in, a ``StudyAnalysis`` out.
+
+Per modality present: select series → preprocess → segmentation on Triton (all slices of a series in one
+batched call, modalities concurrently) → measurements → lesion ROIs → embedding + prototype classification
+on Triton (the ``lesion_classify`` ensemble) → fusion across modalities. CPU work runs in worker threads so
+the event loop (and a gRPC server on it) stays responsive. A modality that fails degrades the result with a
+notice; only when no modality is left does the study fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cspine.analysis import alignment
+from cspine.analysis.canal import OPLL_MIN_MM, canal_section, opll_section
+from cspine.analysis.discs import disc_height
+from cspine.analysis.fusion import Calibration, assess, detection_logit, normalised_entropy
+from cspine.analysis.lesions import clean_tumor_labels, measure_lesions, split_above_c2
+from cspine.analysis.levels import SpineFrame, frame_from_discs, frame_from_radiograph
+from cspine.analysis.masks import LabelMasks, largest_component
+from cspine.dicom.selection import select_series
+from cspine.domain import (
+    MEASURED_LEVELS,
+    VERTEBRAL_LEVELS,
+    Assessment,
+    ClassProbability,
+    LevelMeasurement,
+    Modality,
+    ModalityResult,
+    ModelVersion,
+    Notice,
+    NoticeCode,
+    OpllMeasurement,
+    Series,
+    SeriesRole,
+    SeriesUsed,
+    SpineMeasurements,
+    Study,
+    StudyAnalysis,
+    Volume,
+)
+from cspine.errors import CspineError, DeadlineExceededError, InvalidInputError, TritonUnavailableError
+from cspine.fewshot.prototypes import PrototypeSet
+from cspine.imaging.roi import lesion_roi, modality_one_hot
+from cspine.imaging.seg_input import seg_inputs, to_source
+from cspine.inference.client import TritonClient
+from cspine.inference.specs import LESION_CLASSIFY, MAX_EMBEDDINGS, MODELS, SEG_LABELS, seg_spec
+
+logger = logging.getLogger(__name__)
+
+# The series each modality segments, the one its measurements are made on first.
+SEG_ROLES: dict[Modality, tuple[SeriesRole, ...]] = {
+    Modality.CT: (SeriesRole.CT,),
+    Modality.MR: (SeriesRole.MR_T2, SeriesRole.MR_T1),
+    Modality.XR: (SeriesRole.XR,),
+}
+# Which modality measures what best, in order of preference.
+CANAL_SOURCES = (Modality.CT, Modality.MR)  # CT: the bony canal's edge is sharp; MR: 3 mm sagittal slices
+CORD_SOURCES = (Modality.MR,)  # only MR tells cord from CSF
+DISC_SOURCES = (Modality.MR, Modality.CT, Modality.XR)  # MR: the disc axis lies in its fine sagittal plane
+STAGES = ("select", "preprocess", "segment", "measure", "classify", "fuse", "dicom")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    return_dicom_seg: bool = False
+    return_dicom_sr: bool = False
+    modalities: frozenset[Modality] | None = None  # analyse only these (None: every modality present)
+    deadline_s: float | None = None  # time left for the whole analysis
+
+
+@dataclass
+class _Timer:
+    """Seconds spent per stage, summed over modalities (work time, not wall time, when they overlap)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class _Measured:
+    """One modality's result and what it measured for the spine."""
+
+    result: ModalityResult
+    size: float  # largest lesion: mL (CT, MR) or cm² (radiograph); 0 when none
+    probabilities: np.ndarray | None
+    levels: dict[str, LevelMeasurement]
+    cobb: float | None = None
+    opll: OpllMeasurement | None = None
+    notices: list[Notice] = field(default_factory=list)
+
+
+def model_versions(repository: Path) -> list[ModelVersion]:
+    """Each served model's version: Triton's version folder and the ONNX file's SHA-256 prefix."""
+    out = []
+    for name in MODELS:
+        path = repository / name / "1" / "model.onnx"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "missing"
+        out.append(ModelVersion(name, f"1 (sha256:{digest})"))
+    return out
+
+
+class Deadline:
+    def __init__(self, seconds: float | None) -> None:
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError("the deadline passed during the analysis")
+        return left
+
+
+async def analyze(
+    study: Study,
+    triton: TritonClient,
+    prototypes: PrototypeSet,
+    calibration: Calibration,
+    options: AnalysisOptions = AnalysisOptions(),
+    models: list[ModelVersion] | None = None,
+) -> StudyAnalysis:
+    """Analyse an ingested study; raises ``InvalidInputError`` when no modality can be analysed."""
+    timer = _Timer()
+    deadline = Deadline(options.deadline_s)
+    start = time.perf_counter()
+    with timer.stage("select"):
+        selection = select_series(study)
+    chosen = selection.chosen
+    notices = list(study.notices) + list(selection.notices)
+    wanted = [
+        m
+        for m in (Modality.CT, Modality.MR, Modality.XR)
+        if any(r in chosen for r in SEG_ROLES[m]) and (options.modalities is None or m in options.modalities)
+    ]
+    if not wanted:
+        raise InvalidInputError("the study holds no usable axial CT, sagittal MR or lateral radiograph series")
+    outcomes = await asyncio.gather(
+        *(_analyse_modality(m, chosen, triton, prototypes, calibration, deadline, timer) for m in wanted),
+        return_exceptions=True,
+    )
+    measured: dict[Modality, _Measured] = {}
+    for modality, outcome in zip(wanted, outcomes, strict=True):
+        if isinstance(outcome, (DeadlineExceededError, TritonUnavailableError)):
+            raise outcome  # the service, not the images, failed: nothing partial is worth returning
+        if isinstance(outcome, BaseException):
+            reason = str(outcome) if isinstance(outcome, CspineError) else "an internal error"
+            if not isinstance(outcome, CspineError):
+                logger.error("%s analysis failed", modality.value, exc_info=outcome)
+            notices.append(Notice(NoticeCode.MODALITY_FAILED, f"{modality.value} could not be analysed: {reason}"))
+            continue
+        measured[modality] = outcome
+        notices.extend(outcome.notices)
+    if not measured:
+        raise InvalidInputError(
+            "no modality of the study could be analysed: " + "; ".join(n.message for n in notices[-len(wanted) :])
+        )
+
+    with timer.stage("fuse"):
+        fused = assess(
+            {m: r.size for m, r in measured.items()},
+            {m: r.probabilities for m, r in measured.items() if r.probabilities is not None},
+            prototypes.labels,
+            calibration,
+        )
+        spine = _spine(measured, notices)
+    analysis = StudyAnalysis(
+        study_instance_uid=study.study_instance_uid,
+        modalities=[measured[m].result for m in measured],
+        fused=fused,
+        spine=spine,
+        prototype_set_version=prototypes.version,
+        models=list(models or []),
+        notices=notices,
+    )
+    if options.return_dicom_seg or options.return_dicom_sr:
+        with timer.stage("dicom"):
+            await asyncio.to_thread(_dicom_outputs, analysis, chosen, options)
+    analysis.stage_seconds = {name: round(timer.seconds.get(name, 0.0), 4) for name in STAGES}
+    analysis.stage_seconds["total"] = round(time.perf_counter() - start, 4)
+    return analysis
+
+
+def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], options: AnalysisOptions) -> None:
+    from cspine.dicom.outputs import build_seg, build_sr
+
+    seg = build_seg(analysis, chosen)
+    if options.return_dicom_seg:
+        analysis.dicom_seg = seg
+    if options.return_dicom_sr:
+        analysis.dicom_sr = build_sr(analysis, chosen, seg)
+
+
+async def _analyse_modality(
+    modality: Modality,
+    chosen: Mapping[SeriesRole, Series],
+    triton: TritonClient,
+    prototypes: PrototypeSet,
+    calibration: Calibration,
+    deadline: Deadline,
+    timer: _Timer,
+) -> _Measured:
+    roles = [r for r in SEG_ROLES[modality] if r in chosen]
+    volumes = {r: chosen[r].volume for r in roles}
+    spec = seg_spec(modality)
+
+    async def segment(role: SeriesRole) -> np.ndarray:
+        with timer.stage("preprocess"):
+            inputs, grid = await asyncio.to_thread(seg_inputs, modality, volumes[role])
+        with timer.stage("segment"):
+            out = await triton.infer(spec, {"image": inputs}, deadline_s=deadline.left())
+        with timer.stage("measure"):
+            labels = to_source(out["labels"], grid)
+            tumor = SEG_LABELS[modality].index("tumor")
+            return clean_tumor_labels(labels, tumor, volumes[role].spacing, volumes[role].projection)
+
+    label_maps = dict(zip(roles, await asyncio.gather(*(segment(r) for r in roles)), strict=True))
+    with timer.stage("measure"):
+        main = roles[0]
+        lesion_mask = _lesion_mask(modality, label_maps, volumes)
+        frame, levels, cobb, opll = await asyncio.to_thread(_measure_spine, modality, label_maps[main], volumes[main])
+        lesions = await asyncio.to_thread(
+            measure_lesions, lesion_mask, volumes[main], frame, chosen[main].series_instance_uid
+        )
+        lesions, above = split_above_c2(lesions, frame)
+    notices = [
+        Notice(
+            NoticeCode.OUTSIDE_ANALYSED_LEVELS,
+            f"{modality.value}: a finding of {lesion.max_diameter_mm:.0f} mm above the C2 body (dens, C1 or skull "
+            "base) was not counted: cspine analyses C2 to T1",
+            chosen[main].series_instance_uid,
+        )
+        for lesion in above
+    ]
+    probabilities = None
+    if lesions and modality in prototypes.prototypes:
+        lesions, probabilities = await _classify(modality, lesions, volumes, triton, prototypes, deadline, timer)
+    size = _size(lesions[0]) if lesions else 0.0
+    score = float(1.0 / (1.0 + np.exp(-detection_logit(modality, size, calibration))))
+    assessment = Assessment(tumor_detected=score >= 0.5, detection_score=round(score, 4))
+    if lesions and lesions[0].assessment is not None:
+        assessment = _with_detection(lesions[0].assessment, score)
+    series = tuple(
+        SeriesUsed(r, chosen[r].series_instance_uid, chosen[r].description, volumes[r].shape[0]) for r in roles
+    )
+    result = ModalityResult(modality, series, lesions, assessment, label_maps)
+    return _Measured(result, size, probabilities, levels, cobb, opll, notices)
+
+
+def _with_detection(assessment: Assessment, score: float) -> Assessment:
+    return Assessment(score >= 0.5, round(score, 4), assessment.probabilities, assessment.uncertainty)
+
+
+def _size(lesion) -> float:
+    """A lesion's size for detection: mL, or cm² on a radiograph."""
+    return float(lesion.volume_ml) if lesion.volume_ml is not None else float(lesion.area_mm2 or 0.0) / 100.0
+
+
+def _lesion_mask(
+    modality: Modality, label_maps: dict[SeriesRole, np.ndarray], volumes: dict[SeriesRole, Volume]
+) -> np.ndarray:
+    """The tumor mask lesions are measured on: the first role's, joined with the other MR contrast's when
+    both lie on the same grid (a lesion bright on T2 may be faint on T1 and the other way round)."""
+    tumor = SEG_LABELS[modality].index("tumor")
+    roles = list(label_maps)
+    mask = label_maps[roles[0]] == tumor
+    for role in roles[1:]:
+        if _same_grid(volumes[roles[0]], volumes[role]):
+            mask = mask | (label_maps[role] == tumor)
+    return mask
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return (
+        a.shape == b.shape
+        and np.allclose(a.origin, b.origin, atol=0.01)
+        and np.allclose(a.row_direction, b.row_direction, atol=1e-4)
+        and np.allclose(a.column_direction, b.column_direction, atol=1e-4)
+        and np.allclose(a.pixel_spacing, b.pixel_spacing, atol=1e-4)
+        and np.allclose(a.slice_offsets, b.slice_offsets, atol=0.01)
+    )
+
+
+async def _classify(modality, lesions, volumes, triton, prototypes, deadline, timer):
+    """Embed the lesions (largest first, at most MAX_EMBEDDINGS) and classify them against the modality's
+    prototypes in one ``lesion_classify`` call; returns the lesions with their assessments and the
+    probabilities of the largest."""
+    lesions = lesions[:MAX_EMBEDDINGS]
+    with timer.stage("preprocess"):
+        rois = await asyncio.to_thread(
+            lambda: np.stack([lesion_roi(modality, volumes, np.array(lesion.centre_mm)) for lesion in lesions])
+        )
+    onehot = np.tile(modality_one_hot(modality), (len(lesions), 1))
+    with timer.stage("classify"):
+        out = await triton.infer(
+            LESION_CLASSIFY,
+            {"roi": rois.astype(np.float32), "modality": onehot, "prototypes": prototypes.prototypes[modality]},
+            deadline_s=deadline.left(),
+        )
+    classified = []
+    for lesion, emb, probs in zip(lesions, out["embedding"], out["probabilities"], strict=True):
+        assessment = Assessment(
+            tumor_detected=True,
+            detection_score=1.0,
+            probabilities=tuple(
+                ClassProbability(label, float(p)) for label, p in zip(prototypes.labels, probs, strict=True)
+            ),
+            uncertainty=round(normalised_entropy(probs), 4),
+        )
+        classified.append(dataclasses.replace(lesion, assessment=assessment, embedding=emb.copy()))
+    return classified, out["probabilities"][0].astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Spine measurements per modality, then the best source for each
+
+
+_CANAL_LABELS = {Modality.CT: ("canal",), Modality.MR: ("csf", "cord")}
+_CORD_LABEL = {Modality.MR: "cord"}
+
+
+def _measure_spine(modality: Modality, labels: np.ndarray, volume: Volume):
+    names = SEG_LABELS[modality]
+    levels: dict[str, LevelMeasurement] = {}
+    cobb = None
+    opll = None
+    if modality is Modality.XR:
+        frame = frame_from_radiograph(labels, volume)
+        if frame is not None:
+            cobb = _xr_cobb(labels, volume)
+            levels = _xr_discs(labels, volume, frame)
+        return frame, levels, cobb, opll
+    frame = frame_from_discs(labels, volume, names.index("disc"), names.index("vertebral_body"))
+    if frame is None:
+        return None, levels, cobb, opll
+    masks = LabelMasks(labels, volume)
+    canal = tuple(names.index(n) for n in _CANAL_LABELS[modality])
+    cord = names.index(_CORD_LABEL[modality]) if modality in _CORD_LABEL else None
+    opll_levels: dict[str, float] = {}
+    opll_ratio: dict[str, float] = {}
+    for name in MEASURED_LEVELS:
+        level = frame.levels.get(name)
+        if level is None:
+            continue
+        section = canal_section(masks, level, canal, cord)
+        disc = frame.discs.get(name)
+        height = None
+        if disc is not None and disc.found:
+            across = np.cross(disc.axis, np.array([0.0, 1.0, 0.0]))
+            across = across / max(np.linalg.norm(across), 1e-9)
+            height = disc_height(masks, disc.centre, disc.axis, names.index("disc"), across)
+        levels[name] = LevelMeasurement(
+            level=name,
+            canal_area_mm2=section.canal_area_mm2 if section else None,
+            cord_area_mm2=section.cord_area_mm2 if section else None,
+            cord_compression_ratio=section.cord_compression_ratio if section else None,
+            disc_height_mm=height,
+            canal_source=modality if section else None,
+            cord_source=modality if section and section.cord_area_mm2 is not None else None,
+            disc_source=modality if height is not None else None,
+        )
+        if modality is Modality.CT:
+            found = opll_section(masks, volume, level, canal[0])
+            if found is not None:
+                opll_levels[name], opll_ratio[name] = found.thickness_mm, found.occupying_ratio
+    if modality is Modality.CT and opll_levels:
+        worst = max(opll_levels, key=opll_levels.get)
+        present = opll_levels[worst] >= OPLL_MIN_MM
+        opll = OpllMeasurement(
+            present=present,
+            occupying_ratio=opll_ratio[worst] if present else 0.0,
+            max_thickness_mm=opll_levels[worst] if present else 0.0,
+            levels=tuple(n for n in MEASURED_LEVELS if opll_levels.get(n, 0.0) >= OPLL_MIN_MM),
+        )
+    if modality is Modality.MR:
+        cobb = _mr_cobb(labels, volume, frame, names)
+    return frame, levels, cobb, opll
+
+
+def _xr_cobb(labels: np.ndarray, volume: Volume) -> float | None:
+    names = SEG_LABELS[Modality.XR]
+    points = {}
+    for level in ("c2", "c7"):
+        rc = np.argwhere(largest_component(labels[0] == names.index(f"{level}_body")))
+        if len(rc) < 30:
+            return None
+        pts = volume.index_to_patient(np.column_stack([np.zeros(len(rc)), rc]))
+        points[level] = pts[:, 1:3]
+    return alignment.cobb_angle(points["c2"], points["c7"])
+
+
+def _mr_cobb(labels: np.ndarray, volume: Volume, frame: SpineFrame, names: tuple[str, ...]) -> float | None:
+    """Cobb angle on the mid-sagittal MR slice: the one crossing the most cord."""
+    cord = labels == names.index("cord")
+    if not cord.any():
+        return None
+    k = int(np.argmax(cord.sum(axis=(1, 2))))
+    body = np.argwhere(labels[k] == names.index("vertebral_body"))
+    if not len(body):
+        return None
+    pts = volume.index_to_patient(np.column_stack([np.full(len(body), k), body]))
+    slab = frame.level_index(pts)
+    c2 = pts[slab == VERTEBRAL_LEVELS.index("C2")][:, 1:3]
+    c7 = pts[slab == VERTEBRAL_LEVELS.index("C7")][:, 1:3]
+    return alignment.cobb_angle(c2, c7)
+
+
+def _xr_discs(labels: np.ndarray, volume: Volume, frame: SpineFrame) -> dict[str, LevelMeasurement]:
+    """Disc heights on the radiograph: along the line between neighbouring body centres."""
+    disc = SEG_LABELS[Modality.XR].index("disc")
+    masks = LabelMasks(labels, volume)
+    out = {}
+    names = [n for n in MEASURED_LEVELS if n in frame.levels]
+    normal = np.cross(volume.row_direction, volume.column_direction)
+    for upper, lower in zip(names, names[1:], strict=False):
+        a, b = frame.levels[upper].centre, frame.levels[lower].centre
+        axis = (a - b) / np.linalg.norm(a - b)
+        across = np.cross(normal, axis)
+        height = disc_height(masks, (a + b) / 2, axis, disc, across)
+        if height is not None:
+            out[upper] = LevelMeasurement(level=upper, disc_height_mm=height, disc_source=Modality.XR)
+    return out
+
+
+def _spine(measured: dict[Modality, _Measured], notices: list[Notice]) -> SpineMeasurements:
+    levels = []
+    for name in MEASURED_LEVELS:
+        canal = _first(measured, CANAL_SOURCES, name, "canal_area_mm2")
+        cord = _first(measured, CORD_SOURCES, name, "cord_area_mm2")
+        disc = _first(measured, DISC_SOURCES, name, "disc_height_mm")
+        levels.append(
+            LevelMeasurement(
+                level=name,
+                canal_area_mm2=canal.canal_area_mm2 if canal else None,
+                cord_area_mm2=cord.cord_area_mm2 if cord else None,
+                cord_compression_ratio=cord.cord_compression_ratio if cord else None,
+                disc_height_mm=disc.disc_height_mm if disc else None,
+                canal_source=canal.canal_source if canal else None,
+                cord_source=cord.cord_source if cord else None,
+                disc_source=disc.disc_source if disc else None,
+            )
+        )
+    cobb, cobb_source = None, None
+    for modality in (Modality.XR, Modality.MR):
+        if modality in measured and measured[modality].cobb is not None:
+            cobb, cobb_source = measured[modality].cobb, modality
+            break
+    if cobb is None and (Modality.XR in measured or Modality.MR in measured):
+        notices.append(Notice(NoticeCode.MEASUREMENT_UNAVAILABLE, "the C2–C7 Cobb angle could not be measured"))
+    opll = measured[Modality.CT].opll if Modality.CT in measured else None
+    return SpineMeasurements(levels=levels, cobb_angle_deg=cobb, cobb_source=cobb_source, opll=opll)
+
+
+def _first(measured: dict[Modality, _Measured], sources: tuple[Modality, ...], level: str, attribute: str):
+    for modality in sources:
+        found = measured.get(modality)
+        if found is not None and level in found.levels and getattr(found.levels[level], attribute) is not None:
+            return found.levels[level]
+    return None

@@ -1,0 +1,379 @@
+"""Measurements against analytic shapes and against the SYNTHETIC phantom's truth; fusion with every subset
+of modalities. No Triton here: label maps are drawn by code or come from the phantom."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from cspine.analysis.alignment import cobb_angle, endplate_tilt, wall_tilt
+from cspine.analysis.canal import canal_section
+from cspine.analysis.discs import disc_height
+from cspine.analysis.fusion import Calibration, DetectionCurve, assess, normalised_entropy, pool
+from cspine.analysis.lesions import measure_lesions
+from cspine.analysis.levels import LevelFrame, frame_from_discs, frame_from_radiograph
+from cspine.analysis.masks import LabelMasks
+from cspine.dicom.ingest import ingest_paths
+from cspine.dicom.selection import select_series
+from cspine.domain import MEASURED_LEVELS, Modality, SeriesRole, Volume
+from cspine.fewshot.prototypes import PrototypeSet, SupportSet
+from cspine.inference.local_triton import default_repository
+from cspine.inference.specs import SEG_LABELS
+from cspine.modeling.data import model_labels
+
+
+def axial_volume(voxels: np.ndarray, spacing: tuple[float, float, float]) -> Volume:
+    """[K, R, C] axial slices going up (+z), rows toward posterior, columns toward the left."""
+    k = voxels.shape[0]
+    return Volume(
+        voxels=voxels,
+        origin=np.zeros(3),
+        row_direction=np.array([1.0, 0.0, 0.0]),
+        column_direction=np.array([0.0, 1.0, 0.0]),
+        pixel_spacing=(spacing[1], spacing[2]),
+        slice_offsets=np.arange(k) * spacing[0],
+    )
+
+
+def grid_points(volume: Volume) -> np.ndarray:
+    k, r, c = volume.shape
+    kij = np.stack(np.meshgrid(np.arange(k), np.arange(r), np.arange(c), indexing="ij"), axis=-1).reshape(-1, 3)
+    return volume.index_to_patient(kij).reshape(k, r, c, 3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Analytic shapes
+
+
+def test_canal_area_of_a_cylinder_is_pi_r_squared_and_cord_ratio_is_its_axis_ratio():
+    volume = axial_volume(np.zeros((40, 120, 120), dtype=np.float32), (1.0, 0.5, 0.5))
+    p = grid_points(volume)
+    centre = np.array([30.0, 30.0, 0.0])
+    d = p - centre
+    canal = (d[..., 0] ** 2 + d[..., 1] ** 2) <= 8.0**2
+    cord = (d[..., 0] / 5.0) ** 2 + (d[..., 1] / 3.0) ** 2 <= 1.0  # LR 10 mm, AP 6 mm
+    labels = np.where(cord, 2, np.where(canal, 1, 0)).astype(np.uint8)
+    level = LevelFrame("C4", centre + np.array([0.0, -17.0, 20.0]), np.array([0.0, 0.0, 1.0]))
+    section = canal_section(LabelMasks(labels, volume), level, canal=(1, 2), cord=2)
+    assert section.canal_area_mm2 == pytest.approx(np.pi * 64, rel=0.03)
+    assert section.cord_area_mm2 == pytest.approx(np.pi * 15, rel=0.06)
+    assert section.cord_compression_ratio == pytest.approx(0.6, abs=0.05)
+
+
+def test_canal_area_of_a_tilted_cylinder_is_measured_across_its_axis():
+    volume = axial_volume(np.zeros((60, 120, 120), dtype=np.float32), (0.5, 0.5, 0.5))
+    p = grid_points(volume)
+    axis = np.array([0.0, np.sin(np.radians(20)), np.cos(np.radians(20))])
+    centre = np.array([30.0, 30.0, 15.0])
+    d = p - centre
+    radial = d - (d @ axis)[..., None] * axis
+    labels = (np.linalg.norm(radial, axis=-1) <= 7.0).astype(np.uint8)
+    v = np.array([0.0, 1.0, 0.0]) - axis * axis[1]
+    level = LevelFrame("C5", centre - 17.0 * v / np.linalg.norm(v), axis)
+    section = canal_section(LabelMasks(labels, volume), level, canal=(1,), cord=None)
+    assert section.canal_area_mm2 == pytest.approx(np.pi * 49, rel=0.04)
+    assert section.cord_area_mm2 is None
+
+
+def test_disc_height_of_a_slab_is_its_thickness():
+    volume = axial_volume(np.zeros((40, 60, 60), dtype=np.float32), (0.5, 0.5, 0.5))
+    z = grid_points(volume)[..., 2]
+    labels = ((z >= 8.0) & (z <= 13.0)).astype(np.uint8)  # 5 mm of voxel centres, 5.5 mm of voxels
+    height = disc_height(
+        LabelMasks(labels, volume), np.array([15.0, 15.0, 10.5]), np.array([0.0, 0.0, 1.0]), 1, np.array([1.0, 0, 0])
+    )
+    assert height == pytest.approx(5.5, abs=0.3)
+
+
+def _rectangle(angle_deg: float, width: float = 16.0, height: float = 14.0, step: float = 0.25) -> np.ndarray:
+    """Points (posterior, superior) of a body leaning forward by ``angle_deg``, drawn on a pixel grid."""
+    ys, zs = np.meshgrid(np.arange(-20, 20, step), np.arange(-20, 20, step))
+    t = np.radians(angle_deg)
+    # body frame: endplate direction e = (cos t, sin t); axis w = (-sin t, cos t) (leans anterior, −y)
+    u = ys * np.cos(t) + zs * np.sin(t)
+    w = -ys * np.sin(t) + zs * np.cos(t)
+    inside = (np.abs(u) <= width / 2) & (np.abs(w) <= height / 2)
+    return np.column_stack([ys[inside], zs[inside]])
+
+
+@pytest.mark.parametrize("angle", [-12.0, 0.0, 7.5, 20.0])
+def test_endplate_tilt_of_a_rectangle_is_its_angle(angle):
+    points = _rectangle(angle)
+    assert endplate_tilt(points, inferior=True) == pytest.approx(angle, abs=0.6)
+    assert endplate_tilt(points, inferior=False) == pytest.approx(angle, abs=0.6)
+
+
+def test_cobb_angle_is_the_difference_of_the_c7_and_c2_tilts():
+    assert cobb_angle(_rectangle(-5.0), _rectangle(17.0)) == pytest.approx(22.0, abs=1.0)
+
+
+def test_endplate_tilt_ignores_stray_pixels_below_the_body():
+    points = _rectangle(6.0)
+    stray = np.column_stack([np.linspace(-6, -2, 30), np.full(30, -14.0)])  # a neighbour's pixels
+    assert endplate_tilt(np.concatenate([points, stray]), inferior=True) == pytest.approx(6.0, abs=0.8)
+
+
+def _stack(missing: int | None = None):
+    """A straight synthetic spine on an axial grid: bodies 14 mm tall, discs 5 mm, C2 at the top."""
+    volume = axial_volume(np.zeros((150, 60, 60), dtype=np.float32), (1.0, 0.5, 0.5))
+    z = grid_points(volume)[..., 2]
+    xy = grid_points(volume)[..., :2]
+    inside = np.linalg.norm(xy - 15.0, axis=-1) <= 8.0
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    top = 140.0
+    disc_centres = []
+    for i in range(7):  # bodies C2 … T1 and the discs below C2 … C7
+        body_hi = top - i * 19.0
+        labels[inside & (z <= body_hi) & (z > body_hi - 14.0)] = 1
+        if i < 6:
+            disc_hi = body_hi - 14.0
+            disc_centres.append(disc_hi - 2.5)
+            if i != missing:
+                labels[inside & (z <= disc_hi) & (z > disc_hi - 5.0)] = 3
+    return volume, labels, disc_centres
+
+
+def test_levels_are_counted_from_the_uppermost_disc():
+    volume, labels, discs = _stack()
+    frame = frame_from_discs(labels, volume, disc=3, body=1)
+    assert list(frame.discs) == list(MEASURED_LEVELS)
+    for name, z in zip(MEASURED_LEVELS, discs, strict=True):
+        assert frame.discs[name].centre[2] == pytest.approx(z, abs=0.6)
+    assert frame.levels_of(np.array([[15.0, 15.0, discs[2] + 8.0]]))[0] == "C4"
+    assert frame.levels_of(np.array([[15.0, 15.0, discs[5] - 8.0]]))[0] == "T1"
+
+
+def test_a_disc_the_segmentation_lost_is_put_back_in_the_gap():
+    volume, labels, discs = _stack(missing=2)
+    frame = frame_from_discs(labels, volume, disc=3, body=1)
+    assert list(frame.discs) == list(MEASURED_LEVELS)
+    assert not frame.discs["C4"].found
+    assert frame.discs["C4"].centre[2] == pytest.approx(discs[2], abs=1.0)
+    assert frame.levels_of(np.array([[15.0, 15.0, discs[4] + 8.0]]))[0] == "C6"
+
+
+def test_lesion_measurements_of_a_sphere():
+    volume, labels, discs = _stack()
+    frame = frame_from_discs(labels, volume, disc=3, body=1)
+    centre = np.array([15.0, 15.0, discs[1] - 9.5])  # in the middle of C4's body
+    d = np.linalg.norm(grid_points(volume) - centre, axis=-1)
+    lesions = measure_lesions(d <= 6.0, volume, frame, "1.2.3")
+    assert len(lesions) == 1
+    lesion = lesions[0]
+    assert lesion.vertebral_level == "C4" and lesion.levels == ("C4",)
+    assert lesion.volume_ml == pytest.approx(4 / 3 * np.pi * 6.0**3 / 1000, rel=0.08)
+    assert lesion.max_diameter_mm == pytest.approx(12.0, abs=1.2)
+    assert np.allclose(lesion.centre_mm, centre, atol=0.3)
+    assert np.all(np.array(lesion.bbox_min_mm) <= centre - 5.5) and np.all(np.array(lesion.bbox_max_mm) >= centre + 5.5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fusion
+
+
+LABELS = ("benign", "borderline", "malignant")
+PROBS = {
+    Modality.CT: np.array([0.2, 0.3, 0.5]),
+    Modality.MR: np.array([0.1, 0.2, 0.7]),
+    Modality.XR: np.array([0.5, 0.3, 0.2]),
+}
+
+
+def _calibration(weights=(1.0, 1.0, 0.5)) -> Calibration:
+    return Calibration(
+        detection={m: DetectionCurve(-3.0, 8.0) for m in Modality},
+        detection_weights=dict(zip(Modality, (1.0, 0.8, 0.3), strict=True)),
+        classification_weights=dict(zip(Modality, weights, strict=True)),
+    )
+
+
+@pytest.mark.parametrize(
+    "subset", [s for n in (1, 2, 3) for s in itertools.combinations((Modality.CT, Modality.MR, Modality.XR), n)]
+)
+def test_fusion_works_with_every_subset_of_modalities(subset):
+    sizes = {m: 2.0 for m in subset}
+    fused = assess(sizes, {m: PROBS[m] for m in subset}, LABELS, _calibration())
+    assert sum(p.probability for p in fused.probabilities) == pytest.approx(1.0, abs=1e-9)
+    assert fused.tumor_detected and 0.5 < fused.detection_score <= 1.0
+    assert 0.0 <= fused.uncertainty <= 1.0
+    if subset == (Modality.XR,):
+        assert fused.label == "benign"
+    if Modality.MR in subset:
+        assert fused.label == "malignant"
+
+
+def test_fusion_weights_follow_the_calibration():
+    heavy_xr = pool(PROBS, dict(zip(Modality, (0.1, 0.1, 5.0), strict=True)))
+    assert np.argmax(heavy_xr) == 0
+    expected = np.exp(np.log(PROBS[Modality.CT]) + np.log(PROBS[Modality.MR]) + 0.5 * np.log(PROBS[Modality.XR]))
+    assert np.allclose(pool(PROBS, _calibration().classification_weights), expected / expected.sum())
+
+
+def test_more_agreeing_modalities_give_a_more_certain_answer():
+    one = assess({Modality.MR: 2.0}, {Modality.MR: PROBS[Modality.MR]}, LABELS, _calibration())
+    two = assess(
+        {Modality.MR: 2.0, Modality.CT: 2.0},
+        {Modality.MR: PROBS[Modality.MR], Modality.CT: PROBS[Modality.CT]},
+        LABELS,
+        _calibration(),
+    )
+    assert two.uncertainty < one.uncertainty
+
+
+def test_detection_without_any_lesion_is_negative_and_has_no_probabilities():
+    fused = assess({Modality.CT: 0.0, Modality.MR: 0.0}, {}, LABELS, _calibration())
+    assert not fused.tumor_detected and fused.detection_score < 0.1
+    assert fused.probabilities == () and fused.label is None
+
+
+def test_calibration_round_trips_through_json(tmp_path):
+    calibration = _calibration()
+    calibration.save(tmp_path)
+    assert Calibration.load(tmp_path) == calibration
+
+
+def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
+    assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
+    assert normalised_entropy(np.ones(4) / 4) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Against the phantom's truth, on its own label maps
+
+
+@pytest.fixture(scope="module")
+def phantom_maps(phantom_cases):
+    out = {}
+    for name in ("malignant", "benign"):
+        case = phantom_cases[name]
+        chosen = select_series(ingest_paths([case.path / f for f in ("ct", "mr", "xr")])).chosen
+        maps = {
+            m: model_labels(m, case.labels[f"{m.value.lower()}_labels"], case.labels[f"{m.value.lower()}_levels"])
+            for m in (Modality.CT, Modality.MR)
+        }
+        maps[Modality.XR] = model_labels(Modality.XR, case.labels["xr_labels"][None], case.labels["xr_levels"][None])
+        out[name] = (case, chosen, maps)
+    return out
+
+
+@pytest.mark.parametrize("name", ["malignant", "benign"])
+def test_canal_and_cord_areas_match_the_phantom_truth(phantom_maps, name):
+    case, chosen, maps = phantom_maps[name]
+    ct_names, mr_names = SEG_LABELS[Modality.CT], SEG_LABELS[Modality.MR]
+    ct = chosen[SeriesRole.CT].volume
+    mr = chosen[SeriesRole.MR_T2].volume
+    ct_frame = frame_from_discs(maps[Modality.CT], ct, ct_names.index("disc"), ct_names.index("vertebral_body"))
+    mr_frame = frame_from_discs(maps[Modality.MR], mr, mr_names.index("disc"), mr_names.index("vertebral_body"))
+    for level in MEASURED_LEVELS:
+        truth = case.truth["levels"][level]
+        ct_section = canal_section(
+            LabelMasks(maps[Modality.CT], ct), ct_frame.levels[level], (ct_names.index("canal"),), None
+        )
+        mr_section = canal_section(
+            LabelMasks(maps[Modality.MR], mr),
+            mr_frame.levels[level],
+            (mr_names.index("csf"), mr_names.index("cord")),
+            mr_names.index("cord"),
+        )
+        assert ct_section.canal_area_mm2 == pytest.approx(truth["canal_area_mm2"], rel=0.10), level
+        assert mr_section.cord_area_mm2 == pytest.approx(truth["cord_area_mm2"], rel=0.20), level
+        if level not in case.truth["tumor"]["levels"]:  # a lesion replaces body voxels and moves the centroid
+            found = np.array(ct_frame.levels[level].centre)
+            assert np.linalg.norm(found - truth["body_centre_mm"]) < 4.0, level
+
+
+@pytest.mark.parametrize("name", ["malignant", "benign"])
+def test_lesion_level_volume_and_diameter_match_the_phantom_truth(phantom_maps, name):
+    case, chosen, maps = phantom_maps[name]
+    names = SEG_LABELS[Modality.CT]
+    ct = chosen[SeriesRole.CT].volume
+    frame = frame_from_discs(maps[Modality.CT], ct, names.index("disc"), names.index("vertebral_body"))
+    lesions = measure_lesions(maps[Modality.CT] == names.index("tumor"), ct, frame, "uid")
+    truth = case.truth["tumor"]
+    main = lesions[0]
+    assert main.vertebral_level == truth["primary_level"]
+    assert sum(lesion.volume_ml for lesion in lesions) == pytest.approx(truth["volume_ml"], rel=0.15)
+    assert main.max_diameter_mm == pytest.approx(truth["max_diameter_mm"], abs=2.5)
+
+
+@pytest.mark.parametrize("name", ["malignant", "benign"])
+def test_disc_heights_on_mr_match_the_phantom_truth(phantom_maps, name):
+    case, chosen, maps = phantom_maps[name]
+    names = SEG_LABELS[Modality.MR]
+    mr = chosen[SeriesRole.MR_T2].volume
+    frame = frame_from_discs(maps[Modality.MR], mr, names.index("disc"), names.index("vertebral_body"))
+    for level in MEASURED_LEVELS:
+        disc = frame.discs[level]
+        across = np.cross(disc.axis, [0.0, 1.0, 0.0])
+        height = disc_height(
+            LabelMasks(maps[Modality.MR], mr),
+            disc.centre,
+            disc.axis,
+            names.index("disc"),
+            across / np.linalg.norm(across),
+        )
+        assert height == pytest.approx(case.truth["levels"][level]["disc_height_mm"], abs=1.3), level
+
+
+def test_radiograph_levels_follow_the_labelled_bodies(phantom_maps):
+    case, chosen, maps = phantom_maps["malignant"]
+    xr = chosen[SeriesRole.XR].volume
+    frame = frame_from_radiograph(maps[Modality.XR], xr)
+    assert [n for n in frame.levels if n in MEASURED_LEVELS] == list(MEASURED_LEVELS)
+    names = [frame.levels_of(frame.levels[n].centre[None])[0] for n in MEASURED_LEVELS]
+    assert names == list(MEASURED_LEVELS)
+
+
+def test_shipped_calibration_and_support_set_belong_to_the_shipped_embedding_model():
+    repository = default_repository()
+    data = json.loads((repository / "calibration.json").read_text())
+    embed = repository / "lesion_embed" / "1" / "model.onnx"
+    assert data["embed_model_sha256"] == hashlib.sha256(embed.read_bytes()).hexdigest(), "run `cspine calibrate`"
+    calibration = Calibration.load(repository)
+    assert set(calibration.detection) == set(Modality) and "SYNTHETIC" in calibration.fitted_on
+    assert calibration != Calibration.uniform()
+    support = SupportSet.load()
+    assert support.synthetic and set(support.labels) == {"benign", "borderline", "malignant"}
+    assert np.allclose(np.linalg.norm(support.embeddings, axis=-1), 1.0, atol=1e-3)  # lesion_embed is L2-normalised
+    prototypes = PrototypeSet.from_support(support)
+    assert set(prototypes.prototypes) == set(Modality)
+    assert all(p.shape == (3, 64) for p in prototypes.prototypes.values())
+    assert prototypes.version == PrototypeSet.from_support(SupportSet.load()).version  # deterministic
+
+
+def _c2_like(angle_deg: float) -> np.ndarray:
+    """A C2 on a lateral view: a 16 × 15 mm body with a 9 mm wide dens rising 15 mm from its top, leaning
+    forward by ``angle_deg``; its inferior endplate ragged, as segmentations leave it near the C2–C3 disc."""
+    ys, zs = np.meshgrid(np.arange(-25, 25, 0.25), np.arange(-20, 35, 0.25))
+    t = np.radians(angle_deg)
+    u = ys * np.cos(t) + zs * np.sin(t)
+    w = -ys * np.sin(t) + zs * np.cos(t)
+    body = (np.abs(u) <= 8.0) & (np.abs(w) <= 7.5)
+    dens = (np.abs(u) <= 4.5) & (w > 7.5) & (w <= 22.5)
+    ragged = (np.abs(u) <= 8.0) & (w < -7.5) & (w > -9.5) & (np.sin(u * 1.7) > 0.3)
+    inside = body | dens | ragged
+    return np.column_stack([ys[inside], zs[inside]])
+
+
+@pytest.mark.parametrize("angle", [-15.0, 4.0, 12.0])
+def test_c2_tilt_comes_from_its_walls_below_the_dens(angle):
+    assert wall_tilt(_c2_like(angle), anterior=True, height_mm=16.0) == pytest.approx(angle, abs=1.0)
+    assert wall_tilt(_c2_like(angle), anterior=False, height_mm=16.0) == pytest.approx(angle, abs=1.0)
+    assert cobb_angle(_c2_like(angle), _rectangle(angle + 20.0)) == pytest.approx(20.0, abs=1.5)
+
+
+@pytest.mark.parametrize("name", ["malignant", "benign"])
+def test_cobb_angle_on_the_phantom_radiograph_labels_matches_the_truth(phantom_maps, name):
+    case, chosen, maps = phantom_maps[name]
+    xr = chosen[SeriesRole.XR].volume
+    names = SEG_LABELS[Modality.XR]
+    points = {}
+    for level in ("c2", "c7"):
+        rc = np.argwhere(maps[Modality.XR][0] == names.index(f"{level}_body"))
+        points[level] = xr.index_to_patient(np.column_stack([np.zeros(len(rc)), rc]))[:, 1:3]
+    # 0.5 mm pixels of a projection: the phantom's own label maps agree with its truth within 4°
+    assert cobb_angle(points["c2"], points["c7"]) == pytest.approx(case.truth["cobb_angle_c2_c7_deg"], abs=4.0)

@@ -1,0 +1,381 @@
+"""DICOM SEG and SR outputs on the SYNTHETIC phantom: written with highdicom, read back value for value,
+referencing the source series, and clean under dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+
+import cspine
+import dicom_builders as b
+from cspine.dicom.ingest import ingest, ingest_paths
+from cspine.dicom.outputs import build_seg, build_sr, read_sr_measurements
+from cspine.dicom.selection import select_series
+from cspine.domain import (
+    MEASURED_LEVELS,
+    Assessment,
+    ClassProbability,
+    Lesion,
+    LevelMeasurement,
+    Modality,
+    ModalityResult,
+    ModelVersion,
+    OpllMeasurement,
+    SeriesRole,
+    SeriesUsed,
+    SpineMeasurements,
+    StudyAnalysis,
+)
+from cspine.inference.specs import SEG_LABELS
+from cspine.modeling.data import model_labels
+
+MODALITY_ROLES = {
+    Modality.CT: (SeriesRole.CT,),
+    Modality.MR: (SeriesRole.MR_T2, SeriesRole.MR_T1),
+    Modality.XR: (SeriesRole.XR,),
+}
+FOLDERS = {Modality.CT: "ct", Modality.MR: "mr", Modality.XR: "xr"}
+PROTOTYPE_SET = "ps-0007"
+# Fused and per-lesion assessments with values that do not round to short decimals, so a lossy write shows.
+FUSED = Assessment(
+    tumor_detected=True,
+    detection_score=0.9137,
+    probabilities=(
+        ClassProbability("benign", 0.0713),
+        ClassProbability("borderline", 0.2046),
+        ClassProbability("malignant", 0.7241),
+    ),
+    uncertainty=0.6182,
+)
+LESION_ASSESSMENT = Assessment(
+    tumor_detected=True,
+    detection_score=0.88,
+    probabilities=(
+        ClassProbability("benign", 1 / 7),
+        ClassProbability("borderline", 2 / 7),
+        ClassProbability("malignant", 4 / 7),
+    ),
+    uncertainty=0.8,
+)
+NO_CORD_LEVEL = "C6"  # its cord measurements are left out, to show that None values are not written
+
+
+def _labels(case, modality: Modality) -> np.ndarray:
+    key = FOLDERS[modality]
+    structure, levels = case.labels[f"{key}_labels"], case.labels[f"{key}_levels"]
+    if modality is Modality.XR:
+        structure, levels = structure[None], levels[None]
+    return model_labels(modality, structure, levels)
+
+
+def _lesion(truth: dict, modality: Modality, series_uid: str) -> Lesion:
+    tumor = truth["tumor"]
+    centre = np.array(tumor["centre_mm"])
+    projection = modality is Modality.XR
+    return Lesion(
+        vertebral_level=tumor["primary_level"],
+        levels=tuple(tumor["levels"]),
+        max_diameter_mm=tumor["max_diameter_mm"],
+        volume_ml=None if projection else tumor["volume_ml"],
+        area_mm2=412.5 if projection else None,
+        centre_mm=tuple(centre),
+        bbox_min_mm=tuple(centre - 8.0),
+        bbox_max_mm=tuple(centre + 8.0),
+        series_instance_uid=series_uid,
+        assessment=LESION_ASSESSMENT,
+    )
+
+
+def _spine(truth: dict, modalities: tuple[Modality, ...]) -> SpineMeasurements:
+    if Modality.CT not in modalities:
+        return SpineMeasurements(cobb_angle_deg=truth["cobb_angle_c2_c7_deg"], cobb_source=Modality.XR)
+    levels = []
+    for name in MEASURED_LEVELS:
+        values = truth["levels"][name]
+        cord = name != NO_CORD_LEVEL
+        levels.append(
+            LevelMeasurement(
+                level=name,
+                canal_area_mm2=values["canal_area_mm2"],
+                cord_area_mm2=values["cord_area_mm2"] if cord else None,
+                cord_compression_ratio=values["cord_compression_ratio"] if cord else None,
+                disc_height_mm=values["disc_height_mm"],
+                canal_source=Modality.CT,
+                cord_source=Modality.MR if cord else None,
+                disc_source=Modality.MR,
+            )
+        )
+    opll = truth["opll"]
+    return SpineMeasurements(
+        levels=levels,
+        cobb_angle_deg=truth["cobb_angle_c2_c7_deg"],
+        cobb_source=Modality.XR,
+        opll=OpllMeasurement(opll["present"], opll["occupying_ratio"], opll["max_thickness_mm"], tuple(opll["levels"])),
+    )
+
+
+def _analysis(case, modalities: tuple[Modality, ...], with_labels: bool = True):
+    """A hand-made StudyAnalysis of the case from its truth (no pipeline), and the chosen series."""
+    study = ingest_paths([case.path / FOLDERS[m] for m in modalities])
+    chosen = select_series(study).chosen
+    results = []
+    for modality in modalities:
+        roles = MODALITY_ROLES[modality]
+        used = tuple(
+            SeriesUsed(r, chosen[r].series_instance_uid, chosen[r].description, len(chosen[r].instances)) for r in roles
+        )
+        labels = {r: _labels(case, modality) for r in roles} if with_labels else {}
+        lesions = [_lesion(case.truth, modality, chosen[roles[0]].series_instance_uid)] if case.truth["tumor"] else []
+        results.append(ModalityResult(modality, used, lesions, FUSED, labels))
+    analysis = StudyAnalysis(
+        study_instance_uid=study.study_instance_uid,
+        modalities=results,
+        fused=FUSED,
+        spine=_spine(case.truth, modalities),
+        prototype_set_version=PROTOTYPE_SET,
+        models=[ModelVersion("seg_ct", "3"), ModelVersion("lesion_embed", "2")],
+    )
+    return analysis, chosen
+
+
+@pytest.fixture(scope="module")
+def full(phantom_cases):
+    """CT + MR + XR analysis of the malignant case, with its SEG and SR."""
+    analysis, chosen = _analysis(phantom_cases["malignant"], (Modality.CT, Modality.MR, Modality.XR))
+    seg = build_seg(analysis, chosen)
+    return analysis, chosen, seg, build_sr(analysis, chosen, seg)
+
+
+@pytest.fixture(scope="module")
+def xr_only(phantom_cases):
+    """A radiograph-only analysis of the malignant case: the SEG is on the radiograph."""
+    analysis, chosen = _analysis(phantom_cases["malignant"], (Modality.XR,))
+    seg = build_seg(analysis, chosen)
+    return analysis, chosen, seg, build_sr(analysis, chosen, seg)
+
+
+def _segments(seg: hd.seg.Segmentation) -> dict[str, int]:
+    return {item.SegmentLabel: int(item.SegmentNumber) for item in seg.SegmentSequence}
+
+
+def _segment_mask(seg: hd.seg.Segmentation, sop_uids: list[str], number: int) -> np.ndarray:
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[number])
+    return pixels[..., 0].astype(bool)
+
+
+# --------------------------------------------------------------------------------------------------------
+# SEG
+
+
+def test_seg_round_trip_keeps_the_tumor_mask_on_the_source_ct_slices(full, phantom_cases):
+    analysis, chosen, data, _ = full
+    seg = hd.seg.segread(DicomBytesIO(data))
+    ct = chosen[SeriesRole.CT]
+    sop_uids = [ref.sop_instance_uid for ref in ct.instances]
+    labels = analysis.modality(Modality.CT).labels[SeriesRole.CT]
+    tumor = labels == SEG_LABELS[Modality.CT].index("tumor")
+    assert tumor.any()
+
+    segments = _segments(seg)
+    assert "Tumor" in segments
+    assert np.array_equal(_segment_mask(seg, sop_uids, segments["Tumor"]), tumor)
+    canal = labels == SEG_LABELS[Modality.CT].index("canal")
+    assert np.array_equal(_segment_mask(seg, sop_uids, segments["Spinal canal"]), canal)
+
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == ct.series_instance_uid
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == set(sop_uids)
+    assert seg.StudyInstanceUID == phantom_cases["malignant"].truth["study_instance_uid"]
+    assert seg.FrameOfReferenceUID == ct.frame_of_reference_uid
+    assert seg.SeriesInstanceUID != ct.series_instance_uid
+
+
+def test_seg_has_one_coded_segment_per_structure_present(full):
+    analysis, _, data, _ = full
+    seg = hd.seg.segread(DicomBytesIO(data))
+    labels = analysis.modality(Modality.CT).labels[SeriesRole.CT]
+    assert len(seg.SegmentSequence) == len(np.unique(labels)) - 1  # background is no segment
+    by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    tumor = by_label["Tumor"]
+    assert tumor.SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"  # SCT Neoplasm
+    assert tumor.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"  # morphologically abnormal
+    assert by_label["Spinal canal"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "61853006"
+    assert tumor.SegmentAlgorithmType == "AUTOMATIC"
+    [algorithm] = tumor.SegmentationAlgorithmIdentificationSequence
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("cspine", cspine.__version__)
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+    assert seg.SegmentationType == "BINARY"
+    assert (seg.Manufacturer, seg.SeriesNumber, seg.InstanceNumber) == ("cspine", 901, 1)
+    assert seg.SeriesDescription.startswith("cspine")
+
+
+def test_seg_of_a_radiograph_holds_c2_to_c7_bodies_and_the_tumor(xr_only):
+    analysis, chosen, data, _ = xr_only
+    seg = hd.seg.segread(DicomBytesIO(data))
+    xr = chosen[SeriesRole.XR]
+    sop_uids = [ref.sop_instance_uid for ref in xr.instances]
+    labels = analysis.modality(Modality.XR).labels[SeriesRole.XR]
+    segments = _segments(seg)
+    assert {f"C{n} vertebral body" for n in range(2, 8)} <= set(segments)
+    tumor = labels == SEG_LABELS[Modality.XR].index("tumor")
+    assert np.array_equal(_segment_mask(seg, sop_uids, segments["Tumor"]), tumor)
+    c4 = labels == SEG_LABELS[Modality.XR].index("c4_body")
+    assert np.array_equal(_segment_mask(seg, sop_uids, segments["C4 vertebral body"]), c4)
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == xr.series_instance_uid
+
+
+def test_seg_falls_back_to_the_mr_t2_series_when_ct_has_no_labels(phantom_cases):
+    analysis, chosen = _analysis(phantom_cases["benign"], (Modality.CT, Modality.MR))
+    analysis.modality(Modality.CT).labels.clear()
+    seg = hd.seg.segread(DicomBytesIO(build_seg(analysis, chosen)))
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == chosen[SeriesRole.MR_T2].series_instance_uid
+    assert "Spinal cord" in _segments(seg) and "CSF" in _segments(seg)
+
+
+def test_seg_of_an_enhanced_multi_frame_ct_puts_each_slice_on_its_source_frame():
+    built = b.enhanced_series(5, frame_order=[3, 0, 4, 1, 2], rows=8, cols=8)
+    chosen = select_series(ingest(built.files)).chosen
+    ct = chosen[SeriesRole.CT]
+    tumor = SEG_LABELS[Modality.CT].index("tumor")
+    labels = np.zeros((5, 8, 8), dtype=np.uint8)
+    labels[1, 2:4, 2:5] = tumor  # slice 1 only: frame 4 of the file (frame_order[3] == 1)
+    labels[3, 5, 5] = tumor
+    result = ModalityResult(Modality.CT, (), [], FUSED, {SeriesRole.CT: labels})
+    analysis = StudyAnalysis(ct.headers[0].StudyInstanceUID, [result], FUSED, SpineMeasurements(), "", [])
+    seg = hd.seg.segread(DicomBytesIO(build_seg(analysis, chosen)))
+
+    [header] = ct.headers
+    frames = seg.get_pixels_by_source_frame(
+        header.SOPInstanceUID, source_frame_numbers=[1, 2, 3, 4, 5], assert_missing_frames_are_empty=True
+    )[..., 0]
+    expected = np.stack([labels[k] == tumor for k in built.extra["frame_order"]])
+    assert np.array_equal(frames.astype(bool), expected)
+
+
+def test_build_seg_returns_none_when_no_modality_has_labels(phantom_cases):
+    analysis, chosen = _analysis(phantom_cases["none"], (Modality.XR,), with_labels=False)
+    assert build_seg(analysis, chosen) is None
+    analysis.modality(Modality.XR).labels[SeriesRole.XR] = np.zeros((1, 4, 4), dtype=np.uint8)
+    assert build_seg(analysis, chosen) is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# SR
+
+
+def test_sr_round_trip_gives_back_every_lesion_and_assessment_value(full, phantom_cases):
+    analysis, _, _, data = full
+    truth = phantom_cases["malignant"].truth
+    groups = read_sr_measurements(data)
+
+    for modality in (Modality.CT, Modality.MR, Modality.XR):
+        lesion = groups[f"{modality.value} lesion 1"]
+        assert lesion["Finding"] == "Neoplasm"
+        assert lesion["Finding site"] == f"{truth['tumor']['primary_level']} vertebra"
+        assert lesion["Diameter"] == truth["tumor"]["max_diameter_mm"]
+        assert lesion["Tumor detection score"] == LESION_ASSESSMENT.detection_score
+        for p in LESION_ASSESSMENT.probabilities:
+            assert lesion[f"Probability of {p.label}"] == p.probability  # exact: 1/7 survives the DS encoding
+    assert groups["CT lesion 1"]["Volume"] == truth["tumor"]["volume_ml"]
+    assert groups["XR lesion 1"]["Area"] == 412.5
+    assert "Volume" not in groups["XR lesion 1"] and "Area" not in groups["CT lesion 1"]
+
+    fused = groups["Fused assessment"]
+    assert fused["Presence of property"] == "Present"
+    assert fused["Tumor detection score"] == FUSED.detection_score
+    assert fused["Classification uncertainty (normalised entropy)"] == FUSED.uncertainty
+    assert {k: v for k, v in fused.items() if k.startswith("Probability of ")} == {
+        f"Probability of {p.label}": p.probability for p in FUSED.probabilities
+    }
+    assert f"prototype set version {PROTOTYPE_SET}" in fused["Algorithm Parameters"]
+
+
+def test_sr_round_trip_gives_back_the_spine_measurements_and_leaves_out_missing_ones(full, phantom_cases):
+    _, _, _, data = full
+    truth = phantom_cases["malignant"].truth
+    groups = read_sr_measurements(data)
+
+    for level in MEASURED_LEVELS:
+        values = truth["levels"][level]
+        canal = groups[f"{level} spinal canal"]
+        assert canal["Area"] == values["canal_area_mm2"]
+        assert canal["Finding site"] == f"{level} vertebra"
+        assert canal["Modality"] == "Computed Tomography"
+        disc = groups[f"{values['disc']} disc"]
+        assert disc["Height"] == values["disc_height_mm"]
+        if level != NO_CORD_LEVEL:
+            cord = groups[f"{level} spinal cord"]
+            assert cord["Area"] == values["cord_area_mm2"]
+            assert cord["Cord compression ratio (AP / LR diameter)"] == values["cord_compression_ratio"]
+    assert f"{NO_CORD_LEVEL} spinal cord" not in groups
+
+    cobb = groups["Cobb angle C2-C7 (lordosis positive)"]
+    assert cobb["Cobb angle"] == truth["cobb_angle_c2_c7_deg"]
+    assert cobb["Modality"] == "Digital Radiography"
+    opll = groups["OPLL"]
+    assert opll["Presence of property"] == ("Present" if truth["opll"]["present"] else "Absent")
+    assert opll["OPLL occupying ratio"] == truth["opll"]["occupying_ratio"]
+    assert opll["Finding site"] == ", ".join(f"{level} vertebra" for level in truth["opll"]["levels"])
+
+
+def test_sr_evidence_references_every_used_series_and_the_seg(full):
+    analysis, chosen, seg_data, data = full
+    sr = hd.sr.srread(DicomBytesIO(data))
+    seg = pydicom.dcmread(DicomBytesIO(seg_data), stop_before_pixels=True)
+    evidence = {(series_uid, sop_uid) for _, series_uid, sop_uid, _ in sr.get_evidence()}
+    for role in (SeriesRole.CT, SeriesRole.MR_T2, SeriesRole.MR_T1, SeriesRole.XR):
+        series = chosen[role]
+        assert {(series.series_instance_uid, ref.sop_instance_uid) for ref in series.instances} <= evidence
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) in evidence
+    assert sr.StudyInstanceUID == analysis.study_instance_uid == seg.StudyInstanceUID
+    assert sr.PatientID == chosen[SeriesRole.CT].headers[0].PatientID
+    assert (sr.Manufacturer, sr.SeriesNumber, sr.InstanceNumber) == ("cspine", 902, 1)
+    assert sr.SeriesDescription.startswith("cspine")
+    # the lesion groups point at the slices through the lesion, so a viewer can go there
+    [ct_lesion] = [
+        g
+        for g in hd.sr.MeasurementReport.from_sequence(sr.content).get_image_measurement_groups()
+        if g.tracking_identifier == "CT lesion 1"
+    ]
+    ct_uids = {ref.sop_instance_uid for ref in chosen[SeriesRole.CT].instances}
+    sources = {image.referenced_sop_instance_uid for image in ct_lesion.source_images}
+    assert sources and sources <= ct_uids and len(sources) < len(ct_uids)
+
+
+def test_sr_of_a_radiograph_only_analysis_reports_its_lesion_and_cobb_angle(xr_only, phantom_cases):
+    _, _, _, data = xr_only
+    truth = phantom_cases["malignant"].truth
+    groups = read_sr_measurements(data)
+    assert set(groups) == {"XR lesion 1", "XR assessment", "Fused assessment", "Cobb angle C2-C7 (lordosis positive)"}
+    assert groups["XR lesion 1"]["Diameter"] == truth["tumor"]["max_diameter_mm"]
+    assert groups["Cobb angle C2-C7 (lordosis positive)"]["Cobb angle"] == truth["cobb_angle_c2_c7_deg"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# dciodvfy
+
+
+@pytest.mark.parametrize("outputs", ["full", "xr_only"])
+def test_seg_and_sr_pass_dciodvfy_without_errors(outputs, request, tmp_path: Path):
+    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) must be installed: make sysdeps"
+    _, _, seg, sr = request.getfixturevalue(outputs)
+    for name, data, iod in (("seg.dcm", seg, "Segmentation"), ("sr.dcm", sr, "Comprehensive3DSR")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        lines = (run.stdout + "\n" + run.stderr).splitlines()
+        assert iod in (line.strip() for line in lines), lines[:3]  # it recognised the IOD it checked
+        errors = [line for line in lines if line.startswith("Error")]
+        assert not errors, f"{name}: {errors}"
+        # the one expected warning: dciodvfy does not know the private scheme 99CSPINE
+        warnings = [line for line in lines if line.startswith("Warning") and "99CSPINE" not in line]
+        assert not warnings, f"{name}: {warnings}"

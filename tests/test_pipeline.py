@@ -1,0 +1,121 @@
+"""The analysis pipeline end to end through a real local Triton, on SYNTHETIC phantom studies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from cspine.analysis.fusion import Calibration
+from cspine.dicom.ingest import ingest, ingest_paths
+from cspine.dicom.outputs import read_sr_measurements
+from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode
+from cspine.errors import DeadlineExceededError, InvalidInputError
+from cspine.fewshot.prototypes import default_prototypes
+from cspine.inference.client import TritonClient
+from cspine.inference.local_triton import default_repository
+from cspine.pipeline import STAGES, AnalysisOptions, analyze, model_versions
+from dicom_builders import radiograph
+
+
+def run(triton, study, options=AnalysisOptions()):
+    async def go():
+        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
+            return await analyze(
+                study,
+                client,
+                default_prototypes(),
+                Calibration.load(default_repository()),
+                options,
+                model_versions(default_repository()),
+            )
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def full(triton, phantom_cases):
+    case = phantom_cases["malignant"]
+    study = ingest_paths([case.path / f for f in ("ct", "mr", "xr")])
+    return case, run(triton, study, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+
+
+def test_full_study_finds_the_tumor_at_its_level_and_fuses_probabilities(full):
+    case, analysis = full
+    truth = case.truth["tumor"]
+    assert [r.modality for r in analysis.modalities] == [Modality.CT, Modality.MR, Modality.XR]
+    assert analysis.fused.tumor_detected and analysis.fused.detection_score > 0.5
+    assert sum(p.probability for p in analysis.fused.probabilities) == pytest.approx(1.0, abs=1e-6)
+    assert [p.label for p in analysis.fused.probabilities] == ["benign", "borderline", "malignant"]
+    assert 0.0 <= analysis.fused.uncertainty <= 1.0
+    lesion = analysis.primary_lesion()
+    assert lesion.vertebral_level == truth["primary_level"]
+    assert lesion.volume_ml > 0.2 and lesion.max_diameter_mm == pytest.approx(truth["max_diameter_mm"], abs=10.0)
+    assert lesion.assessment is not None and lesion.embedding.shape == (64,)
+    assert np.linalg.norm(np.array(lesion.centre_mm) - truth["centre_mm"]) < 10.0
+    assert analysis.prototype_set_version == default_prototypes().version
+    assert {m.name for m in analysis.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
+    assert set(STAGES) <= set(analysis.stage_seconds) and analysis.stage_seconds["segment"] > 0
+
+
+def test_full_study_spine_measurements_match_the_phantom_truth(full):
+    case, analysis = full
+    close = 0
+    for level in MEASURED_LEVELS:
+        measured, truth = analysis.spine.level(level), case.truth["levels"][level]
+        assert measured.canal_source is Modality.CT and measured.cord_source is Modality.MR
+        if abs(measured.canal_area_mm2 - truth["canal_area_mm2"]) <= 0.15 * truth["canal_area_mm2"]:
+            close += 1
+        assert measured.disc_height_mm == pytest.approx(truth["disc_height_mm"], abs=2.5)
+    assert close >= 5
+    assert analysis.spine.cobb_source is Modality.XR
+    # one study's error reaches 10° when the radiograph's segmentation errs; the evaluation measures the mean
+    # (docs/pipeline.md); the method itself is checked on the phantom's own labels in test_analysis.py
+    assert analysis.spine.cobb_angle_deg == pytest.approx(case.truth["cobb_angle_c2_c7_deg"], abs=12.0)
+    assert analysis.spine.opll.present == case.truth["opll"]["present"]
+
+
+def test_full_study_dicom_seg_and_sr_read_back(full):
+    case, analysis = full
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(analysis.dicom_seg))
+    assert seg.StudyInstanceUID == case.truth["study_instance_uid"]
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert "tumor" in " ".join(labels).lower()
+    values = read_sr_measurements(analysis.dicom_sr)
+    fused = values["Fused assessment"]
+    assert fused["Tumor detection score"] == pytest.approx(analysis.fused.detection_score, abs=1e-6)
+
+
+def test_missing_modalities_are_notices_not_errors(triton, phantom_cases):
+    case = phantom_cases["benign"]
+    analysis = run(triton, ingest_paths([case.path / "xr"]))
+    assert [r.modality for r in analysis.modalities] == [Modality.XR]
+    missing = [n.message for n in analysis.notices if n.code is NoticeCode.MISSING_MODALITY]
+    assert any("ct" in m for m in missing) and any("mr" in m for m in missing)
+    assert analysis.spine.cobb_source is Modality.XR
+    assert analysis.spine.opll is None and analysis.spine.level("C4").canal_area_mm2 is None
+
+
+def test_modalities_can_be_restricted_and_mr_gives_the_alignment_without_a_radiograph(triton, phantom_cases):
+    case = phantom_cases["benign"]
+    study = ingest_paths([case.path / f for f in ("ct", "mr", "xr")])
+    analysis = run(triton, study, AnalysisOptions(modalities=frozenset({Modality.MR})))
+    assert [r.modality for r in analysis.modalities] == [Modality.MR]
+    assert analysis.spine.cobb_source is Modality.MR
+    assert analysis.spine.cobb_angle_deg == pytest.approx(case.truth["cobb_angle_c2_c7_deg"], abs=10.0)
+    assert sum(p.probability for p in analysis.fused.probabilities) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_study_with_nothing_cspine_can_analyse_is_refused_with_the_reason(triton):
+    frontal = radiograph(view_position="AP", patient_orientation=("L", "F"), description="C-SPINE AP")
+    with pytest.raises(InvalidInputError, match="no usable axial CT, sagittal MR or lateral radiograph"):
+        run(triton, ingest(frontal.files))
+
+
+def test_a_passed_deadline_stops_the_analysis(triton, phantom_cases):
+    study = ingest_paths([phantom_cases["benign"].path / "ct"])
+    with pytest.raises(DeadlineExceededError):
+        run(triton, study, AnalysisOptions(deadline_s=0.001))
