@@ -35,6 +35,7 @@ bench: venv
 	$(BIN)/cspine bench ingest
 	$(BIN)/cspine bench models
 	$(BIN)/cspine bench triton
+	$(BIN)/cspine bench pipeline
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from cspine.domain import SeriesRole
-from cspine.phantom.anatomy import MEASURED_LEVELS, Label, level_code, sample_spine
+from cspine.domain import MEASURED_LEVELS, SeriesRole
+from cspine.phantom.anatomy import Label, level_code, sample_spine
 from cspine.phantom.generate import (
     TUMOR_FREE_SHARE,
     PhantomOptions,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import highdicom as hd
 import numpy as np
@@ -10,6 +11,7 @@ import pydicom
 import pytest
 
 from cspine.analysis.fusion import Calibration
+from cspine.cli import main
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import read_sr_measurements
 from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode
@@ -119,3 +121,17 @@ def test_a_passed_deadline_stops_the_analysis(triton, phantom_cases):
     study = ingest_paths([phantom_cases["benign"].path / "ct"])
     with pytest.raises(DeadlineExceededError):
         run(triton, study, AnalysisOptions(deadline_s=0.001))
+
+
+def test_evaluate_pipeline_command_prints_the_figures_the_issue_names(triton, tmp_path, capsys):
+    args = ["evaluate", "pipeline", "--cases", "3", "--seed", "5", "--cohort", str(tmp_path / "cohort")]
+    args += ["--triton-url", triton.grpc_url, "--workers", "1", "--quiet", "--json", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {"detection_sensitivity", "detection_specificity", "size_mae_mm", "level_accuracy", "cobb_mae_deg"}
+    assert keys | {"canal_area_error_pct", "opll_accuracy", "stage_seconds"} <= set(result)
+    assert result["synthetic"] is True and result["studies"] == 3 and result["cobb_measured"] == 3
+    assert 0.0 <= result["cobb_mae_deg"] < 30.0 and 0.0 <= result["canal_area_error_pct"] < 30.0
+    assert result["stage_seconds"]["segment"] > 0 and result["stage_seconds"]["total"] > 0
+    records = json.loads((tmp_path / "out" / "records.json").read_text())
+    assert [r["case_id"] for r in records] == ["case-0001", "case-0002", "case-0003"]

@@ -35,6 +35,7 @@ from cspine.domain import (
     VERTEBRAL_LEVELS,
     Assessment,
     ClassProbability,
+    Lesion,
     LevelMeasurement,
     Modality,
     ModalityResult,
@@ -53,7 +54,7 @@ from cspine.domain import (
 from cspine.errors import CspineError, DeadlineExceededError, InvalidInputError, TritonUnavailableError
 from cspine.fewshot.prototypes import PrototypeSet
 from cspine.imaging.roi import lesion_roi, modality_one_hot
-from cspine.imaging.seg_input import seg_inputs, to_source
+from cspine.imaging.seg_input import SegGrid, seg_inputs, to_source
 from cspine.inference.client import TritonClient
 from cspine.inference.specs import LESION_CLASSIFY, MAX_EMBEDDINGS, MODELS, SEG_LABELS, seg_spec
 
@@ -159,6 +160,7 @@ async def analyze(
         return_exceptions=True,
     )
     measured: dict[Modality, _Measured] = {}
+    failures: list[str] = []
     for modality, outcome in zip(wanted, outcomes, strict=True):
         if isinstance(outcome, (DeadlineExceededError, TritonUnavailableError)):
             raise outcome  # the service, not the images, failed: nothing partial is worth returning
@@ -166,14 +168,13 @@ async def analyze(
             reason = str(outcome) if isinstance(outcome, CspineError) else "an internal error"
             if not isinstance(outcome, CspineError):
                 logger.error("%s analysis failed", modality.value, exc_info=outcome)
-            notices.append(Notice(NoticeCode.MODALITY_FAILED, f"{modality.value} could not be analysed: {reason}"))
+            failures.append(f"{modality.value} could not be analysed: {reason}")
+            notices.append(Notice(NoticeCode.MODALITY_FAILED, failures[-1]))
             continue
         measured[modality] = outcome
         notices.extend(outcome.notices)
     if not measured:
-        raise InvalidInputError(
-            "no modality of the study could be analysed: " + "; ".join(n.message for n in notices[-len(wanted) :])
-        )
+        raise InvalidInputError("no modality of the study could be analysed: " + "; ".join(failures))
 
     with timer.stage("fuse"):
         fused = assess(
@@ -229,9 +230,7 @@ async def _analyse_modality(
         with timer.stage("segment"):
             out = await triton.infer(spec, {"image": inputs}, deadline_s=deadline.left())
         with timer.stage("measure"):
-            labels = to_source(out["labels"], grid)
-            tumor = SEG_LABELS[modality].index("tumor")
-            return clean_tumor_labels(labels, tumor, volumes[role].spacing, volumes[role].projection)
+            return await asyncio.to_thread(_source_labels, modality, out["labels"], grid, volumes[role])
 
     label_maps = dict(zip(roles, await asyncio.gather(*(segment(r) for r in roles)), strict=True))
     with timer.stage("measure"):
@@ -253,12 +252,14 @@ async def _analyse_modality(
     ]
     probabilities = None
     if lesions and modality in prototypes.prototypes:
-        lesions, probabilities = await _classify(modality, lesions, volumes, triton, prototypes, deadline, timer)
+        lesions, probabilities = await _classify(
+            modality, lesions, volumes, triton, prototypes, calibration, deadline, timer
+        )
     size = _size(lesions[0]) if lesions else 0.0
-    score = float(1.0 / (1.0 + np.exp(-detection_logit(modality, size, calibration))))
+    score = _detection_score(modality, size, calibration)
     assessment = Assessment(tumor_detected=score >= 0.5, detection_score=round(score, 4))
     if lesions and lesions[0].assessment is not None:
-        assessment = _with_detection(lesions[0].assessment, score)
+        assessment = lesions[0].assessment  # the largest lesion's: the same size, so the same score
     series = tuple(
         SeriesUsed(r, chosen[r].series_instance_uid, chosen[r].description, volumes[r].shape[0]) for r in roles
     )
@@ -266,11 +267,18 @@ async def _analyse_modality(
     return _Measured(result, size, probabilities, levels, cobb, opll, notices)
 
 
-def _with_detection(assessment: Assessment, score: float) -> Assessment:
-    return Assessment(score >= 0.5, round(score, 4), assessment.probabilities, assessment.uncertainty)
+def _source_labels(modality: Modality, labels: np.ndarray, grid: SegGrid, volume: Volume) -> np.ndarray:
+    """Model-grid labels back on the source series, without tumor specks too small to be lesions."""
+    tumor = SEG_LABELS[modality].index("tumor")
+    return clean_tumor_labels(to_source(labels, grid), tumor, volume.spacing, volume.projection)
 
 
-def _size(lesion) -> float:
+def _detection_score(modality: Modality, size: float, calibration: Calibration) -> float:
+    """The calibrated probability that a tumor is present, given this modality's lesion size alone."""
+    return float(1.0 / (1.0 + np.exp(-detection_logit(modality, size, calibration))))
+
+
+def _size(lesion: Lesion) -> float:
     """A lesion's size for detection: mL, or cm² on a radiograph."""
     return float(lesion.volume_ml) if lesion.volume_ml is not None else float(lesion.area_mm2 or 0.0) / 100.0
 
@@ -300,11 +308,20 @@ def _same_grid(a: Volume, b: Volume) -> bool:
     )
 
 
-async def _classify(modality, lesions, volumes, triton, prototypes, deadline, timer):
-    """Embed the lesions (largest first, at most MAX_EMBEDDINGS) and classify them against the modality's
-    prototypes in one ``lesion_classify`` call; returns the lesions with their assessments and the
-    probabilities of the largest."""
-    lesions = lesions[:MAX_EMBEDDINGS]
+async def _classify(
+    modality: Modality,
+    lesions: list[Lesion],
+    volumes: Mapping[SeriesRole, Volume],
+    triton: TritonClient,
+    prototypes: PrototypeSet,
+    calibration: Calibration,
+    deadline: Deadline,
+    timer: _Timer,
+) -> tuple[list[Lesion], np.ndarray]:
+    """Embed the lesions (largest first; beyond MAX_EMBEDDINGS they stay unclassified) and classify them
+    against the modality's prototypes in one ``lesion_classify`` call; returns the lesions with their
+    assessments and the probabilities of the largest."""
+    lesions, rest = lesions[:MAX_EMBEDDINGS], lesions[MAX_EMBEDDINGS:]
     with timer.stage("preprocess"):
         rois = await asyncio.to_thread(
             lambda: np.stack([lesion_roi(modality, volumes, np.array(lesion.centre_mm)) for lesion in lesions])
@@ -318,16 +335,17 @@ async def _classify(modality, lesions, volumes, triton, prototypes, deadline, ti
         )
     classified = []
     for lesion, emb, probs in zip(lesions, out["embedding"], out["probabilities"], strict=True):
+        score = _detection_score(modality, _size(lesion), calibration)
         assessment = Assessment(
-            tumor_detected=True,
-            detection_score=1.0,
+            tumor_detected=score >= 0.5,
+            detection_score=round(score, 4),
             probabilities=tuple(
                 ClassProbability(label, float(p)) for label, p in zip(prototypes.labels, probs, strict=True)
             ),
             uncertainty=round(normalised_entropy(probs), 4),
         )
         classified.append(dataclasses.replace(lesion, assessment=assessment, embedding=emb.copy()))
-    return classified, out["probabilities"][0].astype(np.float64)
+    return classified + rest, out["probabilities"][0].astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -4,10 +4,9 @@ lesion's measurements (level, diameter, volume, box) in patient millimetres."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from cspine.analysis.levels import SpineFrame
-from cspine.analysis.masks import component_sizes, components
+from cspine.analysis.masks import component_sizes, component_voxels, components
 from cspine.analysis.shapes import feret
 from cspine.domain import Lesion, Volume
 
@@ -72,10 +71,7 @@ def measure_lesions(mask: np.ndarray, volume: Volume, frame: SpineFrame | None, 
     voxel_mm3 = volume.slice_spacing * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     lesions = []
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        kij = np.argwhere(labels[box] == index) + np.array([s.start for s in box])
+    for kij in component_voxels(labels):
         points = volume.index_to_patient(kij)
         diameter, direction = feret(points)
         level, levels = frame.levels_of(points) if frame is not None else ("unknown", ())

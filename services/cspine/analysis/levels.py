@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from cspine.analysis.masks import components, largest_component
+from cspine.analysis.masks import component_voxels, components, largest_component
 from cspine.domain import VERTEBRAL_LEVELS, Volume
 
 MIN_DISC_SHARE = 0.25  # disc components smaller than this share of the median disc are specks
@@ -80,12 +79,8 @@ class SpineFrame:
 
 def _component_centres(mask: np.ndarray, volume: Volume) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(centre mm, voxel points mm, voxel count) of each 3D component of ``mask``."""
-    labels, count = components(mask)
     out = []
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        kij = np.argwhere(labels[box] == index) + np.array([s.start for s in box])
+    for kij in component_voxels(components(mask)[0]):
         points = volume.index_to_patient(kij)
         out.append((points.mean(axis=0), points, len(kij)))
     return out

@@ -4,6 +4,7 @@ of labels and reused (measurements sample them with linear interpolation, thresh
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -20,6 +21,13 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1) for a in _projections(mask))
     labels[box], count = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim))
     return labels, count
+
+
+def component_voxels(labels: np.ndarray) -> Iterator[np.ndarray]:
+    """The voxel indices (N, ndim) of each component of a label array from ``components``, in label order."""
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            yield np.argwhere(labels[box] == index) + np.array([s.start for s in box])
 
 
 def _projections(mask: np.ndarray) -> list[np.ndarray]:

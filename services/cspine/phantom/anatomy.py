@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cspine.domain import VERTEBRAL_LEVELS
 from cspine.phantom.geometry import Canvas, box_around, local, rotation
 
-LEVELS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1")  # level code = index + 1 in level maps
-MEASURED_LEVELS = LEVELS[1:7]  # C2–C7: canal, cord and disc measurements
+LEVELS = VERTEBRAL_LEVELS  # level code = index + 1 in level maps
 
 
 def level_code(name: str) -> int:

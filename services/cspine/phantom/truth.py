@@ -11,7 +11,8 @@ import numpy as np
 from scipy import ndimage
 
 from cspine.analysis.shapes import feret_diameter
-from cspine.phantom.anatomy import LEVELS, MEASURED_LEVELS, Label, Spine
+from cspine.domain import MEASURED_LEVELS
+from cspine.phantom.anatomy import LEVELS, Label, Spine
 from cspine.phantom.geometry import Canvas, Grid, PointCloud
 from cspine.phantom.scanner import Scene
 
