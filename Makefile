@@ -8,15 +8,25 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes.
 SYSTEM_PACKAGES := dicom3tools
 
-.PHONY: venv sysdeps demo test bench train clean
+.PHONY: venv protos sysdeps demo test bench train clean
 
-venv: $(STAMP)
+venv: $(STAMP) protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $@
+
+# The gRPC API: protos/cspine/v1/*.proto compiled into services/cspine/v1/ (generated, never edited, not committed).
+PROTOS := $(wildcard protos/cspine/v1/*.proto)
+GENERATED := $(PROTOS:protos/%.proto=services/%_pb2.py)
+
+protos: $(GENERATED)
+
+$(GENERATED) &: $(PROTOS) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=services --pyi_out=services \
+	  --grpc_python_out=services $(PROTOS)
 
 sysdeps:
 	@command -v dciodvfy >/dev/null || \
@@ -36,6 +46,7 @@ bench: venv
 	$(BIN)/cspine bench models
 	$(BIN)/cspine bench triton
 	$(BIN)/cspine bench pipeline
+	$(BIN)/cspine bench gateway
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

@@ -50,11 +50,9 @@ def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Phantom
 
 
 def free_port() -> int:
-    import socket
+    from cspine.inference.local_triton import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The `cspine` command: phantom, inspect, train, export, calibrate, evaluate, triton, bench, demo.
+"""The `cspine` command: phantom, inspect, train, export, calibrate, evaluate, serve, analyze, triton, bench,
+demo.
 
 Configuration is read here, once, from flags and ``CSPINE_`` environment variables; the library modules
 never read the environment themselves.
@@ -202,8 +203,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from cspine.evaluation.bench import bench_pipeline, format_bench
 
-    result = bench_pipeline(args.triton_url, args.repeats, progress=not args.quiet)
+    result = bench_pipeline(args.triton_url, args.repeats)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def cmd_bench_gateway(args: argparse.Namespace) -> int:
+    from cspine.evaluation.bench import bench_gateway, format_gateway_bench
+
+    result = bench_gateway(args.triton_url, args.repeats)
+    print(json.dumps(result, indent=2) if args.json else format_gateway_bench(result))
     return 0
 
 
@@ -223,7 +232,7 @@ def _add_cohort_arguments(p: argparse.ArgumentParser, cases: int, seed: int) -> 
 def _triton(args: argparse.Namespace):
     from cspine.inference.local_triton import LocalTriton, TritonPorts
 
-    ports = TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
+    ports = TritonPorts(http=args.triton_http_port, grpc=args.triton_grpc_port, metrics=args.triton_metrics_port)
     return LocalTriton(
         Path(args.repository),
         ports,
@@ -270,53 +279,63 @@ def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import asyncio
+    import signal
+    import subprocess
+    import time
 
-    from cspine.analysis.fusion import Calibration
-    from cspine.analysis.report import format_analysis
-    from cspine.dicom.ingest import ingest_paths
-    from cspine.fewshot.prototypes import default_prototypes
-    from cspine.inference.client import TritonClient
-    from cspine.inference.local_triton import LocalTriton, TritonPorts
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cspine.inference.local_triton import TritonPorts, free_ports
     from cspine.phantom.generate import PhantomOptions, generate_case
-    from cspine.pipeline import AnalysisOptions, analyze, model_versions
 
     out = Path(args.out)
-    cases = ["malignant", "benign", "borderline", "none"]
-    print(f"cspine demo: {len(cases)} SYNTHETIC studies (one per tumor class, one tumor-free) in {out}")
-    truths = {}
-    for index, tumor in enumerate(cases):
-        truths[tumor] = generate_case(
-            out / f"demo-{tumor}", f"demo-{tumor}", DEMO_SEED, index, PhantomOptions(tumor=tumor)
+    study = out / "study"
+    print(f"cspine demo: a SYNTHETIC study with a tumor in {study}", flush=True)
+    truth = generate_case(study, "demo", DEMO_SEED, 0, PhantomOptions(tumor="malignant"))
+    lesion = truth["tumor"]
+    grpc_port, metrics_port = free_ports(2)
+    triton = TritonPorts.free()
+    serve = [sys.executable, "-m", "cspine", "serve", "--port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    serve += ["--data-dir", str(out / "data"), "--triton-http-port", str(triton.http)]
+    serve += ["--triton-grpc-port", str(triton.grpc), "--triton-metrics-port", str(triton.metrics)]
+    print("starting cspine serve (local Triton on CPU, then the gateway) …", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "serve.log").open("w")  # the server's JSON log lines, for when something goes wrong
+    server = subprocess.Popen(serve, stderr=log)
+    address = f"127.0.0.1:{grpc_port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    raise CspineError(f"cspine serve exited with code {server.returncode}; see {out / 'serve.log'}")
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise CspineError("cspine serve did not become SERVING within 300 s")
+                time.sleep(1.0)
+        print(
+            f"\ntruth: {lesion['class']} ({lesion['subtype']}) at {lesion['primary_level']}, "
+            f"{lesion['max_diameter_mm']:.1f} mm; C2–C7 Cobb {truth['cobb_angle_c2_c7_deg']:.1f}°\n",
+            flush=True,
         )
-    repository = default_repository()
-    print("starting the local Triton (CPU) …", flush=True)
-
-    async def run(url: str) -> None:
-        async with TritonClient(url, timeout_s=120.0) as client:
-            prototypes, calibration = default_prototypes(), Calibration.load(repository)
-            for tumor in cases:
-                case_dir = out / f"demo-{tumor}"
-                study = ingest_paths([case_dir / f for f in ("ct", "mr", "xr")], limits=IngestLimits.from_env())
-                options = AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True)
-                analysis = await analyze(study, client, prototypes, calibration, options, model_versions(repository))
-                lesion = truths[tumor]["tumor"]
-                truth = (
-                    f"{lesion['class']} ({lesion['subtype']}) at {lesion['primary_level']}, "
-                    f"{lesion['max_diameter_mm']:.1f} mm"
-                    if lesion
-                    else "no tumor"
-                )
-                print(f"\n== demo-{tumor}  (truth: {truth}; Cobb {truths[tumor]['cobb_angle_c2_c7_deg']:.1f}°)")
-                print(format_analysis(analysis))
-                for name, data in (("seg.dcm", analysis.dicom_seg), ("sr.dcm", analysis.dicom_sr)):
-                    if data:
-                        (case_dir / name).write_bytes(data)
-                print(f"analysed in {analysis.stage_seconds['total']:.1f} s; DICOM SEG and SR written to {case_dir}")
-
-    with LocalTriton(repository, TritonPorts.free()) as triton:
-        asyncio.run(run(triton.grpc_url))
-    return 0
+        analyze = [sys.executable, "-m", "cspine", "analyze", str(study), "--server", address]
+        analyze += ["--seg", str(out / "seg.dcm"), "--sr", str(out / "sr.dcm"), "--overlay", str(out / "overlay.png")]
+        return subprocess.call(analyze)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        print(f"cspine serve stopped (its log: {out / 'serve.log'})")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -324,8 +343,8 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def add_triton_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the local Triton, shared by ``cspine triton start`` and ``cspine serve``."""
+def add_triton_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Flags of the local Triton, shared by ``cspine triton start`` and (with prefix ``triton-``) ``cspine serve``."""
     p.add_argument(
         "--repository",
         default=os.environ.get("CSPINE_MODEL_REPOSITORY", str(default_repository())),
@@ -334,7 +353,8 @@ def add_triton_arguments(p: argparse.ArgumentParser) -> None:
     for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
         env = f"CSPINE_TRITON_{name.upper()}_PORT"
         p.add_argument(
-            f"--{name}-port",
+            f"--{prefix}{name}-port",
+            dest=f"triton_{name}_port",
             type=int,
             default=_env_int(env, port),
             help=f"Triton {name} port (env {env}, default {port})",
@@ -349,6 +369,46 @@ def add_triton_arguments(p: argparse.ArgumentParser) -> None:
         help="ONNX Runtime threads per model (env CSPINE_ORT_THREADS; default: each config.pbtxt's ort_threads)",
     )
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level (default 0)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    from contextlib import ExitStack
+
+    from cspine.gateway import logs
+    from cspine.gateway.metrics import Metrics
+    from cspine.gateway.server import GatewayConfig, run_gateway
+    from cspine.inference.client import TritonClient
+    from cspine.service import AnalysisService
+
+    logs.configure(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
+    config = GatewayConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        grace_s=args.grace,
+    )
+    data_dir = Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+
+    async def run(url: str) -> None:
+        async with TritonClient(url, timeout_s=120.0, observer=metrics.observe_triton) as client:
+            service = AnalysisService(
+                client,
+                Path(args.repository),
+                limits=IngestLimits.from_env(),
+                max_studies_in_flight=args.max_studies_in_flight,
+            )
+            await run_gateway(service, config, metrics)
+
+    with ExitStack() as stack:
+        url = args.triton_url
+        if url is None:
+            url = stack.enter_context(_triton(args)).grpc_url
+        print(f"cspine serve: gRPC on {config.host}:{config.port}, Triton at {url}, data in {data_dir}", flush=True)
+        asyncio.run(run(url))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -441,8 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--triton-url", default=None, help="an external Triton (default: start the local one)")
     b.add_argument("--repeats", type=int, default=5, help="timed analyses after one warm-up (default 5)")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench_pipeline)
+    b = bench.add_parser(
+        "gateway",
+        help="the same SYNTHETIC study through gRPC and the gateway vs the pipeline in-process, side by side",
+    )
+    b.add_argument("--triton-url", default=None, help="an external Triton (default: start the local one)")
+    b.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each (default 5)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_gateway)
 
     p = sub.add_parser(
         "train",
@@ -523,6 +590,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-subtype", type=int, default=12, help="support lesions per subtype (default 12)")
     p.set_defaults(func=cmd_calibrate)
 
+    from cspine.client import add_analyze_command
+
+    add_analyze_command(sub)
+
+    p = sub.add_parser(
+        "serve",
+        help="the local Triton (CPU) and the gRPC gateway in one command, until Ctrl-C / SIGTERM",
+        description=(
+            "Start the local Triton over the model repository (or use --triton-url) and the cspine gRPC API "
+            "(SpineAnalysis, grpc.health.v1.Health, reflection) with Prometheus metrics on their own port. "
+            "SIGTERM stops taking studies and lets those in flight finish within --grace seconds."
+        ),
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("CSPINE_HOST", "127.0.0.1"),
+        help="listen address (env CSPINE_HOST, default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("CSPINE_PORT", 50051),
+        help="gateway gRPC port (env CSPINE_PORT, default 50051)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("CSPINE_METRICS_PORT", 9464),
+        help="gateway Prometheus port (env CSPINE_METRICS_PORT, default 9464; 0: off)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
+        help="where cspine keeps its data (env CSPINE_DATA_DIR, default ~/.local/share/cspine)",
+    )
+    p.add_argument(
+        "--triton-url",
+        default=os.environ.get("CSPINE_TRITON_URL"),
+        help="an external Triton's gRPC address (env CSPINE_TRITON_URL); default: start the local Triton",
+    )
+    p.add_argument(
+        "--max-studies-in-flight",
+        type=int,
+        default=_env_int("CSPINE_MAX_STUDIES_IN_FLIGHT", 2),
+        help="studies analysed at once; more get RESOURCE_EXHAUSTED (env CSPINE_MAX_STUDIES_IN_FLIGHT, default 2)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=float(os.environ.get("CSPINE_GRACE_SECONDS", "30")),
+        help="seconds in-flight studies get to finish on SIGTERM (env CSPINE_GRACE_SECONDS, default 30)",
+    )
+    add_triton_arguments(p, prefix="triton-")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("triton", help="the local Triton server and the GPU model-plan commands")
     triton = p.add_subparsers(dest="triton", required=True)
     t = triton.add_parser(
@@ -552,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="analyse four SYNTHETIC studies on the local Triton: report, DICOM SEG and SR per study",
+        help="start cspine serve, upload a SYNTHETIC study with `cspine analyze`, print the report, write "
+        "SEG, SR and an overlay PNG, stop",
     )
     p.add_argument("--out", default="out/demo", help="folder for the demo's SYNTHETIC studies")
     p.set_defaults(func=cmd_demo)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -84,12 +85,17 @@ async def _run(url: str, case_dir: Path, repeats: int) -> dict:
     }
 
 
-def bench_pipeline(triton_url: str | None, repeats: int, progress: bool = True) -> dict:
+def _on_bench_study(triton_url: str | None, run: Callable[[str, Path], Awaitable[dict]]) -> dict:
+    """Write the bench's SYNTHETIC study, start the local Triton unless a URL is given, and run ``run``."""
     with tempfile.TemporaryDirectory(prefix="cspine-bench-") as scratch, ExitStack() as stack:
         case_dir = Path(scratch) / "study"
         generate_case(case_dir, "bench", BENCH_SEED, 0, PhantomOptions(tumor="malignant"))
         url = triton_url or stack.enter_context(LocalTriton(default_repository(), TritonPorts.free())).grpc_url
-        return asyncio.run(_run(url, case_dir, repeats))
+        return asyncio.run(run(url, case_dir))
+
+
+def bench_pipeline(triton_url: str | None, repeats: int) -> dict:
+    return _on_bench_study(triton_url, lambda url, case_dir: _run(url, case_dir, repeats))
 
 
 def format_bench(result: dict) -> str:
@@ -104,4 +110,72 @@ def format_bench(result: dict) -> str:
             f"{result['non_model_seconds']:.2f} s in the pipeline's own stages (ingest, preprocess, measure, fuse)",
             f"  non-model share of the work: {100 * result['non_model_share']:.0f} % (goal ≤ 25 %)",
         ]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# The gateway's cost: the same study through gRPC and the gateway vs the pipeline called in-process
+
+
+async def _gateway_run(url: str, case_dir: Path, repeats: int) -> dict:
+    import grpc
+
+    from cspine.gateway.metrics import Metrics
+    from cspine.gateway.server import GatewayConfig, start_gateway
+    from cspine.service import AnalysisService
+    from cspine.v1 import analysis_pb2 as pb
+    from cspine.v1 import analysis_pb2_grpc as pb_grpc
+
+    paths = sorted(p for f in ("ct", "mr", "xr") for p in (case_dir / f).glob("*.dcm"))
+    blobs = [p.read_bytes() for p in paths]  # both sides start from bytes in memory
+    async with TritonClient(url, timeout_s=120.0) as client:
+        await client.check_ready()
+        service = AnalysisService(client, default_repository(), max_studies_in_flight=1)
+        gateway = await start_gateway(service, GatewayConfig(port=0, metrics_port=None), Metrics())
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{gateway.port}", options=[("grpc.max_receive_message_length", 256 << 20)]
+        )
+        stub = pb_grpc.SpineAnalysisStub(channel)
+
+        async def in_process() -> float:
+            start = time.perf_counter()
+            await service.analyze([(f"#{i}", blob) for i, blob in enumerate(blobs)])
+            return time.perf_counter() - start
+
+        async def through_grpc() -> float:
+            start = time.perf_counter()
+            await stub.AnalyzeStudy(iter([pb.StudyUpload(dicom_instance=blob) for blob in blobs]), timeout=120)
+            return time.perf_counter() - start
+
+        try:
+            await in_process(), await through_grpc()  # warm-up
+            direct, wire = [], []
+            for _ in range(repeats):  # alternate, so drift on this shared machine hits both alike
+                direct.append(await in_process())
+                wire.append(await through_grpc())
+        finally:
+            await channel.close()
+            await gateway.stop(1.0)
+    d, w = float(np.median(direct)), float(np.median(wire))
+    return {
+        "synthetic": True,
+        "instances": len(blobs),
+        "megabytes": round(sum(map(len, blobs)) / 1e6, 1),
+        "repeats": repeats,
+        "in_process_s": round(d, 4),
+        "gateway_s": round(w, 4),
+        "overhead_ratio": round(w / d, 4),
+    }
+
+
+def bench_gateway(triton_url: str | None, repeats: int) -> dict:
+    return _on_bench_study(triton_url, lambda url, case_dir: _gateway_run(url, case_dir, repeats))
+
+
+def format_gateway_bench(result: dict) -> str:
+    return (
+        f"one SYNTHETIC study, {result['instances']} instances, {result['megabytes']} MB, median of "
+        f"{result['repeats']} alternating runs:\n"
+        f"  in-process pipeline (ingest + analysis) {result['in_process_s']:.3f} s; through gRPC and the gateway "
+        f"{result['gateway_s']:.3f} s: {100 * (result['overhead_ratio'] - 1):+.1f} % (goal ≤ +10 %)"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -49,9 +50,17 @@ def channel_args(round_robin: bool = False) -> list[tuple[str, object]]:
 class TritonClient:
     """One channel to Triton (or, with ``round_robin``, to every Triton behind a DNS name)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, round_robin: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        round_robin: bool = False,
+        observer: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.observer = observer  # called with (model, seconds) after every inference request
         self._client = triton_aio.InferenceServerClient(url, channel_args=channel_args(round_robin))
 
     async def close(self) -> None:
@@ -111,10 +120,14 @@ class TritonClient:
             tensor.set_data_from_numpy(value)
             request.append(tensor)
         outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
+        start = time.perf_counter()
         try:
             result = await self._client.infer(spec.name, request, outputs=outputs, client_timeout=left)
         except InferenceServerException as error:
             raise self._translate(error, spec.name) from None
+        finally:
+            if self.observer is not None:
+                self.observer(spec.name, time.perf_counter() - start)
         answer = {t.name: result.as_numpy(t.name) for t in spec.outputs}
         check_outputs(spec, inputs, answer)
         return answer

@@ -53,12 +53,19 @@ class TritonPorts:
     @staticmethod
     def free() -> TritonPorts:
         """Three ports the OS says are free now (for a Triton that only this process talks to)."""
-        found = []
-        for _ in range(3):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                found.append(s.getsockname()[1])
-        return TritonPorts(*found)
+        return TritonPorts(*free_ports(3))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that are free now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass(frozen=True)

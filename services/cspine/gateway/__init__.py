@@ -1,0 +1,1 @@
+"""The gRPC gateway: server factory, servicer (protobuf ⇄ domain only), interceptors, metrics, health."""

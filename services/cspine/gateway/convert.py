@@ -1,0 +1,144 @@
+"""Domain ⇄ protobuf for the API v1: nothing else. Closed sets convert through tables."""
+
+from __future__ import annotations
+
+from cspine.domain import (
+    Assessment,
+    Lesion,
+    LevelMeasurement,
+    Modality,
+    ModalityResult,
+    SpineMeasurements,
+    StudyAnalysis,
+)
+from cspine.pipeline import AnalysisOptions
+from cspine.service import ServiceInfo
+from cspine.v1 import analysis_pb2 as pb
+
+MODALITY_TO_PB = {None: pb.MODALITY_UNSPECIFIED, Modality.CT: pb.CT, Modality.MR: pb.MR, Modality.XR: pb.XR}
+MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
+
+
+def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None) -> AnalysisOptions:
+    if options is None:
+        return AnalysisOptions(deadline_s=deadline_s)
+    modalities = frozenset(MODALITY_FROM_PB[m] for m in options.modalities if m != pb.MODALITY_UNSPECIFIED)
+    return AnalysisOptions(
+        return_dicom_seg=options.return_dicom_seg,
+        return_dicom_sr=options.return_dicom_sr,
+        modalities=modalities or None,
+        deadline_s=deadline_s,
+    )
+
+
+def assessment_to_pb(a: Assessment) -> pb.Assessment:
+    return pb.Assessment(
+        tumor_detected=a.tumor_detected,
+        detection_score=a.detection_score,
+        probabilities=[pb.ClassProbability(label=p.label, probability=p.probability) for p in a.probabilities],
+        uncertainty=a.uncertainty,
+    )
+
+
+def lesion_to_pb(lesion: Lesion) -> pb.Lesion:
+    out = pb.Lesion(
+        vertebral_level=lesion.vertebral_level,
+        max_diameter_mm=lesion.max_diameter_mm,
+        levels=list(lesion.levels),
+        centre_mm=list(lesion.centre_mm),
+        bbox_min_mm=list(lesion.bbox_min_mm),
+        bbox_max_mm=list(lesion.bbox_max_mm),
+        series_instance_uid=lesion.series_instance_uid,
+    )
+    if lesion.volume_ml is not None:
+        out.volume_ml = lesion.volume_ml
+    if lesion.area_mm2 is not None:
+        out.area_mm2 = lesion.area_mm2
+    if lesion.assessment is not None:
+        out.assessment.CopyFrom(assessment_to_pb(lesion.assessment))
+    return out
+
+
+def modality_to_pb(result: ModalityResult) -> pb.ModalityResult:
+    return pb.ModalityResult(
+        modality=MODALITY_TO_PB[result.modality],
+        series=[
+            pb.SeriesUsed(
+                role=s.role.value, series_instance_uid=s.series_instance_uid, description=s.description, slices=s.slices
+            )
+            for s in result.series
+        ],
+        lesions=[lesion_to_pb(lesion) for lesion in result.lesions],
+        assessment=assessment_to_pb(result.assessment),
+    )
+
+
+_LEVEL_VALUES = ("canal_area_mm2", "cord_area_mm2", "cord_compression_ratio", "disc_height_mm")
+
+
+def level_to_pb(m: LevelMeasurement) -> pb.LevelMeasurement:
+    out = pb.LevelMeasurement(
+        level=m.level,
+        canal_source=MODALITY_TO_PB[m.canal_source],
+        cord_source=MODALITY_TO_PB[m.cord_source],
+        disc_source=MODALITY_TO_PB[m.disc_source],
+    )
+    for name in _LEVEL_VALUES:
+        value = getattr(m, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+def spine_to_pb(spine: SpineMeasurements) -> pb.SpineMeasurements:
+    out = pb.SpineMeasurements(
+        levels=[level_to_pb(m) for m in spine.levels], cobb_source=MODALITY_TO_PB[spine.cobb_source]
+    )
+    if spine.cobb_angle_deg is not None:
+        out.cobb_angle_deg = spine.cobb_angle_deg
+    if spine.opll is not None:
+        out.opll.CopyFrom(
+            pb.Opll(
+                present=spine.opll.present,
+                occupying_ratio=spine.opll.occupying_ratio,
+                max_thickness_mm=spine.opll.max_thickness_mm,
+                levels=list(spine.opll.levels),
+            )
+        )
+    return out
+
+
+def analysis_to_pb(analysis: StudyAnalysis, request_id: str) -> pb.StudyAnalysis:
+    return pb.StudyAnalysis(
+        study_instance_uid=analysis.study_instance_uid,
+        modalities=[modality_to_pb(r) for r in analysis.modalities],
+        fused=assessment_to_pb(analysis.fused),
+        spine=spine_to_pb(analysis.spine),
+        prototype_set_version=analysis.prototype_set_version,
+        models=[pb.ModelVersion(name=m.name, version=m.version) for m in analysis.models],
+        notices=[
+            pb.Notice(code=n.code.value, message=n.message, series_instance_uid=n.series_instance_uid or "")
+            for n in analysis.notices
+        ],
+        dicom_seg=analysis.dicom_seg or b"",
+        dicom_sr=analysis.dicom_sr or b"",
+        stage_seconds=analysis.stage_seconds,
+        request_id=request_id,
+    )
+
+
+def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
+    return pb.ServiceInfo(
+        version=info.version,
+        models=[pb.ModelVersion(name=m.name, version=m.version) for m in info.models],
+        prototype_set_version=info.prototype_set_version,
+        labels=list(info.labels),
+        synthetic_support_set=info.synthetic_support_set,
+        limits=pb.Limits(
+            max_instances=info.limits.max_instances,
+            max_study_bytes=info.limits.max_study_bytes,
+            max_study_voxels=info.limits.max_study_voxels,
+            max_studies_in_flight=info.max_studies_in_flight,
+            max_message_bytes=max_message_bytes,
+        ),
+    )

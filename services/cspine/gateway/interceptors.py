@@ -1,0 +1,104 @@
+"""The one interceptor of the gateway: a request id on every call (from ``x-request-id`` metadata or new),
+``CspineError`` categories mapped to gRPC status codes (the only place this happens), unexpected errors
+turned into INTERNAL with a generic message (the trace goes to the log, never to the client), and request
+counts and latency per RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+
+import grpc
+
+from cspine.errors import (
+    CspineError,
+    DeadlineExceededError,
+    InferenceError,
+    InvalidInputError,
+    LimitExceededError,
+    UnavailableError,
+)
+from cspine.gateway.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# First match wins: FrameTooLargeError is bad input and a limit, and a limit is what the caller can act on.
+STATUS_OF_ERROR: tuple[tuple[type[CspineError], grpc.StatusCode], ...] = (
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (InferenceError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(error: CspineError) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS_OF_ERROR if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
+class GatewayInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/cspine."):
+            return handler  # health and reflection pass through
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(rpc, metadata, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(rpc, metadata, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap(self, rpc: str, metadata: dict, behaviour):
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
+            token = REQUEST_ID.set(request_id)
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                await context.send_initial_metadata((("x-request-id", request_id),))
+                return await behaviour(request, context)
+            except CspineError as error:
+                code = status_of(error)
+                logger.info("%s refused: %s %s", rpc, code.name, error)
+                await context.abort(code, f"{error} (request {request_id})")
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:  # the client went away: everything it held is released on the way out
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                logger.exception("%s failed", rpc)
+                await context.abort(code, f"internal error (request {request_id})")
+            finally:
+                self.metrics.requests.labels(rpc, code.name).inc()
+                self.metrics.latency.labels(rpc).observe(time.perf_counter() - start)
+                REQUEST_ID.reset(token)
+
+        return wrapped
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record (``%(request_id)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True

@@ -1,0 +1,130 @@
+"""The gateway's grpc.aio server: a factory (``create_server`` → (server, port)) apart from running it
+(``run_gateway``: health tracking Triton, metrics endpoint, SIGTERM drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cspine.gateway.interceptors import GatewayInterceptor
+from cspine.gateway.metrics import Metrics
+from cspine.gateway.servicer import SpineAnalysisServicer
+from cspine.service import AnalysisService
+from cspine.v1 import analysis_pb2 as pb
+from cspine.v1 import analysis_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["SpineAnalysis"].full_name,)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    metrics_port: int | None = 9464  # None: no metrics endpoint
+    max_message_bytes: int = 16 * MiB  # one upload message; larger instances come in chunks
+    grace_s: float = 30.0  # on SIGTERM, in-flight studies get this long to finish
+    health_interval_s: float = 2.0  # how often Triton's readiness is checked
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0–65535, got {self.port}")
+        if self.max_message_bytes < MiB:
+            raise ValueError(f"max_message_bytes must be at least 1 MiB, got {self.max_message_bytes}")
+        if self.grace_s < 0 or self.health_interval_s <= 0:
+            raise ValueError("grace_s must be >= 0 and health_interval_s > 0")
+
+
+def create_server(
+    service: AnalysisService, config: GatewayConfig, metrics: Metrics, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A configured, not yet started server and the port it is bound to."""
+    server = grpc.aio.server(
+        interceptors=[GatewayInterceptor(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", 256 * MiB),  # SEG and SR of a large CT
+        ],
+    )
+    pb_grpc.add_SpineAnalysisServicer_to_server(
+        SpineAnalysisServicer(service, metrics, config.max_message_bytes), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    return server, port
+
+
+async def track_health(
+    service: AnalysisService, health_servicer: health.aio.HealthServicer, metrics: Metrics, interval_s: float
+) -> None:
+    """SERVING while Triton and every model answer, NOT_SERVING otherwise; checked every ``interval_s``."""
+    last = None
+    while True:
+        ready = await service.ready()
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, status)
+        metrics.triton_ready.set(1 if ready else 0)
+        if ready != last:
+            logger.info("health: %s", "SERVING" if ready else "NOT_SERVING (Triton is not ready)")
+            last = ready
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class Gateway:
+    """A started gateway: its server, port and health, until ``stop``."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    watcher: asyncio.Task
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking studies (health NOT_SERVING), let those in flight finish within ``grace_s``."""
+        self.watcher.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_gateway(service: AnalysisService, config: GatewayConfig, metrics: Metrics) -> Gateway:
+    health_servicer = health.aio.HealthServicer()
+    server, port = create_server(service, config, metrics, health_servicer)
+    metrics.prototype_set.labels(service.prototypes.version).set(1)
+    for name in ("", *SERVICE_NAMES):  # until the first check says otherwise
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    watcher = asyncio.create_task(track_health(service, health_servicer, metrics, config.health_interval_s))
+    return Gateway(server, port, health_servicer, watcher)
+
+
+async def run_gateway(service: AnalysisService, config: GatewayConfig, metrics: Metrics) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    gateway = await start_gateway(service, config, metrics)
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port, config.host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info(
+        "cspine gateway on %s:%d (metrics %s)",
+        config.host,
+        gateway.port,
+        "off" if config.metrics_port is None else f":{config.metrics_port}",
+    )
+    await stop.wait()
+    logger.info("draining: %d studies in flight, grace %.0f s", service.in_flight, config.grace_s)
+    await gateway.stop(config.grace_s)
+    logger.info("stopped")

@@ -1,0 +1,97 @@
+"""An AnalyzeStudy upload stream → the study's instances, checked as they arrive: options only first,
+chunks in order and complete, and the study's instance and byte limits enforced before more is read."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cspine.config import IngestLimits
+from cspine.errors import EmptyStudyError, InvalidInputError, StudyTooLargeError
+from cspine.v1 import analysis_pb2 as pb
+
+
+class UploadError(InvalidInputError):
+    """The upload stream is not well formed (the message says where)."""
+
+
+@dataclass
+class Upload:
+    instances: list[tuple[str, bytes]] = field(default_factory=list)
+    options: pb.AnalysisOptions | None = None
+    received_bytes: int = 0
+
+
+class _Assembler:
+    def __init__(self, limits: IngestLimits) -> None:
+        self.limits = limits
+        self.upload = Upload()
+        self.messages = 0
+        self.chunked = 0  # chunked instances completed so far
+        self.partial: bytearray | None = None  # the chunked instance being received
+
+    def _add_bytes(self, count: int) -> None:
+        self.upload.received_bytes += count
+        if self.upload.received_bytes > self.limits.max_study_bytes:
+            raise StudyTooLargeError(f"the study is larger than the limit of {self.limits.max_study_bytes} bytes")
+
+    def _add_instance(self, name: str, data: bytes) -> None:
+        if len(self.upload.instances) >= self.limits.max_instances:
+            raise StudyTooLargeError(f"the study has more than the limit of {self.limits.max_instances} instances")
+        self.upload.instances.append((name, data))
+
+    def take(self, message: pb.StudyUpload) -> None:
+        self.messages += 1
+        part = message.WhichOneof("part")
+        if part == "options":
+            if self.messages != 1:
+                raise UploadError(f"message {self.messages}: AnalysisOptions may only be the first message")
+            self.upload.options = message.options
+        elif part == "dicom_instance":
+            if self.partial is not None:
+                raise UploadError(
+                    f"message {self.messages}: a whole instance arrived before chunked instance "
+                    f"{self.chunked} was complete (last = true)"
+                )
+            self._add_bytes(len(message.dicom_instance))
+            self._add_instance(f"#{len(self.upload.instances) + 1}", message.dicom_instance)
+        elif part == "chunk":
+            self._chunk(message.chunk)
+        else:
+            raise UploadError(f"message {self.messages} is empty: it holds no options, instance or chunk")
+
+    def _chunk(self, chunk: pb.DicomChunk) -> None:
+        where = f"message {self.messages} (chunked instance {chunk.instance_index}, offset {chunk.offset})"
+        if chunk.instance_index != self.chunked:
+            raise UploadError(f"{where}: chunks out of order, expected chunked instance {self.chunked}")
+        expected = 0 if self.partial is None else len(self.partial)
+        if chunk.offset != expected:
+            raise UploadError(f"{where}: chunks out of order, expected offset {expected}")
+        if not chunk.data:
+            raise UploadError(f"{where}: the chunk holds no data")
+        self._add_bytes(len(chunk.data))
+        if self.partial is None:
+            self.partial = bytearray()
+        self.partial += chunk.data
+        if chunk.last:
+            self._add_instance(f"#{len(self.upload.instances) + 1}", bytes(self.partial))
+            self.partial = None
+            self.chunked += 1
+
+    def finish(self) -> Upload:
+        if self.partial is not None:
+            raise UploadError(
+                f"chunked instance {self.chunked} is incomplete: the stream ended after {len(self.partial)} bytes "
+                "without a chunk marked last"
+            )
+        if not self.upload.instances:
+            raise EmptyStudyError("the upload holds no DICOM instance")
+        return self.upload
+
+
+async def read_upload(messages: AsyncIterator[pb.StudyUpload], limits: IngestLimits) -> Upload:
+    """Read the whole upload stream into instances named by their position (``#1``, ``#2`` …)."""
+    assembler = _Assembler(limits)
+    async for message in messages:
+        assembler.take(message)
+    return assembler.finish()

@@ -1,0 +1,364 @@
+"""The gRPC gateway over a real socket, on a real local Triton: a full study round trip and every
+bad-input path over the wire; each gets the right status code and a message naming the problem, and the
+server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pydicom
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import dicom_builders as b
+from conftest import free_port
+from cspine.config import IngestLimits
+from cspine.domain import MEASURED_LEVELS
+from cspine.gateway.interceptors import RequestIdFilter
+from cspine.gateway.logs import JsonFormatter
+from cspine.gateway.metrics import Metrics
+from cspine.gateway.server import GatewayConfig, start_gateway
+from cspine.inference.client import TritonClient
+from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from cspine.service import AnalysisService
+from cspine.v1 import analysis_pb2 as pb
+from cspine.v1 import analysis_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GatewayThread:
+    """A real gateway (grpc.aio) on its own event loop thread, on a free port."""
+
+    def __init__(self, triton_url: str, *, limits=IngestLimits(), in_flight: int = 2, health_interval_s=2.0):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.metrics = Metrics()
+
+        async def start():
+            self.client = TritonClient(triton_url, timeout_s=60.0, observer=self.metrics.observe_triton)
+            self.service = AnalysisService(
+                self.client, default_repository(), limits=limits, max_studies_in_flight=in_flight
+            )
+            config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s)
+            return await start_gateway(self.service, config, self.metrics)
+
+        self.gateway = self.call(start())
+        self.address = f"127.0.0.1:{self.gateway.port}"
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 256 << 20)])
+        self.stub = pb_grpc.SpineAnalysisStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def call(self, coroutine, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def status(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service="cspine.v1.SpineAnalysis")).status
+
+    def close(self):
+        self.channel.close()
+        self.call(self.gateway.stop(1.0))
+        self.call(self.client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(triton):
+    server = GatewayThread(triton.grpc_url)
+    yield server
+    server.close()
+
+
+def files_of(case) -> list[Path]:
+    return sorted(p for folder in ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
+
+
+def upload(paths, options=None):
+    if options is not None:
+        yield pb.StudyUpload(options=options)
+    for path in paths:
+        yield pb.StudyUpload(dicom_instance=Path(path).read_bytes())
+
+
+def refused(stub, messages, code, match, timeout=60):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AnalyzeStudy(iter(messages), timeout=timeout)
+    assert caught.value.code() == code, caught.value.details()
+    assert match in caught.value.details()
+    return caught.value.details()
+
+
+def still_serving(gateway):
+    assert gateway.stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10).labels
+    assert gateway.service.in_flight == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# A full study
+
+
+@pytest.fixture(scope="module")
+def full_round_trip(gateway, phantom_cases):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        case = phantom_cases["malignant"]
+        options = pb.AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True)
+        metadata = (("x-request-id", "test-full-0001"),)
+        result, call = gateway.stub.AnalyzeStudy.with_call(
+            upload(files_of(case), options), metadata=metadata, timeout=120
+        )
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    return case, result, call, stream.getvalue()
+
+
+def test_a_full_study_round_trip_matches_the_phantom_truth(full_round_trip):
+    case, result, call, _ = full_round_trip
+    assert result.study_instance_uid == case.truth["study_instance_uid"]
+    assert [m.modality for m in result.modalities] == [pb.CT, pb.MR, pb.XR]
+    assert sum(p.probability for p in result.fused.probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert result.fused.tumor_detected
+    ct = result.modalities[0]
+    assert ct.lesions[0].vertebral_level == case.truth["tumor"]["primary_level"]
+    assert ct.lesions[0].HasField("volume_ml") and not ct.lesions[0].HasField("area_mm2")
+    close = 0
+    for level in result.spine.levels:
+        truth = case.truth["levels"][level.level]["canal_area_mm2"]
+        close += abs(level.canal_area_mm2 - truth) <= 0.15 * truth
+    assert [m.level for m in result.spine.levels] == list(MEASURED_LEVELS) and close >= 5
+    assert result.spine.cobb_source == pb.XR and result.spine.HasField("cobb_angle_deg")
+    assert result.dicom_seg[128:132] == b"DICM" and result.dicom_sr[128:132] == b"DICM"
+    assert result.request_id == "test-full-0001"
+    assert ("x-request-id", "test-full-0001") in tuple(call.initial_metadata())
+    assert result.stage_seconds["total"] > 0
+
+
+def test_metrics_count_the_study_its_stages_and_triton_calls(gateway, full_round_trip):
+    value = gateway.metrics.registry.get_sample_value
+    assert value("cspine_requests_total", {"rpc": "AnalyzeStudy", "code": "OK"}) >= 1
+    assert value("cspine_request_seconds_count", {"rpc": "AnalyzeStudy"}) >= 1
+    for stage in ("preprocess", "segment", "measure", "classify", "fuse"):
+        assert value("cspine_stage_seconds_count", {"stage": stage}) >= 1, stage
+    for model in ("seg_ct", "seg_mr", "seg_xr", "lesion_classify"):
+        assert value("cspine_triton_request_seconds_count", {"model": model}) >= 1, model
+    assert value("cspine_received_bytes_total") > 1e6
+    assert value("cspine_studies_in_flight") == 0
+
+
+def test_logs_are_structured_carry_the_request_id_and_name_no_patient(full_round_trip):
+    case, _, _, logs = full_round_trip
+    entries = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    assert any(e["request_id"] == "test-full-0001" for e in entries)
+    header = pydicom.dcmread(files_of(case)[0], stop_before_pixels=True)
+    for value in (str(header.PatientName), str(header.PatientID), str(header.PatientName).split("^")[-1]):
+        assert value not in logs
+
+
+def test_service_info_names_models_prototypes_and_limits(gateway):
+    info = gateway.stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
+    assert list(info.labels) == ["benign", "borderline", "malignant"]
+    assert {m.name for m in info.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
+    assert info.prototype_set_version.startswith("default-") and info.synthetic_support_set
+    assert info.limits.max_instances == IngestLimits().max_instances and info.limits.max_studies_in_flight == 2
+
+
+def test_health_is_serving_and_reflection_lists_the_api(gateway):
+    assert gateway.status() == SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
+    answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"cspine.v1.SpineAnalysis", "grpc.health.v1.Health"} <= names
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input over the wire
+
+
+def test_an_empty_stream_is_invalid(gateway):
+    refused(gateway.stub, [], grpc.StatusCode.INVALID_ARGUMENT, "the upload holds no DICOM instance")
+    still_serving(gateway)
+
+
+def test_garbage_bytes_are_invalid_naming_the_instance(gateway):
+    messages = [pb.StudyUpload(dicom_instance=b"\x00garbage" * 50)]
+    refused(gateway.stub, messages, grpc.StatusCode.INVALID_ARGUMENT, "instance #1: not a DICOM Part-10 file")
+    still_serving(gateway)
+
+
+def test_a_truncated_instance_is_invalid(gateway):
+    data = b.ct_series(2).files
+    messages = [pb.StudyUpload(dicom_instance=data[0][1]), pb.StudyUpload(dicom_instance=data[1][1][:-100])]
+    refused(gateway.stub, messages, grpc.StatusCode.INVALID_ARGUMENT, "instance #2: the pixel data ends after")
+    still_serving(gateway)
+
+
+def test_chunks_out_of_order_are_invalid(gateway):
+    data = b.ct_series(1).files[0][1]
+    messages = [
+        pb.StudyUpload(chunk=pb.DicomChunk(instance_index=0, offset=0, data=data[:100])),
+        pb.StudyUpload(chunk=pb.DicomChunk(instance_index=0, offset=200, data=data[200:], last=True)),
+    ]
+    refused(gateway.stub, messages, grpc.StatusCode.INVALID_ARGUMENT, "chunks out of order, expected offset 100")
+    unfinished = [pb.StudyUpload(chunk=pb.DicomChunk(instance_index=0, offset=0, data=data[:100]))]
+    refused(gateway.stub, unfinished, grpc.StatusCode.INVALID_ARGUMENT, "chunked instance 0 is incomplete")
+    late = [pb.StudyUpload(dicom_instance=data), pb.StudyUpload(options=pb.AnalysisOptions())]
+    refused(gateway.stub, late, grpc.StatusCode.INVALID_ARGUMENT, "AnalysisOptions may only be the first message")
+    still_serving(gateway)
+
+
+def test_chunked_instances_are_reassembled(gateway, phantom_cases):
+    paths = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+    data = paths[0].read_bytes()
+    step = 32 * 1024
+    messages = [
+        pb.StudyUpload(
+            chunk=pb.DicomChunk(instance_index=0, offset=o, data=data[o : o + step], last=o + step >= len(data))
+        )
+        for o in range(0, len(data), step)
+    ]
+    result = gateway.stub.AnalyzeStudy(iter(messages), timeout=60)
+    assert [m.modality for m in result.modalities] == [pb.XR]
+    assert len(messages) > 3
+
+
+def test_two_studies_in_one_stream_are_invalid(gateway):
+    first, second = b.ct_series(1).files[0][1], b.ct_series(1).files[0][1]
+    messages = [pb.StudyUpload(dicom_instance=first), pb.StudyUpload(dicom_instance=second)]
+    refused(gateway.stub, messages, grpc.StatusCode.INVALID_ARGUMENT, "instance #2")
+    still_serving(gateway)
+
+
+def test_an_oversize_study_is_refused_with_resource_exhausted(triton):
+    small = GatewayThread(triton.grpc_url, limits=IngestLimits(max_instances=3, max_study_bytes=10_000))
+    try:
+        files = [pb.StudyUpload(dicom_instance=f[1]) for f in b.ct_series(4).files]
+        refused(small.stub, files, grpc.StatusCode.RESOURCE_EXHAUSTED, "more than the limit of 3 instances")
+        big = [pb.StudyUpload(dicom_instance=b"x" * 6000), pb.StudyUpload(dicom_instance=b"x" * 6000)]
+        refused(small.stub, big, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than the limit of 10000 bytes")
+        still_serving(small)
+    finally:
+        small.close()
+
+
+class Held:
+    """An upload that sends one instance, then waits until released (or forever)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.release = threading.Event()
+
+    def __iter__(self):
+        yield pb.StudyUpload(dicom_instance=self.data)
+        self.release.wait(60)
+
+
+def _wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_too_many_concurrent_studies_are_refused_and_a_cancelled_upload_frees_its_place(triton, phantom_cases):
+    one = GatewayThread(triton.grpc_url, in_flight=1)
+    try:
+        held = Held(files_of(phantom_cases["benign"])[0].read_bytes())
+        future = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
+        assert _wait_for(lambda: one.service.in_flight == 1)
+        refused(one.stub, [pb.StudyUpload(dicom_instance=b"x")], grpc.StatusCode.RESOURCE_EXHAUSTED, "its limit")
+        future.cancel()  # the client goes away mid-upload
+        held.release.set()
+        assert _wait_for(lambda: one.service.in_flight == 0), "a cancelled upload must release its place"
+        xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+        assert one.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
+        counts = one.metrics.registry.get_sample_value(
+            "cspine_requests_total", {"rpc": "AnalyzeStudy", "code": "RESOURCE_EXHAUSTED"}
+        )
+        assert counts == 1.0
+    finally:
+        one.close()
+
+
+def test_an_expired_deadline_gives_deadline_exceeded_and_frees_the_service(gateway, phantom_cases):
+    refused(
+        gateway.stub,
+        list(upload(files_of(phantom_cases["benign"]))),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "",
+        timeout=0.8,
+    )
+    assert _wait_for(lambda: gateway.service.in_flight == 0, timeout=30)
+    still_serving(gateway)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton going away and coming back; SIGTERM
+
+
+@pytest.mark.slow
+def test_triton_stopped_mid_run_gives_unavailable_flips_health_and_recovers(phantom_cases):
+    ports = TritonPorts.free()
+    triton = LocalTriton(default_repository(), ports).start()
+    server = GatewayThread(triton.grpc_url, health_interval_s=0.3)
+    xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+    try:
+        assert _wait_for(lambda: server.status() == SERVING)
+        assert server.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
+        triton.stop()
+        assert _wait_for(lambda: server.status() == NOT_SERVING), "health must flip when Triton is gone"
+        refused(server.stub, list(upload(xr)), grpc.StatusCode.UNAVAILABLE, "Triton")
+        triton = LocalTriton(default_repository(), ports).start()
+        assert _wait_for(lambda: server.status() == SERVING, timeout=30), "health must recover with Triton"
+        assert server.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
+    finally:
+        server.close()
+        triton.stop()
+
+
+def test_sigterm_drains_the_study_in_flight_then_exits(triton, phantom_cases, tmp_path):
+    port = free_port()
+    env = {**os.environ, "CSPINE_DATA_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "cspine", "serve", "--triton-url", triton.grpc_url, "--port", str(port)]
+    process = subprocess.Popen([*command, "--metrics-port", "0", "--grace", "60"], env=env, stderr=subprocess.PIPE)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 256 << 20)])
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = pb_grpc.SpineAnalysisStub(channel)
+        future = stub.AnalyzeStudy.future(upload(files_of(phantom_cases["benign"])), timeout=120)
+        time.sleep(1.0)  # the study is being analysed
+        process.send_signal(signal.SIGTERM)
+        result = future.result()
+        assert result.fused.probabilities, "the study in flight finishes during the drain"
+        assert process.wait(timeout=60) == 0
+        channel.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        logs = process.stderr.read().decode()
+    assert "draining: 1 studies in flight" in logs and "stopped" in logs
