@@ -5,8 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cspine-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes.
-SYSTEM_PACKAGES := dicom3tools
+# Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes; the support
+# store's tests start a throwaway PostgreSQL 15 cluster.
+SYSTEM_PACKAGES := dicom3tools postgresql-15
 
 .PHONY: venv protos sysdeps demo test bench train clean
 
@@ -29,7 +30,7 @@ $(GENERATED) &: $(PROTOS) $(STAMP)
 	  --grpc_python_out=services $(PROTOS)
 
 sysdeps:
-	@command -v dciodvfy >/dev/null || \
+	@{ command -v dciodvfy && test -x /usr/lib/postgresql/15/bin/initdb; } >/dev/null || \
 	  $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }
 
@@ -47,6 +48,7 @@ bench: venv
 	$(BIN)/cspine bench triton
 	$(BIN)/cspine bench pipeline
 	$(BIN)/cspine bench gateway
+	$(BIN)/cspine bench adapt
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

@@ -1,13 +1,20 @@
-"""Shared fixtures: a small SYNTHETIC phantom cohort, made once per test session by the real generator."""
+"""Shared fixtures: a small SYNTHETIC phantom cohort made once per session by the real generator, a real
+local Triton, and a throwaway PostgreSQL 15 cluster."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 
 from cspine.phantom.generate import Case, PhantomOptions, build_case, write_case
 
@@ -63,3 +70,40 @@ def triton():
     ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
     with LocalTriton(default_repository(), ports) as server:
         yield server
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (trust auth); yields a function making a fresh database."""
+    assert (PG_BIN / "initdb").exists(), f"PostgreSQL 15 must be installed ({PG_BIN}): apt-get install postgresql-15"
+    root = Path(tempfile.mkdtemp(prefix="cspine-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses root
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(PG_BIN / tool), *args], check=True, capture_output=True, timeout=60)
+
+    pg("initdb", "-D", str(root / "data"), "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-o", options, "-w", "start")
+    admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
+    databases = itertools.count(1)
+
+    def new_database() -> str:
+        name = f"store_{next(databases)}"
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield new_database
+    finally:
+        admin.dispose()
+        pg("pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -25,6 +25,7 @@ import dicom_builders as b
 from conftest import free_port
 from cspine.config import IngestLimits
 from cspine.domain import MEASURED_LEVELS
+from cspine.gateway.auth import Role, TokenStore, bearer_metadata, find_client_token
 from cspine.gateway.interceptors import RequestIdFilter
 from cspine.gateway.logs import JsonFormatter
 from cspine.gateway.metrics import Metrics
@@ -39,10 +40,46 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+ANALYST_TOKEN = "analyst-token-for-tests-0001"
+CURATOR_TOKEN = "curator-token-for-tests-0001"
+TOKENS = TokenStore.from_pairs([("analyst", ANALYST_TOKEN), ("curator", CURATOR_TOKEN)])
+
+
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Sends ``authorization: Bearer TOKEN`` on every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = bearer_metadata(token)
+
+    def _details(self, details):
+        metadata = tuple(details.metadata or ()) + self.metadata
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.wait_for_ready, self.compression = details.wait_for_ready, details.compression
+        self.metadata = metadata
+
+
+def channel_to(address: str, token: str | None = ANALYST_TOKEN) -> grpc.Channel:
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
+    return grpc.intercept_channel(channel, Bearer(token)) if token else channel
+
+
 class GatewayThread:
     """A real gateway (grpc.aio) on its own event loop thread, on a free port."""
 
-    def __init__(self, triton_url: str, *, limits=IngestLimits(), in_flight: int = 2, health_interval_s=2.0):
+    def __init__(
+        self, triton_url: str, *, limits=IngestLimits(), in_flight: int = 2, health_interval_s=2.0, store=None
+    ):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -51,14 +88,14 @@ class GatewayThread:
         async def start():
             self.client = TritonClient(triton_url, timeout_s=60.0, observer=self.metrics.observe_triton)
             self.service = AnalysisService(
-                self.client, default_repository(), limits=limits, max_studies_in_flight=in_flight
+                self.client, default_repository(), limits=limits, max_studies_in_flight=in_flight, store=store
             )
             config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s)
-            return await start_gateway(self.service, config, self.metrics)
+            return await start_gateway(self.service, config, self.metrics, TOKENS)
 
         self.gateway = self.call(start())
         self.address = f"127.0.0.1:{self.gateway.port}"
-        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 256 << 20)])
+        self.channel = channel_to(self.address)
         self.stub = pb_grpc.SpineAnalysisStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -185,7 +222,7 @@ def test_service_info_names_models_prototypes_and_limits(gateway):
 
 
 def test_health_is_serving_and_reflection_lists_the_api(gateway):
-    assert gateway.status() == SERVING
+    assert _wait_for(lambda: gateway.status() == SERVING)
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
@@ -347,8 +384,10 @@ def test_sigterm_drains_the_study_in_flight_then_exits(triton, phantom_cases, tm
     command = [sys.executable, "-m", "cspine", "serve", "--triton-url", triton.grpc_url, "--port", str(port)]
     process = subprocess.Popen([*command, "--metrics-port", "0", "--grace", "60"], env=env, stderr=subprocess.PIPE)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 256 << 20)])
-        grpc.channel_ready_future(channel).result(timeout=60)
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(plain).result(timeout=60)
+        plain.close()
+        channel = channel_to(f"127.0.0.1:{port}", find_client_token(tmp_path, Role.ANALYST))
         stub = pb_grpc.SpineAnalysisStub(channel)
         future = stub.AnalyzeStudy.future(upload(files_of(phantom_cases["benign"])), timeout=120)
         time.sleep(1.0)  # the study is being analysed

@@ -216,6 +216,14 @@ def cmd_bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_adapt(args: argparse.Namespace) -> int:
+    from cspine.evaluation.bench import bench_adapt, format_adapt_bench
+
+    result = bench_adapt(args.triton_url, args.repeats)
+    print(json.dumps(result, indent=2) if args.json else format_adapt_bench(result))
+    return 0
+
+
 def _add_cohort_arguments(p: argparse.ArgumentParser, cases: int, seed: int) -> None:
     p.add_argument("--cases", type=int, default=cases, help=f"SYNTHETIC studies (default {cases})")
     p.add_argument("--seed", type=int, default=seed, help=f"phantom seed (default {seed})")
@@ -326,6 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         analyze = [sys.executable, "-m", "cspine", "analyze", str(study), "--server", address]
+        analyze += ["--data-dir", str(out / "data")]  # where serve keeps the tokens it generated
         analyze += ["--seg", str(out / "seg.dcm"), "--sr", str(out / "sr.dcm"), "--overlay", str(out / "overlay.png")]
         return subprocess.call(analyze)
     finally:
@@ -375,21 +384,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from contextlib import ExitStack
 
-    from cspine.gateway import logs
+    from cspine.fewshot.prototypes import SupportSet
+    from cspine.fewshot.store import SupportStore
+    from cspine.gateway import auth, logs
     from cspine.gateway.metrics import Metrics
     from cspine.gateway.server import GatewayConfig, run_gateway
     from cspine.inference.client import TritonClient
     from cspine.service import AnalysisService
 
     logs.configure(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
-    config = GatewayConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port or None,
-        grace_s=args.grace,
-    )
+    auth.check_bind_address(args.host, tokens_configured=args.tokens is not None)
+    config = GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port or None, grace_s=args.grace)
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if args.tokens:
+        tokens, new_tokens = auth.TokenStore.from_file(Path(args.tokens)), None
+    else:
+        tokens, new_tokens = auth.ensure_default_tokens(data_dir)
+    credentials = None
+    if args.tls_cert or args.tls_key:
+        credentials = auth.server_credentials(
+            Path(args.tls_cert), Path(args.tls_key), args.tls_client_ca and Path(args.tls_client_ca)
+        )
+    store = SupportStore(args.store_url or f"sqlite:///{data_dir / 'support.db'}")
+    store.migrate()
+    if store.seed_defaults(SupportSet.load()):
+        print("support set: seeded with cspine's SYNTHETIC default cases (version 1)", flush=True)
     metrics = Metrics()
 
     async def run(url: str) -> None:
@@ -399,14 +419,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 Path(args.repository),
                 limits=IngestLimits.from_env(),
                 max_studies_in_flight=args.max_studies_in_flight,
+                store=store,
             )
-            await run_gateway(service, config, metrics)
+            watcher = asyncio.create_task(service.watch_store(args.store_poll))
+            try:
+                await run_gateway(service, config, metrics, tokens, credentials)
+            finally:
+                watcher.cancel()
 
     with ExitStack() as stack:
+        stack.callback(store.close)
         url = args.triton_url
         if url is None:
             url = stack.enter_context(_triton(args)).grpc_url
         print(f"cspine serve: gRPC on {config.host}:{config.port}, Triton at {url}, data in {data_dir}", flush=True)
+        if new_tokens:
+            print(f"generated tokens (shown once; kept in {data_dir / auth.TOKENS_FILE}):", flush=True)
+            for role, token in new_tokens.items():
+                print(f"  {role.value}: {token}", flush=True)
         asyncio.run(run(url))
     return 0
 
@@ -510,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each (default 5)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_gateway)
+    b = bench.add_parser(
+        "adapt",
+        help="a new support case in use (AddCase → next analysis) vs fine-tuning the baseline on the same cases",
+    )
+    b.add_argument("--triton-url", default=None, help="an external Triton (default: start the local one)")
+    b.add_argument("--repeats", type=int, default=5, help="timed store writes and fine-tunings (default 5)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_adapt)
 
     p = sub.add_parser(
         "train",
@@ -591,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     from cspine.client import add_analyze_command
+    from cspine.support_cli import add_support_command
 
     add_analyze_command(sub)
+    add_support_command(sub)
 
     p = sub.add_parser(
         "serve",
@@ -641,6 +681,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(os.environ.get("CSPINE_GRACE_SECONDS", "30")),
         help="seconds in-flight studies get to finish on SIGTERM (env CSPINE_GRACE_SECONDS, default 30)",
+    )
+    p.add_argument(
+        "--store-url",
+        default=os.environ.get("CSPINE_STORE_URL"),
+        help="support store: sqlite:///FILE or postgresql+psycopg://… shared by replicas (env CSPINE_STORE_URL; "
+        "default sqlite:///DATA_DIR/support.db)",
+    )
+    p.add_argument(
+        "--store-poll",
+        type=float,
+        default=float(os.environ.get("CSPINE_STORE_POLL_SECONDS", "5")),
+        help="seconds between checks for changes made by other replicas (env CSPINE_STORE_POLL_SECONDS, default 5)",
+    )
+    p.add_argument(
+        "--tokens",
+        default=os.environ.get("CSPINE_TOKENS"),
+        help="file of 'ROLE TOKEN' lines (roles analyst, curator) (env CSPINE_TOKENS); without it the server "
+        "listens on loopback only and generates one token per role in DATA_DIR/tokens",
+    )
+    p.add_argument("--tls-cert", default=os.environ.get("CSPINE_TLS_CERT"), help="PEM certificate: serve TLS")
+    p.add_argument("--tls-key", default=os.environ.get("CSPINE_TLS_KEY"), help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("CSPINE_TLS_CLIENT_CA"),
+        help="PEM CA: require client certificates it signed",
     )
     add_triton_arguments(p, prefix="triton-")
     p.set_defaults(func=cmd_serve)

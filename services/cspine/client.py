@@ -75,15 +75,21 @@ def is_part10(path: Path) -> bool:
 
 
 def upload_messages(
-    paths: Iterable[Path | str], options: pb.AnalysisOptions | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    paths: Iterable[Path | str],
+    options: pb.AnalysisOptions | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    message: type = pb.StudyUpload,
+    lead_field: str = "options",
 ) -> Iterator[pb.StudyUpload]:
     """The AnalyzeStudy request stream: ``options`` first (when given), then every DICOM Part-10 file under
     ``paths``, whole when it fits in ``chunk_bytes``, else in ordered chunks. Files are read as the stream is
-    consumed, at most two chunks at a time; other files (truth.json, a README …) are skipped and logged."""
+    consumed, at most two chunks at a time; other files (truth.json, a README …) are skipped and logged.
+    ``message`` and ``lead_field`` make AddCase's stream instead (``support_pb2.CaseUpload``, ``header``)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
     if options is not None:
-        yield pb.StudyUpload(options=options)
+        yield message(**{lead_field: options})
     sent = chunked = 0
     for path in iter_files(paths):
         if not is_part10(path):
@@ -92,14 +98,14 @@ def upload_messages(
         sent += 1
         logger.debug("instance #%d: %s", sent, path)  # to find the file an error names by its position
         if path.stat().st_size <= chunk_bytes:
-            yield pb.StudyUpload(dicom_instance=path.read_bytes())
+            yield message(dicom_instance=path.read_bytes())
             continue
         with path.open("rb") as f:
             offset, data = 0, f.read(chunk_bytes)
             while data:
                 following = f.read(chunk_bytes)  # read ahead: the piece before the end must say last
                 chunk = pb.DicomChunk(instance_index=chunked, offset=offset, data=data, last=not following)
-                yield pb.StudyUpload(chunk=chunk)
+                yield message(chunk=chunk)
                 offset, data = offset + len(data), following
         chunked += 1
 
@@ -134,12 +140,33 @@ class _Upload:
             self._call.cancel()
 
 
-def _channel(address: str) -> grpc.Channel:
+def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def stream_call(method, messages: Iterator, *, timeout_s: float, token: str | None, progress=None):
+    """One client-streaming call fed by ``messages``; see _Upload for what happens when reading fails."""
+    upload = _Upload(messages, progress)
+    call = None
+    try:
+        call = method.future(iter(upload), timeout=timeout_s, metadata=bearer_metadata(token))
+    finally:
+        upload.start(call)
+    try:
+        return call.result()
+    except (grpc.RpcError, grpc.FutureCancelledError) as exc:
+        if upload.error is not None:
+            raise upload.error from None
+        if isinstance(exc, grpc.RpcError):
+            raise ClientError.from_rpc(exc) from None
+        raise
+    except BaseException:  # Ctrl-C: stop the upload and the work on the server too
+        call.cancel()
+        raise
 
 
 def analyze_paths(
@@ -157,33 +184,18 @@ def analyze_paths(
 
     Raises ClientError for a failed call, and the error itself when reading the files failed.
     """
-    upload = _Upload(upload_messages(paths, options, chunk_bytes), progress)
-    with _channel(address) as channel:
+    with open_channel(address) as channel:
         stub = pb_grpc.SpineAnalysisStub(channel)
-        call = None
-        try:
-            call = stub.AnalyzeStudy.future(iter(upload), timeout=timeout_s, metadata=_metadata(token))
-        finally:
-            upload.start(call)
-        try:
-            return call.result()
-        except (grpc.RpcError, grpc.FutureCancelledError) as exc:
-            if upload.error is not None:
-                raise upload.error from None
-            if isinstance(exc, grpc.RpcError):
-                raise ClientError.from_rpc(exc) from None
-            raise
-        except BaseException:  # Ctrl-C: stop the upload and the analysis on the server too
-            call.cancel()
-            raise
+        messages = upload_messages(paths, options, chunk_bytes)
+        return stream_call(stub.AnalyzeStudy, messages, timeout_s=timeout_s, token=token, progress=progress)
 
 
 def service_info(address: str, timeout_s: float, *, token: str | None = None) -> pb.ServiceInfo:
     """What the server at ``address`` runs: models, prototype set, labels and limits."""
-    with _channel(address) as channel:
+    with open_channel(address) as channel:
         stub = pb_grpc.SpineAnalysisStub(channel)
         try:
-            return stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=timeout_s, metadata=_metadata(token))
+            return stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=timeout_s, metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
             raise ClientError.from_rpc(exc) from None
 
@@ -356,6 +368,14 @@ HINTS = {
 }
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return args.token
+    from cspine.gateway.auth import Role, find_client_token
+
+    return find_client_token(Path(args.data_dir).expanduser(), Role.ANALYST)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -368,7 +388,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     bar = tqdm(desc="upload", unit="B", unit_scale=True, unit_divisor=1024, disable=True if args.quiet else None)
     try:
         result = analyze_paths(
-            args.server, args.paths, options, timeout_s=args.timeout, token=args.token, progress=bar.update
+            args.server, args.paths, options, timeout_s=args.timeout, token=_token(args), progress=bar.update
         )
     except ClientError as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
@@ -470,7 +490,13 @@ def add_analyze_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument(
         "--token",
         default=os.environ.get("CSPINE_TOKEN"),
-        help="bearer token sent as 'authorization: Bearer TOKEN' (env CSPINE_TOKEN, which keeps it out of ps)",
+        help="bearer token sent as 'authorization: Bearer TOKEN' (env CSPINE_TOKEN, which keeps it out of ps); "
+        "default: the analyst token `cspine serve` generated in --data-dir",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
+        help="where `cspine serve` keeps the tokens it generated (env CSPINE_DATA_DIR)",
     )
     p.add_argument("--quiet", action="store_true", help="no upload progress bar")
     p.set_defaults(func=cmd_analyze)

@@ -78,3 +78,27 @@ class TritonUnavailableError(UnavailableError):
 
 class InferenceError(CspineError):
     """Triton answered a well-formed request with an error or with outputs that break the model's contract."""
+
+
+class DuplicateCaseError(InvalidInputError):
+    """The study is already a case of the current support set (the message names the case, never the UID)."""
+
+
+class UnknownClassError(InvalidInputError):
+    """The label is not a class of the current support set and the caller did not ask to create it."""
+
+
+class CaseNotFoundError(InvalidInputError):
+    """No case of the current support set has that id."""
+
+
+class StoreUnavailableError(UnavailableError):
+    """The support store's database does not answer. The message names the store, never its password."""
+
+
+class UnauthenticatedError(CspineError):
+    """The call carries no bearer token, or one cspine does not know (→ UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(CspineError):
+    """The caller's role may not do this (→ PERMISSION_DENIED). The message names the role and the action."""

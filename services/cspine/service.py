@@ -20,8 +20,9 @@ from cspine.analysis.fusion import Calibration
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import ModelVersion, StudyAnalysis
-from cspine.errors import LimitExceededError
+from cspine.errors import CspineError, InvalidInputError, LimitExceededError
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
+from cspine.fewshot.store import Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
 from cspine.pipeline import AnalysisOptions, analyze, model_versions
 
@@ -49,16 +50,22 @@ class AnalysisService:
         max_studies_in_flight: int = 2,
         prototypes: PrototypeSet | None = None,
         synthetic_support_set: bool | None = None,
+        store: SupportStore | None = None,
     ) -> None:
         if max_studies_in_flight < 1:
             raise ValueError(f"max_studies_in_flight must be at least 1, got {max_studies_in_flight}")
         self.triton = triton
         self.limits = limits
         self.max_studies_in_flight = max_studies_in_flight
-        self.prototypes = prototypes or default_prototypes()
-        self.synthetic_support_set = (
-            SupportSet.load().synthetic if synthetic_support_set is None else synthetic_support_set
-        )
+        # With a store, the prototype set is the store's current version (see refresh_prototypes); without
+        # one, the shipped SYNTHETIC default, fixed.
+        self.store = store
+        self.prototypes = prototypes or (store.prototype_set() if store is not None else default_prototypes())
+        self.version_number = store.current_version() if store is not None else 0
+        if synthetic_support_set is None:
+            cases = store.list_cases() if store is not None else None
+            synthetic_support_set = all(c.synthetic for c in cases) if cases else SupportSet.load().synthetic
+        self.synthetic_support_set = synthetic_support_set
         self.calibration = Calibration.load(repository)
         self.models = model_versions(repository)
         self.in_flight = 0
@@ -81,6 +88,85 @@ class AnalysisService:
         study = await asyncio.to_thread(ingest, instances, self.limits)
         return await analyze(study, self.triton, self.prototypes, self.calibration, options, self.models)
 
+    # -- the support set --------------------------------------------------------------------------------
+
+    def _store(self) -> SupportStore:
+        if self.store is None:
+            raise InvalidInputError("this service has no support store: it runs the fixed default prototype set")
+        return self.store
+
+    async def refresh_prototypes(self) -> bool:
+        """Load the store's current prototype set if it changed (another replica may have written); True then."""
+        store = self._store()
+        number = await asyncio.to_thread(store.current_version)
+        if number == self.version_number:
+            return False
+        prototypes = await asyncio.to_thread(store.prototype_set, number)
+        self.prototypes, self.version_number = prototypes, number
+        self.synthetic_support_set = all(c.synthetic for c in await asyncio.to_thread(store.list_cases, number))
+        logger.info("prototype set %s is now in use", prototypes.version)
+        return True
+
+    async def watch_store(self, interval_s: float) -> None:
+        """Poll the store so changes made through other replicas are used within ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh_prototypes()
+            except CspineError as error:
+                logger.warning("support store: %s", error)
+
+    async def add_case(
+        self,
+        instances: Sequence[tuple[str, bytes]],
+        label: str,
+        pathology_reference: str,
+        note: str,
+        create_class: bool,
+        curator: str,
+    ) -> tuple[Case, VersionInfo]:
+        """Analyse a pathology-confirmed case up to its lesion embeddings and add it to the support set; the
+        next analysis uses the new prototype set."""
+        store = self._store()
+        study = await asyncio.to_thread(ingest, instances, self.limits)
+        analysis = await analyze(study, self.triton, self.prototypes, self.calibration, AnalysisOptions(), self.models)
+        embeddings = {
+            result.modality: result.lesions[0].embedding
+            for result in analysis.modalities
+            if result.lesions and result.lesions[0].embedding is not None
+        }
+        if not embeddings or not analysis.fused.tumor_detected:
+            raise InvalidInputError(
+                f"no lesion was found in the case (detection score {analysis.fused.detection_score:.2f}): "
+                "a support case needs a lesion to learn from"
+            )
+        number = await asyncio.to_thread(
+            lambda: store.add_case(
+                study.study_instance_uid,
+                label,
+                embeddings,
+                pathology_reference=pathology_reference,
+                curator=curator,
+                note=note,
+                create_class=create_class,
+            )
+        )
+        await self.refresh_prototypes()
+        added = max(await asyncio.to_thread(store.list_cases, number), key=lambda case: case.id)
+        return added, await asyncio.to_thread(store.version_info, number)
+
+    async def remove_case(self, case_id: int, curator: str) -> VersionInfo:
+        store = self._store()
+        number = await asyncio.to_thread(store.remove_case, case_id, curator)
+        await self.refresh_prototypes()
+        return await asyncio.to_thread(store.version_info, number)
+
+    async def cases(self, version: int | None) -> tuple[list[Case], VersionInfo, PrototypeSet]:
+        store = self._store()
+        info = await asyncio.to_thread(store.version_info, version)
+        found = await asyncio.to_thread(store.list_cases, info.number)
+        return found, info, await asyncio.to_thread(store.prototype_set, info.number)
+
     async def ready(self) -> bool:
         """Whether Triton answers and serves every model the pipeline calls."""
         try:
@@ -88,6 +174,12 @@ class AnalysisService:
         except Exception:  # noqa: BLE001 - any failure to answer means not ready; the reason is logged
             logger.warning("Triton at %s is not ready", self.triton.url)
             return False
+        if self.store is not None:
+            try:
+                await asyncio.to_thread(self.store.current_version)
+            except CspineError as error:
+                logger.warning("the support store does not answer: %s", error)
+                return False
         return True
 
     def info(self) -> ServiceInfo:

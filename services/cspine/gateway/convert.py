@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from cspine.domain import (
     Assessment,
     Lesion,
@@ -11,9 +13,12 @@ from cspine.domain import (
     SpineMeasurements,
     StudyAnalysis,
 )
+from cspine.fewshot.prototypes import PrototypeSet
+from cspine.fewshot.store import Case, VersionInfo
 from cspine.pipeline import AnalysisOptions
 from cspine.service import ServiceInfo
 from cspine.v1 import analysis_pb2 as pb
+from cspine.v1 import support_pb2 as spb
 
 MODALITY_TO_PB = {None: pb.MODALITY_UNSPECIFIED, Modality.CT: pb.CT, Modality.MR: pb.MR, Modality.XR: pb.XR}
 MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
@@ -141,4 +146,34 @@ def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
             max_studies_in_flight=info.max_studies_in_flight,
             max_message_bytes=max_message_bytes,
         ),
+    )
+
+
+def _rfc3339(moment) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def version_to_pb(info: VersionInfo, prototypes: PrototypeSet, counts: dict[str, int]) -> spb.PrototypeSetInfo:
+    return spb.PrototypeSetInfo(
+        version=prototypes.version,
+        number=info.number,
+        classes=[spb.ClassInfo(label=label, cases=counts.get(label, 0)) for label in prototypes.labels],
+        created_at=_rfc3339(info.created_at),
+        created_by=info.created_by,
+        change=info.change,
+        modalities=[MODALITY_TO_PB[m] for m in prototypes.prototypes],
+        cases=info.case_count,
+    )
+
+
+def case_to_pb(case: Case) -> spb.SupportCase:
+    return spb.SupportCase(
+        case_id=case.id,
+        label=case.label,
+        pathology_reference=case.pathology_reference,
+        note=case.note,
+        curator=case.curator,
+        created_at=_rfc3339(case.created_at),
+        synthetic=case.synthetic,
+        modalities=[MODALITY_TO_PB[m] for m in case.modalities],
     )

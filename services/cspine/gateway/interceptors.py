@@ -19,6 +19,8 @@ from cspine.errors import (
     InferenceError,
     InvalidInputError,
     LimitExceededError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from cspine.gateway.metrics import Metrics
@@ -34,6 +36,8 @@ STATUS_OF_ERROR: tuple[tuple[type[CspineError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (InferenceError, grpc.StatusCode.INTERNAL),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

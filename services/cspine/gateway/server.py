@@ -12,17 +12,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cspine.gateway.auth import AuthInterceptor, TokenStore
 from cspine.gateway.interceptors import GatewayInterceptor
 from cspine.gateway.metrics import Metrics
-from cspine.gateway.servicer import SpineAnalysisServicer
+from cspine.gateway.servicer import SpineAnalysisServicer, SupportSetServicer
 from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
+from cspine.v1 import support_pb2 as spb
+from cspine.v1 import support_pb2_grpc as spb_grpc
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["SpineAnalysis"].full_name,)
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["SpineAnalysis"].full_name,
+    spb.DESCRIPTOR.services_by_name["SupportSet"].full_name,
+)
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,17 @@ class GatewayConfig:
 
 
 def create_server(
-    service: AnalysisService, config: GatewayConfig, metrics: Metrics, health_servicer: health.aio.HealthServicer
+    service: AnalysisService,
+    config: GatewayConfig,
+    metrics: Metrics,
+    health_servicer: health.aio.HealthServicer,
+    tokens: TokenStore,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A configured, not yet started server and the port it is bound to."""
+    """A configured, not yet started server and the port it is bound to (TLS when ``credentials``)."""
+    # The gateway's interceptor is the outer one, so refused calls still get a request id and are counted.
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor(metrics)],
+        interceptors=[GatewayInterceptor(metrics), AuthInterceptor(tokens)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", 256 * MiB),  # SEG and SR of a large CT
@@ -57,9 +69,11 @@ def create_server(
     pb_grpc.add_SpineAnalysisServicer_to_server(
         SpineAnalysisServicer(service, metrics, config.max_message_bytes), server
     )
+    spb_grpc.add_SupportSetServicer_to_server(SupportSetServicer(service, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     return server, port
@@ -98,9 +112,15 @@ class Gateway:
         await self.server.stop(grace_s)
 
 
-async def start_gateway(service: AnalysisService, config: GatewayConfig, metrics: Metrics) -> Gateway:
+async def start_gateway(
+    service: AnalysisService,
+    config: GatewayConfig,
+    metrics: Metrics,
+    tokens: TokenStore,
+    credentials: grpc.ServerCredentials | None = None,
+) -> Gateway:
     health_servicer = health.aio.HealthServicer()
-    server, port = create_server(service, config, metrics, health_servicer)
+    server, port = create_server(service, config, metrics, health_servicer, tokens, credentials)
     metrics.prototype_set.labels(service.prototypes.version).set(1)
     for name in ("", *SERVICE_NAMES):  # until the first check says otherwise
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -109,9 +129,15 @@ async def start_gateway(service: AnalysisService, config: GatewayConfig, metrics
     return Gateway(server, port, health_servicer, watcher)
 
 
-async def run_gateway(service: AnalysisService, config: GatewayConfig, metrics: Metrics) -> None:
+async def run_gateway(
+    service: AnalysisService,
+    config: GatewayConfig,
+    metrics: Metrics,
+    tokens: TokenStore,
+    credentials: grpc.ServerCredentials | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain."""
-    gateway = await start_gateway(service, config, metrics)
+    gateway = await start_gateway(service, config, metrics, tokens, credentials)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port, config.host)
     stop = asyncio.Event()

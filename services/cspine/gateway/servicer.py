@@ -1,19 +1,24 @@
-"""SpineAnalysis servicer: protobuf ⇄ domain and nothing else; the data plane decides (cspine.service)."""
+"""SpineAnalysis and SupportSet servicers: protobuf ⇄ domain and nothing else; the data plane decides
+(cspine.service)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
 
-from cspine.gateway.convert import analysis_to_pb, info_to_pb, options_from_pb
+from cspine.gateway.auth import caller_identity
+from cspine.gateway.convert import analysis_to_pb, case_to_pb, info_to_pb, options_from_pb, version_to_pb
 from cspine.gateway.interceptors import REQUEST_ID
 from cspine.gateway.metrics import Metrics
-from cspine.gateway.upload import read_upload
+from cspine.gateway.upload import UploadError, read_upload
 from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
+from cspine.v1 import support_pb2 as spb
+from cspine.v1 import support_pb2_grpc as spb_grpc
 
 
 class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
@@ -28,7 +33,7 @@ class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
                 upload = await read_upload(self._counted(request_iterator), self.service.limits)
                 if context.cancelled():  # a cancelled stream can end like a complete one: analyse nothing
                     raise asyncio.CancelledError
-                options = options_from_pb(upload.options, context.time_remaining())
+                options = options_from_pb(upload.lead, context.time_remaining())
                 analysis = await self.service.analyze(upload.instances, options)
         self.metrics.observe_stages(analysis.stage_seconds)
         return analysis_to_pb(analysis, REQUEST_ID.get())
@@ -40,3 +45,45 @@ class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
         async for message in messages:
             self.metrics.received.inc(message.ByteSize())
             yield message
+
+
+class SupportSetServicer(spb_grpc.SupportSetServicer):
+    def __init__(self, service: AnalysisService, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+
+    async def AddCase(self, request_iterator, context: grpc.aio.ServicerContext) -> spb.SupportCase:  # noqa: N802
+        async with self.service.slot():
+            upload = await read_upload(request_iterator, self.service.limits, lead="header")
+            if upload.lead is None:
+                raise UploadError("the first message of AddCase must be a CaseHeader (label, pathology reference)")
+            h = upload.lead
+            case, info = await self.service.add_case(
+                upload.instances, h.label, h.pathology_reference, h.note, h.create_class, caller_identity()
+            )
+        return self._case(case, info)
+
+    async def ListCases(self, request: spb.ListCasesRequest, context) -> spb.ListCasesResponse:  # noqa: N802
+        cases, info, prototypes = await self.service.cases(request.version or None)
+        counts = Counter(c.label for c in cases)
+        return spb.ListCasesResponse(
+            cases=[case_to_pb(c) for c in cases], prototype_set=version_to_pb(info, prototypes, counts)
+        )
+
+    async def RemoveCase(self, request: spb.RemoveCaseRequest, context) -> spb.PrototypeSetInfo:  # noqa: N802
+        info = await self.service.remove_case(request.case_id, caller_identity())
+        return await self._version(info.number)
+
+    async def GetPrototypeSet(self, request: spb.GetPrototypeSetRequest, context) -> spb.PrototypeSetInfo:  # noqa: N802
+        return await self._version(request.version or None)
+
+    async def _version(self, number: int | None) -> spb.PrototypeSetInfo:
+        cases, info, prototypes = await self.service.cases(number)
+        self.metrics.prototype_set.labels(self.service.prototypes.version).set(1)
+        return version_to_pb(info, prototypes, Counter(c.label for c in cases))
+
+    def _case(self, case, info) -> spb.SupportCase:
+        message = case_to_pb(case)
+        prototypes = self.service.prototypes
+        message.prototype_set.CopyFrom(version_to_pb(info, prototypes, {}))
+        return message

@@ -1,10 +1,12 @@
-"""An AnalyzeStudy upload stream → the study's instances, checked as they arrive: options only first,
-chunks in order and complete, and the study's instance and byte limits enforced before more is read."""
+"""An upload stream (AnalyzeStudy's StudyUpload, AddCase's CaseUpload) → the study's instances, checked as
+they arrive: the leading message (options, header) only first, chunks in order and complete, and the
+study's instance and byte limits enforced before more is read."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from cspine.config import IngestLimits
 from cspine.errors import EmptyStudyError, InvalidInputError, StudyTooLargeError
@@ -18,13 +20,14 @@ class UploadError(InvalidInputError):
 @dataclass
 class Upload:
     instances: list[tuple[str, bytes]] = field(default_factory=list)
-    options: pb.AnalysisOptions | None = None
+    lead: Any = None  # the leading message (AnalysisOptions, CaseHeader) when one was sent
     received_bytes: int = 0
 
 
 class _Assembler:
-    def __init__(self, limits: IngestLimits) -> None:
+    def __init__(self, limits: IngestLimits, lead: str) -> None:
         self.limits = limits
+        self.lead = lead  # the oneof field that may only come first
         self.upload = Upload()
         self.messages = 0
         self.chunked = 0  # chunked instances completed so far
@@ -40,13 +43,14 @@ class _Assembler:
             raise StudyTooLargeError(f"the study has more than the limit of {self.limits.max_instances} instances")
         self.upload.instances.append((name, data))
 
-    def take(self, message: pb.StudyUpload) -> None:
+    def take(self, message: Any) -> None:
         self.messages += 1
         part = message.WhichOneof("part")
-        if part == "options":
+        if part == self.lead:
             if self.messages != 1:
-                raise UploadError(f"message {self.messages}: AnalysisOptions may only be the first message")
-            self.upload.options = message.options
+                kind = type(getattr(message, part)).__name__
+                raise UploadError(f"message {self.messages}: {kind} may only be the first message")
+            self.upload.lead = getattr(message, part)
         elif part == "dicom_instance":
             if self.partial is not None:
                 raise UploadError(
@@ -58,7 +62,7 @@ class _Assembler:
         elif part == "chunk":
             self._chunk(message.chunk)
         else:
-            raise UploadError(f"message {self.messages} is empty: it holds no options, instance or chunk")
+            raise UploadError(f"message {self.messages} is empty: it holds no {self.lead}, instance or chunk")
 
     def _chunk(self, chunk: pb.DicomChunk) -> None:
         where = f"message {self.messages} (chunked instance {chunk.instance_index}, offset {chunk.offset})"
@@ -89,9 +93,10 @@ class _Assembler:
         return self.upload
 
 
-async def read_upload(messages: AsyncIterator[pb.StudyUpload], limits: IngestLimits) -> Upload:
-    """Read the whole upload stream into instances named by their position (``#1``, ``#2`` …)."""
-    assembler = _Assembler(limits)
+async def read_upload(messages: AsyncIterator[Any], limits: IngestLimits, lead: str = "options") -> Upload:
+    """Read the whole upload stream into instances named by their position (``#1``, ``#2`` …); ``lead`` is
+    the oneof field that may come first (``options`` of a StudyUpload, ``header`` of a CaseUpload)."""
+    assembler = _Assembler(limits, lead)
     async for message in messages:
         assembler.take(message)
     return assembler.finish()

@@ -1,0 +1,532 @@
+"""The support-case store: support cases (embeddings, label, pathology reference, curator — never pixels or
+patient identity) and the immutable prototype-set versions made of them, in SQLite or PostgreSQL (DESIGN.md §7).
+
+Every change is one transaction that writes a new version: the next number, who made it, what changed, and
+its full membership. Earlier versions are never touched, so any analysis can be audited against the exact
+set it used. Writers are serialised — SQLite: ``BEGIN IMMEDIATE`` (one writer at a time, others wait up to
+the busy timeout) in WAL mode, so readers are never blocked; PostgreSQL: ``SELECT … FOR UPDATE`` on the one
+``store_head`` row — so two writers never lose a case nor number two versions alike. A writer that dies
+before committing leaves the previous version as it was.
+
+Replicas sharing one PostgreSQL database do not notify each other: each polls ``current_version()`` (one
+primary-key read) and loads ``prototype_set()`` when the number moves, so a change made through one replica
+is in use on all of them at most one poll interval later (plus the load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
+from cspine.domain import Modality
+from cspine.errors import (
+    CaseNotFoundError,
+    DuplicateCaseError,
+    InvalidInputError,
+    LimitExceededError,
+    StoreUnavailableError,
+    UnknownClassError,
+)
+from cspine.fewshot.prototypes import PrototypeSet, SupportSet
+from cspine.inference.specs import EMBEDDING_DIM, MAX_PROTOTYPES, MODALITY_ORDER
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SYNTHETIC_CURATOR = "cspine (SYNTHETIC default)"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+POSTGRES_CONNECT_TIMEOUT_S = 5
+_MIGRATION_LOCK_KEY = 0x637370696E65  # pg_advisory_xact_lock key: replicas migrating at once take turns
+_MAX_TEXT = 64
+_MAX_UID = 64  # DICOM UI value representation; the synthetic seed keys are longer, so never a study's
+
+# The tables as migrations/versions/0001_support_store.py creates them (test_store checks the two agree).
+metadata = MetaData()
+store_head = Table(
+    "store_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", Integer, nullable=False),  # the current version; 0 while the store is empty
+)
+versions = Table(
+    "versions",
+    metadata,
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(_MAX_TEXT), nullable=False),
+    Column("change", Text, nullable=False),
+)
+cases = Table(
+    "cases",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid_hash", String(64), nullable=False, index=True),
+    Column("label", String(_MAX_TEXT), nullable=False),
+    Column("pathology_reference", Text, nullable=False),
+    Column("note", Text, nullable=False),
+    Column("curator", String(_MAX_TEXT), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("synthetic", Boolean, nullable=False),
+)
+case_embeddings = Table(
+    "case_embeddings",
+    metadata,
+    Column("case_id", Integer, ForeignKey("cases.id"), primary_key=True),
+    Column("modality", String(8), primary_key=True),
+    Column("vector", LargeBinary, nullable=False),  # EMBEDDING_DIM little-endian float32
+)
+version_cases = Table(
+    "version_cases",
+    metadata,
+    Column("version", Integer, ForeignKey("versions.number"), primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), primary_key=True, index=True),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One support case as stored: no pixels, no patient identity, only the hash of its study's UID (not shown)."""
+
+    id: int
+    label: str
+    pathology_reference: str
+    note: str
+    curator: str
+    created_at: datetime
+    synthetic: bool
+    modalities: tuple[Modality, ...]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Who made one prototype-set version, when, what changed, and what it holds."""
+
+    number: int
+    created_at: datetime
+    created_by: str
+    change: str
+    case_count: int
+    labels: tuple[str, ...]
+
+
+def study_uid_hash(study_uid: str) -> str:
+    """SHA-256 hex of a StudyInstanceUID: what the store keeps to spot a study added twice."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()
+
+
+class SupportStore:
+    """Support cases and prototype-set versions in one database: ``sqlite:///path/support.db`` (embedded
+    default) or ``postgresql+psycopg://user@host/db`` (replicas sharing it). Thread-safe; call ``migrate()``
+    once before use and ``close()`` at the end."""
+
+    def __init__(self, url: str | URL) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise ValueError("the support store URL is not a database URL") from exc
+        if parsed.drivername == "postgresql":  # bare postgresql:// would mean psycopg2, which cspine lacks
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.name = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite":
+            if parsed.database in (None, "", ":memory:"):
+                raise ValueError(f"support store {self.name}: SQLite needs a file (sqlite:///path/support.db)")
+            self._sqlite_file: Path | None = Path(parsed.database)
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+        elif backend == "postgresql":
+            self._sqlite_file = None
+            engine = create_engine(
+                parsed, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+            )
+        else:
+            raise ValueError(f"support store {self.name}: only sqlite and postgresql are supported")
+        self._engine = engine
+        self._writer = engine.execution_options(cspine_write=True)
+        # Tests only: called inside the write transaction just before COMMIT (to kill a writer mid-change).
+        self._before_commit: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SupportStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -------------------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (Alembic ``upgrade head``), in one transaction; replicas
+        migrating at once take turns."""
+        from alembic import command
+        from alembic.config import Config
+
+        if self._sqlite_file is not None:
+            self._sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self._translate(), self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    # -- reads --------------------------------------------------------------------------------------------
+
+    def current_version(self) -> int:
+        """The current version's number (0 while the store is empty): cheap, for replicas to poll."""
+        with self._translate(), self._engine.connect() as conn:
+            return _head(conn)
+
+    def prototype_set(self, version: int | None = None) -> PrototypeSet:
+        """The prototypes of one version (the current one by default), named ``v<number>``."""
+        with self._translate(), self._engine.connect() as conn:
+            number = self._resolve(conn, version)
+            rows = _member_rows(conn, number)
+            vectors = _vectors(conn, number)
+        if not rows:
+            return PrototypeSet(f"v{number}", (), {})
+        embeddings = np.full((len(rows), len(MODALITY_ORDER), EMBEDDING_DIM), np.nan, dtype=np.float32)
+        slot = {modality: m for m, modality in enumerate(MODALITY_ORDER)}
+        index = {row.id: i for i, row in enumerate(rows)}
+        for case_id, modality, vector in vectors:
+            embeddings[index[case_id], slot[Modality(modality)]] = _decode(vector)
+        support = SupportSet(embeddings, tuple(row.label for row in rows))
+        return PrototypeSet.from_support(support, f"v{number}")
+
+    def list_cases(self, version: int | None = None) -> list[Case]:
+        """The cases of one version (the current one by default), oldest first."""
+        with self._translate(), self._engine.connect() as conn:
+            number = self._resolve(conn, version)
+            rows = _member_rows(conn, number)
+            present: dict[int, set[Modality]] = {}
+            for case_id, modality, _ in _vectors(conn, number):
+                present.setdefault(case_id, set()).add(Modality(modality))
+        return [
+            Case(
+                id=row.id,
+                label=row.label,
+                pathology_reference=row.pathology_reference,
+                note=row.note,
+                curator=row.curator,
+                created_at=_utc(row.created_at),
+                synthetic=row.synthetic,
+                modalities=tuple(m for m in MODALITY_ORDER if m in present.get(row.id, ())),
+            )
+            for row in rows
+        ]
+
+    def version_info(self, version: int | None = None) -> VersionInfo:
+        """Who made one version (the current one by default), when, what changed, and what it holds."""
+        with self._translate(), self._engine.connect() as conn:
+            number = self._resolve(conn, version)
+            row = conn.execute(select(versions).where(versions.c.number == number)).one()
+            labels = _labels(conn, number)
+            count = conn.execute(
+                select(func.count()).select_from(version_cases).where(version_cases.c.version == number)
+            ).scalar_one()
+        return VersionInfo(number, _utc(row.created_at), row.created_by, row.change, count, labels)
+
+    # -- changes ------------------------------------------------------------------------------------------
+
+    def add_case(
+        self,
+        study_uid: str,
+        label: str,
+        embeddings: Mapping[Modality | str, np.ndarray],
+        *,
+        pathology_reference: str,
+        curator: str,
+        note: str = "",
+        create_class: bool = False,
+    ) -> int:
+        """Add one pathology-confirmed case to the current set; returns the new version's number. A label that
+        is not yet a class needs ``create_class=True``."""
+        uid = study_uid.strip().rstrip("\x00")
+        if not uid or len(uid) > _MAX_UID or not uid.isprintable():
+            raise InvalidInputError(f"study_uid is not a DICOM UID (1 to {_MAX_UID} printable characters)")
+        label = _required("label", label)
+        curator = _required("curator", curator)
+        pathology_reference = _required("pathology_reference", pathology_reference, limit=None)
+        vectors = _validated_embeddings(embeddings)
+        digest = study_uid_hash(uid)
+        with self._writing() as (conn, head):
+            existing = conn.execute(
+                select(cases.c.id)
+                .join(version_cases, version_cases.c.case_id == cases.c.id)
+                .where(version_cases.c.version == head, cases.c.study_uid_hash == digest)
+            ).scalar()
+            if existing is not None:
+                raise DuplicateCaseError(f"this study is already in the current support set as case {existing}")
+            labels = _labels(conn, head) if head else ()
+            if label not in labels:
+                if not create_class:
+                    known = ", ".join(labels) or "none yet"
+                    raise UnknownClassError(f"unknown class {label!r} (classes: {known}); set create_class to add it")
+                if len(labels) >= MAX_PROTOTYPES:
+                    raise LimitExceededError(f"the support set already has {len(labels)} classes, the most allowed")
+            now = datetime.now(UTC)
+            case_id = _insert_case(conn, digest, label, pathology_reference, note, curator, now, False, vectors)
+            new_class = "" if label in labels else "new class "
+            change = f"add case {case_id} ({new_class}{label})"
+            number = _new_version(conn, head, curator, change, now, add=[case_id])
+        logger.info("support store %s: version %d: %s by %s", self.name, number, change, curator)
+        return number
+
+    def remove_case(self, case_id: int, curator: str) -> int:
+        """Take one case out of the current set; returns the new version's number. Removing the last case of
+        a class removes the class."""
+        curator = _required("curator", curator)
+        with self._writing() as (conn, head):
+            label = conn.execute(
+                select(cases.c.label)
+                .join(version_cases, version_cases.c.case_id == cases.c.id)
+                .where(version_cases.c.version == head, cases.c.id == case_id)
+            ).scalar()
+            if label is None:
+                raise CaseNotFoundError(f"the current support set has no case {case_id}")
+            change = f"remove case {case_id} ({label})"
+            number = _new_version(conn, head, curator, change, datetime.now(UTC), remove=case_id)
+        logger.info("support store %s: version %d: %s by %s", self.name, number, change, curator)
+        return number
+
+    def seed_defaults(self, support: SupportSet) -> bool:
+        """Write ``support`` (the shipped SYNTHETIC default set) as version 1 when the store holds no version
+        yet; True when it did. Safe when replicas call it at once: one writes, the others find version 1."""
+        key = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes()).hexdigest()
+        with self._writing() as (conn, head):
+            if head:
+                return False
+            now = datetime.now(UTC)
+            members = []
+            for row, label in enumerate(support.labels):
+                vectors = {
+                    modality: support.embeddings[row, m]
+                    for m, modality in enumerate(MODALITY_ORDER)
+                    if not np.isnan(support.embeddings[row, m]).any()
+                }
+                # Longer than any UID add_case accepts: never the hash of a real study.
+                digest = study_uid_hash(f"cspine:synthetic-default:{key}:{row}")
+                note = "SYNTHETIC phantom lesion shipped with cspine"
+                members.append(
+                    _insert_case(conn, digest, label, "SYNTHETIC", note, SYNTHETIC_CURATOR, now, True, vectors)
+                )
+            change = f"seed SYNTHETIC default support set ({len(members)} cases)"
+            _new_version(conn, head, SYNTHETIC_CURATOR, change, now, add=members)
+        logger.info("support store %s: version 1: %s", self.name, change)
+        return True
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:  # the database, not the request: bugs propagate
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            raise StoreUnavailableError(f"support store {self.name} is unavailable: {reason}") from exc
+
+    @contextmanager
+    def _writing(self) -> Iterator[tuple[Connection, int]]:
+        """One serialised write transaction, with the current version number read under the writers' lock."""
+        with self._translate(), self._writer.begin() as conn:
+            # FOR UPDATE makes PostgreSQL writers queue on this one row; on SQLite BEGIN IMMEDIATE already has.
+            head = conn.execute(select(store_head.c.version).where(store_head.c.id == 1).with_for_update()).scalar()
+            if head is None:
+                raise StoreUnavailableError(f"support store {self.name} is not initialised: run migrate() first")
+            yield conn, head
+            if self._before_commit is not None:
+                self._before_commit()
+
+    def _resolve(self, conn: Connection, version: int | None) -> int:
+        head = _head(conn)
+        if version is None:
+            if head == 0:
+                raise StoreUnavailableError(f"support store {self.name} holds no prototype-set version yet")
+            return head
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= head:
+            raise InvalidInputError(f"no prototype-set version {version!r} (versions 1 to {head})")
+        return version
+
+
+def _sqlite_connect(dbapi_connection, connection_record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own would be deferred, and skips DDL).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the write lock up front (waiting up to the busy timeout), so two writers cannot both read
+    # version n and both write n + 1.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("cspine_write") else "BEGIN")
+
+
+def _head(conn: Connection) -> int:
+    head = conn.execute(select(store_head.c.version).where(store_head.c.id == 1)).scalar()
+    if head is None:
+        raise StoreUnavailableError("the support store is not initialised: run migrate() first")
+    return head
+
+
+def _member_rows(conn: Connection, number: int) -> list:
+    return list(
+        conn.execute(
+            select(cases)
+            .join(version_cases, version_cases.c.case_id == cases.c.id)
+            .where(version_cases.c.version == number)
+            .order_by(cases.c.id)
+        )
+    )
+
+
+def _vectors(conn: Connection, number: int) -> list:
+    return list(
+        conn.execute(
+            select(case_embeddings.c.case_id, case_embeddings.c.modality, case_embeddings.c.vector)
+            .join(version_cases, version_cases.c.case_id == case_embeddings.c.case_id)
+            .where(version_cases.c.version == number)
+        )
+    )
+
+
+def _labels(conn: Connection, number: int) -> tuple[str, ...]:
+    """The classes of one version, in the prototype set's order (by each class's oldest case)."""
+    rows = conn.execute(
+        select(cases.c.label, func.min(cases.c.id).label("first"))
+        .join(version_cases, version_cases.c.case_id == cases.c.id)
+        .where(version_cases.c.version == number)
+        .group_by(cases.c.label)
+        .order_by("first")
+    )
+    return tuple(row.label for row in rows)
+
+
+def _insert_case(
+    conn: Connection,
+    digest: str,
+    label: str,
+    pathology_reference: str,
+    note: str,
+    curator: str,
+    now: datetime,
+    synthetic: bool,
+    vectors: Mapping[Modality, np.ndarray],
+) -> int:
+    case_id = conn.execute(
+        insert(cases)
+        .values(
+            study_uid_hash=digest,
+            label=label,
+            pathology_reference=pathology_reference,
+            note=note,
+            curator=curator,
+            created_at=now,
+            synthetic=synthetic,
+        )
+        .returning(cases.c.id)
+    ).scalar_one()
+    conn.execute(
+        insert(case_embeddings),
+        [{"case_id": case_id, "modality": m.value, "vector": _encode(v)} for m, v in vectors.items()],
+    )
+    return case_id
+
+
+def _new_version(
+    conn: Connection,
+    head: int,
+    created_by: str,
+    change: str,
+    now: datetime,
+    add: Sequence[int] = (),
+    remove: int | None = None,
+) -> int:
+    """Write version head + 1: the previous membership, plus ``add``, minus ``remove``; move the head."""
+    number = head + 1
+    conn.execute(insert(versions).values(number=number, created_at=now, created_by=created_by, change=change))
+    previous = select(literal(number), version_cases.c.case_id).where(version_cases.c.version == head)
+    if remove is not None:
+        previous = previous.where(version_cases.c.case_id != remove)
+    conn.execute(insert(version_cases).from_select(["version", "case_id"], previous))
+    if add:
+        conn.execute(insert(version_cases), [{"version": number, "case_id": case_id} for case_id in add])
+    conn.execute(update(store_head).where(store_head.c.id == 1).values(version=number))
+    return number
+
+
+def _validated_embeddings(embeddings: Mapping[Modality | str, np.ndarray]) -> dict[Modality, np.ndarray]:
+    if not embeddings:
+        raise InvalidInputError("a support case needs an embedding for at least one modality")
+    vectors = {}
+    for key, value in embeddings.items():
+        try:
+            modality = Modality(key)
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown modality {key!r} (one of {', '.join(m.value for m in Modality)})"
+            ) from None
+        vector = np.asarray(value)
+        if vector.shape != (EMBEDDING_DIM,) or not np.issubdtype(vector.dtype, np.number):
+            raise InvalidInputError(f"{modality.value} embedding has shape {vector.shape}, not ({EMBEDDING_DIM},)")
+        if not np.isfinite(vector).all():
+            raise InvalidInputError(f"{modality.value} embedding holds NaN or infinite values")
+        vectors[modality] = vector.astype(np.float32)
+    return vectors
+
+
+def _required(name: str, value: str, limit: int | None = _MAX_TEXT) -> str:
+    value = value.strip() if isinstance(value, str) else ""
+    if not value:
+        raise InvalidInputError(f"{name} is required")
+    if limit is not None and len(value) > limit:
+        raise InvalidInputError(f"{name} is longer than {limit} characters")
+    return value
+
+
+def _encode(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def _decode(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's time zone.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

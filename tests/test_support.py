@@ -1,0 +1,158 @@
+"""Few-shot adaptation as a service, end to end: the SupportSet API over a real socket, a real local Triton
+and a real store (SQLite file; PostgreSQL shared by two replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from cspine.fewshot.prototypes import SupportSet
+from cspine.fewshot.store import SupportStore
+from cspine.v1 import analysis_pb2 as pb
+from cspine.v1 import support_pb2 as spb
+from cspine.v1 import support_pb2_grpc as spb_grpc
+from test_gateway import CURATOR_TOKEN, GatewayThread, _wait_for, channel_to, files_of, upload
+
+
+def new_store(url: str) -> SupportStore:
+    store = SupportStore(url)
+    store.migrate()
+    store.seed_defaults(SupportSet.load())
+    return store
+
+
+def case_upload(paths, label, reference="pathology report 2026-0042", create_class=False):
+    header = spb.CaseHeader(label=label, pathology_reference=reference, note="", create_class=create_class)
+    yield spb.CaseUpload(header=header)
+    for path in paths:
+        yield spb.CaseUpload(dicom_instance=path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def served(triton, tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "support.db"
+    store = new_store(f"sqlite:///{path}")
+    server = GatewayThread(triton.grpc_url, store=store)
+    curator = channel_to(server.address, CURATOR_TOKEN)
+    yield server, spb_grpc.SupportSetStub(server.channel), spb_grpc.SupportSetStub(curator), path
+    curator.close()
+    server.close()
+    store.close()
+
+
+def probabilities(server, paths) -> tuple[dict[str, float], str]:
+    result = server.stub.AnalyzeStudy(upload(paths), timeout=120)
+    return {p.label: p.probability for p in result.fused.probabilities}, result.prototype_set_version
+
+
+def test_a_fresh_store_holds_the_synthetic_default_set_as_version_1(served):
+    server, analyst, _, _ = served
+    info = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
+    assert info.version == "v1" and info.cases == 120 and "SYNTHETIC" in info.created_by
+    assert [c.label for c in info.classes] == ["benign", "borderline", "malignant"]
+    assert server.stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10).synthetic_support_set
+
+
+def test_an_analyst_token_cannot_change_the_support_set(served, phantom_cases):
+    _, analyst, _, _ = served
+    with pytest.raises(grpc.RpcError) as caught:
+        analyst.AddCase(case_upload(files_of(phantom_cases["benign"]), "benign"), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "analyst" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        analyst.RemoveCase(spb.RemoveCaseRequest(case_id=1), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_new_case_moves_the_probabilities_of_a_similar_study_toward_its_class(served, phantom_cases):
+    server, analyst, curator, _ = served
+    paths = files_of(phantom_cases["borderline"])
+    before, version_before = probabilities(server, paths)
+    start = time.perf_counter()
+    case = curator.AddCase(case_upload(paths, "malignant"), timeout=120)
+    after, version_after = probabilities(server, paths)
+    assert case.label == "malignant" and case.curator.startswith("curator:") and not case.synthetic
+    assert case.prototype_set.number == int(version_before[1:]) + 1
+    assert version_after == case.prototype_set.version != version_before  # no reload, the next analysis uses it
+    assert after["malignant"] > before["malignant"]
+    assert time.perf_counter() - start < 60
+    listed = analyst.ListCases(spb.ListCasesRequest(), timeout=10)
+    assert listed.cases[-1].case_id == case.case_id and listed.prototype_set.cases == 121
+
+
+def test_a_new_class_appears_in_probabilities_and_goes_with_its_last_case(served, phantom_cases):
+    server, analyst, curator, _ = served
+    paths = files_of(phantom_cases["benign"])
+    with pytest.raises(grpc.RpcError) as caught:
+        curator.AddCase(case_upload(paths, "site_special"), timeout=120)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown class 'site_special'" in (
+        caught.value.details()
+    )
+    case = curator.AddCase(case_upload(paths, "site_special", create_class=True), timeout=120)
+    with_class, _ = probabilities(server, paths)
+    assert "site_special" in with_class and with_class["site_special"] == max(with_class.values())
+    old = case.prototype_set.number
+    info = curator.RemoveCase(spb.RemoveCaseRequest(case_id=case.case_id), timeout=10)
+    assert "site_special" not in [c.label for c in info.classes] and info.number == old + 1
+    without, _ = probabilities(server, paths)
+    assert "site_special" not in without
+    history = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(version=old), timeout=10)
+    assert "site_special" in [c.label for c in history.classes]  # older versions stay as they were
+
+
+def test_add_case_refuses_a_case_without_lesion_and_a_study_already_in_the_set(served, phantom_cases):
+    _, _, curator, _ = served
+    with pytest.raises(grpc.RpcError) as caught:
+        curator.AddCase(case_upload(files_of(phantom_cases["none"]), "benign"), timeout=120)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no lesion" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        curator.AddCase(case_upload(files_of(phantom_cases["borderline"]), "malignant"), timeout=120)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in the current" in (
+        caught.value.details()
+    )
+    header_missing = [spb.CaseUpload(dicom_instance=files_of(phantom_cases["benign"])[0].read_bytes())]
+    with pytest.raises(grpc.RpcError) as caught:
+        curator.AddCase(iter(header_missing), timeout=60)
+    assert "must be a CaseHeader" in caught.value.details()
+
+
+def test_a_restart_keeps_every_case_and_version(served, triton):
+    server, analyst, _, path = served
+    current = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
+    store = SupportStore(f"sqlite:///{path}")
+    again = GatewayThread(triton.grpc_url, store=store)
+    try:
+        stub = spb_grpc.SupportSetStub(again.channel)
+        assert stub.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10) == current
+    finally:
+        again.close()
+        store.close()
+
+
+def test_replicas_sharing_postgresql_see_each_others_changes_within_the_poll_interval(triton, postgres, phantom_cases):
+    url = postgres()
+    stores = [new_store(url), SupportStore(url)]
+    replicas = [GatewayThread(triton.grpc_url, store=s) for s in stores]
+    watcher = replicas[1].loop.call_soon_threadsafe  # the replica polls its store every 0.5 s
+    tasks = []
+    watcher(lambda: tasks.append(asyncio.ensure_future(replicas[1].service.watch_store(0.5))))
+    try:
+        curator = channel_to(replicas[0].address, CURATOR_TOKEN)
+        case = spb_grpc.SupportSetStub(curator).AddCase(
+            case_upload(files_of(phantom_cases["malignant"]), "malignant"), timeout=120
+        )
+        start = time.perf_counter()
+        assert _wait_for(lambda: replicas[1].service.prototypes.version == case.prototype_set.version, timeout=5)
+        assert time.perf_counter() - start < 1.5
+        xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+        assert replicas[1].stub.AnalyzeStudy(upload(xr), timeout=60).prototype_set_version == case.prototype_set.version
+        curator.close()
+    finally:
+        for task in tasks:
+            replicas[1].loop.call_soon_threadsafe(task.cancel)
+        for replica in replicas:
+            replica.close()
+        for store in stores:
+            store.close()
