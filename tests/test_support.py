@@ -156,3 +156,22 @@ def test_replicas_sharing_postgresql_see_each_others_changes_within_the_poll_int
             replica.close()
         for store in stores:
             store.close()
+
+
+def test_the_support_command_lists_and_shows_with_a_token_found_in_the_data_dir(served, tmp_path, capsys):
+    from cspine.cli import main
+    from test_gateway import ANALYST_TOKEN
+
+    server, _, _, _ = served
+    (tmp_path / "tokens").write_text(f"analyst {ANALYST_TOKEN}\n")
+    (tmp_path / "tokens").chmod(0o600)
+    common = ["--server", server.address, "--data-dir", str(tmp_path)]
+    assert main(["support", *common, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "prototype set v" in listed and "cspine (SYNTHETIC default)" in listed and "SYNTHETIC" in listed
+    assert main(["support", *common, "show", "--version", "1"]) == 0
+    assert "prototype set v1: 120 cases" in capsys.readouterr().out
+    assert main(["support", *common, "remove", "1"]) == 2  # only an analyst token is there
+    assert "no curator token in" in capsys.readouterr().err
+    assert main(["support", *common, "--token", ANALYST_TOKEN, "remove", "1"]) == 2
+    assert "PERMISSION_DENIED: role analyst may not call" in capsys.readouterr().err

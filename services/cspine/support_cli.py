@@ -72,9 +72,14 @@ def format_case(case: spb.SupportCase) -> str:
 def _token(args: argparse.Namespace, curator: bool) -> str | None:
     if args.token:
         return args.token
-    from cspine.gateway.auth import Role, find_client_token
+    from cspine.gateway.auth import TOKENS_FILE, Role, find_client_token
 
-    return find_client_token(Path(args.data_dir).expanduser(), Role.CURATOR if curator else Role.ANALYST)
+    role = Role.CURATOR if curator else Role.ANALYST
+    token = find_client_token(Path(args.data_dir).expanduser(), role)
+    if token is None:
+        where = Path(args.data_dir).expanduser() / TOKENS_FILE
+        raise ClientError("UNAUTHENTICATED", f"no {role.value} token in {where}: pass --token (env CSPINE_TOKEN)")
+    return token
 
 
 def cmd_support(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -386,7 +388,16 @@ def _sqlite_connect(dbapi_connection, connection_record) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own would be deferred, and skips DDL).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    # Readers never wait for the writer. Switching a new file to WAL needs a moment alone with it, and SQLite
+    # answers "locked" at once (no busy wait) when another connection is opening it too: try again briefly.
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 99:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
