@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cspine-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes; the support
-# store's tests start a throwaway PostgreSQL 15 cluster.
-SYSTEM_PACKAGES := dicom3tools postgresql-15
+# store's tests start a throwaway PostgreSQL 15 cluster; headless chromium renders the clinical report.
+SYSTEM_PACKAGES := dicom3tools postgresql-15 chromium
 
 .PHONY: venv protos sysdeps demo test bench train clean
 
@@ -30,7 +30,7 @@ $(GENERATED) &: $(PROTOS) $(STAMP)
 	  --grpc_python_out=services $(PROTOS)
 
 sysdeps:
-	@{ command -v dciodvfy && test -x /usr/lib/postgresql/15/bin/initdb; } >/dev/null || \
+	@{ command -v dciodvfy && test -x /usr/lib/postgresql/15/bin/initdb && command -v chromium; } >/dev/null || \
 	  $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }
 

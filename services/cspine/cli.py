@@ -180,6 +180,50 @@ def cmd_evaluate_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_study(args: argparse.Namespace) -> int:
+    from cspine.evaluation.study import Server, evaluate_cohort
+
+    server = None
+    if args.server:
+        from cspine.gateway.auth import Role, find_client_token
+
+        data_dir = Path(args.data_dir).expanduser()
+        server = Server(
+            args.server,
+            args.token or find_client_token(data_dir, Role.ANALYST),
+            args.token or find_client_token(data_dir, Role.CURATOR),
+        )
+    metrics, paths = evaluate_cohort(
+        Path(args.cohort), Path(args.out), args.support, server=server, n_boot=args.bootstrap, progress=not args.quiet
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_study_headline(metrics))
+        print(f"report: {paths['report']}  metrics: {paths['metrics']}  predictions: {paths['predictions']}")
+    return 0
+
+
+def format_study_headline(m: dict) -> str:
+    def f(figure) -> str:
+        if not figure or figure.get("value") is None:
+            return "n/a"
+        lo, hi = figure["ci95"] or (None, None)
+        return f"{figure['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+    synthetic = " (SYNTHETIC data)" if m.get("synthetic") else ""
+    lines = [f"{m['cases']} cases{synthetic}: accuracy {f(m['accuracy'])}, ECE {f(m['ece'])}"]
+    for label, figures in m["per_class"].items():
+        lines.append(
+            f"  {label:<12} sensitivity {f(figures['sensitivity'])}  specificity {f(figures['specificity'])}  "
+            f"AUC {f(figures['auc'])}"
+        )
+    d = m["detection"]
+    lines.append(f"  detection    sensitivity {f(d['sensitivity'])}  specificity {f(d['specificity'])}")
+    lines.append("  by modalities: " + ", ".join(f"{k} {f(v)}" for k, v in m["by_modalities"].items()))
+    return "\n".join(lines)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cspine.analysis.fusion import Calibration
     from cspine.evaluation.calibrate import build_default_support, fit_calibration
@@ -287,14 +331,9 @@ def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import signal
     import subprocess
-    import time
 
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from cspine.inference.local_triton import TritonPorts, free_ports
+    from cspine.embedded import EmbeddedServer
     from cspine.phantom.generate import PhantomOptions, generate_case
 
     out = Path(args.out)
@@ -302,49 +341,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"cspine demo: a SYNTHETIC study with a tumor in {study}", flush=True)
     truth = generate_case(study, "demo", DEMO_SEED, 0, PhantomOptions(tumor="malignant"))
     lesion = truth["tumor"]
-    grpc_port, metrics_port = free_ports(2)
-    triton = TritonPorts.free()
-    serve = [sys.executable, "-m", "cspine", "serve", "--port", str(grpc_port), "--metrics-port", str(metrics_port)]
-    serve += ["--data-dir", str(out / "data"), "--triton-http-port", str(triton.http)]
-    serve += ["--triton-grpc-port", str(triton.grpc), "--triton-metrics-port", str(triton.metrics)]
     print("starting cspine serve (local Triton on CPU, then the gateway) …", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "serve.log").open("w")  # the server's JSON log lines, for when something goes wrong
-    server = subprocess.Popen(serve, stderr=log)
-    address = f"127.0.0.1:{grpc_port}"
-    try:
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise CspineError(f"cspine serve exited with code {server.returncode}; see {out / 'serve.log'}")
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise CspineError("cspine serve did not become SERVING within 300 s")
-                time.sleep(1.0)
+    with EmbeddedServer(out / "data", out / "serve.log") as server:
         print(
             f"\ntruth: {lesion['class']} ({lesion['subtype']}) at {lesion['primary_level']}, "
             f"{lesion['max_diameter_mm']:.1f} mm; C2–C7 Cobb {truth['cobb_angle_c2_c7_deg']:.1f}°\n",
             flush=True,
         )
-        analyze = [sys.executable, "-m", "cspine", "analyze", str(study), "--server", address]
+        analyze = [sys.executable, "-m", "cspine", "analyze", str(study), "--server", server.address]
         analyze += ["--data-dir", str(out / "data")]  # where serve keeps the tokens it generated
         analyze += ["--seg", str(out / "seg.dcm"), "--sr", str(out / "sr.dcm"), "--overlay", str(out / "overlay.png")]
-        return subprocess.call(analyze)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        print(f"cspine serve stopped (its log: {out / 'serve.log'})")
+        code = subprocess.call(analyze)
+    print(f"cspine serve stopped (its log: {out / 'serve.log'})")
+    return code
 
 
 def _env_int(name: str, default: int) -> int:
@@ -617,6 +626,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--out", default=None, help="also write metrics.json and per-study records.json here")
     e.set_defaults(func=cmd_evaluate_pipeline)
+
+    e = evaluate.add_parser(
+        "study",
+        help="clinical validation on a labelled cohort through the API: sensitivity, specificity, AUC … with CIs",
+        description=(
+            "Add the first N cases per class to the support set (SupportSet.AddCase), analyse the rest "
+            "(AnalyzeStudy: all modalities and each alone) and compare with each case's reference.json. Writes "
+            "REPORT_DIR/report.html, metrics.json and predictions.csv; resumes an interrupted run. Without --server "
+            "it starts the embedded default itself. The cohort format is in docs/evaluation.md."
+        ),
+    )
+    e.add_argument("cohort", help="COHORT_DIR: one folder per case with its DICOM and reference.json")
+    e.add_argument("--server", default=None, help="a running cspine server (default: start the embedded one)")
+    e.add_argument("--token", default=os.environ.get("CSPINE_TOKEN"), help="a curator token for --server")
+    e.add_argument(
+        "--data-dir",
+        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
+        help="where to find the tokens of --server when no --token is given",
+    )
+    e.add_argument("--support", type=int, default=5, help="cases per class added to the support set (default 5)")
+    e.add_argument("--out", default="out/study", help="REPORT_DIR (default out/study)")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    e.add_argument("--json", action="store_true", help="print metrics.json instead of the headline")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate_study)
 
     p = sub.add_parser(
         "calibrate",

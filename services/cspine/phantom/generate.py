@@ -52,6 +52,7 @@ DIFFICULTIES = {"easy": 0.2, "normal": 0.5, "hard": 0.8}
 OPLL_PROBABILITY = {"random": 0.12, "yes": 1.0, "no": 0.0}
 MIN_LESION_ML = 0.05
 TRUTH_FILE = "truth.json"
+REFERENCE_FILE = "reference.json"  # the cohort format `cspine evaluate study` reads (docs/evaluation.md)
 LABELS_FILE = "labels.npz"
 COHORT_FILE = "cohort.json"
 
@@ -240,6 +241,14 @@ def write_case(case: Case, case_dir: Path) -> dict:
         },
     }
     (case_dir / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
+    lesion = case.lesion
+    reference = {
+        "class": lesion["class"] if lesion else "none",
+        "subtype": lesion["subtype"] if lesion else None,
+        "level": lesion["primary_level"] if lesion else None,
+        "synthetic": True,
+    }
+    (case_dir / REFERENCE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
     return truth
 
 
