@@ -77,6 +77,9 @@ def test_a_new_case_moves_the_probabilities_of_a_similar_study_toward_its_class(
     assert case.prototype_set.number == int(version_before[1:]) + 1
     assert version_after == case.prototype_set.version != version_before  # no reload, the next analysis uses it
     assert after["malignant"] > before["malignant"]
+    value = server.metrics.registry.get_sample_value
+    assert value("cspine_prototype_set_info", {"version": version_after}) == 1.0
+    assert value("cspine_prototype_set_info", {"version": version_before}) is None
     assert time.perf_counter() - start < 60
     listed = analyst.ListCases(spb.ListCasesRequest(), timeout=10)
     assert listed.cases[-1].case_id == case.case_id and listed.prototype_set.cases == 121

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,7 @@ class AnalysisService:
         self.calibration = Calibration.load(repository)
         self.models = model_versions(repository)
         self.in_flight = 0
+        self.on_prototypes: Callable[[str], None] | None = None  # told the version whenever it changes
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -105,6 +106,8 @@ class AnalysisService:
         self.prototypes, self.version_number = prototypes, number
         self.synthetic_support_set = all(c.synthetic for c in await asyncio.to_thread(store.list_cases, number))
         logger.info("prototype set %s is now in use", prototypes.version)
+        if self.on_prototypes is not None:
+            self.on_prototypes(prototypes.version)
         return True
 
     async def watch_store(self, interval_s: float) -> None:
@@ -168,7 +171,7 @@ class AnalysisService:
         return found, info, await asyncio.to_thread(store.prototype_set, info.number)
 
     async def ready(self) -> bool:
-        """Whether Triton answers and serves every model the pipeline calls."""
+        """Whether Triton answers and serves every model the pipeline calls, and the store (if any) answers."""
         try:
             await self.triton.check_ready(timeout_s=2.0)
         except Exception:  # noqa: BLE001 - any failure to answer means not ready; the reason is logged

@@ -39,6 +39,11 @@ class Metrics:
         )
         self.triton_ready = Gauge("cspine_triton_ready", "1 while Triton and every model answer", registry=r)
 
+    def publish_prototype_set(self, version: str) -> None:
+        """The prototype set in use: the only series of cspine_prototype_set_info."""
+        self.prototype_set.clear()
+        self.prototype_set.labels(version).set(1)
+
     def observe_triton(self, model: str, seconds: float) -> None:
         self.triton.labels(model).observe(seconds)
 

@@ -121,7 +121,8 @@ async def start_gateway(
 ) -> Gateway:
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(service, config, metrics, health_servicer, tokens, credentials)
-    metrics.prototype_set.labels(service.prototypes.version).set(1)
+    metrics.publish_prototype_set(service.prototypes.version)
+    service.on_prototypes = metrics.publish_prototype_set
     for name in ("", *SERVICE_NAMES):  # until the first check says otherwise
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()

@@ -79,7 +79,6 @@ class SupportSetServicer(spb_grpc.SupportSetServicer):
 
     async def _version(self, number: int | None) -> spb.PrototypeSetInfo:
         cases, info, prototypes = await self.service.cases(number)
-        self.metrics.prototype_set.labels(self.service.prototypes.version).set(1)
         return version_to_pb(info, prototypes, Counter(c.label for c in cases))
 
     def _case(self, case, info) -> spb.SupportCase:
