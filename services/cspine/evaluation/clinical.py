@@ -268,9 +268,17 @@ def learning_curve(
     records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0
 ) -> list[tuple[int, float | None, list[float] | None]]:
     """Accuracy of the ``all``-modality records per support-set size, smallest first:
-    ``[(support_per_class, accuracy, ci95)]``."""
+    ``[(support_per_class, accuracy, ci95)]``, on the cases analysed at every size (so the points compare
+    the same studies)."""
     labels = _record_labels(records)
     combined = [r for r in records if r["modalities"] == HEADLINE_MODALITIES]
+    sizes = {int(r["support_per_class"]) for r in combined}
+    at_every_size = (
+        set.intersection(*({r["case"] for r in combined if int(r["support_per_class"]) == s} for s in sizes))
+        if sizes
+        else set()
+    )
+    combined = [r for r in combined if r["case"] in at_every_size]
     curve = []
     for support in sorted({int(r["support_per_class"]) for r in combined}):
         figure = _accuracy([r for r in combined if int(r["support_per_class"]) == support], labels, n_boot, seed)
