@@ -185,14 +185,13 @@ def cmd_evaluate_study(args: argparse.Namespace) -> int:
 
     server = None
     if args.server:
-        from cspine.gateway.auth import Role, find_client_token
+        from cspine.client import ClientError, client_token
 
-        data_dir = Path(args.data_dir).expanduser()
-        server = Server(
-            args.server,
-            args.token or find_client_token(data_dir, Role.ANALYST),
-            args.token or find_client_token(data_dir, Role.CURATOR),
-        )
+        try:
+            server = Server(args.server, client_token(args), client_token(args, "curator"))
+        except ClientError as exc:
+            print(f"cspine: error: {exc}", file=sys.stderr)
+            return 2
     metrics, paths = evaluate_cohort(
         Path(args.cohort), Path(args.out), args.support, server=server, n_boot=args.bootstrap, progress=not args.quiet
     )
@@ -451,6 +450,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cspine.client import add_data_dir_argument
     from cspine.phantom.generate import OPLL_PROBABILITY, tumor_choices
 
     parser = argparse.ArgumentParser(
@@ -640,11 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("cohort", help="COHORT_DIR: one folder per case with its DICOM and reference.json")
     e.add_argument("--server", default=None, help="a running cspine server (default: start the embedded one)")
     e.add_argument("--token", default=os.environ.get("CSPINE_TOKEN"), help="a curator token for --server")
-    e.add_argument(
-        "--data-dir",
-        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
-        help="where to find the tokens of --server when no --token is given",
-    )
+    add_data_dir_argument(e, "where to find the tokens of --server when no --token is given")
     e.add_argument("--support", type=int, default=5, help="cases per class added to the support set (default 5)")
     e.add_argument("--out", default="out/study", help="REPORT_DIR (default out/study)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
@@ -694,11 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("CSPINE_METRICS_PORT", 9464),
         help="gateway Prometheus port (env CSPINE_METRICS_PORT, default 9464; 0: off)",
     )
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
-        help="where cspine keeps its data (env CSPINE_DATA_DIR, default ~/.local/share/cspine)",
-    )
+    add_data_dir_argument(p, "where cspine keeps its data: support store, generated tokens")
     p.add_argument(
         "--triton-url",
         default=os.environ.get("CSPINE_TRITON_URL"),

@@ -368,12 +368,32 @@ HINTS = {
 }
 
 
-def _token(args: argparse.Namespace) -> str | None:
+DEFAULT_DATA_DIR = "~/.local/share/cspine"
+
+
+def add_data_dir_argument(p: argparse.ArgumentParser, purpose: str) -> None:
+    """``--data-dir`` (env CSPINE_DATA_DIR): where ``cspine serve`` keeps its data and generated tokens."""
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CSPINE_DATA_DIR", DEFAULT_DATA_DIR),
+        help=f"{purpose} (env CSPINE_DATA_DIR, default {DEFAULT_DATA_DIR})",
+    )
+
+
+def client_token(args: argparse.Namespace, role_name: str = "analyst", required: bool = True) -> str | None:
+    """``--token`` if given, else the token of ``role_name`` (or a stronger one) that ``cspine serve`` generated
+    in ``--data-dir``. None when there is none and not ``required`` (the server then says what it wants);
+    otherwise ClientError UNAUTHENTICATED naming the file."""
     if args.token:
         return args.token
-    from cspine.gateway.auth import Role, find_client_token
+    from cspine.gateway.auth import TOKENS_FILE, Role, find_client_token
 
-    return find_client_token(Path(args.data_dir).expanduser(), Role.ANALYST)
+    data_dir = Path(args.data_dir).expanduser()
+    token = find_client_token(data_dir, Role(role_name))
+    if token is None and required:
+        where = data_dir / TOKENS_FILE
+        raise ClientError("UNAUTHENTICATED", f"no {role_name} token in {where}: pass --token (env CSPINE_TOKEN)")
+    return token
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -388,7 +408,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     bar = tqdm(desc="upload", unit="B", unit_scale=True, unit_divisor=1024, disable=True if args.quiet else None)
     try:
         result = analyze_paths(
-            args.server, args.paths, options, timeout_s=args.timeout, token=_token(args), progress=bar.update
+            args.server,
+            args.paths,
+            options,
+            timeout_s=args.timeout,
+            token=client_token(args, required=False),
+            progress=bar.update,
         )
     except ClientError as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
@@ -493,11 +518,7 @@ def add_analyze_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="bearer token sent as 'authorization: Bearer TOKEN' (env CSPINE_TOKEN, which keeps it out of ps); "
         "default: the analyst token `cspine serve` generated in --data-dir",
     )
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
-        help="where `cspine serve` keeps the tokens it generated (env CSPINE_DATA_DIR)",
-    )
+    add_data_dir_argument(p, "where to find the tokens `cspine serve` generated")
     p.add_argument("--quiet", action="store_true", help="no upload progress bar")
     p.set_defaults(func=cmd_analyze)
     return p

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import grpc
 
@@ -13,7 +12,9 @@ from cspine.client import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_SERVER,
     ClientError,
+    add_data_dir_argument,
     bearer_metadata,
+    client_token,
     open_channel,
     stream_call,
     upload_messages,
@@ -69,42 +70,33 @@ def format_case(case: spb.SupportCase) -> str:
     )
 
 
-def _token(args: argparse.Namespace, curator: bool) -> str | None:
-    if args.token:
-        return args.token
-    from cspine.gateway.auth import TOKENS_FILE, Role, find_client_token
-
-    role = Role.CURATOR if curator else Role.ANALYST
-    token = find_client_token(Path(args.data_dir).expanduser(), role)
-    if token is None:
-        where = Path(args.data_dir).expanduser() / TOKENS_FILE
-        raise ClientError("UNAUTHENTICATED", f"no {role.value} token in {where}: pass --token (env CSPINE_TOKEN)")
-    return token
-
-
 def cmd_support(args: argparse.Namespace) -> int:
     try:
         if args.support == "add":
             header = spb.CaseHeader(
                 label=args.label, pathology_reference=args.pathology_ref, note=args.note, create_class=args.create_class
             )
-            case = add_case_paths(args.server, args.paths, header, timeout_s=args.timeout, token=_token(args, True))
+            case = add_case_paths(
+                args.server, args.paths, header, timeout_s=args.timeout, token=client_token(args, "curator")
+            )
             print(f"added case {case.case_id} ({case.label})")
             print(format_version(case.prototype_set))
         elif args.support == "list":
             request = spb.ListCasesRequest(version=args.version)
-            answer = _unary(args.server, "ListCases", request, timeout_s=args.timeout, token=_token(args, False))
+            answer = _unary(args.server, "ListCases", request, timeout_s=args.timeout, token=client_token(args))
             print(format_version(answer.prototype_set))
             for case in answer.cases:
                 print(format_case(case))
         elif args.support == "remove":
             request = spb.RemoveCaseRequest(case_id=args.case_id)
-            info = _unary(args.server, "RemoveCase", request, timeout_s=args.timeout, token=_token(args, True))
+            info = _unary(
+                args.server, "RemoveCase", request, timeout_s=args.timeout, token=client_token(args, "curator")
+            )
             print(f"removed case {args.case_id}")
             print(format_version(info))
         else:
             request = spb.GetPrototypeSetRequest(version=args.version)
-            info = _unary(args.server, "GetPrototypeSet", request, timeout_s=args.timeout, token=_token(args, False))
+            info = _unary(args.server, "GetPrototypeSet", request, timeout_s=args.timeout, token=client_token(args))
             print(format_version(info))
     except ClientError as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
@@ -131,11 +123,7 @@ def add_support_command(subparsers: argparse._SubParsersAction) -> None:
         help=f"host:port (env CSPINE_SERVER; default {DEFAULT_SERVER})",
     )
     p.add_argument("--token", default=os.environ.get("CSPINE_TOKEN"), help="bearer token (env CSPINE_TOKEN)")
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("CSPINE_DATA_DIR", "~/.local/share/cspine"),
-        help="where to find the tokens `cspine serve` generated (env CSPINE_DATA_DIR)",
-    )
+    add_data_dir_argument(p, "where to find the tokens `cspine serve` generated")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     actions = p.add_subparsers(dest="support", required=True)
     a = actions.add_parser("add", help="add a pathology-confirmed case (its DICOM folder)")
