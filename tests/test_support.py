@@ -14,7 +14,16 @@ from cspine.fewshot.store import SupportStore
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 from cspine.v1 import support_pb2_grpc as spb_grpc
-from test_gateway import CURATOR_TOKEN, GatewayThread, _wait_for, channel_to, files_of, upload
+from test_gateway import (
+    CURATOR_TOKEN,
+    NOT_SERVING,
+    SERVING,
+    GatewayThread,
+    _wait_for,
+    channel_to,
+    files_of,
+    upload,
+)
 
 
 def new_store(url: str) -> SupportStore:
@@ -178,3 +187,22 @@ def test_the_support_command_lists_and_shows_with_a_token_found_in_the_data_dir(
     assert "no curator token in" in capsys.readouterr().err
     assert main(["support", *common, "--token", ANALYST_TOKEN, "remove", "1"]) == 2
     assert "PERMISSION_DENIED: role analyst may not call" in capsys.readouterr().err
+
+
+def test_health_and_cspine_store_up_follow_the_store(triton, tmp_path):
+    path = tmp_path / "support.db"
+    store = new_store(f"sqlite:///{path}")
+    server = GatewayThread(triton.grpc_url, store=store, health_interval_s=0.2)
+    value = server.metrics.registry.get_sample_value
+    try:
+        assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+        store.close()
+        path.rename(tmp_path / "moved.db")
+        path.mkdir()  # SQLite cannot open a directory: the store stops answering
+        assert _wait_for(lambda: value("cspine_store_up") == 0), "the store gauge must drop"
+        assert server.status() == NOT_SERVING and value("cspine_triton_ready") == 1
+        path.rmdir()
+        (tmp_path / "moved.db").rename(path)
+        assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+    finally:
+        server.close()

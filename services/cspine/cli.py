@@ -421,7 +421,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = Metrics()
 
     async def run(url: str) -> None:
-        async with TritonClient(url, timeout_s=120.0, observer=metrics.observe_triton) as client:
+        client = TritonClient(
+            url,
+            timeout_s=120.0,
+            round_robin=args.triton_round_robin,
+            reconnect_s=args.triton_reconnect,
+            observer=metrics.observe_triton,
+        )
+        async with client:
             service = AnalysisService(
                 client,
                 Path(args.repository),
@@ -695,6 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--triton-url",
         default=os.environ.get("CSPINE_TRITON_URL"),
         help="an external Triton's gRPC address (env CSPINE_TRITON_URL); default: start the local Triton",
+    )
+    p.add_argument(
+        "--triton-round-robin",
+        action="store_true",
+        default=os.environ.get("CSPINE_TRITON_ROUND_ROBIN", "") in ("1", "true"),
+        help="spread Triton calls over every address --triton-url resolves to, e.g. dns:///triton-headless:8001 "
+        "(env CSPINE_TRITON_ROUND_ROBIN=1)",
+    )
+    p.add_argument(
+        "--triton-reconnect",
+        type=float,
+        default=float(os.environ.get("CSPINE_TRITON_RECONNECT_SECONDS", "0")) or None,
+        help="open a fresh Triton channel (a fresh DNS lookup) this often, in seconds, so Triton pods added by an "
+        "autoscaler get work (env CSPINE_TRITON_RECONNECT_SECONDS; default off)",
     )
     p.add_argument(
         "--max-studies-in-flight",

@@ -40,6 +40,15 @@ class ServiceInfo:
     max_studies_in_flight: int
 
 
+@dataclass(frozen=True)
+class Readiness:
+    triton: bool  # Triton answers and every model the pipeline calls is ready
+    store: bool  # the support store answers (True for a service without one)
+
+    def __bool__(self) -> bool:
+        return self.triton and self.store
+
+
 class AnalysisService:
     def __init__(
         self,
@@ -170,20 +179,22 @@ class AnalysisService:
         found = await asyncio.to_thread(store.list_cases, info.number)
         return found, info, await asyncio.to_thread(store.prototype_set, info.number)
 
-    async def ready(self) -> bool:
-        """Whether Triton answers and serves every model the pipeline calls, and the store (if any) answers."""
+    async def ready(self) -> Readiness:
+        """Whether Triton answers and serves every model the pipeline calls, and whether the store (if any)
+        answers."""
+        triton = store = True
         try:
             await self.triton.check_ready(timeout_s=2.0)
         except Exception:  # noqa: BLE001 - any failure to answer means not ready; the reason is logged
             logger.warning("Triton at %s is not ready", self.triton.url)
-            return False
+            triton = False
         if self.store is not None:
             try:
                 await asyncio.to_thread(self.store.current_version)
             except CspineError as error:
                 logger.warning("the support store does not answer: %s", error)
-                return False
-        return True
+                store = False
+        return Readiness(triton, store)
 
     def info(self) -> ServiceInfo:
         return ServiceInfo(

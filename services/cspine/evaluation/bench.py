@@ -31,7 +31,7 @@ _COMPUTE = ("compute_input", "compute_infer", "compute_output")
 
 async def _triton_seconds(client: TritonClient) -> dict[str, dict[str, float]]:
     """Cumulative seconds per model from Triton's statistics: compute (input + infer + output) and queue."""
-    stats = await client._client.get_inference_statistics(as_json=True)
+    stats = await client.client.get_inference_statistics(as_json=True)
     out: dict[str, dict[str, float]] = {}
     for model in stats.get("model_stats", []):
         s = model.get("inference_stats", {})

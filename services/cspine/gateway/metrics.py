@@ -38,6 +38,7 @@ class Metrics:
             "cspine_prototype_set_info", "The prototype set analyses use (value 1)", ["version"], registry=r
         )
         self.triton_ready = Gauge("cspine_triton_ready", "1 while Triton and every model answer", registry=r)
+        self.store_up = Gauge("cspine_store_up", "1 while the support store answers", registry=r)
 
     def publish_prototype_set(self, version: str) -> None:
         """The prototype set in use: the only series of cspine_prototype_set_info."""

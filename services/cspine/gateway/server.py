@@ -82,17 +82,20 @@ def create_server(
 async def track_health(
     service: AnalysisService, health_servicer: health.aio.HealthServicer, metrics: Metrics, interval_s: float
 ) -> None:
-    """SERVING while Triton and every model answer, NOT_SERVING otherwise; checked every ``interval_s``."""
+    """SERVING while Triton, every model and the support store answer, NOT_SERVING otherwise; checked every
+    ``interval_s``."""
     last = None
     while True:
         ready = await service.ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, status)
-        metrics.triton_ready.set(1 if ready else 0)
-        if ready != last:
-            logger.info("health: %s", "SERVING" if ready else "NOT_SERVING (Triton is not ready)")
-            last = ready
+        metrics.triton_ready.set(1 if ready.triton else 0)
+        metrics.store_up.set(1 if ready.store else 0)
+        if bool(ready) != last:
+            reason = "Triton is not ready" if not ready.triton else "the support store does not answer"
+            logger.info("health: %s", "SERVING" if ready else f"NOT_SERVING ({reason})")
+            last = bool(ready)
         await asyncio.sleep(interval_s)
 
 

@@ -10,6 +10,10 @@
 - Outputs are checked against the spec too: the bundled Python backend answers with empty tensors and no
   error when numpy 2 is in its environment (DESIGN.md §5), and that must never pass for a result.
 - Triton down → ``TritonUnavailableError`` naming the URL; a model not ready → the same, naming the model.
+- Behind a Kubernetes headless service (``round_robin``), gRPC resolves the name once and only resolves it
+  again when a connection fails, so Triton pods added by the autoscaler would get no work. With
+  ``reconnect_s`` the client opens a fresh channel (a fresh DNS lookup) that often; calls already running
+  finish on the old channel, which is closed once they have had ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -56,14 +60,41 @@ class TritonClient:
         *,
         timeout_s: float = 30.0,
         round_robin: bool = False,
+        reconnect_s: float | None = None,
         observer: Callable[[str, float], None] | None = None,
     ) -> None:
+        if reconnect_s is not None and reconnect_s <= 0:
+            raise ValueError(f"reconnect_s must be positive, got {reconnect_s}")
         self.url = url
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s
         self.observer = observer  # called with (model, seconds) after every inference request
-        self._client = triton_aio.InferenceServerClient(url, channel_args=channel_args(round_robin))
+        self._args = channel_args(round_robin)
+        self._client = triton_aio.InferenceServerClient(url, channel_args=self._args)
+        self._opened = time.monotonic()
+        self._retiring: set[asyncio.Task] = set()
+
+    @property
+    def client(self) -> triton_aio.InferenceServerClient:
+        """The current channel's client; a fresh one once ``reconnect_s`` has passed."""
+        if self.reconnect_s is not None and time.monotonic() - self._opened >= self.reconnect_s:
+            old, self._client = self._client, triton_aio.InferenceServerClient(self.url, channel_args=self._args)
+            self._opened = time.monotonic()
+            task = asyncio.get_running_loop().create_task(self._close_later(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return self._client
+
+    async def _close_later(self, old: triton_aio.InferenceServerClient) -> None:
+        try:
+            await asyncio.sleep(self.timeout_s)
+        finally:
+            await old.close()
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self._client.close()
 
     async def __aenter__(self) -> TritonClient:
@@ -74,7 +105,7 @@ class TritonClient:
 
     async def server_ready(self, timeout_s: float = 2.0) -> bool:
         try:
-            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+            return bool(await self.client.is_server_ready(client_timeout=timeout_s))
         except InferenceServerException:
             return False
 
@@ -85,7 +116,7 @@ class TritonClient:
             raise TritonUnavailableError(f"Triton at {self.url} does not answer or is not ready")
         for name in names:
             try:
-                ready = await self._client.is_model_ready(name, client_timeout=timeout_s)
+                ready = await self.client.is_model_ready(name, client_timeout=timeout_s)
             except InferenceServerException as error:
                 raise self._translate(error, name) from None
             if not ready:
@@ -122,7 +153,7 @@ class TritonClient:
         outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
         start = time.perf_counter()
         try:
-            result = await self._client.infer(spec.name, request, outputs=outputs, client_timeout=left)
+            result = await self.client.infer(spec.name, request, outputs=outputs, client_timeout=left)
         except InferenceServerException as error:
             raise self._translate(error, spec.name) from None
         finally:
