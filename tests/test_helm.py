@@ -1,0 +1,497 @@
+"""The Helm chart, checked without a cluster: helm lint, helm template with the default and with production-like
+values, every rendered object validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict) and
+the custom resources against their CRD schemas, and what matters read off the rendered YAML: GPUs, the TensorRT
+plan commands, probes, round-robin to Triton, secrets, disruption budgets, network policies, autoscaling."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cspine.inference.local_triton import default_repository
+from cspine.inference.model_config import config_path, load_config, opt_batch
+from cspine.inference.specs import MODELS, SERVED
+from cspine.inference.tensorrt import plan_commands
+from helm_tools import CHART, NAMESPACE, ROOT, find, helm, render
+
+PRODUCTION = ROOT / "tests" / "fixtures" / "helm" / "production-values.yaml"
+KUBERNETES_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor, and a current release
+BUILT_IN_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2")
+
+
+@pytest.fixture(scope="module")
+def default():
+    return render()
+
+
+@pytest.fixture(scope="module")
+def production():
+    return render(values=PRODUCTION)
+
+
+def pod_spec(objects, name):
+    (workload,) = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == name]
+    return workload["spec"]["template"]
+
+
+def container(spec, name, init=False):
+    (found,) = [c for c in spec["spec"]["initContainers" if init else "containers"] if c["name"] == name]
+    return found
+
+
+def env(c) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# -- lint, schema, validation ---------------------------------------------------------------------------------
+
+
+def test_helm_lint_passes_in_strict_mode_with_default_and_production_values():
+    for args in ((), ("--values", str(PRODUCTION))):
+        result = helm("lint", "--strict", str(CHART), *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("variant", ["default", "production"])
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_built_in_object_is_valid_against_the_kubernetes_openapi_schema_strictly(
+    variant, version, default, production
+):
+    objects = {"default": default, "production": production}[variant]
+    built_in = [o for o in objects if o["apiVersion"] in BUILT_IN_GROUPS]
+    assert len(built_in) >= 8
+    for obj in built_in:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {error.message} at {list(error.path)}")
+    assert {o["apiVersion"] for o in objects} <= {*BUILT_IN_GROUPS, "monitoring.coreos.com/v1", "keda.sh/v1alpha1"}
+
+
+def validate_custom_resources(objects, tmp_path) -> list:
+    custom = [o for o in objects if o["apiVersion"] not in BUILT_IN_GROUPS]
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(custom))
+    modules = ROOT / ".tools" / "node_modules"
+    assert modules.is_dir(), "run `make tools`: it installs the CRD validators into .tools/node_modules"
+    result = subprocess.run(
+        ["node", str(ROOT / "tests" / "crd_validate.mjs"), str(modules), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["errors"]
+
+
+def test_custom_resources_are_valid_against_their_crd_schemas(default, production, tmp_path):
+    kinds = {o["kind"] for o in default + production if o["apiVersion"] not in BUILT_IN_GROUPS}
+    assert kinds == {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+    assert validate_custom_resources(default + production, tmp_path) == []
+
+
+def test_the_crd_check_catches_a_wrongly_typed_field(default, tmp_path):
+    (monitor, *_) = find(default, "ServiceMonitor")
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["endpoints"][0]["interval"] = 15  # the CRD says string ("15s")
+    errors = validate_custom_resources([broken], tmp_path)
+    assert len(errors) == 1 and "interval must be string" in errors[0][2]
+
+
+def test_values_outside_the_schema_are_refused_with_the_key_named():
+    for setting, named in (
+        ("triton.gpus=0", "/triton/gpus"),
+        ("triton.image.tag=latest", "/triton/image/tag"),
+        ("gateway.replica=3", "replica"),
+        ("alerts.errorRatio=2", "/alerts/errorRatio"),
+    ):
+        result = helm("template", "cspine", str(CHART), "--set", setting)
+        assert result.returncode != 0 and named in result.stderr, (setting, result.stderr)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["gateway.graceSeconds=60", "gateway.terminationGracePeriodSeconds=30"], "must exceed gateway.graceSeconds"),
+        (["postgresql.enabled=false"], "shared support store"),
+        (["gateway.tls.enabled=true"], "gateway.tls.existingSecret"),
+        (["keda.enabled=true"], "choose one autoscaler"),
+    ],
+)
+def test_inconsistent_values_fail_the_render_with_a_clear_message(settings, message):
+    args = [a for s in settings for a in ("--set", s)]
+    result = helm("template", "cspine", str(CHART), *args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# -- Triton ---------------------------------------------------------------------------------------------------
+
+
+def expected_plan_commands() -> list[list[str]]:
+    local = default_repository()
+    batches = {name: opt_batch(load_config(config_path(local, name, "gpu"))) for name in MODELS}
+    return plan_commands("/models", batches)
+
+
+def test_the_plan_init_container_runs_exactly_the_commands_of_cspine_triton_plan_commands(default):
+    spec = pod_spec(default, "cspine-triton")
+    build = container(spec, "build-plans", init=True)
+    script = build["args"][0]
+    rendered = [shlex.split(line) for line in script.splitlines() if line.startswith("trtexec ")]
+    assert rendered == expected_plan_commands()
+    assert len(rendered) == len(MODELS)
+    shipped = (CHART / "files" / "plan-commands.sh").read_text()
+    cli = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "cspine"), "triton", "plan-commands", "--repository", "/models"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0
+    assert [line for line in shipped.splitlines() if not line.startswith("#")] == cli.stdout.splitlines(), (
+        "helm/cspine/files/plan-commands.sh is stale: run `make chart`"
+    )
+    triton = container(spec, "triton")
+    assert build["image"] == triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert "--model-config-name=gpu" in triton["args"] and "--model-repository=/models" in triton["args"]
+    copy = container(spec, "copy-models", init=True)
+    assert [c["name"] for c in spec["spec"]["initContainers"]] == ["copy-models", "build-plans"]
+    assert "/opt/cspine/model_repository" in copy["args"][0]
+
+
+def test_triton_pods_ask_for_gpus_on_gpu_nodes(default, production):
+    for objects, gpus in ((default, 1), (production, 2)):
+        spec = pod_spec(objects, "cspine-triton")
+        assert container(spec, "triton")["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container(spec, "build-plans", init=True)["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert spec["spec"]["nodeSelector"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["spec"]["tolerations"])
+    selector = pod_spec(production, "cspine-triton")["spec"]["nodeSelector"]
+    assert selector["node.kubernetes.io/instance-type"] == "g5.2xlarge"  # helm merges it with the default's
+    gateway = container(pod_spec(default, "cspine-gateway"), "gateway")
+    assert "nvidia.com/gpu" not in json.dumps(gateway["resources"])
+
+
+def test_triton_probes_use_its_health_endpoints_and_allow_for_model_loading(default):
+    triton = container(pod_spec(default, "cspine-triton"), "triton")
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    startup = triton["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert {p["name"] for p in triton["ports"]} == {"http", "grpc", "metrics"}
+
+
+def test_the_triton_service_is_headless_and_selects_the_triton_pods(default):
+    (service,) = find(default, "Service", "cspine-triton-headless")
+    assert service["spec"]["clusterIP"] == "None"
+    triton_labels = pod_spec(default, "cspine-triton")["metadata"]["labels"]
+    gateway_labels = pod_spec(default, "cspine-gateway")["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], triton_labels)
+    assert not selects(service["spec"]["selector"], gateway_labels)
+
+
+# -- the gateway ----------------------------------------------------------------------------------------------
+
+
+def test_the_gateway_round_robins_over_the_headless_triton_service(default):
+    gateway = container(pod_spec(default, "cspine-gateway"), "gateway")
+    variables = env(gateway)
+    assert variables["CSPINE_TRITON_URL"] == f"dns:///cspine-triton-headless.{NAMESPACE}.svc.cluster.local:8001"
+    assert variables["CSPINE_TRITON_ROUND_ROBIN"] == "1"
+    assert float(variables["CSPINE_TRITON_RECONNECT_SECONDS"]) > 0
+    assert variables["CSPINE_HOST"] == "0.0.0.0"
+
+
+def test_gateway_secrets_come_from_kubernetes_secrets(default, production):
+    spec = pod_spec(production, "cspine-gateway")
+    gateway = container(spec, "gateway")
+    variables = env(gateway)
+    assert variables["CSPINE_STORE_URL"] == {"secretKeyRef": {"name": "cspine-store", "key": "url"}}
+    volumes = {v["name"]: v for v in spec["spec"]["volumes"]}
+    assert volumes["tokens"]["secret"]["secretName"] == "cspine-tokens"
+    assert volumes["tls"]["secret"]["secretName"] == "cspine-gateway-tls"
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    assert variables["CSPINE_TOKENS"] == f"{mounts['tokens']}/tokens"
+    assert variables["CSPINE_TLS_CERT"] == f"{mounts['tls']}/tls.crt"
+    assert variables["CSPINE_TLS_CLIENT_CA"] == f"{mounts['tls']}/ca.crt"
+    assert not find(production, "Secret") and not find(production, "StatefulSet")  # nothing generated
+    # Defaults: generated tokens (one per role) and the trial PostgreSQL's URL, both in Secrets the chart makes.
+    (tokens,) = find(default, "Secret", "cspine-gateway-tokens")
+    import base64
+
+    lines = base64.b64decode(tokens["data"]["tokens"]).decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["analyst", "curator"] and all(len(x.split()[1]) == 40 for x in lines)
+    (store,) = find(default, "Secret", "cspine-postgresql")
+    url = base64.b64decode(store["data"]["url"]).decode()
+    assert re.fullmatch(
+        r"postgresql\+psycopg://cspine:\w{32}@cspine-postgresql\.cspine\.svc\.cluster\.local:5432/cspine", url
+    )
+    assert env(container(pod_spec(default, "cspine-gateway"), "gateway"))["CSPINE_STORE_URL"] == {
+        "secretKeyRef": {"name": "cspine-postgresql", "key": "url"}
+    }
+
+
+def test_the_gateway_drains_before_kubernetes_kills_it_and_is_ready_only_when_serving(default, production):
+    for objects in (default, production):
+        spec = pod_spec(objects, "cspine-gateway")
+        gateway = container(spec, "gateway")
+        assert spec["spec"]["terminationGracePeriodSeconds"] > float(env(gateway)["CSPINE_GRACE_SECONDS"])
+        assert gateway["readinessProbe"]["grpc"]["port"] == int(env(gateway)["CSPINE_PORT"])
+        assert gateway["livenessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_every_pod_runs_non_root_with_a_read_only_root_filesystem_and_bounded_resources(default, production):
+    for objects in (default, production):
+        workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+        assert len(workloads) >= 2
+        for workload in workloads:
+            spec = workload["spec"]["template"]["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
+            assert spec["automountServiceAccountToken"] is False
+            for c in spec["containers"] + spec.get("initContainers", []):
+                where = f"{workload['metadata']['name']}/{c['name']}"
+                context = c["securityContext"]
+                assert context["readOnlyRootFilesystem"] is True, where
+                assert context["allowPrivilegeEscalation"] is False, where
+                assert context["capabilities"]["drop"] == ["ALL"], where
+                assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], where
+
+
+def test_images_are_pinned(default, production):
+    for objects in (default, production):
+        for workload in (o for o in objects if o["kind"] in ("Deployment", "StatefulSet")):
+            spec = workload["spec"]["template"]["spec"]
+            for c in spec["containers"] + spec.get("initContainers", []):
+                assert re.fullmatch(r"[\w./-]+:[\w.-]+", c["image"]) and not c["image"].endswith(":latest")
+
+
+def test_disruption_budgets_cover_triton_and_the_gateway(default):
+    budgets = find(default, "PodDisruptionBudget")
+    assert len(budgets) == 2
+    for name in ("cspine-triton", "cspine-gateway"):
+        labels = pod_spec(default, name)["metadata"]["labels"]
+        assert [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)], name
+
+
+# -- network policies ------------------------------------------------------------------------------------------
+
+
+def test_only_the_gateway_reaches_triton_and_postgresql(default):
+    triton = pod_spec(default, "cspine-triton")["metadata"]["labels"]
+    gateway = pod_spec(default, "cspine-gateway")["metadata"]["labels"]
+    postgresql = pod_spec(default, "cspine-postgresql")["metadata"]["labels"]
+    for name, labels, ports in (("cspine-triton", triton, {"grpc", "http"}), ("cspine-postgresql", postgresql, None)):
+        (policy,) = find(default, "NetworkPolicy", name)
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        pod_rules = [r for r in policy["spec"]["ingress"] if "podSelector" in r["from"][0]]
+        (rule,) = pod_rules
+        selector = rule["from"][0]["podSelector"]["matchLabels"]
+        assert selects(selector, gateway) and not selects(selector, triton)
+        if ports:
+            assert {p["port"] for p in rule["ports"]} == ports
+    # the metrics port alone is open to the monitoring namespace
+    (policy,) = find(default, "NetworkPolicy", "cspine-triton")
+    (monitoring,) = [r for r in policy["spec"]["ingress"] if "namespaceSelector" in r["from"][0]]
+    assert monitoring["ports"] == [{"port": "metrics"}]
+    assert monitoring["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+
+
+def test_only_allowed_namespaces_reach_the_gateway_api(production):
+    (policy,) = find(production, "NetworkPolicy", "cspine-gateway")
+    (api,) = [r for r in policy["spec"]["ingress"] if r["ports"] == [{"port": "grpc"}]]
+    (expression,) = api["from"][0]["namespaceSelector"]["matchExpressions"]
+    assert expression["key"] == "kubernetes.io/metadata.name" and expression["operator"] == "In"
+    assert sorted(expression["values"]) == ["cspine", "pacs", "ris"]
+    assert selects(
+        policy["spec"]["podSelector"]["matchLabels"], pod_spec(production, "cspine-gateway")["metadata"]["labels"]
+    )
+
+
+def test_network_policy_ports_name_ports_the_selected_pods_have(default):
+    for policy in find(default, "NetworkPolicy"):
+        pods = [
+            o["spec"]["template"]
+            for o in default
+            if o["kind"] in ("Deployment", "StatefulSet")
+            and selects(policy["spec"]["podSelector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(pods) == 1, policy["metadata"]["name"]
+        names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
+        for rule in policy["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= names
+
+
+# -- autoscaling and monitoring ---------------------------------------------------------------------------------
+
+ADAPTER = ROOT / "helm" / "prometheus-adapter-values.yaml"
+
+
+def adapter_rules() -> dict[str, dict]:
+    rules = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    return {rule["name"]["as"]: rule for rule in rules}
+
+
+def test_hpas_scale_the_deployments_on_metrics_prometheus_adapter_serves(default):
+    hpas = {h["metadata"]["name"]: h for h in find(default, "HorizontalPodAutoscaler")}
+    assert set(hpas) == {"cspine-triton", "cspine-gateway"}
+    served = adapter_rules()
+    for name, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
+        assert "replicas" not in find(default, "Deployment", name)[0]["spec"]  # the HPA owns the count
+    assert hpas["cspine-triton"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == "triton_queue_us_per_request"
+    assert hpas["cspine-triton"]["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "20000"
+
+
+def test_keda_replaces_the_triton_hpa_with_the_same_queue_time_query(production):
+    assert [h["metadata"]["name"] for h in find(production, "HorizontalPodAutoscaler")] == ["cspine-gateway"]
+    (scaled,) = find(production, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "cspine-triton"
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (2, 6)
+    (trigger,) = scaled["spec"]["triggers"]
+    query = trigger["metadata"]["query"]
+    assert "rate(nv_inference_queue_duration_us{" in query and "rate(nv_inference_request_success{" in query
+    assert trigger["metadata"]["threshold"] == "10000"
+    assert "replicas" not in find(production, "Deployment", "cspine-triton")[0]["spec"]
+
+
+def test_the_scaling_queries_compute_queue_time_per_request_on_synthetic_series(tmp_path):
+    """promtool evaluates the adapter's query for two Triton pods with known (SYNTHETIC) counter rates."""
+    query = adapter_rules()["triton_queue_us_per_request"]["metricsQuery"]
+    query = query.replace("<<.LabelMatchers>>", 'namespace="cspine",pod=~"triton-a|triton-b"').replace(
+        "<<.GroupBy>>", "pod"
+    )
+    in_flight = adapter_rules()["cspine_studies_in_flight"]["metricsQuery"]
+    in_flight = in_flight.replace("<<.LabelMatchers>>", 'namespace="cspine",pod="gateway-a"').replace(
+        "<<.GroupBy>>", "pod"
+    )
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    # pod a: 10 requests/s waiting 5 ms each; two models, split 6 + 4
+                    {
+                        "series": 'nv_inference_queue_duration_us{namespace="cspine",pod="triton-a",model="seg_ct"}',
+                        "values": "0+450000x20",
+                    },
+                    {
+                        "series": 'nv_inference_request_success{namespace="cspine",pod="triton-a",model="seg_ct"}',
+                        "values": "0+90x20",
+                    },
+                    {
+                        "series": 'nv_inference_queue_duration_us{namespace="cspine",pod="triton-a",model="seg_mr"}',
+                        "values": "0+300000x20",
+                    },
+                    {
+                        "series": 'nv_inference_request_success{namespace="cspine",pod="triton-a",model="seg_mr"}',
+                        "values": "0+60x20",
+                    },
+                    # pod b: idle
+                    {
+                        "series": 'nv_inference_queue_duration_us{namespace="cspine",pod="triton-b",model="seg_ct"}',
+                        "values": "0+0x20",
+                    },
+                    {
+                        "series": 'nv_inference_request_success{namespace="cspine",pod="triton-b",model="seg_ct"}',
+                        "values": "0+0x20",
+                    },
+                    {"series": 'cspine_studies_in_flight{namespace="cspine",pod="gateway-a"}', "values": "2x20"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": query,
+                        "eval_time": "4m",
+                        "exp_samples": [
+                            {"labels": '{pod="triton-a"}', "value": 5000},
+                            {"labels": '{pod="triton-b"}', "value": 0},
+                        ],
+                    },
+                    {
+                        "expr": in_flight,
+                        "eval_time": "4m",
+                        "exp_samples": [{"labels": '{pod="gateway-a"}', "value": 2}],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "adapter_test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_service_monitors_find_a_metrics_port_on_triton_and_gateway_pods(default):
+    monitors = find(default, "ServiceMonitor")
+    assert len(monitors) == 2
+    services = find(default, "Service")
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        matched = [s for s in services if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert len(matched) == 1, monitor["metadata"]["name"]
+        (port,) = [p for p in matched[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+        pods = [
+            o["spec"]["template"]
+            for o in find(default, "Deployment")
+            if selects(matched[0]["spec"]["selector"], o["spec"]["template"]["metadata"]["labels"])
+        ]
+        (pod,) = pods
+        assert port["targetPort"] in {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert {m["metadata"]["name"] for m in monitors} == {"cspine-triton", "cspine-gateway"}
+
+
+def test_monitoring_objects_can_be_turned_off_for_clusters_without_the_operators():
+    objects = render(
+        "--set", "monitoring.serviceMonitor.enabled=false",
+        "--set", "monitoring.prometheusRule.enabled=false",
+        "--set", "monitoring.grafanaDashboard.enabled=false",
+        "--set", "triton.autoscaling.enabled=false",
+        "--set", "gateway.autoscaling.enabled=false",
+    )  # fmt: skip
+    assert {o["apiVersion"] for o in objects} <= set(BUILT_IN_GROUPS)
+    assert not find(objects, "HorizontalPodAutoscaler")
+    assert find(objects, "Deployment", "cspine-triton")[0]["spec"]["replicas"] == 1
+    assert find(objects, "Deployment", "cspine-gateway")[0]["spec"]["replicas"] == 2
+
+
+# -- the image ------------------------------------------------------------------------------------------------
+
+
+def test_the_dockerfile_runs_as_the_user_the_chart_expects_and_ships_the_models_where_triton_copies_from(default):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.count("\nFROM ") + dockerfile.startswith("FROM ") == 2 or dockerfile.count("FROM ") == 2
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    spec = pod_spec(default, "cspine-gateway")["spec"]
+    assert int(user[0]) == spec["securityContext"]["runAsUser"] != 0
+    assert "COPY model_repository /opt/cspine/model_repository" in dockerfile
+    assert "CSPINE_MODEL_REPOSITORY=/opt/cspine/model_repository" in dockerfile
+    for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.MULTILINE):
+        assert (ROOT / source).exists(), source
+    for model in SERVED:
+        assert (ROOT / "model_repository" / model).is_dir()
+
+
+def test_strict_validation_catches_a_misplaced_field(default):
+    (deployment, *_) = find(default, "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1  # not a Container field
+    with pytest.raises(kubernetes_validate.ValidationError, match="gpus"):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
