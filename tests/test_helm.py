@@ -248,7 +248,7 @@ def test_the_gateway_drains_before_kubernetes_kills_it_and_is_ready_only_when_se
         spec = pod_spec(objects, "cspine-gateway")
         gateway = container(spec, "gateway")
         assert spec["spec"]["terminationGracePeriodSeconds"] > float(env(gateway)["CSPINE_GRACE_SECONDS"])
-        assert gateway["readinessProbe"]["grpc"]["port"] == int(env(gateway)["CSPINE_PORT"])
+        assert gateway["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
         assert gateway["livenessProbe"]["httpGet"]["port"] == "metrics"
 
 

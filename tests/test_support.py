@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -189,20 +191,34 @@ def test_the_support_command_lists_and_shows_with_a_token_found_in_the_data_dir(
     assert "PERMISSION_DENIED: role analyst may not call" in capsys.readouterr().err
 
 
-def test_health_and_cspine_store_up_follow_the_store(triton, tmp_path):
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_health_ready_endpoint_and_cspine_store_up_follow_the_store(triton, tmp_path):
     path = tmp_path / "support.db"
     store = new_store(f"sqlite:///{path}")
     server = GatewayThread(triton.grpc_url, store=store, health_interval_s=0.2)
     value = server.metrics.registry.get_sample_value
+    ready = f"http://127.0.0.1:{server.metrics.serve(0, '127.0.0.1')}/ready"  # the chart's readiness probe
     try:
         assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+        assert http_status(ready) == 200
         store.close()
         path.rename(tmp_path / "moved.db")
         path.mkdir()  # SQLite cannot open a directory: the store stops answering
         assert _wait_for(lambda: value("cspine_store_up") == 0), "the store gauge must drop"
         assert server.status() == NOT_SERVING and value("cspine_triton_ready") == 1
+        assert http_status(ready) == 503
         path.rmdir()
         (tmp_path / "moved.db").rename(path)
         assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+        assert http_status(ready) == 200
+        assert http_status(ready.replace("/ready", "/metrics")) == 200
     finally:
         server.close()
+    assert http_status(ready) == 503  # draining and stopped: no traffic

@@ -1,9 +1,16 @@
 """Prometheus metrics of the gateway (prefix ``cspine_``), in a registry of its own, exposed on their own
-port. Triton exports its ``nv_inference_*`` metrics itself; dashboards join the two."""
+port. Triton exports its ``nv_inference_*`` metrics itself; dashboards join the two.
+
+The same port answers ``GET /ready``: 200 while the gateway is SERVING, 503 otherwise. Kubernetes' gRPC
+probes cannot speak TLS, so the Helm chart's readiness probe asks this plain-HTTP endpoint instead."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 
@@ -39,6 +46,7 @@ class Metrics:
         )
         self.triton_ready = Gauge("cspine_triton_ready", "1 while Triton and every model answer", registry=r)
         self.store_up = Gauge("cspine_store_up", "1 while the support store answers", registry=r)
+        self.serving = False  # the gateway's health, set by its health tracker: what /ready answers
 
     def publish_prototype_set(self, version: str) -> None:
         """The prototype set in use: the only series of cspine_prototype_set_info."""
@@ -53,6 +61,28 @@ class Metrics:
             if stage != "total":
                 self.stages.labels(stage).observe(seconds)
 
-    def serve(self, port: int, address: str = "0.0.0.0") -> None:
-        """Expose /metrics over HTTP on ``port`` (a daemon thread)."""
-        start_http_server(port, addr=address, registry=self.registry)
+    def app(self):
+        """The WSGI app: ``/ready`` answers from ``serving``; any other path, the metrics."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/ready":
+                status, body = (
+                    ("200 OK", b"SERVING\n") if self.serving else ("503 Service Unavailable", b"NOT_SERVING\n")
+                )
+                start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+                return [body]
+            return metrics(environ, start_response)
+
+        return app
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> int:
+        """Expose /metrics and /ready over HTTP on ``port`` (0: a free one) in a daemon thread; the port."""
+        server = make_server(address, port, self.app(), ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="cspine-metrics", daemon=True).start()
+        return server.server_port
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # probes every few seconds: no access log on stderr
+        pass

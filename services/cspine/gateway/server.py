@@ -90,6 +90,7 @@ async def track_health(
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, status)
+        metrics.serving = bool(ready)
         metrics.triton_ready.set(1 if ready.triton else 0)
         metrics.store_up.set(1 if ready.store else 0)
         if bool(ready) != last:
@@ -107,10 +108,12 @@ class Gateway:
     port: int
     health: health.aio.HealthServicer
     watcher: asyncio.Task
+    metrics: Metrics
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking studies (health NOT_SERVING), let those in flight finish within ``grace_s``."""
         self.watcher.cancel()
+        self.metrics.serving = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
@@ -130,7 +133,7 @@ async def start_gateway(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     watcher = asyncio.create_task(track_health(service, health_servicer, metrics, config.health_interval_s))
-    return Gateway(server, port, health_servicer, watcher)
+    return Gateway(server, port, health_servicer, watcher, metrics)
 
 
 async def run_gateway(
