@@ -17,7 +17,7 @@ HELM := .tools/bin/helm
 CRD_NPM_PACKAGES := @kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/keda@2.0.0
 CRD_VALIDATORS := .tools/node_modules/@kubernetes-models/keda/package.json
 
-.PHONY: venv protos sysdeps tools chart demo test bench train clean
+.PHONY: venv protos sysdeps tools chart demo test bench train clean loadtest
 
 venv: $(STAMP) protos
 
@@ -65,7 +65,7 @@ demo: venv
 	$(BIN)/cspine demo
 
 test: venv sysdeps tools
-	$(BIN)/ruff check services tests
+	$(BIN)/ruff check services tests load_tests
 	$(BIN)/python -m pytest
 
 # Figures, not tests: ingest speed, ONNX Runtime latency, and the local Triton (batching, overhead, shm).
@@ -76,6 +76,11 @@ bench: venv
 	$(BIN)/cspine bench pipeline
 	$(BIN)/cspine bench gateway
 	$(BIN)/cspine bench adapt
+
+# A short load run (Locust, SYNTHETIC studies) against a `cspine serve` it starts: out/loadtest/summary.json,
+# report.html. Sweeps, open loop, overload and distributed runs: docs/performance.md, "Load tests".
+loadtest: venv
+	$(BIN)/cspine loadtest --users 2 --duration 30 --out out/loadtest
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

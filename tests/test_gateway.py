@@ -78,7 +78,14 @@ class GatewayThread:
     """A real gateway (grpc.aio) on its own event loop thread, on a free port."""
 
     def __init__(
-        self, triton_url: str, *, limits=IngestLimits(), in_flight: int = 2, health_interval_s=2.0, store=None
+        self,
+        triton_url: str,
+        *,
+        limits=IngestLimits(),
+        in_flight: int = 2,
+        queued: int = 0,
+        health_interval_s=2.0,
+        store=None,
     ):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -88,7 +95,12 @@ class GatewayThread:
         async def start():
             self.client = TritonClient(triton_url, timeout_s=60.0, observer=self.metrics.observe_triton)
             self.service = AnalysisService(
-                self.client, default_repository(), limits=limits, max_studies_in_flight=in_flight, store=store
+                self.client,
+                default_repository(),
+                limits=limits,
+                max_studies_in_flight=in_flight,
+                max_queued_studies=queued,
+                store=store,
             )
             config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s)
             return await start_gateway(self.service, config, self.metrics, TOKENS)
@@ -338,6 +350,48 @@ def test_too_many_concurrent_studies_are_refused_and_a_cancelled_upload_frees_it
             "cspine_requests_total", {"rpc": "AnalyzeStudy", "code": "RESOURCE_EXHAUSTED"}
         )
         assert counts == 1.0
+    finally:
+        one.close()
+
+
+def test_a_study_waits_in_the_bounded_queue_for_a_free_slot_and_one_beyond_it_is_refused(triton, phantom_cases):
+    one = GatewayThread(triton.grpc_url, in_flight=1, queued=1)
+    value = one.metrics.registry.get_sample_value
+    xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+    try:
+        held = Held(xr[0].read_bytes())
+        first = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
+        assert _wait_for(lambda: one.service.in_flight == 1)
+        second = one.stub.AnalyzeStudy.future(upload(xr), timeout=60)  # waits: the only slot is taken
+        assert _wait_for(lambda: one.service.queued == 1) and value("cspine_studies_queued") == 1
+        start = time.monotonic()
+        refused(one.stub, [pb.StudyUpload(dicom_instance=b"x")], grpc.StatusCode.RESOURCE_EXHAUSTED, "1 wait")
+        assert time.monotonic() - start < 2.0  # refused at once, not queued
+        assert not second.done()
+        held.release.set()  # the first study's upload ends: it is analysed, then the queued one
+        assert first.result().modalities[0].modality == pb.XR
+        assert second.result().modalities[0].modality == pb.XR
+        assert one.service.queued == 0 and value("cspine_studies_queued") == 0
+        info = one.stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
+        assert (info.limits.max_studies_in_flight, info.limits.max_queued_studies) == (1, 1)
+    finally:
+        one.close()
+
+
+def test_a_queued_client_that_cancels_leaves_the_queue(triton, phantom_cases):
+    one = GatewayThread(triton.grpc_url, in_flight=1, queued=1)
+    xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
+    try:
+        held = Held(xr[0].read_bytes())
+        first = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
+        assert _wait_for(lambda: one.service.in_flight == 1)
+        waiting = one.stub.AnalyzeStudy.future(upload(xr), timeout=60)
+        assert _wait_for(lambda: one.service.queued == 1)
+        waiting.cancel()
+        assert _wait_for(lambda: one.service.queued == 0), "a cancelled wait must leave the queue"
+        held.release.set()
+        assert first.result().modalities
+        assert one.stub.AnalyzeStudy(upload(xr), timeout=60).modalities  # the slot is free again
     finally:
         one.close()
 

@@ -212,6 +212,7 @@ def test_the_gateway_round_robins_over_the_headless_triton_service(default):
     assert variables["CSPINE_TRITON_ROUND_ROBIN"] == "1"
     assert float(variables["CSPINE_TRITON_RECONNECT_SECONDS"]) > 0
     assert variables["CSPINE_HOST"] == "0.0.0.0"
+    assert (variables["CSPINE_MAX_STUDIES_IN_FLIGHT"], variables["CSPINE_MAX_QUEUED_STUDIES"]) == ("4", "2")
 
 
 def test_gateway_secrets_come_from_kubernetes_secrets(default, production):

@@ -329,6 +329,30 @@ def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s_status(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from cspine import k8s
+    from cspine.inference.specs import SERVED
+
+    api, namespace = k8s.connect(k8s.ClusterAccess.choose(args.kubeconfig, args.context, os.environ))
+    with api:
+        status = k8s.gather_status(
+            api, args.namespace or namespace, args.release, tuple(SERVED), datetime.now(timezone.utc)
+        )
+    verdict = k8s.judge(status)
+    print(json.dumps(k8s.status_json(status, verdict), indent=2) if args.json else k8s.format_status(status, verdict))
+    for problem in verdict.problems:
+        print(f"cspine k8s status: {problem}", file=sys.stderr)
+    return 0 if verdict.healthy else 1
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from cspine.loadtest.command import run_command
+
+    return run_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -434,6 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 Path(args.repository),
                 limits=IngestLimits.from_env(),
                 max_studies_in_flight=args.max_studies_in_flight,
+                max_queued_studies=args.max_queued_studies,
                 store=store,
             )
             watcher = asyncio.create_task(service.watch_store(args.store_poll))
@@ -464,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cspine",
         description="Few-shot, multi-modal cervical spine tumor assistant. Phantom data is SYNTHETIC.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("CSPINE_LOG_LEVEL", "WARNING"),
+        help="logging level (env CSPINE_LOG_LEVEL, default WARNING)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -721,7 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-studies-in-flight",
         type=int,
         default=_env_int("CSPINE_MAX_STUDIES_IN_FLIGHT", 2),
-        help="studies analysed at once; more get RESOURCE_EXHAUSTED (env CSPINE_MAX_STUDIES_IN_FLIGHT, default 2)",
+        help="studies analysed at once; more wait in the queue (env CSPINE_MAX_STUDIES_IN_FLIGHT, default 2)",
+    )
+    p.add_argument(
+        "--max-queued-studies",
+        type=int,
+        default=_env_int("CSPINE_MAX_QUEUED_STUDIES", 2),
+        help="studies that wait for a free slot, their upload unread; more get RESOURCE_EXHAUSTED at once "
+        "(env CSPINE_MAX_QUEUED_STUDIES, default 2; 0: refuse as soon as every slot is taken)",
     )
     p.add_argument(
         "--grace",
@@ -783,6 +819,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="this checkout's model repository, whose configs/gpu.pbtxt give the batch sizes to optimise for",
     )
     t.set_defaults(func=cmd_triton_plan_commands)
+
+    p = sub.add_parser("k8s", help="a cspine release on a Kubernetes cluster")
+    kube = p.add_subparsers(dest="k8s", required=True)
+    k = kube.add_parser(
+        "status",
+        help="Triton and gateway pods, each model's readiness on each Triton pod, and the autoscalers of a release",
+        description=(
+            "Read with the kubernetes client: the release's Triton and gateway pods (labels app.kubernetes.io/name="
+            "cspine, app.kubernetes.io/instance=RELEASE, app.kubernetes.io/component=triton|gateway), each served "
+            "model's readiness asked of Triton through the API server's pod proxy (GET /v2/models/MODEL/ready; needs "
+            "get on pods/proxy), and the HorizontalPodAutoscalers' replicas, metrics and conditions. Exit status 0 "
+            "when every pod and model is ready and no HPA has AbleToScale or ScalingActive False, 1 otherwise (the "
+            "problems on stderr), 2 when the cluster cannot be reached or the kubeconfig cannot be used. Tested "
+            "against fixtures in the API server's and Triton's recorded answer formats, not against a live cluster."
+        ),
+    )
+    k.add_argument("--namespace", "-n", default=None, help="the release's namespace (default: the context's)")
+    k.add_argument("--release", default="cspine", help="Helm release name (default cspine)")
+    k.add_argument("--context", default=None, help="kubeconfig context (default: the current context)")
+    k.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: $KUBECONFIG; else, when KUBERNETES_SERVICE_HOST is set, the pod's service "
+        "account; else ~/.kube/config)",
+    )
+    k.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
+    k.set_defaults(func=cmd_k8s_status)
+
+    from cspine.loadtest.command import DESCRIPTION, EPILOG, add_loadtest_arguments
+
+    p = sub.add_parser(
+        "loadtest",
+        help="load-test a cspine server with Locust: throughput, latency percentiles, sweeps, overload",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_loadtest_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser(
         "demo",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -20,11 +21,17 @@ START_TIMEOUT_S = 300.0
 
 
 class EmbeddedServer:
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    """``extra_args`` go to ``cspine serve`` as they are (e.g. ``--max-studies-in-flight 1``, ``--triton-url``);
+    once started, ``metrics_port`` and ``triton_ports`` say where its metrics are."""
+
+    def __init__(self, data_dir: Path, log: Path, extra_args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.log_path = log
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.metrics_port = 0
+        self.triton_ports: TritonPorts | None = None
 
     def __enter__(self) -> EmbeddedServer:
         grpc_port, metrics_port = free_ports(2)
@@ -41,6 +48,8 @@ class EmbeddedServer:
         ]
         command += ["--data-dir", str(self.data_dir), "--triton-http-port", str(triton.http)]
         command += ["--triton-grpc-port", str(triton.grpc), "--triton-metrics-port", str(triton.metrics)]
+        command += self.extra_args
+        self.metrics_port, self.triton_ports = metrics_port, triton
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")  # the server's lines (JSON logs), for when something goes wrong
         self.process = subprocess.Popen(command, stdout=self._log, stderr=self._log)

@@ -1,9 +1,11 @@
 """The transport-free data plane the gateway serves: one study's DICOM instances in, its analysis out,
 within the service's limits. It owns the Triton client, the prototype set and the calibration.
 
-Studies in flight are bounded: a study that finds the service full is refused at once
-(``LimitExceededError`` → RESOURCE_EXHAUSTED) rather than queued without bound, and the slot is taken
-before the upload is read, so memory is bounded by the studies in flight times their size limits.
+Studies in flight are bounded, and so is the queue before them: a study that finds every slot taken waits in
+a FIFO of at most ``max_queued_studies`` (absorbing bursts of arrivals below saturation), and one that finds
+the queue full too is refused at once (``LimitExceededError`` → RESOURCE_EXHAUSTED) rather than queued without
+bound. The slot is taken before the upload is read (a queued study's upload waits unread in its stream), so
+memory is bounded by the studies in flight times their size limits.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ServiceInfo:
     synthetic_support_set: bool
     limits: IngestLimits
     max_studies_in_flight: int
+    max_queued_studies: int
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,21 @@ class AnalysisService:
         *,
         limits: IngestLimits = IngestLimits(),
         max_studies_in_flight: int = 2,
+        max_queued_studies: int = 0,
         prototypes: PrototypeSet | None = None,
         synthetic_support_set: bool | None = None,
         store: SupportStore | None = None,
     ) -> None:
         if max_studies_in_flight < 1:
             raise ValueError(f"max_studies_in_flight must be at least 1, got {max_studies_in_flight}")
+        if max_queued_studies < 0:
+            raise ValueError(f"max_queued_studies must be at least 0, got {max_queued_studies}")
         self.triton = triton
         self.limits = limits
         self.max_studies_in_flight = max_studies_in_flight
+        self.max_queued_studies = max_queued_studies
+        self.queued = 0
+        self._slot_freed = asyncio.Condition()
         # With a store, the prototype set is the store's current version (see refresh_prototypes); without
         # one, the shipped SYNTHETIC default, fixed.
         self.store = store
@@ -82,14 +91,29 @@ class AnalysisService:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the in-flight places for the duration of a study; refuse when none is free."""
-        if self.in_flight >= self.max_studies_in_flight:
-            raise LimitExceededError(f"the service is analysing {self.in_flight} studies, its limit; try again shortly")
-        self.in_flight += 1
+        """Hold one of the in-flight places for the duration of a study: at once when one is free and nobody
+        waits, else after the studies queued before it; refuse when the queue is full too."""
+        if self.in_flight >= self.max_studies_in_flight or self.queued:
+            if self.queued >= self.max_queued_studies:
+                raise LimitExceededError(
+                    f"the service is analysing {self.in_flight} studies, its limit, and {self.queued} wait; "
+                    "try again shortly"
+                )
+            self.queued += 1
+            try:
+                async with self._slot_freed:
+                    await self._slot_freed.wait_for(lambda: self.in_flight < self.max_studies_in_flight)
+                    self.in_flight += 1
+            finally:
+                self.queued -= 1
+        else:
+            self.in_flight += 1
         try:
             yield
         finally:
             self.in_flight -= 1
+            async with self._slot_freed:
+                self._slot_freed.notify_all()  # every waiter re-checks; a cancelled one cannot swallow it
 
     async def analyze(
         self, instances: Sequence[tuple[str, bytes]], options: AnalysisOptions = AnalysisOptions()
@@ -205,4 +229,5 @@ class AnalysisService:
             synthetic_support_set=self.synthetic_support_set,
             limits=self.limits,
             max_studies_in_flight=self.max_studies_in_flight,
+            max_queued_studies=self.max_queued_studies,
         )

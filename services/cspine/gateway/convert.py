@@ -145,6 +145,7 @@ def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
             max_study_voxels=info.limits.max_study_voxels,
             max_studies_in_flight=info.max_studies_in_flight,
             max_message_bytes=max_message_bytes,
+            max_queued_studies=info.max_queued_studies,
         ),
     )
 

@@ -40,6 +40,7 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("cspine_studies_in_flight", "Studies being received or analysed", registry=r)
+        self.queued = Gauge("cspine_studies_queued", "Studies waiting for a free slot, upload unread", registry=r)
         self.received = Counter("cspine_received_bytes", "Bytes of DICOM uploads received", registry=r)
         self.prototype_set = Gauge(
             "cspine_prototype_set_info", "The prototype set analyses use (value 1)", ["version"], registry=r

@@ -128,6 +128,7 @@ async def start_gateway(
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(service, config, metrics, health_servicer, tokens, credentials)
     metrics.publish_prototype_set(service.prototypes.version)
+    metrics.queued.set_function(lambda: service.queued)
     service.on_prototypes = metrics.publish_prototype_set
     for name in ("", *SERVICE_NAMES):  # until the first check says otherwise
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
