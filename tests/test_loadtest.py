@@ -101,7 +101,7 @@ def test_overload_answers_resource_exhausted_fast_and_the_server_recovers(triton
         overload = summary["overload"]
         refused = summary["errors"].get("RESOURCE_EXHAUSTED", 0)
         assert refused > 0 and set(summary["errors"]) == {"RESOURCE_EXHAUSTED"}
-        assert overload["max_studies_in_flight"] == 1 and overload["users"] == 4
+        assert (overload["max_studies_in_flight"], overload["max_queued_studies"], overload["users"]) == (1, 2, 4)
         assert overload["resource_exhausted"] == refused == summary["gateway"]["codes"]["RESOURCE_EXHAUSTED"]
         # Refused at once, not after a wait: far faster than the studies that were analysed.
         assert overload["rejection_ms"]["p99_ms"] < 1000 and overload["rejection_ms"]["p50_ms"] < summary["p50_ms"]

@@ -46,8 +46,9 @@ takes over 2x its p99; sweep.json, sweep.md (table) and sweep.png (throughput an
 where a study's time goes in Triton and in the gateway's stages). --compare-batching runs the sweep twice, with
 Triton's dynamic batching on and off (DIR/batching-on, DIR/batching-off, DIR/batching.md).
 
---overload runs more users than the server has study slots (4 x --max-studies-in-flight unless --users):
-past saturation the gateway must answer RESOURCE_EXHAUSTED fast; then one study must succeed again.
+--overload runs more users than the server has places (2 x its study slots plus queue places, from
+GetServiceInfo, unless --users): past saturation the gateway must answer RESOURCE_EXHAUSTED fast; then one
+study must succeed again.
 
 With --target, Triton's and the gateway's metrics are scraped only from --triton-metrics and --gateway-metrics
 (e.g. http://triton:8002/metrics, http://cspine:9464/metrics); without them those figures are left out.
@@ -296,7 +297,8 @@ def run_command(args: argparse.Namespace) -> int:
             _print(_line(summary))
             rejected = o["rejection_ms"] or {}
             _print(
-                f"overload: {o['users']} users on {o['max_studies_in_flight']} study slot(s): "
+                f"overload: {o['users']} users on {o['max_studies_in_flight']} study slot(s) and "
+                f"{o['max_queued_studies']} queue place(s): "
                 f"{o['resource_exhausted']} RESOURCE_EXHAUSTED, answered in p50 {rejected.get('p50_ms')} ms, "
                 f"p99 {rejected.get('p99_ms')} ms; recovered: {o['recovered']}"
             )

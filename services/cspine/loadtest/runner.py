@@ -292,16 +292,17 @@ def _headline(step: dict | None, with_triton: bool = False) -> dict | None:
 
 
 def overload(target: Target, load: Load, pool: Path, out: Path, locustfile: Path, users: int | None = None) -> dict:
-    """More closed-loop users than the server has study slots: the extra studies must be refused with
-    RESOURCE_EXHAUSTED, fast, while the admitted ones keep their latency; afterwards one study must succeed again.
-    ``summary.json`` gets an ``overload`` section saying so."""
+    """More closed-loop users than the server has places (study slots and its queue): the extra studies must be
+    refused with RESOURCE_EXHAUSTED, fast, while the admitted ones keep their latency; afterwards one study must
+    succeed again. ``summary.json`` gets an ``overload`` section saying so."""
     from cspine.client import ClientError, service_info
 
     try:
-        slots = service_info(target.address, 10.0, token=target.token).limits.max_studies_in_flight
+        limits = service_info(target.address, 10.0, token=target.token).limits
     except ClientError as error:
         raise LoadTestError(f"GetServiceInfo on {target.address} failed: {error}") from None
-    users = users or max(4, 4 * slots)
+    slots = limits.max_studies_in_flight
+    users = users or max(4, 2 * (slots + limits.max_queued_studies))
     summary = run_step(target, replace(load, users=users, rate=None), pool, out, locustfile)
     rejected = (summary.get("rejected") or {}).get("RESOURCE_EXHAUSTED")
     study = first_study_of_each_profile(pool)[0]
@@ -311,6 +312,7 @@ def overload(target: Target, load: Load, pool: Path, out: Path, locustfile: Path
         seconds, error = None, failure.code
     summary["overload"] = {
         "max_studies_in_flight": slots,
+        "max_queued_studies": limits.max_queued_studies,
         "users": users,
         "resource_exhausted": summary["errors"].get("RESOURCE_EXHAUSTED", 0),
         "rejection_ms": rejected,
