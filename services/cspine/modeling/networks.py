@@ -49,6 +49,10 @@ class UNet2D(nn.Module):
         self.head = nn.Conv2d(widths[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits, and the deepest encoder feature map (the competence check pools it)."""
         if self.coordinates:
             n, _, h, w = x.shape
             rows = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device).view(1, 1, h, 1).expand(n, 1, h, w)
@@ -60,20 +64,23 @@ class UNet2D(nn.Module):
             if i < len(self.encoders) - 1:
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
+        deepest = x
         for up, decoder in zip(self.ups, self.decoders, strict=True):
             x = decoder(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        return self.head(x), deepest
 
 
 class SegExport(nn.Module):
-    """What Triton serves: image → UINT8 label map (argmax inside the graph)."""
+    """What Triton serves: image → UINT8 label map (argmax inside the graph) and the deepest encoder
+    features averaged over the image (``specs.SEG_FEATURES`` per slice, for the out-of-distribution score)."""
 
     def __init__(self, net: UNet2D) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(self.net(image), dim=1).to(torch.uint8)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, deepest = self.net.forward_with_features(image)
+        return torch.argmax(logits, dim=1).to(torch.uint8), deepest.mean(dim=(2, 3))
 
 
 class LesionEncoder(nn.Module):
