@@ -74,6 +74,7 @@ bench: venv
 	$(BIN)/cspine bench models
 	$(BIN)/cspine bench triton
 	$(BIN)/cspine bench pipeline
+	$(BIN)/cspine bench pipeline --matrix real
 	$(BIN)/cspine bench gateway
 	$(BIN)/cspine bench adapt
 

@@ -47,6 +47,31 @@ def test_labels_resampled_to_the_model_grid_come_back_onto_the_source_grid():
     assert (back[1, 142:148, 122:128] == 5).all()
 
 
+def test_thin_ct_slices_are_averaged_in_slabs_placed_at_their_mean_position_and_map_back():
+    voxels = np.zeros((10, 300, 300))
+    voxels[:, 100:200, 100:200] = 300.0
+    voxels[4:8, 140:160, 140:160] = 1300.0  # 2 mm of dense bone: exactly the second 2 mm slab
+    volume = _volume(voxels, spacing=(0.3, 0.3), step=0.5)
+    grid = seg_grid(Modality.CT, volume)
+    assert grid.slab == 4 and grid.shape == (3, SEG_GEOMETRY[Modality.CT].size, SEG_GEOMETRY[Modality.CT].size)
+    inputs, _ = seg_inputs(Modality.CT, volume)
+    centre = SEG_GEOMETRY[Modality.CT].size // 2
+    assert inputs.shape[0] == 3 and inputs[1, 1, centre, centre] == pytest.approx(1.3, abs=1e-3)
+    assert inputs[0, 1, centre, centre] == pytest.approx(0.3, abs=1e-3)  # slices 0 … 3
+    assert inputs[0, 2, centre, centre] == pytest.approx(1.3, abs=1e-3)  # its context: the next slab
+    on_grid = grid.volume(volume, np.zeros(grid.shape, dtype=np.uint8))
+    positions = volume.index_to_patient(np.column_stack([np.arange(10), np.full(10, 150.0), np.full(10, 150.0)]))
+    mean_of_second_slab = positions[4:8].mean(axis=0)
+    found = on_grid.index_to_patient(
+        np.array([[1.0, (150.0 - grid.row0) / grid.step_rows, (150.0 - grid.col0) / grid.step_cols]])
+    )
+    assert np.allclose(found[0], mean_of_second_slab, atol=1e-6)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[4:8, 120:180, 120:180] = 4
+    back = to_source(to_grid(labels, grid, order=0, fill=0), grid)
+    assert back.shape == labels.shape and np.mean(back == labels) > 0.99
+
+
 def test_ct_model_grid_is_centred_on_the_body_not_the_field_of_view():
     voxels = np.full((4, 256, 256), -1000.0)
     voxels[:, 150:230, 30:110] = 40.0  # the body lies off-centre

@@ -99,6 +99,104 @@ def bench_pipeline(triton_url: str | None, repeats: int) -> dict:
     return _on_bench_study(triton_url, lambda url, case_dir: _run(url, case_dir, repeats))
 
 
+# ------------------------------------------------------------------------------------------------------
+# Real matrix sizes: the same SYNTHETIC case at the phantom's matrices and at a real scanner's
+# (512² × 300-slice CT, 512² MR, 3072 × 2614 radiograph), side by side in one run
+
+# (name, folders, budget in seconds of pipeline.analyze at real size: DESIGN.md §10)
+SIZE_STUDIES = (
+    ("radiograph alone", ("xr",), 3.0),
+    ("CT alone", ("ct",), 10.0),
+    ("CT + MR + radiograph", ("ct", "mr", "xr"), 10.0),
+)
+MATRIX_SIZES = ("phantom", "real")
+
+
+async def _sizes_run(url: str, case_dirs: dict[str, Path], repeats: int) -> dict:
+    repository = default_repository()
+    prototypes, calibration = default_prototypes(), Calibration.load(repository)
+    models = model_versions(repository)
+    runs: dict[tuple[str, str], list[dict]] = {(s, m): [] for s, _, _ in SIZE_STUDIES for m in MATRIX_SIZES}
+    shapes: dict[tuple[str, str], dict[str, list[int]]] = {}
+    async with TritonClient(url, timeout_s=300.0) as client:
+        await client.check_ready()
+        for attempt in range(repeats + 1):
+            # interleaved, so the drift of this shared machine hits every row alike
+            for name, folders, _ in SIZE_STUDIES:
+                for matrix in MATRIX_SIZES:
+                    paths = [case_dirs[matrix] / f for f in folders]
+                    start = time.perf_counter()
+                    study = await asyncio.to_thread(ingest_paths, paths)
+                    ingest_s = time.perf_counter() - start
+                    start = time.perf_counter()
+                    analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models)
+                    analysis_s = time.perf_counter() - start
+                    by_uid = {s.series_instance_uid: s for s in study.series}
+                    shapes[name, matrix] = {
+                        used.role.value: list(by_uid[used.series_instance_uid].volume.shape)
+                        for result in analysis.modalities
+                        for used in result.series
+                    }
+                    del study, by_uid
+                    if attempt == 0:
+                        continue  # warm-up: first calls pay for sessions and buffers
+                    runs[name, matrix].append({"ingest": ingest_s, "analysis": analysis_s, **analysis.stage_seconds})
+    rows = []
+    for name, _, budget in SIZE_STUDIES:
+        for matrix in MATRIX_SIZES:
+            found = runs[name, matrix]
+            mean = {k: round(float(np.mean([r[k] for r in found])), 4) for k in found[0]}
+            rows.append(
+                {
+                    "study": name,
+                    "matrix": matrix,
+                    "shapes": shapes[name, matrix],
+                    "ingest_s": mean["ingest"],
+                    "analysis_s": mean["analysis"],
+                    "analysis_max_s": round(max(r["analysis"] for r in found), 4),
+                    "stage_seconds": {k: mean[k] for k in STAGES if k in mean},
+                    "budget_s": budget if matrix == "real" else None,
+                }
+            )
+    return {"synthetic": True, "repeats": repeats, "rows": rows}
+
+
+def bench_pipeline_sizes(triton_url: str | None, repeats: int) -> dict:
+    """The SIZE_STUDIES of one SYNTHETIC case at the phantom's and at real matrix sizes, on the local Triton."""
+    with tempfile.TemporaryDirectory(prefix="cspine-bench-") as scratch, ExitStack() as stack:
+        case_dirs = {m: Path(scratch) / m for m in MATRIX_SIZES}
+        for matrix, case_dir in case_dirs.items():
+            generate_case(case_dir, "bench", BENCH_SEED, 0, PhantomOptions(tumor="malignant", matrix=matrix))
+        url = triton_url or stack.enter_context(LocalTriton(default_repository(), TritonPorts.free())).grpc_url
+        return asyncio.run(_sizes_run(url, case_dirs, repeats))
+
+
+def _shape_text(shapes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{role} {k}×{r}×{c}" for role, (k, r, c) in shapes.items())
+
+
+def format_sizes_bench(result: dict) -> str:
+    lines = [
+        f"one SYNTHETIC case at the phantom's and at real matrix sizes, mean of {result['repeats']} run(s) after a "
+        "warm-up (analysis = pipeline.analyze on the local Triton; ingest beside it, not in it):",
+        f"  {'study':<22} {'matrix':<8} {'ingest s':>8} {'analysis s (max)':>17} {'segment':>8} {'measure':>8}  "
+        "budget          series",
+    ]
+    for row in result["rows"]:
+        s = row["stage_seconds"]
+        budget = ""
+        if row["budget_s"] is not None:
+            verdict = "met" if row["analysis_max_s"] <= row["budget_s"] else "NOT met"
+            budget = f"≤ {row['budget_s']:.0f} s {verdict}"
+        lines.append(
+            f"  {row['study']:<22} {row['matrix']:<8} {row['ingest_s']:>8.2f} "
+            f"{row['analysis_s']:>9.2f} ({row['analysis_max_s']:>5.2f}) {s.get('segment', 0.0):>8.2f} "
+            f"{s.get('measure', 0.0):>8.2f}  {budget:<14}  {_shape_text(row['shapes'])}"
+        )
+    lines.append("  segment and measure are work seconds summed over modalities (they overlap in the wall clock)")
+    return "\n".join(lines)
+
+
 def format_bench(result: dict) -> str:
     s = result["seconds"]
     stages = ", ".join(f"{k} {s[k]:.3f}" for k in ("ingest", *STAGES) if k in s)

@@ -26,6 +26,7 @@ import cspine
 from cspine.domain import SeriesRole
 from cspine.phantom.anatomy import LEVELS, Label, sample_spine
 from cspine.phantom.scanner import (
+    MATRICES,
     RenderedSeries,
     Scene,
     Shift,
@@ -81,6 +82,7 @@ class PhantomOptions:
     difficulty: float = 0.5
     shift: Shift = field(default_factory=Shift)
     opll: str = "random"  # random (12 % of cases) | yes | no
+    matrix: str = "phantom"  # phantom (256² CT/MR, ~0.55 mm radiograph) | real (scanner.MATRICES)
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -91,6 +93,8 @@ class PhantomOptions:
         parse_difficulty(self.difficulty)
         if self.opll not in OPLL_PROBABILITY:
             raise ValueError(f"opll must be one of {', '.join(OPLL_PROBABILITY)}; got {self.opll!r}")
+        if self.matrix not in MATRICES:
+            raise ValueError(f"matrix must be one of {', '.join(MATRICES)}; got {self.matrix!r}")
 
     def as_dict(self) -> dict:
         return {
@@ -99,6 +103,8 @@ class PhantomOptions:
             "difficulty": self.difficulty,
             "shift": self.shift.as_dict(),
             "opll": self.opll,
+            # only when not the default, so phantom-size truth.json and cohort.json stay as they were
+            **({"matrix": self.matrix} if self.matrix != "phantom" else {}),
         }
 
 
@@ -176,18 +182,18 @@ def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> 
         date=dt.date(2026, 1, 1) + dt.timedelta(days=int(info_rng.integers(0, 300))),
     )
     series: dict[SeriesRole, RenderedSeries] = {}
-    shift, difficulty = options.shift, options.difficulty
+    shift, difficulty, real = options.shift, options.difficulty, options.matrix == "real"
     ct_storage, mr_bits = "", {}
     if "ct" in options.modalities:
         ct_rng = np.random.default_rng(ct_ss)
-        series[SeriesRole.CT] = acquire_ct(scene, ct_rng, shift, difficulty)
+        series[SeriesRole.CT] = acquire_ct(scene, ct_rng, shift, difficulty, real=real)
         ct_storage = str(ct_rng.choice(list(CT_STORAGE)))
     if "mr" in options.modalities:
         mr_rng = np.random.default_rng(mr_ss)
-        series[SeriesRole.MR_T1], series[SeriesRole.MR_T2] = acquire_mr(scene, mr_rng, shift, difficulty)
+        series[SeriesRole.MR_T1], series[SeriesRole.MR_T2] = acquire_mr(scene, mr_rng, shift, difficulty, real=real)
         mr_bits = {role: int(mr_rng.choice([12, 16])) for role in (SeriesRole.MR_T1, SeriesRole.MR_T2)}
     if "xr" in options.modalities:
-        series[SeriesRole.XR] = acquire_xr(scene, np.random.default_rng(xr_ss), shift, difficulty)
+        series[SeriesRole.XR] = acquire_xr(scene, np.random.default_rng(xr_ss), shift, difficulty, real=real)
     return Case(case_id, seed, index, options, scene, study, lesion, series, ct_storage, mr_bits)
 
 

@@ -7,6 +7,7 @@ carries the geometry the DICOM writer needs and label maps in the slice order cs
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,21 @@ from cspine.phantom.render import (
     render_xr,
 )
 from cspine.phantom.tumors import Tumor, paint_tumor
+
+# Image matrices: the phantom's own (256² CT and MR, a ~0.55 mm radiograph: fast to make and to analyse) or
+# a real scanner's (``real=True``): 512² CT with 0.5 mm slices, 512² MR, a 3072 × 2614 detector at ~0.1 mm.
+# The field of view and the anatomy stay the phantom's; real matrices are rendered at about the phantom's
+# resolution, interpolated onto the real grid and given their own fine-grained noise there (painting every
+# point of a 512² × 300-slice CT or of a 3072² radiograph's rays would take minutes).
+MATRICES = ("phantom", "real")
+REAL_CT_SIZE = 512
+REAL_CT_STEP_MM = 0.5  # slice spacing of a thin-slice neck CT (one slice per 0.5 mm detector row)
+REAL_CT_THICKNESS_MM = 0.625
+REAL_CT_MIN_COVERAGE_MM = 152.0  # ≥ 300 slices at 0.5 mm
+REAL_CT_RENDER_STEP_MM = 1.0  # slices rendered at 1 mm, interpolated to 0.5 mm
+REAL_MR_SIZE = 512
+REAL_XR_SHAPE = (3072, 2614)  # rows × columns of a 35 × 43 cm class flat-panel detector, portrait
+REAL_XR_SPACING_RATIO = 0.2  # real pixel spacing over the phantom's: 0.10–0.12 mm
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,39 @@ def _spine_box(spine: Spine) -> tuple[np.ndarray, np.ndarray]:
     return centre, np.array([z_bottom, z_top])
 
 
+def _check_real(real: bool, roi: Roi | None) -> None:
+    if real and roi is not None:
+        raise ValueError("a real-size matrix is rendered whole: it takes no roi window")
+
+
+def _finer(grid: Grid, size: int, slice_step: float | None = None) -> Grid:
+    """The real matrix over ``grid``'s field of view: ``size`` points across each in-plane axis (array axes 1
+    and 2) about the same centre; along axis 0 the same slices, or slices every ``slice_step`` mm from the
+    first one."""
+    origin, steps, shape = grid.origin.astype(float), grid.steps.astype(float), list(grid.shape)
+    for axis in (1, 2):
+        centre = origin + steps[axis] * (shape[axis] - 1) / 2.0
+        steps[axis] = steps[axis] * shape[axis] / size
+        origin = centre - steps[axis] * (size - 1) / 2.0
+        shape[axis] = size
+    if slice_step is not None:
+        length = float(np.abs(steps[0]).sum()) * (shape[0] - 1)
+        steps[0] = steps[0] / np.abs(steps[0]).sum() * slice_step
+        shape[0] = int(np.floor(length / slice_step + 1e-6)) + 1
+    return Grid(origin, steps, (shape[0], shape[1], shape[2]))
+
+
+def _onto(
+    grid: Grid, fine: Grid, values: np.ndarray, labels: np.ndarray, levels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image values (linear), labels and levels (nearest) of ``grid`` on the finer grid."""
+    return (
+        grid.resample(values.astype(np.float32), fine, order=1),
+        grid.resample(labels, fine, order=0),
+        grid.resample(levels, fine, order=0),
+    )
+
+
 def _window(roi: Roi | None) -> tuple[np.ndarray, np.ndarray]:
     if roi is None:
         return np.full(3, -np.inf), np.full(3, np.inf)
@@ -146,29 +195,52 @@ def _window(roi: Roi | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def acquire_ct(
-    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    shift: Shift,
+    difficulty: float,
+    roi: Roi | None = None,
+    real: bool = False,
 ) -> RenderedSeries:
-    """An axial CT; with ``roi`` only the part of the same acquisition inside the window is rendered."""
+    """An axial CT; with ``roi`` only the part of the same acquisition inside the window is rendered; with
+    ``real`` a 512² matrix of 0.5 mm slices over the same field of view (and at least 152 mm of neck)."""
+    _check_real(real, roi)
     spine = scene.spine
     spacing = float(rng.uniform(0.55, 0.75)) * shift.resolution
     matrix = int(round(256 / shift.resolution / 2)) * 2
     thickness = shift.thickness or float(rng.choice([1.5, 2.0, 2.5]))
     step = thickness if rng.random() < 0.75 else round(thickness * 0.8, 3)
     centre, (z_bottom, z_top) = _spine_box(spine)
-    count = int(np.ceil((z_top - z_bottom) / step)) + 1
+    render_step = step
+    if real:
+        extra = max(0.0, REAL_CT_MIN_COVERAGE_MM - (z_top - z_bottom)) / 2.0
+        z_bottom, z_top = z_bottom - extra, z_top + extra
+        thickness, step, render_step = REAL_CT_THICKNESS_MM, REAL_CT_STEP_MM, REAL_CT_RENDER_STEP_MM
+    count = int(np.ceil((z_top - z_bottom) / render_step)) + 1
     fov_centre = centre + np.array([rng.normal(0, 3), rng.uniform(5, 20), 0.0])
     origin = np.array(
         [fov_centre[0] - spacing * (matrix - 1) / 2, fov_centre[1] - spacing * (matrix - 1) / 2, z_bottom]
     )
     grid = Grid(
-        origin, np.array([[0, 0, step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix)
+        origin, np.array([[0, 0, render_step], [0, spacing, 0], [spacing, 0, 0]], dtype=float), (count, matrix, matrix)
     ).crop(*_window(roi))
     origin = grid.origin
     canvas = Canvas(grid)
     scene.paint(canvas)
     noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
-    blur = (0.42 * thickness / step, 0.6, 0.6)
+    blur = (0.42 * thickness / render_step, 0.6, 0.6)
     hu = render_ct(canvas.tissue, canvas.level, spine, scene.tissue_values(), rng, blur, noise, shift.contrast)
+    labels, levels = canvas.label, canvas.level
+    acquisition = {
+        "kvp": float(rng.choice([100.0, 120.0])),
+        "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
+        "noise": noise,
+    }
+    if real:
+        fine = _finer(grid, REAL_CT_SIZE, REAL_CT_STEP_MM)
+        hu, labels, levels = _onto(grid, fine, hu, labels, levels)
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise)
+        origin, spacing = fine.origin, float(fine.steps[1, 1])
     return RenderedSeries(
         role=SeriesRole.CT,
         values=hu,
@@ -178,20 +250,23 @@ def acquire_ct(
         pixel_spacing=(spacing, spacing),
         slice_spacing=step,
         slice_thickness=thickness,
-        labels=canvas.label,
-        levels=canvas.level,
-        acquisition={
-            "kvp": float(rng.choice([100.0, 120.0])),
-            "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
-            "noise": noise,
-        },
+        labels=labels,
+        levels=levels,
+        acquisition=acquisition,
     )
 
 
 def acquire_mr(
-    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    shift: Shift,
+    difficulty: float,
+    roi: Roi | None = None,
+    real: bool = False,
 ) -> tuple[RenderedSeries, RenderedSeries]:
-    """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference)."""
+    """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference); with
+    ``real`` a 512² matrix over the same field of view."""
+    _check_real(real, roi)
     spine = scene.spine
     spacing = float(rng.uniform(0.7, 0.9)) * shift.resolution
     matrix = int(round(256 / shift.resolution / 2)) * 2
@@ -227,7 +302,9 @@ def acquire_mr(
             {"tr": float(rng.uniform(2500, 4000)), "te": float(rng.uniform(90, 120)), "etl": int(rng.integers(12, 25))},
         ),
     }
+    gains = []
     for role, (channel, params) in weightings.items():
+        gains.append(float(rng.uniform(1.5, 3.0)))
         signal = render_mr(
             canvas.tissue,
             canvas.level,
@@ -237,7 +314,7 @@ def acquire_mr(
             channel,
             sub,
             noise,
-            gain=float(rng.uniform(1.5, 3.0)),
+            gain=gains[-1],
             contrast=shift.contrast,
         )
         out.append(
@@ -255,6 +332,20 @@ def acquire_mr(
                 acquisition={**params, "field_strength": field_strength, "noise": noise},
             )
         )
+    if real:
+        fine = _finer(slices, REAL_MR_SIZE)
+        for index, gain in enumerate(gains):
+            values, labels_fine, levels_fine = _onto(slices, fine, out[index].values, labels, levels)
+            values = np.abs(values + rng.standard_normal(values.shape, dtype=np.float32) * np.float32(noise * gain))
+            spacing_fine = (float(np.abs(fine.steps[1]).sum()), float(np.abs(fine.steps[2]).sum()))
+            out[index] = dataclasses.replace(
+                out[index],
+                values=values,
+                origin=fine.origin,
+                pixel_spacing=spacing_fine,
+                labels=labels_fine,
+                levels=levels_fine,
+            )
     return out[0], out[1]
 
 
@@ -279,10 +370,19 @@ _XR_RANK_LABEL[_XR_PRIORITY[_XR_PRIORITY > 0]] = np.nonzero(_XR_PRIORITY)[0]
 
 
 def acquire_xr(
-    scene: Scene, rng: np.random.Generator, shift: Shift, difficulty: float, roi: Roi | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    shift: Shift,
+    difficulty: float,
+    roi: Roi | None = None,
+    real: bool = False,
 ) -> RenderedSeries:
     """A lateral radiograph: parallel projection along x, soft tissue integrated analytically. With
-    ``roi`` only the window (in y and z) of the same radiograph is rendered."""
+    ``roi`` only the window (in y and z) of the same radiograph is rendered. With ``real`` a 3072 × 2614
+    detector at a fifth of the phantom's pixel spacing, centred where the phantom's image is: the spine's
+    rays are summed at the phantom's spacing and interpolated, the soft tissue is exact on the fine grid,
+    and quantum noise is that of the smaller pixels."""
+    _check_real(real, roi)
     spine = scene.spine
     spacing = float(rng.uniform(0.5, 0.6)) * shift.resolution
     magnification = float(rng.uniform(1.08, 1.15))
@@ -316,23 +416,45 @@ def acquire_xr(
     zz = origin[2] - spacing * np.arange(rows)
     yy = origin[1] + y_sign * spacing * np.arange(cols)
     fat, muscle, _ = neck_chords(spine, yy[None, :], zz[:, None])
-    path = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
-    path = path + (mu[canvas.tissue] - mu[base]).sum(axis=2) * dx
-    noise = float(rng.uniform(0.6, 1.2)) * shift.noise * _noise_factor(difficulty)
-    image = render_xr(
-        path.astype(np.float32),
-        rng,
-        noise,
-        scatter=float(rng.uniform(0.15, 0.4)),
-        blur_px=0.7,
-        equalise_px=20.0 / spacing,
-        contrast=shift.contrast,
-    )
+    soft = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
+    extra = (mu[canvas.tissue] - mu[base]).sum(axis=2) * dx
     # Highest-priority structure along each ray; where two vertebrae overlap, the upper one (its
     # inferior endplate is what a Cobb angle is measured on).
     best = (_XR_PRIORITY[canvas.label].astype(np.uint16) * 16 + (15 - canvas.level)).max(axis=2)
     labels = _XR_RANK_LABEL[best // 16]
     levels = np.where(labels > 0, 15 - best % 16, 0).astype(np.uint8)
+    noise = float(rng.uniform(0.6, 1.2)) * shift.noise * _noise_factor(difficulty)
+    pixel, noise_px, blur_px, scatter_px, factor = spacing, noise, 0.7, 30.0, 1
+    if real:
+        steps = grid.steps * np.array([[REAL_XR_SPACING_RATIO], [REAL_XR_SPACING_RATIO], [1.0]])
+        middle = origin + grid.steps[0] * (rows - 1) / 2.0 + grid.steps[1] * (cols - 1) / 2.0
+        start = middle - steps[0] * (REAL_XR_SHAPE[0] - 1) / 2.0 - steps[1] * (REAL_XR_SHAPE[1] - 1) / 2.0
+        fine = Grid(start, steps, (*REAL_XR_SHAPE, 1))
+        plane = Grid(origin, grid.steps, (rows, cols, 1))
+        extra = plane.resample(extra[..., None].astype(np.float32), fine, order=1, mode="constant")[..., 0]
+        labels = plane.resample(labels[..., None], fine, order=0, mode="constant")[..., 0]
+        levels = plane.resample(levels[..., None], fine, order=0, mode="constant")[..., 0]
+        origin, rows, cols = fine.origin, fine.shape[0], fine.shape[1]
+        pixel = spacing * REAL_XR_SPACING_RATIO
+        zz = origin[2] - pixel * np.arange(rows)
+        yy = origin[1] + y_sign * pixel * np.arange(cols)
+        fat, muscle, _ = neck_chords(spine, yy[None, :], zz[:, None])
+        soft = mu[int(Tissue.FAT)] * fat + mu[int(Tissue.MUSCLE)] * muscle
+        # a fifth of the spacing: 1/25 of the photons per pixel; the broad blurs keep their size in mm
+        noise_px, blur_px, scatter_px = noise / REAL_XR_SPACING_RATIO, 1.0, 30.0 / REAL_XR_SPACING_RATIO
+        factor = int(round(1.0 / REAL_XR_SPACING_RATIO))
+    path = soft + extra
+    image = render_xr(
+        path.astype(np.float32),
+        rng,
+        noise_px,
+        scatter=float(rng.uniform(0.15, 0.4)),
+        blur_px=blur_px,
+        equalise_px=20.0 / pixel,
+        contrast=shift.contrast,
+        scatter_px=scatter_px,
+        broad_factor=factor,
+    )
     labels[(labels == Label.BACKGROUND) & ((fat + muscle) > 0)] = Label.SOFT_TISSUE
     return RenderedSeries(
         role=SeriesRole.XR,
@@ -340,7 +462,7 @@ def acquire_xr(
         origin=np.array([0.0, 0.0, 0.0]),
         row_direction=np.array([0.0, y_sign, 0.0]),
         column_direction=np.array([0.0, 0.0, -1.0]),
-        pixel_spacing=(spacing, spacing),
+        pixel_spacing=(pixel, pixel),
         slice_spacing=0.0,
         slice_thickness=0.0,
         labels=labels,

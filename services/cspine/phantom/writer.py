@@ -67,8 +67,19 @@ def _decimal(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.8g}"
 
 
-def _common(study: StudyInfo, role: SeriesRole, sop_class: str, sop_uid: str, instance: int, modality: str) -> Dataset:
-    number, description = _SERIES[role]
+def _common(
+    study: StudyInfo,
+    role: SeriesRole,
+    sop_class: str,
+    sop_uid: str,
+    instance: int,
+    modality: str,
+    description: str | None = None,
+) -> Dataset:
+    number, default_description = _SERIES[role]
+    description = description or default_description
+    if not description.startswith("SYNTHETIC"):
+        raise ValueError(f"a phantom series description must start with SYNTHETIC, got {description!r}")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -154,7 +165,9 @@ def _save(ds: Dataset, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_ct(series: RenderedSeries, study: StudyInfo, out_dir: Path, storage: str) -> list[Path]:
+def write_ct(
+    series: RenderedSeries, study: StudyInfo, out_dir: Path, storage: str, description: str | None = None
+) -> list[Path]:
     representation, bits, intercept, slope = CT_STORAGE[storage]
     lo = -(2 ** (bits - 1)) if representation else 0
     hi = 2 ** (bits - 1) - 1 if representation else 2**bits - 1
@@ -163,7 +176,7 @@ def write_ct(series: RenderedSeries, study: StudyInfo, out_dir: Path, storage: s
     for k in range(count):
         instance = count - k  # scanned head first: instance 1 is the most superior slice
         uid = study.uid("ct", k)
-        ds = _common(study, SeriesRole.CT, CT_IMAGE_STORAGE, uid, instance, "CT")
+        ds = _common(study, SeriesRole.CT, CT_IMAGE_STORAGE, uid, instance, "CT", description)
         ds.FrameOfReferenceUID = study.uid("for", "ct")
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         _plane(ds, series, k)
@@ -189,7 +202,9 @@ def mr_scale(values: np.ndarray, bits: int) -> float:
     return min(1.0, (2**bits - 1) * 0.8 / peak)
 
 
-def write_mr(series: RenderedSeries, study: StudyInfo, out_dir: Path, bits: int) -> list[Path]:
+def write_mr(
+    series: RenderedSeries, study: StudyInfo, out_dir: Path, bits: int, description: str | None = None
+) -> list[Path]:
     count = series.values.shape[0]
     t1 = series.role is SeriesRole.MR_T1
     scale = mr_scale(series.values, bits)
@@ -198,7 +213,7 @@ def write_mr(series: RenderedSeries, study: StudyInfo, out_dir: Path, bits: int)
     for k in range(count):
         instance = k + 1
         uid = study.uid(series.role.value, k)
-        ds = _common(study, series.role, MR_IMAGE_STORAGE, uid, instance, "MR")
+        ds = _common(study, series.role, MR_IMAGE_STORAGE, uid, instance, "MR", description)
         ds.FrameOfReferenceUID = study.uid("for", "mr")
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         _plane(ds, series, k)
@@ -226,7 +241,7 @@ def write_mr(series: RenderedSeries, study: StudyInfo, out_dir: Path, bits: int)
     return paths
 
 
-def write_xr(series: RenderedSeries, study: StudyInfo, out_dir: Path) -> list[Path]:
+def write_xr(series: RenderedSeries, study: StudyInfo, out_dir: Path, description: str | None = None) -> list[Path]:
     acq = series.acquisition
     image = series.values[0]
     lo, hi = np.percentile(image, [0.5, 99.8])
@@ -235,7 +250,7 @@ def write_xr(series: RenderedSeries, study: StudyInfo, out_dir: Path) -> list[Pa
     if monochrome1:
         stored = 4095 - stored
     uid = study.uid("xr", 0)
-    ds = _common(study, SeriesRole.XR, DX_PRESENTATION_STORAGE, uid, 1, "DX")
+    ds = _common(study, SeriesRole.XR, DX_PRESENTATION_STORAGE, uid, 1, "DX", description)
     ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.PatientOrientation = [str(acq["facing"]), "F"]
