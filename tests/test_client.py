@@ -437,6 +437,39 @@ def test_analyze_command_refuses_an_unknown_modality(capsys):
     assert caught.value.code == 2 and "unknown modality pet" in capsys.readouterr().err
 
 
+def test_analyze_command_says_in_one_line_why_the_server_wrote_no_seg_and_exits_0(recorder, case, tmp_path, capsys):
+    address, servicer = recorder
+    servicer.reply = _reply()
+    servicer.reply.dicom_seg = b""
+    reason = "DICOM SEG not written: the CT series has no FrameOfReferenceUID, which a SEG of CT images needs"
+    servicer.reply.notices.append(pb.Notice(code="output_unavailable", message=reason))
+    out = tmp_path / "out"
+    argv = [str(case), "--server", address, "--seg", f"{out}/seg.dcm", "--sr", f"{out}/sr.dcm", "--quiet"]
+
+    assert _run([*argv, "--overlay", f"{out}/overlay.png"]) == 0
+    printed = capsys.readouterr()
+    assert "request id req-42" in printed.out and f"wrote {out}/sr.dcm" in printed.out
+    assert printed.err.splitlines() == [f"cspine: {reason}: no --seg/--overlay"]
+    assert not (out / "seg.dcm").exists() and not (out / "overlay.png").exists()
+
+
+def test_analyze_command_reports_a_failed_overlay_and_an_unwritable_file_in_one_line_each_and_exits_0(
+    recorder, case, tmp_path, capsys
+):
+    address, servicer = recorder
+    servicer.reply = _reply()  # its dicom_seg is 5 MiB of bytes that are no DICOM SEG
+    (tmp_path / "a-file").write_text("not a folder")
+    sr = tmp_path / "a-file" / "sr.dcm"
+    argv = [str(case), "--server", address, "--sr", str(sr), "--overlay", str(tmp_path / "overlay.png"), "--quiet"]
+
+    assert _run(argv) == 0
+    printed = capsys.readouterr()
+    assert "lesion 1: C5 (C5, C6)" in printed.out and "request id req-42" in printed.out
+    unwritable, overlay = printed.err.splitlines()
+    assert unwritable.startswith(f"cspine: {sr} not written: ")  # then the OS's words: "File exists" …
+    assert overlay == "cspine: overlay not drawn: the DICOM SEG cannot be read (InvalidDicomError)"
+
+
 # --------------------------------------------------------------------------------------------------------
 # overlay_png
 

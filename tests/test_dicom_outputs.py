@@ -1,10 +1,13 @@
 """DICOM SEG and SR outputs on the SYNTHETIC phantom: written with highdicom, read back value for value,
-referencing the source series, and clean under dciodvfy."""
+referencing the source series, and clean under dciodvfy; headers that lack what a SEG needs are fixed or
+give a notice, never an exception; not-assessable modalities are reported as such, with their reasons."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
@@ -14,20 +17,34 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 
 import cspine
+import cspine.dicom.outputs as outputs_module
 import dicom_builders as b
 from cspine.dicom.ingest import ingest, ingest_paths
-from cspine.dicom.outputs import build_seg, build_sr, read_sr_measurements
+from cspine.dicom.outputs import (
+    REASON_CODES,
+    OutputUnavailableError,
+    build_seg,
+    build_sr,
+    read_sr_evaluations,
+    read_sr_measurements,
+)
 from cspine.dicom.selection import select_series
 from cspine.domain import (
     MEASURED_LEVELS,
     Assessment,
     ClassProbability,
+    Disclosure,
     Lesion,
     LevelMeasurement,
     Modality,
     ModalityResult,
     ModelVersion,
+    NoticeCode,
+    OodScore,
     OpllMeasurement,
+    Reason,
+    ReasonCode,
+    Series,
     SeriesRole,
     SeriesUsed,
     SpineMeasurements,
@@ -35,6 +52,7 @@ from cspine.domain import (
 )
 from cspine.inference.specs import SEG_LABELS
 from cspine.modeling.data import model_labels
+from cspine.pipeline import AnalysisOptions, _dicom_outputs
 
 MODALITY_ROLES = {
     Modality.CT: (SeriesRole.CT,),
@@ -121,9 +139,10 @@ def _spine(truth: dict, modalities: tuple[Modality, ...]) -> SpineMeasurements:
     )
 
 
-def _analysis(case, modalities: tuple[Modality, ...], with_labels: bool = True):
-    """A hand-made StudyAnalysis of the case from its truth (no pipeline), and the chosen series."""
-    study = ingest_paths([case.path / FOLDERS[m] for m in modalities])
+def _analysis(case, modalities: tuple[Modality, ...], with_labels: bool = True, root: Path | None = None):
+    """A hand-made StudyAnalysis of the case from its truth (no pipeline), and the chosen series; the DICOM
+    files are read from ``root`` (an edited copy of the case) when given."""
+    study = ingest_paths([(root or case.path) / FOLDERS[m] for m in modalities])
     chosen = select_series(study).chosen
     results = []
     for modality in modalities:
@@ -364,18 +383,281 @@ def test_sr_of_a_radiograph_only_analysis_reports_its_lesion_and_cobb_angle(xr_o
 # dciodvfy
 
 
+def _assert_dciodvfy_clean(data: bytes, iod: str, path: Path) -> None:
+    """dciodvfy recognises ``iod`` and reports no error, and no warning but that it does not know 99CSPINE."""
+    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) must be installed: make sysdeps"
+    path.write_bytes(data)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + "\n" + run.stderr).splitlines()
+    assert iod in (line.strip() for line in lines), lines[:3]  # it recognised the IOD it checked
+    errors = [line for line in lines if line.startswith("Error")]
+    assert not errors, f"{path.name}: {errors}"
+    # the one expected warning: dciodvfy does not know the private scheme 99CSPINE
+    warnings = [line for line in lines if line.startswith("Warning") and "99CSPINE" not in line]
+    assert not warnings, f"{path.name}: {warnings}"
+
+
 @pytest.mark.parametrize("outputs", ["full", "xr_only"])
 def test_seg_and_sr_pass_dciodvfy_without_errors(outputs, request, tmp_path: Path):
-    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) must be installed: make sysdeps"
     _, _, seg, sr = request.getfixturevalue(outputs)
-    for name, data, iod in (("seg.dcm", seg, "Segmentation"), ("sr.dcm", sr, "Comprehensive3DSR")):
-        path = tmp_path / name
-        path.write_bytes(data)
-        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-        lines = (run.stdout + "\n" + run.stderr).splitlines()
-        assert iod in (line.strip() for line in lines), lines[:3]  # it recognised the IOD it checked
-        errors = [line for line in lines if line.startswith("Error")]
-        assert not errors, f"{name}: {errors}"
-        # the one expected warning: dciodvfy does not know the private scheme 99CSPINE
-        warnings = [line for line in lines if line.startswith("Warning") and "99CSPINE" not in line]
-        assert not warnings, f"{name}: {warnings}"
+    _assert_dciodvfy_clean(seg, "Segmentation", tmp_path / "seg.dcm")
+    _assert_dciodvfy_clean(sr, "Comprehensive3DSR", tmp_path / "sr.dcm")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Source headers that lack something: fixed where the SEG stays valid, else a notice — never an exception
+
+Edit = Callable[[pydicom.Dataset], None]
+
+
+def _deleting(*keywords: str) -> Edit:
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword in keywords:
+            delattr(ds, keyword)
+
+    return edit
+
+
+def _setting(**values) -> Edit:
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+
+    return edit
+
+
+def _edited_copy(case, modality: Modality, edit: Edit, root: Path) -> Path:
+    """The case's files of ``modality`` copied under ``root``, each changed by ``edit`` with pydicom."""
+    folder = root / FOLDERS[modality]
+    folder.mkdir(parents=True)
+    for path in sorted((case.path / FOLDERS[modality]).iterdir()):
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(folder / path.name)
+    return root
+
+
+def _volume_on_source_slices(seg: hd.seg.Segmentation, series: Series) -> np.ndarray:
+    """``seg.get_volume()`` (slices, rows, columns, segments) put in the source series' slice order, each SEG
+    slice matched to the source slice at its patient position."""
+    volume = seg.get_volume()
+    affine, source = volume.affine, series.volume
+    assert np.allclose(affine[:3, 1:3], source.affine()[:3, 1:3], atol=1e-4)  # the same rows and columns
+    positions = affine[:3, 3] + np.arange(volume.spatial_shape[0])[:, None] * affine[:3, 0]
+    order = [int(np.argmin(np.linalg.norm(source.slice_positions() - p, axis=1))) for p in positions]
+    assert sorted(order) == list(range(len(source.slice_offsets)))
+    out = np.zeros_like(volume.array)
+    out[order] = volume.array
+    return out
+
+
+NOMINAL_FRAME = pydicom.uid.generate_uid(entropy_srcs=["cspine tests: a radiograph with a frame of reference"])
+# (modality, the change to the phantom's files): every one must give a SEG that dciodvfy passes.
+SEG_SOURCES: dict[str, tuple[Modality, Edit | None]] = {
+    "ct": (Modality.CT, None),
+    "mr": (Modality.MR, None),
+    "xr": (Modality.XR, None),
+    "ct-without-slice-thickness": (Modality.CT, _deleting("SliceThickness")),
+    "mr-without-slice-thickness": (Modality.MR, _deleting("SliceThickness")),
+    "xr-with-a-frame-of-reference": (Modality.XR, _setting(FrameOfReferenceUID=NOMINAL_FRAME)),
+    "xr-with-a-nominal-plane": (
+        Modality.XR,
+        _setting(
+            FrameOfReferenceUID=NOMINAL_FRAME,
+            ImagePositionPatient=[0.0, 0.0, 0.0],
+            ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
+        ),
+    ),
+    "xr-without-patient-orientation": (Modality.XR, _deleting("PatientOrientation")),
+}
+
+
+@pytest.mark.parametrize("source", SEG_SOURCES)
+def test_every_seg_passes_dciodvfy_and_reads_back_its_label_map(source, phantom_cases, tmp_path: Path):
+    modality, edit = SEG_SOURCES[source]
+    case = phantom_cases["malignant"]
+    root = _edited_copy(case, modality, edit, tmp_path / "study") if edit is not None else None
+    analysis, chosen = _analysis(case, (modality,), root=root)
+    role = MODALITY_ROLES[modality][0]
+    series, labels = chosen[role], analysis.modality(modality).labels[role]
+    data = build_seg(analysis, chosen)
+
+    _assert_dciodvfy_clean(data, "Segmentation", tmp_path / "seg.dcm")
+    seg = hd.seg.segread(DicomBytesIO(data))
+    if modality is Modality.XR:
+        assert "FrameOfReferenceUID" not in seg  # a projection's SEG lies on its pixel grid
+        sop_uids = [ref.sop_instance_uid for ref in series.instances]
+        masks = np.stack([_segment_mask(seg, sop_uids, int(s.SegmentNumber)) for s in seg.SegmentSequence], axis=-1)
+    else:
+        assert seg.FrameOfReferenceUID == series.frame_of_reference_uid
+        masks = _volume_on_source_slices(seg, series)
+    assert masks.shape[-1] == len(np.unique(labels)) - 1
+    for k, item in enumerate(seg.SegmentSequence):
+        assert np.array_equal(masks[..., k].astype(bool), labels == SEG_LABELS[modality].index(item.TrackingID))
+
+
+def test_seg_of_a_ct_without_slice_thickness_takes_the_slice_spacing_on_a_copy(phantom_cases, tmp_path: Path):
+    case = phantom_cases["benign"]
+    root = _edited_copy(case, Modality.CT, _deleting("SliceThickness"), tmp_path / "study")
+    analysis, chosen = _analysis(case, (Modality.CT,), root=root)
+    seg = hd.seg.segread(DicomBytesIO(build_seg(analysis, chosen)))
+
+    ct = chosen[SeriesRole.CT]
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert ct.volume.slice_spacing > 0 and float(measures.SliceThickness) == pytest.approx(ct.volume.slice_spacing)
+    assert "SliceThickness" not in ct.headers[0]  # the source headers stay as they were sent
+
+
+def test_a_ct_without_frame_of_reference_gets_no_seg_but_keeps_its_analysis_sr_and_a_notice(
+    phantom_cases, tmp_path: Path, caplog
+):
+    case = phantom_cases["malignant"]
+    root = _edited_copy(case, Modality.CT, _deleting("FrameOfReferenceUID"), tmp_path / "study")
+    analysis, chosen = _analysis(case, (Modality.CT,), root=root)
+    with pytest.raises(OutputUnavailableError, match="the CT series has no FrameOfReferenceUID"):
+        build_seg(analysis, chosen)
+
+    with caplog.at_level(logging.WARNING, logger="cspine.pipeline"):
+        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+    assert analysis.dicom_seg is None
+    [notice] = [n for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE]
+    assert notice.message.startswith("DICOM SEG not written: the CT series has no FrameOfReferenceUID")
+    assert "OutputUnavailableError" in caplog.text
+    header = chosen[SeriesRole.CT].headers[0]
+    for said in (notice.message, caplog.text):
+        assert str(header.PatientName) not in said and str(header.PatientID) not in said
+    # the SR is still written (with no SEG to reference), valid, with the lesion
+    assert read_sr_measurements(analysis.dicom_sr)["CT lesion 1"]["Finding"] == "Neoplasm"
+    _assert_dciodvfy_clean(analysis.dicom_sr, "Comprehensive3DSR", tmp_path / "sr.dcm")
+
+
+def test_whatever_a_writer_raises_becomes_a_notice_naming_only_the_exception_type(phantom_cases, monkeypatch, caplog):
+    secret = "SYNTHETIC^MALIGNANT 1.2.826.0.1.3680043.8.498.1"
+
+    def refuse(*args, **kwargs):
+        raise ValueError(f"a header value of {secret}")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(hd.seg, "Segmentation", refuse)
+    monkeypatch.setattr(outputs_module, "_report", crash)
+    analysis, chosen = _analysis(phantom_cases["malignant"], (Modality.XR,))
+    with caplog.at_level(logging.WARNING):
+        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+
+    assert analysis.dicom_seg is None and analysis.dicom_sr is None
+    assert [n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == [
+        "DICOM SEG not written: highdicom could not make one of the XR series (ValueError)",
+        "DICOM SR not written: an internal error (RuntimeError)",
+    ]
+    assert "ValueError" in caplog.text and "RuntimeError" in caplog.text and secret not in caplog.text
+
+
+def test_seg_leaves_out_a_not_assessable_modality_and_no_assessed_one_gives_a_notice(phantom_cases):
+    analysis, chosen = _analysis(phantom_cases["benign"], (Modality.CT, Modality.MR))
+    analysis.modality(Modality.CT).assessment = NOT_ASSESSABLE  # its label map is still there
+    seg = hd.seg.segread(DicomBytesIO(build_seg(analysis, chosen)))
+    [referenced] = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == chosen[SeriesRole.MR_T2].series_instance_uid
+
+    analysis.modality(Modality.MR).assessment = NOT_ASSESSABLE
+    assert build_seg(analysis, chosen) is None
+    _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True))
+    assert analysis.dicom_seg is None
+    assert [n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == [
+        "DICOM SEG not written: no assessed modality has a segmented structure"
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# SR: not assessable, its reasons, the disclosure
+
+OOD_REASON = Reason(
+    ReasonCode.OUT_OF_DISTRIBUTION,
+    "the CT's seg_ct features lie far outside its training data (score 41.2, threshold 30.0)",  # > 64 characters
+)
+COVERAGE_REASON = Reason(ReasonCode.INSUFFICIENT_COVERAGE, "the CT covers C4–C6, not C2–C7")  # not Latin-1
+NOT_ASSESSABLE = Assessment.not_assessable((OOD_REASON, COVERAGE_REASON))
+DISCLOSURE = Disclosure("SYNTHETIC phantom data only", "Research use only; not for clinical use.")
+
+
+@pytest.fixture(scope="module")
+def ct_not_assessable(phantom_cases):
+    """CT not assessable (with a lesion and labels left in, which the writers must leave out), MR assessed,
+    a disclosure; its SEG and SR."""
+    analysis, chosen = _analysis(phantom_cases["malignant"], (Modality.CT, Modality.MR))
+    ct = analysis.modality(Modality.CT)
+    ct.assessment, ct.ood = NOT_ASSESSABLE, OodScore(41.2, 30.0)
+    analysis.modality(Modality.MR).ood = OodScore(3.5, 30.0)
+    analysis.disclosure = DISCLOSURE
+    seg = build_seg(analysis, chosen)
+    return analysis, chosen, seg, build_sr(analysis, chosen, seg)
+
+
+def test_sr_reports_a_not_assessable_modality_with_its_reasons_and_no_finding_or_score(ct_not_assessable):
+    _, _, _, data = ct_not_assessable
+    groups = read_sr_measurements(data)
+
+    ct = groups["CT assessment"]
+    assert ct["Assessability"] == "Not assessable"
+    assert ct["Reasons"] == (
+        ("out_of_distribution", "Out of distribution", OOD_REASON.message),
+        ("insufficient_coverage", "Insufficient coverage", COVERAGE_REASON.message),
+    )
+    assert ct["Out-of-distribution score (Mahalanobis distance)"] == 41.2
+    assert ct["Out-of-distribution threshold"] == 30.0
+    for absent in ("Finding", "Presence of property", "Tumor detection score", "Finding category"):
+        assert absent not in ct
+    assert not [name for name in ct if name.startswith("Probability of")]
+    assert "CT lesion 1" not in groups and groups["MR lesion 1"]["Finding"] == "Neoplasm"
+
+    mr = groups["MR assessment"]
+    assert (mr["Assessability"], mr["Finding"], mr["Presence of property"]) == ("Assessed", "Neoplasm", "Present")
+    assert mr["Tumor detection score"] == FUSED.detection_score and "Reasons" not in mr
+    assert mr["Out-of-distribution score (Mahalanobis distance)"] == 3.5
+    assert groups["Fused assessment"]["Assessability"] == "Assessed"
+
+
+def test_sr_states_the_disclosure_and_the_model_versions(ct_not_assessable):
+    _, _, _, data = ct_not_assessable
+    assert read_sr_evaluations(data) == {"Model training data and intended use": DISCLOSURE.text}
+    for group in ("CT assessment", "MR assessment", "Fused assessment"):
+        parameters = read_sr_measurements(data)[group]["Algorithm Parameters"]
+        assert {"model seg_ct version 3", "model lesion_embed version 2"} <= set(parameters)
+
+
+def test_sr_and_seg_with_a_not_assessable_modality_pass_dciodvfy(ct_not_assessable, tmp_path: Path):
+    _, chosen, seg, sr = ct_not_assessable
+    [referenced] = pydicom.dcmread(DicomBytesIO(seg)).ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == chosen[SeriesRole.MR_T2].series_instance_uid  # not the CT
+    _assert_dciodvfy_clean(seg, "Segmentation", tmp_path / "seg.dcm")
+    _assert_dciodvfy_clean(sr, "Comprehensive3DSR", tmp_path / "sr.dcm")
+
+
+def test_sr_of_a_study_nothing_could_assess_has_a_not_assessable_fused_assessment(phantom_cases, tmp_path: Path):
+    analysis, chosen = _analysis(phantom_cases["none"], (Modality.XR,))
+    xr = analysis.modality(Modality.XR)
+    xr.assessment = Assessment.not_assessable((Reason(ReasonCode.NO_VERTEBRAL_COLUMN, "no vertebral column"),))
+    xr.labels.clear()  # a not-assessable modality may keep no label map at all
+    study_reason = Reason(ReasonCode.NO_ASSESSABLE_MODALITY, "no modality could be assessed (XR: no_vertebral_column)")
+    analysis.fused = Assessment.not_assessable((study_reason,))
+    _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+
+    assert analysis.dicom_seg is None
+    groups = read_sr_measurements(analysis.dicom_sr)
+    fused = groups["Fused assessment"]
+    assert fused["Assessability"] == "Not assessable"
+    assert fused["Reasons"] == (("no_assessable_modality", "No assessable modality", study_reason.message),)
+    [xr_reason] = groups["XR assessment"]["Reasons"]
+    assert xr_reason == ("no_vertebral_column", "No vertebral column", "no vertebral column")
+    assert not [name for name, group in groups.items() if group.get("Finding") == "Neoplasm"]
+    assert not [name for group in groups.values() for name in group if name.startswith(("Probability", "Tumor"))]
+    _assert_dciodvfy_clean(analysis.dicom_sr, "Comprehensive3DSR", tmp_path / "sr.dcm")
+
+
+def test_every_reason_code_has_a_private_code_whose_meaning_fits_64_characters():
+    assert set(REASON_CODES) == set(ReasonCode)
+    for reason, code in REASON_CODES.items():
+        assert (code.value, code.scheme_designator) == (reason.value, "99CSPINE")
+        assert 0 < len(code.meaning) <= 64

@@ -1,5 +1,5 @@
 """A DICOM SEG drawn for people: the source image holding the most tumor, in grey, with every segment on it as
-a translucent colour, written as a PNG."""
+a translucent colour, written as a PNG. What stops a drawing is an ``OverlayError`` saying why in one line."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
 from cspine.dicom.ingest import iter_files
+from cspine.errors import CspineError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["busiest_source_frame", "overlay_png"]
+__all__ = ["OverlayError", "busiest_source_frame", "overlay_png"]
 
 BONE_WINDOW = (400.0, 1800.0)  # CT level and width, HU
 PERCENTILES = (1.0, 99.0)  # the grey range of MR and radiographs
@@ -28,15 +29,28 @@ ALPHA = 0.45
 FALLBACK_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (23, 190, 207)]
 
 SourceFrame = tuple[str, int]  # (SOPInstanceUID, 1-based frame number)
+# What highdicom and pydicom raise on a SEG or an image they cannot read.
+READ_ERRORS = (InvalidDicomError, ValueError, TypeError, AttributeError, LookupError, EOFError, OSError)
+
+
+class OverlayError(CspineError, ValueError):
+    """The overlay cannot be drawn: the message says why, in one line."""
 
 
 def overlay_png(seg_bytes: bytes, source_paths: Iterable[Path | str], out: Path) -> Path:
     """Draw the SEG on the source frame with the most tumor (segments labelled "…tumor…"; without one, the
-    most of any segment), read from the DICOM files under ``source_paths``; write the PNG to ``out``."""
-    seg = hd.seg.segread(DicomBytesIO(seg_bytes))
+    most of any segment), read from the DICOM files under ``source_paths``; write the PNG to ``out``.
+    ``OverlayError`` when the SEG or its source image cannot be read, or the PNG cannot be written."""
+    try:
+        seg = hd.seg.segread(DicomBytesIO(seg_bytes))
+    except READ_ERRORS as exc:
+        raise OverlayError(f"the DICOM SEG cannot be read ({type(exc).__name__})") from exc
     uid, frame = busiest_source_frame(seg)
     header, path = _find_source(source_paths, uid)
-    image = hd.imread(path, lazy_frame_retrieval=True).get_frame(frame, dtype=np.float32)
+    try:
+        image = hd.imread(path, lazy_frame_retrieval=True).get_frame(frame, dtype=np.float32)
+    except READ_ERRORS as exc:
+        raise OverlayError(f"the SEG's source image {path} cannot be read ({type(exc).__name__})") from exc
     items = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
     labels = {n: str(item.SegmentLabel) for n, item in items.items()}
     colours = {n: _colour(item, n) for n, item in items.items()}
@@ -56,7 +70,7 @@ def busiest_source_frame(seg: hd.seg.Segmentation) -> SourceFrame:
             int(np.count_nonzero(seg.get_stored_frame(i, as_index=True))) for n, i in segments if n in focus
         )
     if not counts or max(counts.values()) == 0:
-        raise ValueError("the DICOM SEG holds no segmented pixel to draw")
+        raise OverlayError("the DICOM SEG holds no segmented pixel to draw")
     return counts.most_common(1)[0][0]
 
 
@@ -79,7 +93,7 @@ def _find_source(paths: Iterable[Path | str], sop_instance_uid: str) -> tuple[py
             continue  # not DICOM (truth.json, labels.npz …) or unreadable: not the source
         if header.get("SOPInstanceUID") == sop_instance_uid:
             return header, path
-    raise ValueError(f"the SEG's source image {sop_instance_uid} is not among the local DICOM files")
+    raise OverlayError(f"the SEG's source image {sop_instance_uid} is not among the local DICOM files")
 
 
 def _colour(item: pydicom.Dataset, number: int) -> tuple[float, float, float]:
@@ -134,7 +148,10 @@ def _draw(
         else f"image {header.get('InstanceNumber', '')}"
     )
     ax.set_title(f"{synthetic}{header.Modality} {where}", fontsize="medium")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", bbox_inches="tight")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, format="png", bbox_inches="tight")
+    except OSError as exc:
+        raise OverlayError(f"{out} cannot be written: {exc.strerror or type(exc).__name__}") from exc
     logger.info("overlay of %d segments on %s %s written to %s", len(shown), header.Modality, where, out)
     return out

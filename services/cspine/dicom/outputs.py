@@ -1,11 +1,30 @@
 """DICOM outputs of an analysis, made with highdicom: a SEG of the label map on one source series, a TID 1500
-Comprehensive 3D SR with the lesions, assessments and spine measurements, and a reader for that SR."""
+Comprehensive 3D SR with the lesions, assessments and spine measurements, and a reader for that SR.
+
+Only assessed modalities are segmented and reported as findings. A modality (or a fused assessment) that is not
+assessable is reported as "Assessability: Not assessable" with one coded reason each (the ``ReasonCode`` value,
+its message as the TEXT item after it) and no finding, score or probability. The models' disclosure (what they
+were trained on) is a TEXT item of the report's own Qualitative Evaluations; model versions are algorithm
+parameters of every group that names the algorithm.
+
+Source headers that lack what a SEG needs are fixed where the SEG stays valid, and refused otherwise with
+``OutputUnavailableError`` (the pipeline then leaves the object out with an ``output_unavailable`` notice):
+
+- no SliceThickness on a CT or MR series: fixed, the slice spacing is written as the SEG's slice thickness;
+- a radiograph: its SEG lies on the pixel grid, without frame of reference or plane position (the position of a
+  projection is nominal), with the source's PatientOrientation;
+- no FrameOfReferenceUID on a CT or MR series: refused (the CT and MR IODs make it mandatory, highdicom will not
+  make a SEG of such a source, and a SEG of several slices cannot be placed without one);
+- whatever else highdicom or pydicom refuse: refused, naming the exception type only.
+"""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,24 +38,33 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DSfloat
 
 import cspine
 from cspine.domain import (
     Assessment,
+    AssessmentStatus,
     Lesion,
     LevelMeasurement,
     Modality,
     ModalityResult,
+    OodScore,
+    ReasonCode,
     Series,
     SeriesRole,
     SpineMeasurements,
     StudyAnalysis,
 )
+from cspine.errors import OutputUnavailableError
 from cspine.inference.specs import SEG_LABELS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_seg", "build_sr", "read_sr_measurements"]
+__all__ = ["OutputUnavailableError", "build_seg", "build_sr", "read_sr_evaluations", "read_sr_measurements"]
+
+
+# What highdicom and pydicom raise on source headers they cannot use.
+WRITER_ERRORS = (ValueError, TypeError, AttributeError, LookupError)
 
 MANUFACTURER = "cspine"
 SEG_SERIES_NUMBER = 901
@@ -81,11 +109,29 @@ UNCERTAINTY = _private("UNCERTAINTY", "Classification uncertainty (normalised en
 CORD_COMPRESSION_RATIO = _private("CORD-COMPRESSION", "Cord compression ratio (AP / LR diameter)")
 OPLL_OCCUPYING_RATIO = _private("OPLL-OCCUPYING", "OPLL occupying ratio")
 OPLL_MAX_THICKNESS = _private("OPLL-THICKNESS", "OPLL maximum thickness")
+OOD_SCORE = _private("OOD-SCORE", "Out-of-distribution score (Mahalanobis distance)")
+OOD_THRESHOLD = _private("OOD-THRESHOLD", "Out-of-distribution threshold")
+ASSESSABILITY = _private("ASSESSABILITY", "Assessability")
+ASSESSABILITY_VALUES: dict[AssessmentStatus, Code] = {
+    AssessmentStatus.ASSESSED: _private("ASSESSED", "Assessed"),
+    AssessmentStatus.NOT_ASSESSABLE: _private("NOT-ASSESSABLE", "Not assessable"),
+}
+NOT_ASSESSABLE_REASON = _private("NA-REASON", "Reason not assessable")
+REASON_DETAILS = _private("NA-REASON-TEXT", "Reason details")
+# A reason's code value is the ReasonCode value (LongCodeValue when over 16 characters); its meaning is fixed
+# per code (at most 64 characters) and the reason's own message follows as a TEXT item.
+REASON_CODES: dict[ReasonCode, Code] = {
+    r: _private(r.value, r.value.replace("_", " ").capitalize()) for r in ReasonCode
+}
+DISCLOSURE = _private("DISCLOSURE", "Model training data and intended use")
+# TID 1500's container for report-level qualitative evaluations (CODE or TEXT items).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 MILLILITER = Code("ml", "UCUM", "milliliter")
 MM = codes.UCUM.Millimeter
 MM2 = codes.UCUM.SquareMillimeter
 DEGREE = codes.UCUM.Degree
 RATIO = codes.UCUM.Ratio
+NO_UNITS = codes.UCUM.NoUnits
 
 LEVEL_CODES: dict[str, Code] = {
     "C1": codes.SCT.C1Vertebra,
@@ -170,18 +216,38 @@ def _algorithm_sequence() -> hd.AlgorithmIdentificationSequence:
 
 
 def build_seg(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> bytes | None:
-    """A binary DICOM SEG of the first non-empty label map in ``SEG_SOURCES`` order, one segment per
-    structure present; None when no modality has a labelled voxel."""
+    """A binary DICOM SEG of the first non-empty label map of an assessed modality in ``SEG_SOURCES`` order,
+    one segment per structure present; None when no assessed modality has a labelled voxel.
+
+    Raises ``OutputUnavailableError`` when the source series does not allow a valid SEG."""
     for modality, role in SEG_SOURCES:
         result = analysis.modality(modality)
-        labels = result.labels.get(role) if result is not None else None
+        if result is None or not result.assessment.assessed:
+            continue  # a not-assessable modality's structures are not shown as findings
+        labels = result.labels.get(role)
         if labels is None or not labels.any():
             continue
         if role not in chosen:
-            raise ValueError(f"the {modality.value} label map is on the {role.value} series, which was not chosen")
-        return _encode(_segmentation(modality, chosen[role], labels))
-    logger.info("no label map holds a structure: no DICOM SEG")
+            raise OutputUnavailableError(
+                f"DICOM SEG not written: the {modality.value} label map is on the {role.value} series, "
+                "which was not chosen"
+            )
+        with _writing("SEG", f"the {modality.value} series"):
+            return _encode(_segmentation(modality, chosen[role], labels))
+    logger.info("no label map of an assessed modality holds a structure: no DICOM SEG")
     return None
+
+
+@contextmanager
+def _writing(kind: str, source: str) -> Iterator[None]:
+    """What highdicom or pydicom raise on headers they cannot use, as ``OutputUnavailableError``. Only the
+    exception's type is kept: its message may quote header values."""
+    try:
+        yield
+    except WRITER_ERRORS as exc:
+        raise OutputUnavailableError(
+            f"DICOM {kind} not written: highdicom could not make one of {source} ({type(exc).__name__})"
+        ) from exc
 
 
 def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.seg.Segmentation:
@@ -202,6 +268,7 @@ def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.
     renumber = np.zeros(len(names), dtype=np.uint8)
     renumber[present] = np.arange(1, len(present) + 1)
     sources, frames = _source_frames(series, renumber[labels])
+    sources = _fitted_sources(modality, series, sources)
     descriptions = [_segment_description(number, names[value]) for number, value in enumerate(present, start=1)]
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -220,7 +287,7 @@ def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.
         content_label="CSPINE",
         content_description=f"cspine {modality.value} segmentation",
     )
-    if "FrameOfReferenceUID" not in seg:
+    if _is_projection(series):
         _fit_projection_source(seg, sources[0])
     logger.info(
         "DICOM SEG on the %s series: %d segments, %d frames", modality.value, len(descriptions), seg.NumberOfFrames
@@ -246,11 +313,63 @@ def _source_frames(series: Series, labels: np.ndarray) -> tuple[list[Dataset], n
     return headers, frames
 
 
+def _is_projection(series: Series) -> bool:
+    return series.volume is not None and series.volume.projection
+
+
+# A projection has no slice plane in the patient: its SEG lies on the pixel grid, and highdicom is given the
+# source without these (some DX carry a frame of reference, or a nominal position, that places nothing).
+PROJECTION_GEOMETRY = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
+
+
+def _fitted_sources(modality: Modality, series: Series, headers: list[Dataset]) -> list[Dataset]:
+    """The source headers as highdicom needs them for a valid SEG: copies with the radiograph's nominal
+    geometry removed, or a missing slice thickness filled in from the slice spacing; the headers themselves
+    when nothing is missing. ``OutputUnavailableError`` when a CT or MR series has no frame of reference."""
+    if _is_projection(series):
+        return [_without(header, PROJECTION_GEOMETRY) for header in headers]
+    if any("FrameOfReferenceUID" not in header for header in headers):
+        raise OutputUnavailableError(
+            f"DICOM SEG not written: the {modality.value} series has no FrameOfReferenceUID, which a SEG of "
+            f"{modality.value} images needs to place its frames"
+        )
+    if all(_pixel_measures(header).get("SliceThickness") not in (None, "") for header in headers):
+        return headers
+    spacing = series.volume.slice_spacing if series.volume is not None else 0.0
+    if spacing <= 0:
+        raise OutputUnavailableError(
+            f"DICOM SEG not written: the {modality.value} series has neither a SliceThickness nor a slice "
+            "spacing to take it from"
+        )
+    logger.info("the %s series has no SliceThickness: the SEG uses the slice spacing", modality.value)
+    fitted = [copy.deepcopy(header) for header in headers]
+    for header in fitted:
+        _pixel_measures(header).SliceThickness = DSfloat(spacing, auto_format=True)
+    return fitted
+
+
+def _pixel_measures(header: Dataset) -> Dataset:
+    """Where a source image keeps its slice thickness: its shared Pixel Measures item when it is an
+    enhanced multi-frame image that has one, else the image itself."""
+    shared = header.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelMeasuresSequence" in shared[0]:
+        return shared[0].PixelMeasuresSequence[0]
+    return header
+
+
+def _without(header: Dataset, keywords: Sequence[str]) -> Dataset:
+    out = copy.deepcopy(header)
+    for keyword in keywords:
+        if keyword in out:
+            delattr(out, keyword)
+    return out
+
+
 def _fit_projection_source(seg: hd.seg.Segmentation, source: Dataset) -> None:
     """Patch a SEG of a radiograph (no frame of reference) where highdicom 0.28 leaves it short."""
-    # The General Image module needs PatientOrientation when no plane orientation places the frames.
-    if "PatientOrientation" in source:
-        seg.PatientOrientation = source.PatientOrientation
+    # The General Image module needs PatientOrientation (type 2C: present, if empty) when no plane
+    # orientation places the frames.
+    seg.PatientOrientation = source.get("PatientOrientation", "")
     # highdicom writes a Pixel Measures item without SliceThickness here and then refuses to read its own
     # output back; without a frame of reference the SEG does not need it (the frames lie on the source grid).
     shared = seg.SharedFunctionalGroupsSequence[0]
@@ -282,7 +401,14 @@ def _segment_description(number: int, structure: str) -> hd.seg.SegmentDescripti
 
 def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None = None) -> bytes:
     """A Comprehensive 3D SR (TID 1500 measurement report) of the analysis, with the slices of every used
-    series (and the SEG, when given) as evidence."""
+    series (and the SEG, when given) as evidence.
+
+    Raises ``OutputUnavailableError`` when the source headers do not allow a valid SR."""
+    with _writing("SR", "the source headers"):
+        return _encode(_report(analysis, chosen, seg))
+
+
+def _report(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None) -> hd.sr.Comprehensive3DSR:
     evidence = _evidence(analysis, chosen)
     if seg is not None:
         evidence.append(pydicom.dcmread(DicomBytesIO(seg), stop_before_pixels=True))
@@ -298,7 +424,10 @@ def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: 
     )
     groups = [
         *_lesion_groups(analysis, chosen, algorithm),
-        *(_assessment_group(f"{r.modality.value} assessment", r.assessment, algorithm) for r in analysis.modalities),
+        *(
+            _assessment_group(f"{r.modality.value} assessment", r.assessment, algorithm, r.ood)
+            for r in analysis.modalities
+        ),
         _assessment_group("Fused assessment", analysis.fused, algorithm),
         *_spine_groups(analysis.spine),
     ]
@@ -317,6 +446,8 @@ def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: 
         procedure_reported=list(dict.fromkeys(procedures)),
         imaging_measurements=groups,
     )
+    if analysis.disclosure is not None:
+        report[0].ContentSequence.append(_report_evaluations([(DISCLOSURE, analysis.disclosure.text)]))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
@@ -330,18 +461,32 @@ def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: 
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
         coding_schemes=CODING_SCHEMES,
+        # UTF-8, whatever the source images use: reasons and the disclosure are free text ("C2–C7").
+        specific_character_set="ISO_IR 192",
     )
     logger.info("DICOM SR: %d measurement groups, %d evidence instances", len(groups), len(evidence))
-    return _encode(sr)
+    return sr
+
+
+def _report_evaluations(texts: Sequence[tuple[Code, str]]) -> hd.sr.ContainerContentItem:
+    """TID 1500's report-level "Qualitative Evaluations" container, of TEXT items."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    container.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.TextContentItem(name=name, value=text, relationship_type="CONTAINS") for name, text in texts]
+    )
+    return container
 
 
 def _evidence(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> list[Dataset]:
-    """The headers of every series the analysis used, each instance once."""
+    """The headers of every series the analysis used, each instance once. A not-assessable modality's
+    series are evidence where they were chosen; the series an assessed modality used must have been."""
     evidence: dict[str, Dataset] = {}
     for result in analysis.modalities:
         for used in result.series:
             series = chosen.get(used.role)
             if series is None or series.series_instance_uid != used.series_instance_uid:
+                if not result.assessment.assessed:
+                    continue
                 raise ValueError(f"the {used.role.value} series the analysis used is not the chosen one")
             for header in series.headers:
                 evidence.setdefault(str(header.SOPInstanceUID), header)
@@ -353,6 +498,8 @@ def _lesion_groups(
 ) -> Iterable[hd.sr.MeasurementsAndQualitativeEvaluations]:
     by_uid = {s.series_instance_uid: s for s in chosen.values()}
     for result in analysis.modalities:
+        if not result.assessment.assessed:
+            continue  # no findings of a modality cspine could not assess
         for number, lesion in enumerate(result.lesions, start=1):
             yield _lesion_group(result, number, lesion, by_uid.get(lesion.series_instance_uid), algorithm)
 
@@ -401,24 +548,57 @@ def _slices_through(series: Series, lesion: Lesion) -> list[Dataset]:
 
 
 def _assessment_group(
-    identifier: str, assessment: Assessment, algorithm: hd.sr.AlgorithmIdentification
+    identifier: str,
+    assessment: Assessment,
+    algorithm: hd.sr.AlgorithmIdentification,
+    ood: OodScore | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    """An assessed one: a Neoplasm finding, present or absent, with its scores. A not-assessable one: no
+    finding and no score, only "Not assessable" and its reasons, each a code followed by its message."""
+    assessability = hd.sr.QualitativeEvaluation(ASSESSABILITY, ASSESSABILITY_VALUES[assessment.status])
+    ood_measurements = _ood_measurements(ood) if ood is not None else []
+    if assessment.assessed:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+            finding_category=_ABNORMAL,
+            finding_type=codes.SCT.Neoplasm,
+            finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
+            algorithm_id=algorithm,
+            measurements=[*_assessment_measurements(assessment), *ood_measurements],
+            qualitative_evaluations=[
+                assessability,
+                hd.sr.QualitativeEvaluation(codes.DCM.PresenceOfProperty, PRESENT_ABSENT[assessment.tumor_detected]),
+            ],
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
-        finding_category=_ABNORMAL,
-        finding_type=codes.SCT.Neoplasm,
         finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
         algorithm_id=algorithm,
-        measurements=_assessment_measurements(assessment),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(codes.DCM.PresenceOfProperty, PRESENT_ABSENT[assessment.tumor_detected])
-        ],
+        measurements=ood_measurements or None,
+        qualitative_evaluations=[assessability],
     )
+    for reason in assessment.reasons:
+        # TID 1501 takes CODE and TEXT qualitative evaluations; highdicom builds only the CODE kind.
+        group[0].ContentSequence.append(
+            hd.sr.CodeContentItem(NOT_ASSESSABLE_REASON, REASON_CODES[reason.code], relationship_type="CONTAINS")
+        )
+        if reason.message:
+            group[0].ContentSequence.append(
+                hd.sr.TextContentItem(REASON_DETAILS, reason.message, relationship_type="CONTAINS")
+            )
+    return group
+
+
+def _ood_measurements(ood: OodScore) -> list[hd.sr.Measurement]:
+    return [
+        hd.sr.Measurement(name=OOD_SCORE, value=ood.score, unit=NO_UNITS),
+        hd.sr.Measurement(name=OOD_THRESHOLD, value=ood.threshold, unit=NO_UNITS),
+    ]
 
 
 def _assessment_measurements(assessment: Assessment) -> list[hd.sr.Measurement]:
     return [
-        hd.sr.Measurement(name=DETECTION_SCORE, value=assessment.detection_score, unit=RATIO),
+        *_optional(DETECTION_SCORE, assessment.detection_score, RATIO),
         *(
             hd.sr.Measurement(name=_probability_code(p.label), value=p.probability, unit=RATIO)
             for p in assessment.probabilities
@@ -532,7 +712,9 @@ def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
     its value's meanings (the group's "Finding category" comes back this way too). Each group also has
     "Finding" (the finding type's meaning, when there is one), "Finding site" (the meanings of its finding
     sites, joined by ", ") and, when the group names its algorithm, "Algorithm Parameters" (a tuple of
-    strings; one of them is "prototype set version <version>").
+    strings; one of them is "prototype set version <version>"). An assessment group has "Assessability"
+    ("Assessed" or "Not assessable"); a not-assessable one also "Reasons": a tuple of (code value, code
+    meaning, message), one per reason in the report's order.
     """
     sr = hd.sr.srread(DicomBytesIO(data))
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
@@ -546,12 +728,41 @@ def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
         for measurement in group.get_measurements():
             values[measurement.name.meaning] = float(measurement.value)
         for evaluation in group.get_qualitative_evaluations():
-            values[evaluation.name.meaning] = evaluation.value.meaning
+            if evaluation.name != NOT_ASSESSABLE_REASON:
+                values[evaluation.name.meaning] = evaluation.value.meaning
+        reasons = _reasons(group[0])
+        if reasons:
+            values["Reasons"] = reasons
         parameters = _algorithm_parameters(group)
         if parameters:
             values["Algorithm Parameters"] = parameters
         out[group.tracking_identifier] = values
     return out
+
+
+def read_sr_evaluations(data: bytes) -> dict[str, str]:
+    """The report-level qualitative evaluations of a cspine SR (TID 1500's "Qualitative Evaluations"):
+    ``{concept name meaning: text, or the coded value's meaning}``; the disclosure is one of them."""
+    sr = hd.sr.srread(DicomBytesIO(data))
+    out: dict[str, str] = {}
+    for container in find_content_items(sr, name=QUALITATIVE_EVALUATIONS):
+        for item in container.ContentSequence:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            out[name] = str(item.TextValue) if item.ValueType == "TEXT" else item.ConceptCodeSequence[0].CodeMeaning
+    return out
+
+
+def _reasons(group: Dataset) -> tuple[tuple[str, str, str], ...]:
+    """(code value, code meaning, message) of each reason, the message read from the TEXT item after it."""
+    reasons: list[list[str]] = []
+    for item in group.ContentSequence:
+        name = hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+        if name == NOT_ASSESSABLE_REASON and item.ValueType == "CODE":
+            code = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+            reasons.append([code.value, code.meaning, ""])
+        elif name == REASON_DETAILS and item.ValueType == "TEXT" and reasons:
+            reasons[-1][2] = str(item.TextValue)
+    return tuple((value, meaning, message) for value, meaning, message in reasons)
 
 
 def _algorithm_parameters(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, ...]:
