@@ -188,6 +188,8 @@ def test_a_full_study_round_trip_matches_the_phantom_truth(full_round_trip):
     assert result.study_instance_uid == case.truth["study_instance_uid"]
     assert [m.modality for m in result.modalities] == [pb.CT, pb.MR, pb.XR]
     assert sum(p.probability for p in result.fused.probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert result.fused.status == pb.ASSESSED and all(m.assessment.status == pb.ASSESSED for m in result.modalities)
+    assert all(0 < m.ood.score < m.ood.threshold for m in result.modalities) and result.disclosure.trained_on
     assert result.fused.tumor_detected
     ct = result.modalities[0]
     assert ct.lesions[0].vertebral_level == case.truth["tumor"]["primary_level"]
@@ -231,6 +233,25 @@ def test_service_info_names_models_prototypes_and_limits(gateway):
     assert {m.name for m in info.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
     assert info.prototype_set_version.startswith("default-") and info.synthetic_support_set
     assert info.limits.max_instances == IngestLimits().max_instances and info.limits.max_studies_in_flight == 2
+    assert "SYNTHETIC" in info.disclosure.trained_on and "not for clinical use" in info.disclosure.intended_use
+
+
+def test_a_study_cspine_cannot_assess_is_a_result_that_says_why_not_an_error(gateway, phantom_cases):
+    one_slice = phantom_cases["malignant"].files("ct")[40:41]  # a single slice through a tumor: no volume
+    result = gateway.stub.AnalyzeStudy(upload(one_slice, pb.AnalysisOptions(return_dicom_sr=True)), timeout=60)
+    (ct,) = result.modalities
+    assert ct.assessment.status == pb.NOT_ASSESSABLE and not ct.lesions and not ct.HasField("ood")
+    assert [(r.code, r.layer) for r in ct.assessment.reasons] == [
+        ("too_few_slices", "input"),
+        ("insufficient_coverage", "input"),
+    ]
+    fused = result.fused
+    assert fused.status == pb.NOT_ASSESSABLE and not fused.tumor_detected and not fused.HasField("detection_score")
+    assert [r.code for r in fused.reasons] == ["no_assessable_modality"] and not fused.probabilities
+    assert fused.status_message.startswith("not assessable: no modality of the study could be assessed")
+    assert "not_assessable" in [n.code for n in result.notices] and result.dicom_sr
+    assert "SYNTHETIC" in result.disclosure.trained_on
+    still_serving(gateway)
 
 
 def test_health_is_serving_and_reflection_lists_the_api(gateway):

@@ -10,12 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
 from cspine.cli import main
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import read_sr_measurements
-from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode
-from cspine.errors import DeadlineExceededError, InvalidInputError
+from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode, ReasonCode
+from cspine.errors import DeadlineExceededError
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import default_repository
@@ -33,6 +34,7 @@ def run(triton, study, options=AnalysisOptions()):
                 Calibration.load(default_repository()),
                 options,
                 model_versions(default_repository()),
+                CompetenceReference.load(default_repository()),
             )
 
     return asyncio.run(go())
@@ -50,6 +52,9 @@ def test_full_study_finds_the_tumor_at_its_level_and_fuses_probabilities(full):
     truth = case.truth["tumor"]
     assert [r.modality for r in analysis.modalities] == [Modality.CT, Modality.MR, Modality.XR]
     assert analysis.fused.tumor_detected and analysis.fused.detection_score > 0.5
+    assert analysis.fused.assessed
+    assert all(r.assessment.assessed and not r.assessment.reasons for r in analysis.modalities)
+    assert all(0.0 < r.ood.score < r.ood.threshold for r in analysis.modalities)
     assert sum(p.probability for p in analysis.fused.probabilities) == pytest.approx(1.0, abs=1e-6)
     assert [p.label for p in analysis.fused.probabilities] == ["benign", "borderline", "malignant"]
     assert 0.0 <= analysis.fused.uncertainty <= 1.0
@@ -111,10 +116,17 @@ def test_modalities_can_be_restricted_and_mr_gives_the_alignment_without_a_radio
     assert sum(p.probability for p in analysis.fused.probabilities) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_a_study_with_nothing_cspine_can_analyse_is_refused_with_the_reason(triton):
+def test_a_study_with_nothing_cspine_can_analyse_is_not_assessable_and_says_why(triton):
     frontal = radiograph(view_position="AP", patient_orientation=("L", "F"), description="C-SPINE AP")
-    with pytest.raises(InvalidInputError, match="no usable axial CT, sagittal MR or lateral radiograph"):
-        run(triton, ingest(frontal.files))
+    analysis = run(triton, ingest(frontal.files))
+    (xr,) = analysis.modalities
+    assert xr.modality is Modality.XR and not xr.assessment.assessed and xr.ood is None
+    assert [r.code for r in xr.assessment.reasons] == [ReasonCode.WRONG_ORIENTATION]
+    assert "frontal view (ViewPosition AP)" in xr.assessment.reasons[0].message
+    assert not analysis.fused.assessed and analysis.fused.detection_score is None and not analysis.fused.tumor_detected
+    assert [r.code for r in analysis.fused.reasons] == [ReasonCode.NO_ASSESSABLE_MODALITY]
+    assert analysis.primary_lesion() is None and all(m.canal_area_mm2 is None for m in analysis.spine.levels)
+    assert analysis.disclosure is not None and "SYNTHETIC" in analysis.disclosure.trained_on
 
 
 def test_a_passed_deadline_stops_the_analysis(triton, phantom_cases):
@@ -123,8 +135,13 @@ def test_a_passed_deadline_stops_the_analysis(triton, phantom_cases):
         run(triton, study, AnalysisOptions(deadline_s=0.001))
 
 
-def test_evaluate_pipeline_command_prints_the_figures_the_issue_names(triton, tmp_path, capsys):
-    args = ["evaluate", "pipeline", "--cases", "3", "--seed", "5", "--cohort", str(tmp_path / "cohort")]
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    return tmp_path_factory.mktemp("cohort") / "seed5"
+
+
+def test_evaluate_pipeline_command_prints_the_figures_the_issue_names(triton, tmp_path, capsys, small_cohort):
+    args = ["evaluate", "pipeline", "--cases", "3", "--seed", "5", "--cohort", str(small_cohort)]
     args += ["--triton-url", triton.grpc_url, "--workers", "1", "--quiet", "--json", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -135,3 +152,15 @@ def test_evaluate_pipeline_command_prints_the_figures_the_issue_names(triton, tm
     assert result["stage_seconds"]["segment"] > 0 and result["stage_seconds"]["total"] > 0
     records = json.loads((tmp_path / "out" / "records.json").read_text())
     assert [r["case_id"] for r in records] == ["case-0001", "case-0002", "case-0003"]
+
+
+def test_evaluate_competence_command_prints_pass_and_catch_rates(triton, capsys, small_cohort):
+    args = ["evaluate", "competence", "--cases", "3", "--seed", "5", "--cohort", str(small_cohort)]
+    assert main([*args, "--triton-url", triton.grpc_url, "--workers", "1", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["in_domain"]["studies"] == 3 and result["in_domain"]["assessable_rate"] == 1.0
+    real, synthetic = result["real_out_of_domain"], result["synthetic_out_of_domain"]
+    assert real["studies"] == 18 and real["no_tumor_call"] == 1.0 and real["tumor_detected"] == 0
+    assert synthetic["no_tumor_call"] == 1.0 and synthetic["caught_by_layer"]["anatomy"] > 0
+    assert real["caught_by_layer"]["input"] > 0.5 and real["caught_by_layer"]["distribution"] > 0
+    assert result["ood_auroc"]["XR"] == 1.0 and result["ood_auroc_every_series"]["CT"] >= 0.85

@@ -35,6 +35,7 @@ def _phantom_options(args: argparse.Namespace):
         difficulty=parse_difficulty(args.difficulty),
         shift=Shift.parse(args.shift),
         opll=args.opll,
+        matrix=getattr(args, "matrix", "phantom"),
     )
 
 
@@ -180,6 +181,18 @@ def cmd_evaluate_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_competence(args: argparse.Namespace) -> int:
+    from cspine.evaluation.competence import evaluate_competence, format_competence
+
+    run = _cohort_run(args, f".cache/cspine/pipeline-eval/seed{args.seed}-{args.cases}")
+    result = evaluate_competence(run, args.triton_url, progress=not args.quiet)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "competence.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_competence(result))
+    return 0
+
+
 def cmd_evaluate_study(args: argparse.Namespace) -> int:
     from cspine.evaluation.study import Server, evaluate_cohort
 
@@ -230,6 +243,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet
 
     repository = Path(args.repository)
+    if args.competence_only:
+        from cspine.evaluation.competence import fit_competence
+
+        cohort = Path(args.cache) / "competence" / f"reference-seed{args.reference_seed}-{args.reference_cases}"
+        reference = fit_competence(repository, cohort, args.reference_cases, args.reference_seed, args.workers)
+        path = reference.save(repository)
+        for modality, fitted in reference.references.items():
+            print(f"{modality.value}: OOD threshold {fitted.threshold:.3f} — {fitted.fitted_on}")
+        print(f"wrote {path}")
+        return 0
     embed = repository / "lesion_embed" / "1" / "model.onnx"
     support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers)
     support.save(DEFAULT_SUPPORT)
@@ -244,8 +267,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
-    from cspine.evaluation.bench import bench_pipeline, format_bench
+    from cspine.evaluation.bench import bench_pipeline, bench_pipeline_sizes, format_bench, format_sizes_bench
 
+    if args.matrix == "real":
+        result = bench_pipeline_sizes(args.triton_url, args.repeats)
+        print(json.dumps(result, indent=2) if args.json else format_sizes_bench(result))
+        return 0
     result = bench_pipeline(args.triton_url, args.repeats)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
@@ -484,6 +511,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cspine.client import add_data_dir_argument
     from cspine.phantom.generate import OPLL_PROBABILITY, tumor_choices
+    from cspine.phantom.scanner import MATRICES
 
     parser = argparse.ArgumentParser(
         prog="cspine",
@@ -531,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(OPLL_PROBABILITY),
         help="ossification of the posterior longitudinal ligament: random (12%%), yes, no",
     )
+    p.add_argument(
+        "--matrix",
+        default="phantom",
+        choices=list(MATRICES),
+        help="image matrices: phantom (256² CT and MR, ~0.55 mm radiograph; fast) or real (512² CT with 0.5 mm "
+        "slices, 512² MR, 3072 × 2614 radiograph at ~0.1 mm: for benchmarks, ~1 min and 200 MB per case)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
@@ -575,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--triton-url", default=None, help="an external Triton (default: start the local one)")
     b.add_argument("--repeats", type=int, default=5, help="timed analyses after one warm-up (default 5)")
+    b.add_argument(
+        "--matrix",
+        default="phantom",
+        choices=["phantom", "real"],
+        help="real: the radiograph alone, the CT alone and the whole study at real matrix sizes (3072 × 2614 "
+        "radiograph, 512² × 305-slice CT, 512² MR) beside the same case at the phantom's, against the budgets",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_pipeline)
     b = bench.add_parser(
@@ -662,6 +704,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--out", default=None, help="also write metrics.json and per-study records.json here")
     e.set_defaults(func=cmd_evaluate_pipeline)
+    e = evaluate.add_parser(
+        "competence",
+        help="what cspine can assess: in-domain pass rate, out-of-domain catch rate per layer, OOD score AUROC",
+        description=(
+            "Run the full pipeline (the local Triton unless --triton-url) on held-out SYNTHETIC phantom studies, "
+            "on REAL out-of-domain DICOM files from installed packages (tests/data/real_ood/README.md) and on "
+            "SYNTHETIC out-of-domain studies; print the in-domain assessable rate and detection figures, the share "
+            "of out-of-domain studies given no tumor call and the layer that stopped them, and the ROC AUC of the "
+            "out-of-distribution score (docs/competence.md)."
+        ),
+    )
+    _add_cohort_arguments(e, cases=60, seed=9300)
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+    e.add_argument("--out", default=None, help="also write competence.json here")
+    e.set_defaults(func=cmd_evaluate_competence)
 
     e = evaluate.add_parser(
         "study",
@@ -692,6 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", default=str(default_repository()))
     p.add_argument("--cache", default=".cache/cspine")
     p.add_argument("--per-subtype", type=int, default=12, help="support lesions per subtype (default 12)")
+    p.add_argument(
+        "--competence-only",
+        action="store_true",
+        help="only fit the competence reference (model_repository/competence.json): the segmentation models' "
+        "feature statistics and out-of-distribution thresholds, on a SYNTHETIC reference cohort",
+    )
+    p.add_argument("--reference-cases", type=int, default=30, help="studies of that reference cohort (default 30)")
+    p.add_argument("--reference-seed", type=int, default=9500, help="its phantom seed (default 9500)")
     p.set_defaults(func=cmd_calibrate)
 
     from cspine.client import add_analyze_command

@@ -231,7 +231,7 @@ def _optional(message, name: str) -> float | None:
     return _f32(getattr(message, name)) if message.HasField(name) else None
 
 
-def _code(enum: type[domain.NoticeCode] | type[domain.SeriesRole], value: str):
+def _code(enum: type[domain.NoticeCode] | type[domain.SeriesRole] | type[domain.ReasonCode], value: str):
     try:
         return enum(value)
     except ValueError:
@@ -239,12 +239,25 @@ def _code(enum: type[domain.NoticeCode] | type[domain.SeriesRole], value: str):
         return UnknownCode(value)
 
 
+_STATUS_FROM_PB = {
+    pb.ASSESSED: domain.AssessmentStatus.ASSESSED,
+    pb.NOT_ASSESSABLE: domain.AssessmentStatus.NOT_ASSESSABLE,
+}
+
+
+def _reason(msg: pb.NotAssessableReason) -> domain.Reason:
+    return domain.Reason(_code(domain.ReasonCode, msg.code), msg.message)
+
+
 def _assessment(msg: pb.Assessment) -> domain.Assessment:
+    """An older server sends no status: its assessments were all made, so ASSESSED."""
     return domain.Assessment(
         tumor_detected=msg.tumor_detected,
-        detection_score=_f32(msg.detection_score),
+        detection_score=_optional(msg, "detection_score"),
         probabilities=tuple(domain.ClassProbability(p.label, _f32(p.probability)) for p in msg.probabilities),
         uncertainty=_f32(msg.uncertainty),
+        status=_STATUS_FROM_PB.get(msg.status, domain.AssessmentStatus.ASSESSED),
+        reasons=tuple(_reason(r) for r in msg.reasons),
     )
 
 
@@ -276,6 +289,7 @@ def _modality_result(msg: pb.ModalityResult) -> domain.ModalityResult | None:
         ),
         lesions=[_lesion(lesion) for lesion in msg.lesions],
         assessment=_assessment(msg.assessment),
+        ood=domain.OodScore(_f32(msg.ood.score), _f32(msg.ood.threshold)) if msg.HasField("ood") else None,
     )
 
 
@@ -329,6 +343,9 @@ def to_domain(msg: pb.StudyAnalysis) -> domain.StudyAnalysis:
         stage_seconds={name: _f32(seconds) for name, seconds in msg.stage_seconds.items()},
         dicom_seg=msg.dicom_seg or None,
         dicom_sr=msg.dicom_sr or None,
+        disclosure=domain.Disclosure(msg.disclosure.trained_on, msg.disclosure.intended_use)
+        if msg.HasField("disclosure")
+        else None,
     )
 
 
@@ -432,20 +449,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(format_analysis(to_domain(result)))
         print(f"request id {result.request_id}")
     said = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
+    # The analysis is printed: from here on a failure is a one-line note on stderr, never a traceback or exit 2.
     for path, data in ((args.seg, result.dicom_seg), (args.sr, result.dicom_sr)):
         if path and data:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(data)
-            print(f"wrote {path} ({len(data) / 1e6:.2f} MB)", file=said)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_bytes(data)
+            except OSError as exc:
+                print(f"cspine: {path} not written: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+            else:
+                print(f"wrote {path} ({len(data) / 1e6:.2f} MB)", file=said)
     if args.sr and not result.dicom_sr:
-        print("cspine: the server returned no DICOM SR: --sr not written", file=sys.stderr)
+        print(f"cspine: {_why_missing(result, 'SR')}: --sr not written", file=sys.stderr)
     if want_seg and not result.dicom_seg:
-        print("cspine: the server returned no DICOM SEG (nothing was segmented): no --seg/--overlay", file=sys.stderr)
+        print(f"cspine: {_why_missing(result, 'SEG')}: no --seg/--overlay", file=sys.stderr)
     elif args.overlay:
-        from cspine.overlay import overlay_png
+        from cspine.overlay import OverlayError, overlay_png
 
-        print(f"wrote {overlay_png(result.dicom_seg, args.paths, Path(args.overlay))}", file=said)
+        try:
+            print(f"wrote {overlay_png(result.dicom_seg, args.paths, Path(args.overlay))}", file=said)
+        except OverlayError as exc:
+            print(f"cspine: overlay not drawn: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 — a picture must not hide the printed analysis behind a traceback
+            print(f"cspine: overlay not drawn: unexpected {type(exc).__name__}", file=sys.stderr)
     return 0
+
+
+def _why_missing(result: pb.StudyAnalysis, kind: str) -> str:
+    """Why the server returned no DICOM ``kind`` (SEG, SR): its output_unavailable notice, on one line."""
+    prefix = f"DICOM {kind} "
+    notes = [n.message for n in result.notices if n.code == "output_unavailable" and n.message.startswith(prefix)]
+    return " ".join(notes[0].split()) if notes else f"the server returned no DICOM {kind}"
 
 
 def add_analyze_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -66,6 +66,8 @@ class NoticeCode(str, enum.Enum):
     MODALITY_FAILED = "modality_failed"  # a modality could not be analysed; the result goes on without it
     MEASUREMENT_UNAVAILABLE = "measurement_unavailable"  # a measurement the images did not allow
     OUTSIDE_ANALYSED_LEVELS = "outside_analysed_levels"  # a finding above C2 (dens, C1, skull base): not counted
+    NOT_ASSESSABLE = "not_assessable"  # a modality gave no tumor call; its result says why
+    OUTPUT_UNAVAILABLE = "output_unavailable"  # a requested DICOM SEG or SR could not be written; the analysis stands
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,92 @@ VERTEBRAL_LEVELS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "
 MEASURED_LEVELS: tuple[str, ...] = VERTEBRAL_LEVELS[1:7]  # C2–C7: canal, cord and disc per level
 
 
+class AssessmentStatus(str, enum.Enum):
+    """Whether cspine could assess a modality (or the study): only assessed ones give a tumor call."""
+
+    ASSESSED = "assessed"
+    NOT_ASSESSABLE = "not_assessable"
+
+
+class CompetenceLayer(str, enum.Enum):
+    """The layer of the competence checks a reason comes from (docs/competence.md)."""
+
+    INPUT = "input"  # the images and their headers, before any model runs
+    ANATOMY = "anatomy"  # the segmented anatomy: is there a plausible cervical spine
+    DISTRIBUTION = "distribution"  # the segmentation model's features against those of its training data
+    STUDY = "study"  # the study as a whole
+
+
+class ReasonCode(str, enum.Enum):
+    """Closed set of reasons a modality or the study is not assessable (docs/competence.md)."""
+
+    # input: the images are not what the models read
+    DERIVED_IMAGE = "derived_image"  # ImageType DERIVED or SECONDARY: a computed map or capture, not acquired pixels
+    LOCALIZER = "localizer"  # a localizer / scout / topogram
+    TOO_FEW_SLICES = "too_few_slices"  # a CT or MR "volume" of one or a few slices
+    INSUFFICIENT_COVERAGE = "insufficient_coverage"  # the images do not span C2–C7
+    WRONG_ORIENTATION = "wrong_orientation"  # no axial CT, sagittal MR or lateral radiograph of this modality
+    UNKNOWN_WEIGHTING = "unknown_weighting"  # MR neither T1- nor T2-weighted by timing or description
+    UNSUPPORTED_PIXELS = "unsupported_pixels"  # colour, no spacing or position, or pixels ingest cannot place
+    # anatomy: no plausible cervical spine in the segmentation
+    NO_VERTEBRAL_COLUMN = "no_vertebral_column"  # too few vertebral bodies of plausible size in a column
+    NO_DISCS = "no_discs"  # no intervertebral discs between the bodies
+    NO_CANAL = "no_canal"  # no spinal canal behind the bodies
+    LEVELS_UNASSIGNABLE = "levels_unassignable"  # C2 … C7 cannot be named with confidence
+    # distribution: unlike the training data
+    OUT_OF_DISTRIBUTION = "out_of_distribution"  # the model's features lie outside those of its training data
+    # study
+    NO_ASSESSABLE_MODALITY = "no_assessable_modality"  # no modality of the study could be assessed
+
+    @property
+    def layer(self) -> CompetenceLayer:
+        return _REASON_LAYER[self]
+
+
+_REASON_LAYER = {
+    **{
+        r: CompetenceLayer.INPUT
+        for r in (
+            ReasonCode.DERIVED_IMAGE,
+            ReasonCode.LOCALIZER,
+            ReasonCode.TOO_FEW_SLICES,
+            ReasonCode.INSUFFICIENT_COVERAGE,
+            ReasonCode.WRONG_ORIENTATION,
+            ReasonCode.UNKNOWN_WEIGHTING,
+            ReasonCode.UNSUPPORTED_PIXELS,
+        )
+    },
+    **{
+        r: CompetenceLayer.ANATOMY
+        for r in (
+            ReasonCode.NO_VERTEBRAL_COLUMN,
+            ReasonCode.NO_DISCS,
+            ReasonCode.NO_CANAL,
+            ReasonCode.LEVELS_UNASSIGNABLE,
+        )
+    },
+    ReasonCode.OUT_OF_DISTRIBUTION: CompetenceLayer.DISTRIBUTION,
+    ReasonCode.NO_ASSESSABLE_MODALITY: CompetenceLayer.STUDY,
+}
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason something is not assessable: a code from the closed set and what it means here, in words."""
+
+    code: ReasonCode
+    message: str
+
+
+@dataclass(frozen=True)
+class OodScore:
+    """How unlike the training data a modality's images are to its segmentation model: a Mahalanobis
+    distance of the model's pooled encoder features; above ``threshold`` the modality is not assessable."""
+
+    score: float
+    threshold: float
+
+
 @dataclass(frozen=True)
 class ClassProbability:
     label: str
@@ -210,9 +298,27 @@ class Assessment:
     """A tumor assessment: detection (is there a tumor, how sure) apart from classification (which class)."""
 
     tumor_detected: bool
-    detection_score: float  # calibrated probability that a tumor is present, 0–1
+    detection_score: float | None  # calibrated probability that a tumor is present, 0–1; None: not assessable
     probabilities: tuple[ClassProbability, ...] = ()  # empty when no lesion was classified
     uncertainty: float = 1.0  # normalised entropy of the probabilities: 0 certain, 1 uniform (or none)
+    status: AssessmentStatus = AssessmentStatus.ASSESSED
+    reasons: tuple[Reason, ...] = ()  # why not assessable; empty when assessed
+
+    @classmethod
+    def not_assessable(cls, reasons: tuple[Reason, ...]) -> Assessment:
+        """No tumor call at all: neither detected nor ruled out."""
+        return cls(False, None, status=AssessmentStatus.NOT_ASSESSABLE, reasons=tuple(reasons))
+
+    @property
+    def assessed(self) -> bool:
+        return self.status is AssessmentStatus.ASSESSED
+
+    @property
+    def status_message(self) -> str:
+        """The human-readable summary of the status."""
+        if self.assessed:
+            return "assessed"
+        return "not assessable: " + "; ".join(r.message for r in self.reasons)
 
     @property
     def label(self) -> str | None:
@@ -255,8 +361,9 @@ class ModalityResult:
     modality: Modality
     series: tuple[SeriesUsed, ...]
     lesions: list[Lesion]
-    assessment: Assessment
+    assessment: Assessment  # its status says whether the modality was assessed, and if not, why
     labels: dict[SeriesRole, np.ndarray] = field(default_factory=dict, repr=False)
+    ood: OodScore | None = None  # None when no model ran (an input check failed first)
 
 
 @dataclass(frozen=True)
@@ -298,6 +405,18 @@ class ModelVersion:
     version: str
 
 
+@dataclass(frozen=True)
+class Disclosure:
+    """What the served models were trained on and what they are for, stated with every result."""
+
+    trained_on: str
+    intended_use: str
+
+    @property
+    def text(self) -> str:
+        return f"Models trained on {self.trained_on}. {self.intended_use}"
+
+
 @dataclass(eq=False)
 class StudyAnalysis:
     study_instance_uid: str
@@ -310,6 +429,7 @@ class StudyAnalysis:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per pipeline stage
     dicom_seg: bytes | None = None
     dicom_sr: bytes | None = None
+    disclosure: Disclosure | None = None  # what the models were trained on and are meant for
 
     def modality(self, modality: Modality) -> ModalityResult | None:
         return next((m for m in self.modalities if m.modality is modality), None)
@@ -318,6 +438,6 @@ class StudyAnalysis:
         """The largest lesion of the modality that measures best (CT, then MR, then the radiograph)."""
         for modality in (Modality.CT, Modality.MR, Modality.XR):
             result = self.modality(modality)
-            if result is not None and result.lesions:
+            if result is not None and result.assessment.assessed and result.lesions:
                 return result.lesions[0]
         return None

@@ -76,6 +76,16 @@ class TritonUnavailableError(UnavailableError):
     """Triton does not answer, or a model it should serve is not ready. The message names which."""
 
 
+class AnalysisFailedError(CspineError):
+    """Every modality of a study failed inside cspine (a model error, a bug): a server fault, never the
+    caller's (→ INTERNAL). The details are in the log under the request id."""
+
+
+class OutputUnavailableError(CspineError):
+    """A DICOM SEG or SR cannot be made of an analysis and its source headers. The message says which object
+    and why, naming no patient; the pipeline leaves the object out with an ``output_unavailable`` notice."""
+
+
 class InferenceError(CspineError):
     """Triton answered a well-formed request with an error or with outputs that break the model's contract."""
 

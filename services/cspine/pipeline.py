@@ -3,8 +3,14 @@
 Per modality present: select series → preprocess → segmentation on Triton (all slices of a series in one
 batched call, modalities concurrently) → measurements → lesion ROIs → embedding + prototype classification
 on Triton (the ``lesion_classify`` ensemble) → fusion across modalities. CPU work runs in worker threads so
-the event loop (and a gRPC server on it) stays responsive. A modality that fails degrades the result with a
-notice; only when no modality is left does the study fail.
+the event loop (and a gRPC server on it) stays responsive.
+
+Competence (analysis/competence.py) decides per modality whether it is assessed at all: the input checks
+before any model runs, then the anatomy and distribution checks on the segmentation. A modality that is
+not assessable gives a result that says why and nothing else — no lesions, measurements or probabilities,
+and no part in the fused assessment; a study with no assessable modality gets a fused assessment that says
+so. A modality that fails inside cspine degrades the result with a notice; when every modality that ran
+failed that way, the study fails as a server fault (``AnalysisFailedError``), never as the caller's.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import numpy as np
 
 from cspine.analysis import alignment
 from cspine.analysis.canal import OPLL_MIN_MM, canal_section, opll_section
+from cspine.analysis.competence import CompetenceReference, InputVerdict, anatomy_reasons, input_verdicts
 from cspine.analysis.discs import disc_height
 from cspine.analysis.fusion import Calibration, assess, detection_logit, normalised_entropy
 from cspine.analysis.lesions import clean_tumor_labels, measure_lesions, split_above_c2
 from cspine.analysis.levels import SpineFrame, frame_from_discs, frame_from_radiograph
-from cspine.analysis.masks import LabelMasks, largest_component
+from cspine.analysis.masks import LabelMasks, largest_component, mask_points
 from cspine.dicom.selection import select_series
 from cspine.domain import (
     MEASURED_LEVELS,
@@ -43,6 +50,8 @@ from cspine.domain import (
     Notice,
     NoticeCode,
     OpllMeasurement,
+    Reason,
+    ReasonCode,
     Series,
     SeriesRole,
     SeriesUsed,
@@ -51,21 +60,20 @@ from cspine.domain import (
     StudyAnalysis,
     Volume,
 )
-from cspine.errors import CspineError, DeadlineExceededError, InvalidInputError, TritonUnavailableError
+from cspine.errors import (
+    AnalysisFailedError,
+    CspineError,
+    DeadlineExceededError,
+    TritonUnavailableError,
+)
 from cspine.fewshot.prototypes import PrototypeSet
 from cspine.imaging.roi import lesion_roi, modality_one_hot
-from cspine.imaging.seg_input import SegGrid, seg_inputs, to_source
+from cspine.imaging.seg_input import SegGrid, SourceLabelMaps, seg_inputs
 from cspine.inference.client import TritonClient
-from cspine.inference.specs import LESION_CLASSIFY, MAX_EMBEDDINGS, MODELS, SEG_LABELS, seg_spec
+from cspine.inference.specs import LESION_CLASSIFY, MAX_EMBEDDINGS, MODALITY_ORDER, MODELS, SEG_LABELS, seg_spec
 
 logger = logging.getLogger(__name__)
 
-# The series each modality segments, the one its measurements are made on first.
-SEG_ROLES: dict[Modality, tuple[SeriesRole, ...]] = {
-    Modality.CT: (SeriesRole.CT,),
-    Modality.MR: (SeriesRole.MR_T2, SeriesRole.MR_T1),
-    Modality.XR: (SeriesRole.XR,),
-}
 # Which modality measures what best, in order of preference.
 CANAL_SOURCES = (Modality.CT, Modality.MR)  # CT: the bony canal's edge is sharp; MR: 3 mm sagittal slices
 CORD_SOURCES = (Modality.MR,)  # only MR tells cord from CSF
@@ -139,29 +147,36 @@ async def analyze(
     calibration: Calibration,
     options: AnalysisOptions = AnalysisOptions(),
     models: list[ModelVersion] | None = None,
+    competence: CompetenceReference | None = None,
 ) -> StudyAnalysis:
-    """Analyse an ingested study; raises ``InvalidInputError`` when no modality can be analysed."""
+    """Analyse an ingested study. Without ``competence`` the distribution check is not made (and the result
+    discloses nothing about the models' training data): the service always passes it.
+
+    A study without a CT, MR or radiograph image cspine reads is not assessable (the fused assessment says
+    so); ``AnalysisFailedError`` when every modality that ran failed inside cspine."""
     timer = _Timer()
     deadline = Deadline(options.deadline_s)
     start = time.perf_counter()
     with timer.stage("select"):
         selection = select_series(study)
+        verdicts = input_verdicts(study, selection)
     chosen = selection.chosen
     notices = list(study.notices) + list(selection.notices)
-    wanted = [
-        m
-        for m in (Modality.CT, Modality.MR, Modality.XR)
-        if any(r in chosen for r in SEG_ROLES[m]) and (options.modalities is None or m in options.modalities)
-    ]
-    if not wanted:
-        raise InvalidInputError("the study holds no usable axial CT, sagittal MR or lateral radiograph series")
+    wanted = [m for m in verdicts if options.modalities is None or m in options.modalities]
+    running = [m for m in wanted if verdicts[m].assessable]
     outcomes = await asyncio.gather(
-        *(_analyse_modality(m, chosen, triton, prototypes, calibration, deadline, timer) for m in wanted),
+        *(
+            _analyse_modality(m, verdicts[m], chosen, triton, prototypes, calibration, competence, deadline, timer)
+            for m in running
+        ),
         return_exceptions=True,
     )
+    results: dict[Modality, ModalityResult] = {
+        m: _not_assessable_result(verdicts[m], None) for m in wanted if not verdicts[m].assessable
+    }
     measured: dict[Modality, _Measured] = {}
     failures: list[str] = []
-    for modality, outcome in zip(wanted, outcomes, strict=True):
+    for modality, outcome in zip(running, outcomes, strict=True):
         if isinstance(outcome, (DeadlineExceededError, TritonUnavailableError)):
             raise outcome  # the service, not the images, failed: nothing partial is worth returning
         if isinstance(outcome, BaseException):
@@ -171,27 +186,38 @@ async def analyze(
             failures.append(f"{modality.value} could not be analysed: {reason}")
             notices.append(Notice(NoticeCode.MODALITY_FAILED, failures[-1]))
             continue
-        measured[modality] = outcome
+        results[modality] = outcome.result
         notices.extend(outcome.notices)
-    if not measured:
-        raise InvalidInputError("no modality of the study could be analysed: " + "; ".join(failures))
+        if outcome.result.assessment.assessed:
+            measured[modality] = outcome
+    if failures and not results:
+        raise AnalysisFailedError("no modality of the study could be analysed: " + "; ".join(failures))
+    for result in results.values():
+        if not result.assessment.assessed:
+            notices.append(
+                Notice(NoticeCode.NOT_ASSESSABLE, f"{result.modality.value} {result.assessment.status_message}")
+            )
 
     with timer.stage("fuse"):
-        fused = assess(
-            {m: r.size for m, r in measured.items()},
-            {m: r.probabilities for m, r in measured.items() if r.probabilities is not None},
-            prototypes.labels,
-            calibration,
-        )
+        if measured:
+            fused = assess(
+                {m: r.size for m, r in measured.items()},
+                {m: r.probabilities for m, r in measured.items() if r.probabilities is not None},
+                prototypes.labels,
+                calibration,
+            )
+        else:
+            fused = Assessment.not_assessable((_nothing_assessable(results),))
         spine = _spine(measured, notices)
     analysis = StudyAnalysis(
         study_instance_uid=study.study_instance_uid,
-        modalities=[measured[m].result for m in measured],
+        modalities=[results[m] for m in MODALITY_ORDER if m in results],
         fused=fused,
         spine=spine,
         prototype_set_version=prototypes.version,
         models=list(models or []),
         notices=notices,
+        disclosure=competence.disclosure if competence is not None else None,
     )
     if options.return_dicom_seg or options.return_dicom_sr:
         with timer.stage("dicom"):
@@ -201,44 +227,105 @@ async def analyze(
     return analysis
 
 
-def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], options: AnalysisOptions) -> None:
-    from cspine.dicom.outputs import build_seg, build_sr
+def _nothing_assessable(results: Mapping[Modality, ModalityResult]) -> Reason:
+    if not results:
+        what = "the study holds no CT, MR or radiograph image cspine reads"
+    else:
+        what = "; ".join(
+            f"{m.value}: " + ", ".join(r.code.value for r in res.assessment.reasons) for m, res in results.items()
+        )
+    return Reason(ReasonCode.NO_ASSESSABLE_MODALITY, f"no modality of the study could be assessed ({what})")
 
-    seg = build_seg(analysis, chosen)
-    if options.return_dicom_seg:
-        analysis.dicom_seg = seg
-    if options.return_dicom_sr:
-        analysis.dicom_sr = build_sr(analysis, chosen, seg)
+
+def _not_assessable_result(verdict: InputVerdict, ood, reasons: tuple[Reason, ...] | None = None) -> ModalityResult:
+    """A modality that gives no tumor call: the series it was judged on and why, nothing else."""
+    series = tuple(
+        SeriesUsed(role, s.series_instance_uid, s.description, s.volume.shape[0] if s.volume is not None else 0)
+        for role, s in verdict.judged
+    )
+    return ModalityResult(verdict.modality, series, [], Assessment.not_assessable(reasons or verdict.reasons), ood=ood)
+
+
+def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], options: AnalysisOptions) -> None:
+    """The requested DICOM SEG and SR (the SR referencing the SEG when there is one). One that cannot be
+    written is left out with an ``output_unavailable`` notice: an output never costs the analysis."""
+    from cspine.dicom.outputs import OutputUnavailableError, build_seg, build_sr
+
+    writers = (
+        ("SEG", "dicom_seg", options.return_dicom_seg, lambda: build_seg(analysis, chosen)),
+        ("SR", "dicom_sr", options.return_dicom_sr, lambda: build_sr(analysis, chosen, analysis.dicom_seg)),
+    )
+    for kind, field_name, wanted, write in writers:
+        if not wanted:
+            continue
+        try:
+            data = write()
+        except OutputUnavailableError as exc:  # its message is cspine's own and names no patient
+            logger.warning("%s (%s)", exc, type(exc.__cause__ or exc).__name__)
+            message = str(exc)
+        except Exception as exc:  # noqa: BLE001 — a writer's bug must not cost the analysis either
+            logger.error("DICOM %s not written: unexpected %s", kind, type(exc).__name__)
+            message = f"DICOM {kind} not written: an internal error ({type(exc).__name__})"
+        else:
+            if data is not None:
+                setattr(analysis, field_name, data)
+                continue
+            message = f"DICOM {kind} not written: no assessed modality has a segmented structure"
+        analysis.notices.append(Notice(NoticeCode.OUTPUT_UNAVAILABLE, message))
 
 
 async def _analyse_modality(
     modality: Modality,
+    verdict: InputVerdict,
     chosen: Mapping[SeriesRole, Series],
     triton: TritonClient,
     prototypes: PrototypeSet,
     calibration: Calibration,
+    competence: CompetenceReference | None,
     deadline: Deadline,
     timer: _Timer,
 ) -> _Measured:
-    roles = [r for r in SEG_ROLES[modality] if r in chosen]
+    roles = list(verdict.roles)
     volumes = {r: chosen[r].volume for r in roles}
     spec = seg_spec(modality)
+    grids: dict[SeriesRole, SegGrid] = {}
 
-    async def segment(role: SeriesRole) -> np.ndarray:
+    async def segment(role: SeriesRole) -> tuple[np.ndarray, np.ndarray]:
         with timer.stage("preprocess"):
             inputs, grid = await asyncio.to_thread(seg_inputs, modality, volumes[role])
         with timer.stage("segment"):
             out = await triton.infer(spec, {"image": inputs}, deadline_s=deadline.left())
         with timer.stage("measure"):
-            return await asyncio.to_thread(_source_labels, modality, out["labels"], grid, volumes[role])
+            labels = await asyncio.to_thread(_grid_labels, modality, out["labels"], grid, volumes[role])
+        grids[role] = grid
+        return labels, out["features"]
 
-    label_maps = dict(zip(roles, await asyncio.gather(*(segment(r) for r in roles)), strict=True))
+    segmented = dict(zip(roles, await asyncio.gather(*(segment(r) for r in roles)), strict=True))
+    label_maps = {role: labels for role, (labels, _) in segmented.items()}
+    # Measurements are made on the model grid (bounded whatever the source matrix), in patient mm.
+    on_grid = {r: grids[r].volume(volumes[r], label_maps[r]) for r in roles}
+    main = roles[0]
     with timer.stage("measure"):
-        main = roles[0]
-        lesion_mask = _lesion_mask(modality, label_maps, volumes)
-        frame, levels, cobb, opll = await asyncio.to_thread(_measure_spine, modality, label_maps[main], volumes[main])
+        frame, levels, cobb, opll = await asyncio.to_thread(
+            _measure_spine, modality, label_maps[main], on_grid[main], volumes[main]
+        )
+        named = sum(1 for n in MEASURED_LEVELS if frame is not None and n in frame.levels)
+        reasons = await asyncio.to_thread(anatomy_reasons, modality, label_maps[main], on_grid[main], named)
+    ood = competence.ood(modality, segmented[main][1]) if competence is not None else None
+    if ood is not None and ood.score > ood.threshold:
+        reasons.append(
+            Reason(
+                ReasonCode.OUT_OF_DISTRIBUTION,
+                f"{modality.value}: the images are unlike the models' training data (score {ood.score:.2f}, "
+                f"threshold {ood.threshold:.2f})",
+            )
+        )
+    if reasons:
+        return _Measured(_not_assessable_result(verdict, ood, tuple(reasons)), 0.0, None, {})
+    with timer.stage("measure"):
+        lesion_mask = _lesion_mask(modality, label_maps, on_grid)
         lesions = await asyncio.to_thread(
-            measure_lesions, lesion_mask, volumes[main], frame, chosen[main].series_instance_uid
+            measure_lesions, lesion_mask, on_grid[main], frame, chosen[main].series_instance_uid
         )
         lesions, above = split_above_c2(lesions, frame)
     notices = [
@@ -263,14 +350,15 @@ async def _analyse_modality(
     series = tuple(
         SeriesUsed(r, chosen[r].series_instance_uid, chosen[r].description, volumes[r].shape[0]) for r in roles
     )
-    result = ModalityResult(modality, series, lesions, assessment, label_maps)
+    source_maps = SourceLabelMaps({r: (label_maps[r], grids[r]) for r in roles})  # made when SEG/overlays read them
+    result = ModalityResult(modality, series, lesions, assessment, source_maps, ood)
     return _Measured(result, size, probabilities, levels, cobb, opll, notices)
 
 
-def _source_labels(modality: Modality, labels: np.ndarray, grid: SegGrid, volume: Volume) -> np.ndarray:
-    """Model-grid labels back on the source series, without tumor specks too small to be lesions."""
+def _grid_labels(modality: Modality, labels: np.ndarray, grid: SegGrid, volume: Volume) -> np.ndarray:
+    """Model-grid labels without tumor specks too small to be lesions (sizes in mm on the model grid)."""
     tumor = SEG_LABELS[modality].index("tumor")
-    return clean_tumor_labels(to_source(labels, grid), tumor, volume.spacing, volume.projection)
+    return clean_tumor_labels(labels, tumor, grid.volume(volume, labels).spacing, volume.projection)
 
 
 def _detection_score(modality: Modality, size: float, calibration: Calibration) -> float:
@@ -356,7 +444,10 @@ _CANAL_LABELS = {Modality.CT: ("canal",), Modality.MR: ("csf", "cord")}
 _CORD_LABEL = {Modality.MR: "cord"}
 
 
-def _measure_spine(modality: Modality, labels: np.ndarray, volume: Volume):
+def _measure_spine(modality: Modality, labels: np.ndarray, volume: Volume, image: Volume | None = None):
+    """Levels, canal/cord/disc per level, Cobb angle and OPLL from ``labels`` on ``volume``'s grid (the model
+    grid in the pipeline); OPLL reads the CT numbers of ``image`` (the source series; default ``volume``)."""
+    image = volume if image is None else image
     names = SEG_LABELS[modality]
     levels: dict[str, LevelMeasurement] = {}
     cobb = None
@@ -397,7 +488,7 @@ def _measure_spine(modality: Modality, labels: np.ndarray, volume: Volume):
             disc_source=modality if height is not None else None,
         )
         if modality is Modality.CT:
-            found = opll_section(masks, volume, level, canal[0])
+            found = opll_section(masks, image, level, canal[0])
             if found is not None:
                 opll_levels[name], opll_ratio[name] = found.thickness_mm, found.occupying_ratio
     if modality is Modality.CT and opll_levels:
@@ -418,11 +509,10 @@ def _xr_cobb(labels: np.ndarray, volume: Volume) -> float | None:
     names = SEG_LABELS[Modality.XR]
     points = {}
     for level in ("c2", "c7"):
-        rc = np.argwhere(largest_component(labels[0] == names.index(f"{level}_body")))
-        if len(rc) < 30:
+        body = largest_component(labels[0] == names.index(f"{level}_body"))
+        if body.sum() < 30:
             return None
-        pts = volume.index_to_patient(np.column_stack([np.zeros(len(rc)), rc]))
-        points[level] = pts[:, 1:3]
+        points[level] = mask_points(body, volume, 0)[:, 1:3]  # at 0.25 mm, whatever the grid's pixels
     return alignment.cobb_angle(points["c2"], points["c7"])
 
 
@@ -432,10 +522,9 @@ def _mr_cobb(labels: np.ndarray, volume: Volume, frame: SpineFrame, names: tuple
     if not cord.any():
         return None
     k = int(np.argmax(cord.sum(axis=(1, 2))))
-    body = np.argwhere(labels[k] == names.index("vertebral_body"))
-    if not len(body):
+    pts = mask_points(labels[k] == names.index("vertebral_body"), volume, k)
+    if not len(pts):
         return None
-    pts = volume.index_to_patient(np.column_stack([np.full(len(body), k), body]))
     slab = frame.level_index(pts)
     c2 = pts[slab == VERTEBRAL_LEVELS.index("C2")][:, 1:3]
     c7 = pts[slab == VERTEBRAL_LEVELS.index("C7")][:, 1:3]

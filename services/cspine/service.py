@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cspine
+from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest
-from cspine.domain import ModelVersion, StudyAnalysis
+from cspine.domain import Disclosure, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, LimitExceededError
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
@@ -41,6 +42,7 @@ class ServiceInfo:
     limits: IngestLimits
     max_studies_in_flight: int
     max_queued_studies: int
+    disclosure: Disclosure
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class AnalysisService:
             synthetic_support_set = all(c.synthetic for c in cases) if cases else SupportSet.load().synthetic
         self.synthetic_support_set = synthetic_support_set
         self.calibration = Calibration.load(repository)
+        self.competence = CompetenceReference.load(repository)
         self.models = model_versions(repository)
         self.in_flight = 0
         self.on_prototypes: Callable[[str], None] | None = None  # told the version whenever it changes
@@ -120,7 +123,9 @@ class AnalysisService:
     ) -> StudyAnalysis:
         """Ingest the instances (named for error messages) and analyse the study."""
         study = await asyncio.to_thread(ingest, instances, self.limits)
-        return await analyze(study, self.triton, self.prototypes, self.calibration, options, self.models)
+        return await analyze(
+            study, self.triton, self.prototypes, self.calibration, options, self.models, self.competence
+        )
 
     # -- the support set --------------------------------------------------------------------------------
 
@@ -165,7 +170,11 @@ class AnalysisService:
         next analysis uses the new prototype set."""
         store = self._store()
         study = await asyncio.to_thread(ingest, instances, self.limits)
-        analysis = await analyze(study, self.triton, self.prototypes, self.calibration, AnalysisOptions(), self.models)
+        analysis = await analyze(
+            study, self.triton, self.prototypes, self.calibration, AnalysisOptions(), self.models, self.competence
+        )
+        if not analysis.fused.assessed:
+            raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")
         embeddings = {
             result.modality: result.lesions[0].embedding
             for result in analysis.modalities
@@ -230,4 +239,5 @@ class AnalysisService:
             limits=self.limits,
             max_studies_in_flight=self.max_studies_in_flight,
             max_queued_studies=self.max_queued_studies,
+            disclosure=self.competence.disclosure,
         )

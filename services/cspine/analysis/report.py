@@ -1,5 +1,6 @@
-"""A plain-text report of one study's analysis, as a radiologist would skim it: per modality the series
-used, lesions and probabilities; the fused assessment; spine measurements; notices."""
+"""A plain-text report of one study's analysis, as a radiologist would skim it: what the models were trained
+on; per modality the series used, whether it could be assessed (and why not), lesions and probabilities;
+the fused assessment; spine measurements; notices."""
 
 from __future__ import annotations
 
@@ -17,13 +18,25 @@ def _value(value: float | None, unit: str, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def _not_assessable(assessment: Assessment) -> list[str]:
+    return ["    NOT ASSESSABLE — no tumor call:"] + [f"      [{r.code.value}] {r.message}" for r in assessment.reasons]
+
+
 def format_analysis(analysis: StudyAnalysis) -> str:
-    lines = [f"prototype set {analysis.prototype_set_version}"]
+    lines = []
+    if analysis.disclosure is not None:
+        lines.append(f"NOTE   {analysis.disclosure.text}")
+    lines.append(f"prototype set {analysis.prototype_set_version}")
     for result in analysis.modalities:
         series = "; ".join(
             f"{s.role.value}: {s.description or s.series_instance_uid} ({s.slices})" for s in result.series
         )
         lines.append(f"{result.modality.value}  series {series}")
+        if result.ood is not None:
+            lines.append(f"    out-of-distribution score {result.ood.score:.2f} (threshold {result.ood.threshold:.2f})")
+        if not result.assessment.assessed:
+            lines.extend(_not_assessable(result.assessment))
+            continue
         if not result.lesions:
             lines.append(f"    no lesion (detection score {result.assessment.detection_score:.2f})")
         for index, lesion in enumerate(result.lesions[:3], start=1):
@@ -35,8 +48,12 @@ def format_analysis(analysis: StudyAnalysis) -> str:
         if len(result.lesions) > 3:
             lines.append(f"    … and {len(result.lesions) - 3} smaller")
     fused = analysis.fused
-    verdict = "tumor detected" if fused.tumor_detected else "no tumor detected"
-    lines.append(f"FUSED  {verdict} (score {fused.detection_score:.2f}); {_probabilities(fused)}")
+    if fused.assessed:
+        verdict = "tumor detected" if fused.tumor_detected else "no tumor detected"
+        lines.append(f"FUSED  {verdict} (score {fused.detection_score:.2f}); {_probabilities(fused)}")
+    else:
+        lines.append("FUSED  not assessable: no tumor call")
+        lines.extend(f"       [{r.code.value}] {r.message}" for r in fused.reasons)
     spine = analysis.spine
     lines.append("spine  level  canal mm²  cord mm²  cord AP/LR  disc mm")
     for m in spine.levels:

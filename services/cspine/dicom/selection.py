@@ -13,12 +13,13 @@ every other series is not used.
 * among the candidates of a role the preference is a sort key, compared component by component (the first
   component that differs decides, and names the reason the loser is given):
 
-  cross-sectional (CT, MR): covers at least 90 % of the longest candidate's extent along the slice axis →
+  cross-sectional (CT, MR): acquired, not derived (ImageType; a plain reformat counts as acquired) and not a
+  localizer → covers at least 90 % of the longest candidate's extent along the slice axis →
   has no missing slices → thinner slice spacing → more slices → finer pixels → lower series number.
   Coverage comes first because a thin series that misses half the cervical spine is useless; thin slices
   next because they resolve small lesions and the canal; the rest only break ties.
 
-  radiograph: larger field of view → finer pixels → lower series number.
+  radiograph: acquired, not derived → larger field of view → finer pixels → lower series number.
 
 Every series not chosen gets a SERIES_SKIPPED notice saying why; a role with no candidate gets a
 MISSING_MODALITY notice.
@@ -46,7 +47,16 @@ from cspine.domain import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MrWeighting", "RadiographView", "mr_weighting", "radiograph_view", "select_series", "series_name"]
+__all__ = [
+    "MrWeighting",
+    "RadiographView",
+    "image_type",
+    "is_derived",
+    "mr_weighting",
+    "radiograph_view",
+    "select_series",
+    "series_name",
+]
 
 
 class RadiographView(str, enum.Enum):
@@ -119,6 +129,34 @@ def mr_weighting(series: Series) -> tuple[MrWeighting | None, str]:
     return None, f"{timing} is neither T1- nor T2-weighted and the description names neither"
 
 
+# A DERIVED image is a computed one (a perfusion map, a subtraction …) unless it only reformats acquired
+# pixels (an axial or sagittal MPR); localizers are projections for planning, not the images to read.
+REFORMAT_TYPES = frozenset({"REFORMATTED", "MPR"})
+LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM"})
+
+
+def image_type(series: Series) -> tuple[str, ...]:
+    """The series' ImageType values, upper case (empty when absent)."""
+    header = series.headers[0] if series.headers else None
+    try:
+        value = header.get("ImageType") if header is not None else None
+    except Exception:  # an unreadable optional attribute is an absent one
+        return ()
+    if not value:
+        return ()
+    values = value.split("\\") if isinstance(value, str) else value
+    return tuple(str(v).strip().upper() for v in values)
+
+
+def is_derived(series: Series) -> bool:
+    """DERIVED or SECONDARY pixels that are more than a reformat, or a localizer."""
+    kind = image_type(series)
+    if LOCALIZER_TYPES & set(kind):
+        return True
+    computed = bool(kind) and (kind[0] == "DERIVED" or (len(kind) > 1 and kind[1] == "SECONDARY"))
+    return computed and not REFORMAT_TYPES & set(kind)
+
+
 def series_name(series: Series) -> str:
     """How notices name a series: "MR series 7 'AX T2'"."""
     number = series.series_number if series.series_number is not None else "?"
@@ -147,6 +185,7 @@ def _series_number_key(series: Series, context: _Context) -> Any:
 
 
 _CROSS_SECTIONAL_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]], ...] = (
+    ("is an acquired image, not a derived one or a localizer", lambda s, c: is_derived(s)),
     ("covers more of the patient", lambda s, c: _coverage_mm(s) < _COVERAGE_FRACTION * c.best_coverage_mm),
     ("has no missing slices", lambda s, c: s.series_instance_uid in c.gapped),
     ("has thinner slices", lambda s, c: round(s.volume.slice_spacing, 2)),
@@ -155,6 +194,7 @@ _CROSS_SECTIONAL_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]]
     ("comes first by series number", _series_number_key),
 )
 _RADIOGRAPH_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]], ...] = (
+    ("is an acquired image, not a derived one or a localizer", lambda s, c: is_derived(s)),
     (
         "has a larger field of view",
         lambda s, c: (

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
 from cspine.dicom.ingest import ingest_paths
 from cspine.domain import MEASURED_LEVELS, StudyAnalysis
@@ -58,6 +59,9 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dic
             size = lesion.volume_ml if lesion.volume_ml is not None else (lesion.area_mm2 or 0.0) / 100.0
         modalities[modality.value] = {
             "analysed": result is not None,
+            "assessed": result is not None and result.assessment.assessed,
+            "reasons": [r.code.value for r in result.assessment.reasons] if result else [],
+            "ood_score": result.ood.score if result is not None and result.ood is not None else None,
             "size": float(size),
             "lesions": len(result.lesions) if result else 0,
             "level": lesion.vertebral_level if lesion else None,
@@ -85,6 +89,7 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dic
         },
         "modalities": modalities,
         "fused": {
+            "assessed": analysis.fused.assessed,
             "detected": analysis.fused.tumor_detected,
             "score": analysis.fused.detection_score,
             "probabilities": [p.probability for p in analysis.fused.probabilities],
@@ -116,6 +121,7 @@ async def run_cohort(
     calibration: Calibration,
     models,
     progress: bool = True,
+    competence: CompetenceReference | None = None,
 ) -> list[dict]:
     records = []
     async with TritonClient(triton_url, timeout_s=120.0) as client:
@@ -126,7 +132,7 @@ async def run_cohort(
                 ingest_paths, [case_dir / f for f in ("ct", "mr", "xr") if (case_dir / f).exists()]
             )
             ingest_s = time.perf_counter() - start
-            analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models)
+            analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models, competence)
             records.append(case_record(case_dir, analysis, round(ingest_s, 4)))
     return records
 
@@ -199,13 +205,17 @@ def metrics(records: list[dict]) -> dict:
             "lesion_found_in_tumor_free_studies": _mean(false),
             "level_accuracy": _mean(hits),
         }
-    scores = np.array([r["fused"]["score"] for r in records])
+    scores = np.array([r["fused"]["score"] or 0.0 for r in records])  # not assessable: no score, counts as 0
     has_tumor = np.array([r["truth"]["tumor"] for r in records])
     stages = ["ingest", *STAGES, "total"]
     return {
         "synthetic": True,
         "studies": len(records),
         "studies_with_tumor": len(tumor),
+        "assessable_rate": _mean([r["fused"].get("assessed", True) for r in records]),
+        "assessable_rate_per_modality": {
+            m.value.lower(): _mean([r["modalities"][m.value].get("assessed") for r in records]) for m in MODALITY_ORDER
+        },
         "detection_sensitivity": round(len(detected) / len(tumor), 4) if tumor else None,
         "detection_specificity": round(sum(not r["fused"]["detected"] for r in free) / len(free), 4) if free else None,
         "detection_auc": _auc(scores[has_tumor], scores[~has_tumor]),
@@ -241,19 +251,24 @@ class CohortRun:
 
 
 def evaluate(
-    run: CohortRun, calibration: Calibration | None = None, prototypes: PrototypeSet | None = None
+    run: CohortRun,
+    calibration: Calibration | None = None,
+    prototypes: PrototypeSet | None = None,
+    competence: CompetenceReference | None = None,
 ) -> list[dict]:
-    """Generate (or reuse) the cohort, start Triton unless a URL is given, and analyse every case."""
+    """Generate (or reuse) the cohort, start Triton unless a URL is given, and analyse every case (with the
+    shipped competence reference unless ``competence`` is given)."""
     cases = ensure_cohort(run.cohort, run.cases, run.seed, run.workers, run.progress)
     repository = default_repository()
     calibration = calibration or Calibration.load(repository)
+    competence = competence or CompetenceReference.load(repository)
     prototypes = prototypes or default_prototypes()
     models = model_versions(repository)
     with ExitStack() as stack:
         url = run.triton_url
         if url is None:
             url = stack.enter_context(LocalTriton(repository, TritonPorts.free())).grpc_url
-        return asyncio.run(run_cohort(cases, url, prototypes, calibration, models, run.progress))
+        return asyncio.run(run_cohort(cases, url, prototypes, calibration, models, run.progress, competence))
 
 
 def format_metrics(m: dict) -> str:
@@ -261,7 +276,8 @@ def format_metrics(m: dict) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
     lines = [
-        f"SYNTHETIC phantom cohort: {m['studies']} studies, {m['studies_with_tumor']} with a tumor",
+        f"SYNTHETIC phantom cohort: {m['studies']} studies, {m['studies_with_tumor']} with a tumor, "
+        f"{f(m['assessable_rate'])} assessable",
         f"  detection sensitivity {f(m['detection_sensitivity'])}  specificity {f(m['detection_specificity'])}"
         "   (goal ≥ 0.95 at ≥ 0.90)",
         f"  detection ROC AUC {f(m['detection_auc'])}   sensitivity at specificity ≥ 0.90: "

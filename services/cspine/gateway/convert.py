@@ -6,6 +6,8 @@ from datetime import UTC
 
 from cspine.domain import (
     Assessment,
+    AssessmentStatus,
+    Disclosure,
     Lesion,
     LevelMeasurement,
     Modality,
@@ -36,13 +38,30 @@ def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None
     )
 
 
+STATUS_TO_PB = {
+    AssessmentStatus.ASSESSED: pb.ASSESSED,
+    AssessmentStatus.NOT_ASSESSABLE: pb.NOT_ASSESSABLE,
+}
+
+
 def assessment_to_pb(a: Assessment) -> pb.Assessment:
-    return pb.Assessment(
+    out = pb.Assessment(
         tumor_detected=a.tumor_detected,
-        detection_score=a.detection_score,
         probabilities=[pb.ClassProbability(label=p.label, probability=p.probability) for p in a.probabilities],
         uncertainty=a.uncertainty,
+        status=STATUS_TO_PB[a.status],
+        reasons=[
+            pb.NotAssessableReason(code=r.code.value, layer=r.code.layer.value, message=r.message) for r in a.reasons
+        ],
+        status_message=a.status_message,
     )
+    if a.detection_score is not None:
+        out.detection_score = a.detection_score
+    return out
+
+
+def disclosure_to_pb(d: Disclosure | None) -> pb.ModelDisclosure | None:
+    return pb.ModelDisclosure(trained_on=d.trained_on, intended_use=d.intended_use) if d is not None else None
 
 
 def lesion_to_pb(lesion: Lesion) -> pb.Lesion:
@@ -75,6 +94,7 @@ def modality_to_pb(result: ModalityResult) -> pb.ModalityResult:
         ],
         lesions=[lesion_to_pb(lesion) for lesion in result.lesions],
         assessment=assessment_to_pb(result.assessment),
+        ood=pb.OutOfDistribution(score=result.ood.score, threshold=result.ood.threshold) if result.ood else None,
     )
 
 
@@ -129,6 +149,7 @@ def analysis_to_pb(analysis: StudyAnalysis, request_id: str) -> pb.StudyAnalysis
         dicom_sr=analysis.dicom_sr or b"",
         stage_seconds=analysis.stage_seconds,
         request_id=request_id,
+        disclosure=disclosure_to_pb(analysis.disclosure),
     )
 
 
@@ -139,6 +160,7 @@ def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
         prototype_set_version=info.prototype_set_version,
         labels=list(info.labels),
         synthetic_support_set=info.synthetic_support_set,
+        disclosure=disclosure_to_pb(info.disclosure),
         limits=pb.Limits(
             max_instances=info.limits.max_instances,
             max_study_bytes=info.limits.max_study_bytes,

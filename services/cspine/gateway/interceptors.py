@@ -14,6 +14,7 @@ import uuid
 import grpc
 
 from cspine.errors import (
+    AnalysisFailedError,
     CspineError,
     DeadlineExceededError,
     InferenceError,
@@ -36,6 +37,7 @@ STATUS_OF_ERROR: tuple[tuple[type[CspineError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (InferenceError, grpc.StatusCode.INTERNAL),
+    (AnalysisFailedError, grpc.StatusCode.INTERNAL),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
