@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,32 +322,12 @@ class FeatureReference:
     def ood(self, features: np.ndarray) -> OodScore:
         return OodScore(round(self.score(features), 4), round(self.threshold, 4))
 
-    def to_json(self) -> dict:
-        return {
-            "mean": [round(float(v), 6) for v in self.mean],
-            "whiten": [[round(float(v), 6) for v in row] for row in self.whiten],
-            "threshold": self.threshold,
-            "pass_rate": self.pass_rate,
-            "fitted_on": self.fitted_on,
-        }
 
-    @classmethod
-    def from_json(cls, data: Mapping) -> FeatureReference:
-        return cls(
-            np.array(data["mean"], dtype=np.float64),
-            np.array(data["whiten"], dtype=np.float64),
-            float(data["threshold"]),
-            float(data["pass_rate"]),
-            str(data["fitted_on"]),
-        )
-
-
-def whitening(features: np.ndarray, shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def whitening(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and inverse square root of the Ledoit–Wolf shrunk covariance of ``features`` (N, D)."""
     from sklearn.covariance import LedoitWolf
 
-    fit = LedoitWolf().fit(features) if shrinkage is None else None
-    covariance = fit.covariance_ if fit is not None else np.cov(features, rowvar=False)
+    covariance = LedoitWolf().fit(features).covariance_
     values, vectors = np.linalg.eigh(covariance)
     values = np.maximum(values, 1e-6 * values.max())
     return features.mean(axis=0), vectors @ np.diag(values**-0.5) @ vectors.T
@@ -363,8 +343,9 @@ def lognormal_threshold(scores: Sequence[float], pass_rate: float) -> float:
 
 @dataclass(frozen=True)
 class CompetenceReference:
-    """What ``model_repository/competence.json`` holds: the disclosure and one feature reference per
-    segmentation model, with the SHA-256 of the model it was fitted on (a re-trained model needs a new fit)."""
+    """What ``model_repository/competence.json`` holds (and ``competence.npz`` beside it, the feature means and
+    whitening matrices): the disclosure and one feature reference per segmentation model, with the SHA-256 of
+    the model it was fitted on (a re-trained model needs a new fit)."""
 
     disclosure: Disclosure
     references: dict[Modality, FeatureReference]
@@ -380,21 +361,43 @@ class CompetenceReference:
             "trained_on": self.disclosure.trained_on,
             "intended_use": self.disclosure.intended_use,
             "models": {
-                m.value: {"model": SEG_MODEL_NAMES[m], "sha256": self.model_sha256[m], **r.to_json()}
+                m.value: {
+                    "model": SEG_MODEL_NAMES[m],
+                    "sha256": self.model_sha256[m],
+                    "threshold": r.threshold,
+                    "pass_rate": r.pass_rate,
+                    "fitted_on": r.fitted_on,
+                }
                 for m, r in self.references.items()
             },
         }
         path.write_text(json.dumps(data, indent=1) + "\n")
+        arrays = {
+            f"{m.value}_{name}": getattr(r, name) for m, r in self.references.items() for name in ("mean", "whiten")
+        }
+        np.savez_compressed(path.with_suffix(".npz"), **arrays)
         return path
 
     @classmethod
     def load(cls, repository: Path) -> CompetenceReference:
-        data = json.loads((Path(repository) / COMPETENCE_FILE).read_text())
-        models = data.get("models", {})
+        path = Path(repository) / COMPETENCE_FILE
+        data = json.loads(path.read_text())
+        models = {Modality(k): v for k, v in data["models"].items()}
+        with np.load(path.with_suffix(".npz")) as arrays:
+            references = {
+                m: FeatureReference(
+                    arrays[f"{m.value}_mean"],
+                    arrays[f"{m.value}_whiten"],
+                    v["threshold"],
+                    v["pass_rate"],
+                    v["fitted_on"],
+                )
+                for m, v in models.items()
+            }
         return cls(
             Disclosure(data["trained_on"], data["intended_use"]),
-            {Modality(k): FeatureReference.from_json(v) for k, v in models.items()},
-            {Modality(k): v["sha256"] for k, v in models.items()},
+            references,
+            {m: v["sha256"] for m, v in models.items()},
         )
 
 
