@@ -3,12 +3,11 @@ SYNTHETIC out-of-domain studies and in-domain SYNTHETIC phantom studies (docs/co
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import numpy as np
 import pytest
 
+from conftest import analyse
 from cspine.analysis.competence import (
     CompetenceReference,
     FeatureReference,
@@ -17,16 +16,12 @@ from cspine.analysis.competence import (
     lognormal_threshold,
     whitening,
 )
-from cspine.analysis.fusion import Calibration
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import CompetenceLayer, Modality, ReasonCode, Volume
 from cspine.evaluation.ood_corpus import real_ood_studies, synthetic_ood_studies
-from cspine.fewshot.prototypes import default_prototypes
-from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import default_repository
 from cspine.modeling.data import model_labels
-from cspine.pipeline import AnalysisOptions, analyze, model_versions
 from cspine.v1 import analysis_pb2 as pb
 
 
@@ -34,24 +29,6 @@ from cspine.v1 import analysis_pb2 as pb
 def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("ood")
     return real_ood_studies(root / "real"), synthetic_ood_studies(root / "synthetic", seed=9700)
-
-
-def analyse(triton, study):
-    repository = default_repository()
-
-    async def go():
-        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
-            return await analyze(
-                study,
-                client,
-                default_prototypes(),
-                Calibration.load(repository),
-                AnalysisOptions(),
-                model_versions(repository),
-                CompetenceReference.load(repository),
-            )
-
-    return asyncio.run(go())
 
 
 # -- layer 1: input checks, before any model runs ------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import highdicom as hd
@@ -10,34 +9,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from cspine.analysis.competence import CompetenceReference
-from cspine.analysis.fusion import Calibration
+from conftest import analyse as run
 from cspine.cli import main
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import read_sr_measurements
 from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode, ReasonCode
 from cspine.errors import DeadlineExceededError
 from cspine.fewshot.prototypes import default_prototypes
-from cspine.inference.client import TritonClient
-from cspine.inference.local_triton import default_repository
-from cspine.pipeline import STAGES, AnalysisOptions, analyze, model_versions
+from cspine.pipeline import STAGES, AnalysisOptions
 from dicom_builders import radiograph
-
-
-def run(triton, study, options=AnalysisOptions()):
-    async def go():
-        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
-            return await analyze(
-                study,
-                client,
-                default_prototypes(),
-                Calibration.load(default_repository()),
-                options,
-                model_versions(default_repository()),
-                CompetenceReference.load(default_repository()),
-            )
-
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ They are plain dataclasses, independent of gRPC and Triton. Coordinates are DICO
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,7 +363,7 @@ class ModalityResult:
     series: tuple[SeriesUsed, ...]
     lesions: list[Lesion]
     assessment: Assessment  # its status says whether the modality was assessed, and if not, why
-    labels: dict[SeriesRole, np.ndarray] = field(default_factory=dict, repr=False)
+    labels: Mapping[SeriesRole, np.ndarray] = field(default_factory=dict, repr=False)  # on each source series
     ood: OodScore | None = None  # None when no model ran (an input check failed first)
 
 
