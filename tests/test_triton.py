@@ -7,6 +7,7 @@ with the outputs in-process ONNX Runtime gives, rejects malformed requests, and 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import shlex
 import shutil
@@ -152,6 +153,30 @@ def _assert_same(spec: ModelSpec, got: dict, want: dict) -> None:
             assert (got[t.name] == want[t.name]).mean() >= 0.999
         else:
             np.testing.assert_allclose(got[t.name], want[t.name], atol=1e-5)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The addresses of the sockets listening on TCP ``port`` on this host (IPv4 and IPv6, from /proc)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                address, port_hex = fields[1].split(":")
+                if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # /proc writes each 32-bit word in host (little-endian) order
+                    ip = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4)))
+                    found.add(str(getattr(ip, "ipv4_mapped", None) or ip))  # gRPC binds ::ffff:127.0.0.1
+    return found
+
+
+def test_the_local_triton_listens_on_loopback_only(triton):
+    for name, port in (("http", triton.ports.http), ("grpc", triton.ports.grpc), ("metrics", triton.ports.metrics)):
+        addresses = _listening_addresses(port)
+        assert addresses, f"nothing listens on Triton's {name} port {port}"
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (name, addresses)
 
 
 def test_every_model_is_ready(triton):

@@ -3,7 +3,7 @@ wheel, run on CPU with the Python backend over ``model_repository/``.
 
 ``LocalTriton`` finds the binary, prepares a backend directory holding the Python backend stub built for
 the running interpreter, gives the stub this environment's site-packages (and cspine itself), starts the
-server on the requested ports, forwards its log, waits until every model is READY and stops it cleanly.
+server on the requested loopback ports, forwards its log, waits until every model is READY and stops it cleanly.
 When a model does not load it raises ``TritonStartError`` naming the model and Triton's reason.
 ``cspine triton start`` and ``cspine serve`` both use it.
 """
@@ -33,6 +33,9 @@ from cspine.errors import TritonUnavailableError
 
 logger = logging.getLogger("cspine.triton")
 
+# Triton's endpoints (model control, shared memory, log settings) carry no authentication: only this host
+# may reach them; clients come through the gateway.
+LOOPBACK = "127.0.0.1"
 # Room for a batch of 64 CT slices (20 MB) in one go; the Python backend grows the region when needed.
 PYTHON_SHM_BYTES = 64 * 1024 * 1024
 PYTHON_SHM_GROWTH_BYTES = 16 * 1024 * 1024
@@ -199,8 +202,11 @@ class LocalTriton:
             str(dist.binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
+            f"--http-address={LOOPBACK}",
             f"--http-port={self.ports.http}",
+            f"--grpc-address={LOOPBACK}",
             f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
