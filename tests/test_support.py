@@ -120,7 +120,9 @@ def test_add_case_refuses_a_case_without_lesion_and_a_study_already_in_the_set(s
     _, _, curator, _ = served
     with pytest.raises(grpc.RpcError) as caught:
         curator.AddCase(case_upload(files_of(phantom_cases["none"]), "benign"), timeout=120)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no lesion" in caught.value.details()
+    details = caught.value.details()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no tumor was detected" in details
+    assert "below 0.5" in details  # says which check failed: detection, not a missing embedding
     with pytest.raises(grpc.RpcError) as caught:
         curator.AddCase(case_upload(files_of(phantom_cases["borderline"]), "malignant"), timeout=120)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in the current" in (
@@ -130,6 +132,39 @@ def test_add_case_refuses_a_case_without_lesion_and_a_study_already_in_the_set(s
     with pytest.raises(grpc.RpcError) as caught:
         curator.AddCase(iter(header_missing), timeout=60)
     assert "must be a CaseHeader" in caught.value.details()
+
+
+def test_an_emptied_support_set_is_rebuilt_by_add_case_and_then_classifies(triton, tmp_path, phantom_cases):
+    store = new_store(f"sqlite:///{tmp_path / 'support.db'}")
+    server = GatewayThread(triton.grpc_url, store=store)
+    curator_channel = channel_to(server.address, CURATOR_TOKEN)
+    try:
+        curator = spb_grpc.SupportSetStub(curator_channel)
+        for case in curator.ListCases(spb.ListCasesRequest(), timeout=10).cases:
+            curator.RemoveCase(spb.RemoveCaseRequest(case_id=case.case_id), timeout=10)
+        empty = curator.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
+        assert empty.cases == 0 and not empty.classes and not empty.modalities
+        # With no prototypes an analysis still detects, and gives no class probabilities.
+        result = server.stub.AnalyzeStudy(upload(files_of(phantom_cases["malignant"])), timeout=120)
+        assert result.fused.tumor_detected and not result.fused.probabilities
+
+        paths = files_of(phantom_cases["benign"])
+        case = curator.AddCase(case_upload(paths, "benign", create_class=True), timeout=120)
+        assert case.label == "benign" and not case.synthetic and case.modalities
+        assert case.prototype_set.number == empty.number + 1
+        rebuilt = curator.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
+        assert rebuilt.number == empty.number + 1 and rebuilt.cases == 1
+        assert [(c.label, c.cases) for c in rebuilt.classes] == [("benign", 1)]
+        assert set(rebuilt.modalities) == set(case.modalities)
+        listed = curator.ListCases(spb.ListCasesRequest(), timeout=10)
+        assert [c.case_id for c in listed.cases] == [case.case_id]
+
+        after, version = probabilities(server, files_of(phantom_cases["malignant"]))
+        assert version == rebuilt.version and after == pytest.approx({"benign": 1.0})
+    finally:
+        curator_channel.close()
+        server.close()
+        store.close()
 
 
 def test_a_restart_keeps_every_case_and_version(served, triton):

@@ -70,7 +70,15 @@ from cspine.fewshot.prototypes import PrototypeSet
 from cspine.imaging.roi import lesion_roi, modality_one_hot
 from cspine.imaging.seg_input import SegGrid, SourceLabelMaps, seg_inputs
 from cspine.inference.client import TritonClient
-from cspine.inference.specs import LESION_CLASSIFY, MAX_EMBEDDINGS, MODALITY_ORDER, MODELS, SEG_LABELS, seg_spec
+from cspine.inference.specs import (
+    LESION_CLASSIFY,
+    LESION_EMBED,
+    MAX_EMBEDDINGS,
+    MODALITY_ORDER,
+    MODELS,
+    SEG_LABELS,
+    seg_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +202,7 @@ async def analyze(
         raise AnalysisFailedError("no modality of the study could be analysed: " + "; ".join(failures))
     for result in results.values():
         if not result.assessment.assessed:
-            notices.append(
-                Notice(NoticeCode.NOT_ASSESSABLE, f"{result.modality.value} {result.assessment.status_message}")
-            )
+            notices.append(Notice(NoticeCode.NOT_ASSESSABLE, result.assessment.status_message))
 
     with timer.stage("fuse"):
         if measured:
@@ -261,7 +267,7 @@ def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series],
         try:
             data = write()
         except OutputUnavailableError as exc:  # its message is cspine's own and names no patient
-            logger.warning("%s (%s)", exc, type(exc.__cause__ or exc).__name__)
+            logger.warning("%s [%s]", exc, type(exc).__name__)
             message = str(exc)
         except Exception as exc:  # noqa: BLE001 — a writer's bug must not cost the analysis either
             logger.error("DICOM %s not written: unexpected %s", kind, type(exc).__name__)
@@ -338,7 +344,7 @@ async def _analyse_modality(
         for lesion in above
     ]
     probabilities = None
-    if lesions and modality in prototypes.prototypes:
+    if lesions:  # embedded even without prototypes: AddCase builds the first ones from these embeddings
         lesions, probabilities = await _classify(
             modality, lesions, volumes, triton, prototypes, calibration, deadline, timer
         )
@@ -405,34 +411,40 @@ async def _classify(
     calibration: Calibration,
     deadline: Deadline,
     timer: _Timer,
-) -> tuple[list[Lesion], np.ndarray]:
+) -> tuple[list[Lesion], np.ndarray | None]:
     """Embed the lesions (largest first; beyond MAX_EMBEDDINGS they stay unclassified) and classify them
     against the modality's prototypes in one ``lesion_classify`` call; returns the lesions with their
-    assessments and the probabilities of the largest."""
+    assessments and the probabilities of the largest. Without prototypes for the modality (an emptied
+    support set) only ``lesion_embed`` runs: the lesions get embeddings, no class probabilities (None)."""
     lesions, rest = lesions[:MAX_EMBEDDINGS], lesions[MAX_EMBEDDINGS:]
     with timer.stage("preprocess"):
         rois = await asyncio.to_thread(
             lambda: np.stack([lesion_roi(modality, volumes, np.array(lesion.centre_mm)) for lesion in lesions])
         )
     onehot = np.tile(modality_one_hot(modality), (len(lesions), 1))
+    inputs = {"roi": rois.astype(np.float32), "modality": onehot}
+    classes = prototypes.prototypes.get(modality)
     with timer.stage("classify"):
-        out = await triton.infer(
-            LESION_CLASSIFY,
-            {"roi": rois.astype(np.float32), "modality": onehot, "prototypes": prototypes.prototypes[modality]},
-            deadline_s=deadline.left(),
-        )
+        if classes is None:
+            out = await triton.infer(LESION_EMBED, inputs, deadline_s=deadline.left())
+        else:
+            out = await triton.infer(LESION_CLASSIFY, {**inputs, "prototypes": classes}, deadline_s=deadline.left())
     classified = []
-    for lesion, emb, probs in zip(lesions, out["embedding"], out["probabilities"], strict=True):
+    for i, (lesion, emb) in enumerate(zip(lesions, out["embedding"], strict=True)):
         score = _detection_score(modality, _size(lesion), calibration)
-        assessment = Assessment(
-            tumor_detected=score >= 0.5,
-            detection_score=round(score, 4),
-            probabilities=tuple(
-                ClassProbability(label, float(p)) for label, p in zip(prototypes.labels, probs, strict=True)
-            ),
-            uncertainty=round(normalised_entropy(probs), 4),
-        )
+        assessment = Assessment(tumor_detected=score >= 0.5, detection_score=round(score, 4))
+        if classes is not None:
+            probs = out["probabilities"][i]
+            assessment = dataclasses.replace(
+                assessment,
+                probabilities=tuple(
+                    ClassProbability(label, float(p)) for label, p in zip(prototypes.labels, probs, strict=True)
+                ),
+                uncertainty=round(normalised_entropy(probs), 4),
+            )
         classified.append(dataclasses.replace(lesion, assessment=assessment, embedding=emb.copy()))
+    if classes is None:
+        return classified + rest, None
     return classified + rest, out["probabilities"][0].astype(np.float64)
 
 

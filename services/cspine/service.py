@@ -180,10 +180,15 @@ class AnalysisService:
             for result in analysis.modalities
             if result.lesions and result.lesions[0].embedding is not None
         }
-        if not embeddings or not analysis.fused.tumor_detected:
+        if not analysis.fused.tumor_detected:
             raise InvalidInputError(
-                f"no lesion was found in the case (detection score {analysis.fused.detection_score:.2f}): "
-                "a support case needs a lesion to learn from"
+                f"no tumor was detected in the case (detection score {analysis.fused.detection_score:.2f}, "
+                "below 0.5): a support case needs a lesion to learn from"
+            )
+        if not embeddings:
+            raise InvalidInputError(
+                f"a tumor was detected (detection score {analysis.fused.detection_score:.2f}) but no lesion of "
+                "an assessed modality has an embedding: a support case needs a lesion to learn from"
             )
         number = await asyncio.to_thread(
             lambda: store.add_case(
