@@ -315,6 +315,17 @@ def test_chunked_instances_are_reassembled(gateway, phantom_cases):
     assert len(messages) > 3
 
 
+def test_an_unknown_modality_in_the_options_is_invalid_not_internal(gateway, phantom_cases):
+    options = pb.AnalysisOptions(modalities=[pb.CT, 7])
+    refused(
+        gateway.stub,
+        upload(files_of(phantom_cases["benign"])[:1], options),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "AnalysisOptions.modalities holds 7, which is no Modality of this API",
+    )
+    still_serving(gateway)
+
+
 def test_two_studies_in_one_stream_are_invalid(gateway):
     first, second = b.ct_series(1).files[0][1], b.ct_series(1).files[0][1]
     messages = [pb.StudyUpload(dicom_instance=first), pb.StudyUpload(dicom_instance=second)]

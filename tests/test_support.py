@@ -144,6 +144,8 @@ def test_an_emptied_support_set_is_rebuilt_by_add_case_and_then_classifies(trito
             curator.RemoveCase(spb.RemoveCaseRequest(case_id=case.case_id), timeout=10)
         empty = curator.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
         assert empty.cases == 0 and not empty.classes and not empty.modalities
+        info = server.stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
+        assert not info.synthetic_support_set  # an emptied set is no longer the SYNTHETIC default
         # With no prototypes an analysis still detects, and gives no class probabilities.
         result = server.stub.AnalyzeStudy(upload(files_of(phantom_cases["malignant"])), timeout=120)
         assert result.fused.tumor_detected and not result.fused.probabilities

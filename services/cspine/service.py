@@ -54,6 +54,12 @@ class Readiness:
         return self.triton and self.store
 
 
+def _all_synthetic(cases: list[Case]) -> bool:
+    """Whether a support set is cspine's SYNTHETIC default: it has cases and every one is synthetic (an emptied
+    set is no longer the default)."""
+    return bool(cases) and all(c.synthetic for c in cases)
+
+
 class AnalysisService:
     def __init__(
         self,
@@ -83,8 +89,9 @@ class AnalysisService:
         self.prototypes = prototypes or (store.prototype_set() if store is not None else default_prototypes())
         self.version_number = store.current_version() if store is not None else 0
         if synthetic_support_set is None:
-            cases = store.list_cases() if store is not None else None
-            synthetic_support_set = all(c.synthetic for c in cases) if cases else SupportSet.load().synthetic
+            synthetic_support_set = (
+                _all_synthetic(store.list_cases()) if store is not None else SupportSet.load().synthetic
+            )
         self.synthetic_support_set = synthetic_support_set
         self.calibration = Calibration.load(repository)
         self.competence = CompetenceReference.load(repository)
@@ -142,7 +149,7 @@ class AnalysisService:
             return False
         prototypes = await asyncio.to_thread(store.prototype_set, number)
         self.prototypes, self.version_number = prototypes, number
-        self.synthetic_support_set = all(c.synthetic for c in await asyncio.to_thread(store.list_cases, number))
+        self.synthetic_support_set = _all_synthetic(await asyncio.to_thread(store.list_cases, number))
         logger.info("prototype set %s is now in use", prototypes.version)
         if self.on_prototypes is not None:
             self.on_prototypes(prototypes.version)

@@ -15,6 +15,7 @@ from cspine.domain import (
     SpineMeasurements,
     StudyAnalysis,
 )
+from cspine.errors import InvalidInputError
 from cspine.fewshot.prototypes import PrototypeSet
 from cspine.fewshot.store import Case, VersionInfo
 from cspine.pipeline import AnalysisOptions
@@ -29,6 +30,11 @@ MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
 def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None) -> AnalysisOptions:
     if options is None:
         return AnalysisOptions(deadline_s=deadline_s)
+    unknown = sorted(m for m in options.modalities if m not in MODALITY_FROM_PB)
+    if unknown:
+        raise InvalidInputError(
+            f"AnalysisOptions.modalities holds {unknown[0]}, which is no Modality of this API (CT = 1, MR = 2, XR = 3)"
+        )
     modalities = frozenset(MODALITY_FROM_PB[m] for m in options.modalities if m != pb.MODALITY_UNSPECIFIED)
     return AnalysisOptions(
         return_dicom_seg=options.return_dicom_seg,
