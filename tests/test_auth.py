@@ -568,4 +568,14 @@ def test_embedded_default_may_listen_on_loopback(host):
 def test_embedded_default_may_not_listen_beyond_loopback_without_tokens_file(host):
     with pytest.raises(ValueError, match="pass --tokens"):
         check_bind_address(host, tokens_configured=False)
-    check_bind_address(host, tokens_configured=True)
+    check_bind_address(host, tokens_configured=True, tls=True)
+
+
+def test_listening_beyond_loopback_without_tls_is_said_in_the_log(caplog):
+    with caplog.at_level(logging.WARNING, logger="cspine.gateway.auth"):
+        check_bind_address("127.0.0.1", tokens_configured=True)
+        check_bind_address("0.0.0.0", tokens_configured=True, tls=True)
+        assert not caplog.records
+        check_bind_address("0.0.0.0", tokens_configured=True)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "without TLS: bearer tokens and DICOM travel in plaintext" in caplog.records[0].getMessage()

@@ -233,6 +233,7 @@ def test_service_info_names_models_prototypes_and_limits(gateway):
     assert {m.name for m in info.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
     assert info.prototype_set_version.startswith("default-") and info.synthetic_support_set
     assert info.limits.max_instances == IngestLimits().max_instances and info.limits.max_studies_in_flight == 2
+    assert info.limits.max_frame_bytes == IngestLimits().max_frame_bytes
     assert "SYNTHETIC" in info.disclosure.trained_on and "not for clinical use" in info.disclosure.intended_use
 
 

@@ -133,6 +133,10 @@ def test_add_case_refuses_bad_input_and_writes_nothing(store):
             store.add_case(study, "benign", {CT: vec(1)}, pathology_reference="r", curator="c")
     with pytest.raises(InvalidInputError, match="pathology_reference is required"):
         store.add_case(uid(), "benign", {CT: vec(1)}, pathology_reference=" ", curator="c")
+    with pytest.raises(InvalidInputError, match="pathology_reference is longer than 1024 characters"):
+        store.add_case(uid(), "benign", {CT: vec(1)}, pathology_reference="r" * 1025, curator="c")
+    with pytest.raises(InvalidInputError, match="note is longer than 4096 characters"):  # 15 MB once broke ListCases
+        store.add_case(uid(), "benign", {CT: vec(1)}, pathology_reference="r", curator="c", note="n" * 4097)
     assert store.current_version() == 1
 
 

@@ -452,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cspine.service import AnalysisService
 
     logs.configure(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
-    auth.check_bind_address(args.host, tokens_configured=args.tokens is not None)
+    auth.check_bind_address(args.host, tokens_configured=args.tokens is not None, tls=bool(args.tls_cert))
     config = GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port or None, grace_s=args.grace)
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,8 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 5
 _MIGRATION_LOCK_KEY = 0x637370696E65  # pg_advisory_xact_lock key: replicas migrating at once take turns
 _MAX_TEXT = 64
+_MAX_REFERENCE = 1024  # a pathology report's reference, not the report itself
+_MAX_NOTE = 4096  # a curator's note; ListCases returns every note, so it must stay small
 _MAX_UID = 64  # DICOM UI value representation; the synthetic seed keys are longer, so never a study's
 
 # The tables as migrations/versions/0001_support_store.py creates them (test_store checks the two agree).
@@ -282,7 +284,9 @@ class SupportStore:
             raise InvalidInputError(f"study_uid is not a DICOM UID (1 to {_MAX_UID} printable characters)")
         label = _required("label", label)
         curator = _required("curator", curator)
-        pathology_reference = _required("pathology_reference", pathology_reference, limit=None)
+        pathology_reference = _required("pathology_reference", pathology_reference, limit=_MAX_REFERENCE)
+        if len(note) > _MAX_NOTE:
+            raise InvalidInputError(f"note is longer than {_MAX_NOTE} characters")
         vectors = _validated_embeddings(embeddings)
         digest = study_uid_hash(uid)
         with self._writing() as (conn, head):

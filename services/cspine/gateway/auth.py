@@ -480,10 +480,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind_address(host: str, tokens_configured: bool) -> None:
-    """The embedded default (generated tokens, no tokens file given) listens on loopback only."""
+def check_bind_address(host: str, tokens_configured: bool, tls: bool = False) -> None:
+    """The embedded default (generated tokens, no tokens file given) listens on loopback only; beyond loopback
+    without TLS, tokens and DICOM travel in plaintext: allowed (a TLS-terminating proxy may stand in front), and
+    said in the log."""
     if not tokens_configured and not is_loopback(host):
         raise ValueError(
             f"without --tokens the gateway listens on loopback only (127.0.0.1, ::1, localhost), not {host!r}: "
             "pass --tokens FILE (and a TLS certificate) to serve other machines"
+        )
+    if not tls and not is_loopback(host):
+        logger.warning(
+            "the gateway listens on %s without TLS: bearer tokens and DICOM travel in plaintext; pass --tls-cert "
+            "and --tls-key unless a TLS-terminating proxy stands in front",
+            host,
         )

@@ -174,6 +174,7 @@ def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
             max_studies_in_flight=info.max_studies_in_flight,
             max_message_bytes=max_message_bytes,
             max_queued_studies=info.max_queued_studies,
+            max_frame_bytes=info.limits.max_frame_bytes,
         ),
     )
 
