@@ -9,11 +9,15 @@
   ``DeadlineExceededError``.
 - Outputs are checked against the spec too: the bundled Python backend answers with empty tensors and no
   error when numpy 2 is in its environment (DESIGN.md §5), and that must never pass for a result.
-- Triton down → ``TritonUnavailableError`` naming the URL; a model not ready → the same, naming the model.
+- Triton down → ``TritonUnavailableError`` naming the URL; a model not ready, or its Python backend process
+  dead ("Stub process … is not healthy") → the same, naming the model.
 - Behind a Kubernetes headless service (``round_robin``), gRPC resolves the name once and only resolves it
   again when a connection fails, so Triton pods added by the autoscaler would get no work. With
   ``reconnect_s`` the client opens a fresh channel (a fresh DNS lookup) that often; calls already running
   finish on the old channel, which is closed once they have had ``timeout_s``.
+- When Triton goes away and comes back (``cspine serve`` restarts a local one that crashed), the channel
+  reconnects by itself; its reconnection backoff is capped at ``RECONNECT_MAX_BACKOFF_MS`` so that readiness
+  returns within seconds of Triton's, not after gRPC's default of up to two minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from cspine.errors import DeadlineExceededError, InferenceError, TritonUnavailab
 from cspine.inference.specs import SERVED, ModelSpec
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+RECONNECT_MAX_BACKOFF_MS = 2_000
 
 
 def channel_args(round_robin: bool = False) -> list[tuple[str, object]]:
@@ -45,6 +50,8 @@ def channel_args(round_robin: bool = False) -> list[tuple[str, object]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
     ]
     if round_robin:
         args.append(("grpc.lb_policy_name", "round_robin"))
@@ -172,6 +179,8 @@ class TritonClient:
             return TritonUnavailableError(f"Triton at {self.url} does not answer ({model})")
         if "unknown model" in message or "is not ready" in message or "is not found" in message:
             return TritonUnavailableError(f"model {model} is not ready on Triton at {self.url}")
+        if "Stub process" in message and "is not healthy" in message:
+            return TritonUnavailableError(f"model {model} is not available on Triton at {self.url}: its process died")
         return InferenceError(f"{model}: Triton answered {status or 'an error'}: {message.splitlines()[0]}")
 
 

@@ -5,16 +5,25 @@ runner) and the repository holds no logic of its own.
 Triton's dynamic batcher hands ``execute`` several requests at once; the runner joins them into one ONNX
 Runtime call. ONNX Runtime threads come from the model's ``ort_threads`` parameter in ``config.pbtxt``,
 overridden by the ``CSPINE_ORT_THREADS`` environment variable.
+
+Each stub ends itself when the tritonserver that started it is gone (``exit_with_server``): Triton's own check
+asks whether the server's pid exists, which a server that died but was never reaped still passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import MODELS
+
+STUB = b"triton_python_backend_stub"
+_watching = threading.Lock()
 
 
 def ort_threads(config: dict) -> int:
@@ -24,8 +33,39 @@ def ort_threads(config: dict) -> int:
     return max(1, int(value))
 
 
+def exit_with_server(interval_s: float = 0.5) -> None:
+    """In a Python backend stub (once per process): a daemon thread that exits the stub as soon as its parent, the
+    server, has died (the stub is then re-parented, so ``getppid`` changes), first removing the stub's
+    shared-memory region as the stub's own exit would. Outside a stub, nothing."""
+    argv = _command_line()
+    if not argv or not argv[0].endswith(STUB) or not _watching.acquire(blocking=False):
+        return
+    server = os.getppid()
+    threading.Thread(
+        target=_exit_when_orphaned, args=(server, argv, interval_s), name="cspine-exit-with-server", daemon=True
+    ).start()
+
+
+def _command_line() -> list[bytes]:
+    try:
+        return Path("/proc/self/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _exit_when_orphaned(server: int, argv: list[bytes], interval_s: float) -> None:
+    while os.getppid() == server:
+        time.sleep(interval_s)
+    # The stub's command line is: stub, model.py, shared-memory region name, … (as Triton's Python backend starts it).
+    if len(argv) > 2 and argv[2] and b"/" not in argv[2]:
+        with contextlib.suppress(OSError):
+            os.unlink(b"/dev/shm/" + argv[2])
+    os._exit(1)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        exit_with_server()
         config = json.loads(args["model_config"])
         spec = MODELS[args["model_name"]]
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
