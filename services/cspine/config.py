@@ -22,8 +22,12 @@ class IngestLimits:
     max_study_bytes: int = 4096 * MiB
     # Decoded bytes of one frame (rows × columns × samples × bits/8). 64 MiB holds a 4096² 32-bit frame.
     max_frame_bytes: int = 64 * MiB
-    # Voxels of all volumes of a study together; each voxel is held as float32 (4 bytes).
+    # Voxels of all volumes of a study together; each voxel is held as float32 (4 bytes). A frame counts as at
+    # least 64 × 64 voxels, which also bounds what ingest holds per frame (~0.7 KiB) whatever its size.
     max_study_voxels: int = 400_000_000
+    # Bytes the analysis allocates for the chosen series, planned on the model grids before any of it is
+    # allocated (cspine/budget.py): a 600-slice 512² CT of 2 mm slices plans 1.9 GB, of 0.5 mm slices 1.0 GB.
+    max_study_model_bytes: int = 3072 * MiB
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -34,7 +38,7 @@ class IngestLimits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, prefix: str = "CSPINE_") -> IngestLimits:
         """Read ``CSPINE_MAX_INSTANCES``, ``CSPINE_MAX_STUDY_BYTES``, ``CSPINE_MAX_FRAME_BYTES``,
-        ``CSPINE_MAX_STUDY_VOXELS``; unset variables keep their defaults."""
+        ``CSPINE_MAX_STUDY_VOXELS``, ``CSPINE_MAX_STUDY_MODEL_BYTES``; unset variables keep their defaults."""
         environ = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):

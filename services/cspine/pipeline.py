@@ -36,6 +36,8 @@ from cspine.analysis.fusion import Calibration, assess, detection_logit, normali
 from cspine.analysis.lesions import clean_tumor_labels, measure_lesions, split_above_c2
 from cspine.analysis.levels import SpineFrame, frame_from_discs, frame_from_radiograph
 from cspine.analysis.masks import LabelMasks, largest_component, mask_points
+from cspine.budget import plan_study
+from cspine.config import IngestLimits
 from cspine.dicom.selection import select_series
 from cspine.domain import (
     MEASURED_LEVELS,
@@ -156,12 +158,16 @@ async def analyze(
     options: AnalysisOptions = AnalysisOptions(),
     models: list[ModelVersion] | None = None,
     competence: CompetenceReference | None = None,
+    *,
+    limits: IngestLimits = IngestLimits(),
 ) -> StudyAnalysis:
     """Analyse an ingested study. Without ``competence`` the distribution check is not made (and the result
     discloses nothing about the models' training data): the service always passes it.
 
     A study without a CT, MR or radiograph image cspine reads is not assessable (the fused assessment says
-    so); ``AnalysisFailedError`` when every modality that ran failed inside cspine."""
+    so); ``AnalysisFailedError`` when every modality that ran failed inside cspine; ``StudyTooLargeError``,
+    before anything is resampled, when the chosen series would take more than ``limits.max_study_model_bytes``
+    (cspine/budget.py)."""
     timer = _Timer()
     deadline = Deadline(options.deadline_s)
     start = time.perf_counter()
@@ -172,6 +178,10 @@ async def analyze(
     notices = list(study.notices) + list(selection.notices)
     wanted = [m for m in verdicts if options.modalities is None or m in options.modalities]
     running = [m for m in wanted if verdicts[m].assessable]
+    # what the analysis allocates follows the model grids' slices, not the upload's size: refused before it is
+    plan_study({r: chosen[r] for m in running for r in verdicts[m].roles}, options.return_dicom_seg).check(
+        limits.max_study_model_bytes
+    )
     outcomes = await asyncio.gather(
         *(
             _analyse_modality(m, verdicts[m], chosen, triton, prototypes, calibration, competence, deadline, timer)
@@ -254,12 +264,14 @@ def _not_assessable_result(verdict: InputVerdict, ood, reasons: tuple[Reason, ..
 
 def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], options: AnalysisOptions) -> None:
     """The requested DICOM SEG and SR (the SR referencing the SEG when there is one). One that cannot be
-    written is left out with an ``output_unavailable`` notice: an output never costs the analysis."""
+    written is left out with an ``output_unavailable`` notice: an output never costs the analysis. A source value
+    one leaves out (invalid for its VR) is told in an ``output_value_omitted`` notice."""
     from cspine.dicom.outputs import OutputUnavailableError, build_seg, build_sr
 
+    notices = analysis.notices
     writers = (
-        ("SEG", "dicom_seg", options.return_dicom_seg, lambda: build_seg(analysis, chosen)),
-        ("SR", "dicom_sr", options.return_dicom_sr, lambda: build_sr(analysis, chosen, analysis.dicom_seg)),
+        ("SEG", "dicom_seg", options.return_dicom_seg, lambda: build_seg(analysis, chosen, notices)),
+        ("SR", "dicom_sr", options.return_dicom_sr, lambda: build_sr(analysis, chosen, analysis.dicom_seg, notices)),
     )
     for kind, field_name, wanted, write in writers:
         if not wanted:

@@ -5,7 +5,9 @@ Studies in flight are bounded, and so is the queue before them: a study that fin
 a FIFO of at most ``max_queued_studies`` (absorbing bursts of arrivals below saturation), and one that finds
 the queue full too is refused at once (``LimitExceededError`` → RESOURCE_EXHAUSTED) rather than queued without
 bound. The slot is taken before the upload is read (a queued study's upload waits unread in its stream), so
-memory is bounded by the studies in flight times their size limits.
+memory is bounded by the studies in flight times their size limits: ingest holds a study within its instance,
+byte and voxel limits, and the pipeline refuses one whose model grids would exceed ``max_study_model_bytes``
+before allocating them (docs/api.md, "Limits", gives the bound per study).
 """
 
 from __future__ import annotations
@@ -131,7 +133,14 @@ class AnalysisService:
         """Ingest the instances (named for error messages) and analyse the study."""
         study = await asyncio.to_thread(ingest, instances, self.limits)
         return await analyze(
-            study, self.triton, self.prototypes, self.calibration, options, self.models, self.competence
+            study,
+            self.triton,
+            self.prototypes,
+            self.calibration,
+            options,
+            self.models,
+            self.competence,
+            limits=self.limits,
         )
 
     # -- the support set --------------------------------------------------------------------------------
@@ -178,7 +187,14 @@ class AnalysisService:
         store = self._store()
         study = await asyncio.to_thread(ingest, instances, self.limits)
         analysis = await analyze(
-            study, self.triton, self.prototypes, self.calibration, AnalysisOptions(), self.models, self.competence
+            study,
+            self.triton,
+            self.prototypes,
+            self.calibration,
+            AnalysisOptions(),
+            self.models,
+            self.competence,
+            limits=self.limits,
         )
         if not analysis.fused.assessed:
             raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")

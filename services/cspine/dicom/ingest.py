@@ -185,6 +185,10 @@ _IRREGULAR_MIN_MM = 0.01
 _ORIENTATION_TOLERANCE = 0.01  # largest difference of direction cosines inside one series
 _SPACING_TOLERANCE = 0.001  # largest relative difference of pixel spacing inside one series
 _DECODE_THREADS = min(4, os.cpu_count() or 1)  # threads converting native pixel data (see _decode_all)
+# A frame counts as at least this many voxels against max_study_voxels: what ingest holds per frame (its
+# geometry, its InstanceRef: ~0.7 KiB) is then covered by the 4 bytes a voxel is budgeted, however few
+# pixels the frame has (a 2 KB upload may declare 20,000 frames of 1 × 1 pixel).
+_MIN_FRAME_VOXELS = 64 * 64
 _PLANE_COSINE = math.cos(math.radians(25.0))  # within 25° of an axis: axial / sagittal / coronal
 
 # The axis a slice normal points along, and what that makes the slices (LPS: x left, y posterior, z up).
@@ -1086,7 +1090,7 @@ class StudyBuilder:
     def _add_guarded(self, label: str, source: Any) -> None:
         try:
             self._add(label, source)
-        except CspineError:
+        except (CspineError, MemoryError):  # the server out of memory is no fault of the instance's
             raise
         except OSError as exc:
             if isinstance(source, Path) and exc.errno is not None:  # the file system, not the content
@@ -1094,7 +1098,8 @@ class StudyBuilder:
             # pydicom parses a defined-length sequence on first access, and reports a damaged one as OSError.
             raise MalformedDicomError(label, "a sequence attribute cannot be read") from None
         except Exception as exc:  # a value pydicom could not convert, a geometry numpy could not handle …
-            logger.debug("instance %s refused: %s: %s", label, type(exc).__name__, exc)
+            # The type only: pydicom's message quotes the header value it could not convert.
+            logger.debug("instance %s refused: %s", label, type(exc).__name__)
             raise MalformedDicomError(label, f"an attribute cannot be read ({type(exc).__name__})") from None
 
     def _add(self, label: str, source: Any) -> None:
@@ -1150,11 +1155,12 @@ class StudyBuilder:
         modality = MODALITY_BY_DICOM.get(inst.dicom_modality)
         if modality is None or not image.greyscale:
             return  # never decoded: its pixels are not kept
-        self._voxels += image.rows * image.columns * image.frame_count
+        self._voxels += max(image.rows * image.columns, _MIN_FRAME_VOXELS) * image.frame_count
         if self._voxels > self._limits.max_study_voxels:
             raise StudyTooLargeError(
                 f"instance {label}: the study has more than {self._limits.max_study_voxels} voxels "
-                f"({image.frame_count} frame(s) of {image.rows}×{image.columns} here)"
+                f"({image.frame_count} frame(s) of {image.rows}×{image.columns} here; a frame counts as at least "
+                f"{_MIN_FRAME_VOXELS})"
             )
         if pixels.encapsulated and pixels.length < 8 * image.frame_count:
             raise UndecodablePixelDataError(
@@ -1186,10 +1192,10 @@ class StudyBuilder:
         for uid, instances in by_series.items():
             try:
                 series.append(_build_series(uid, sorted(instances, key=lambda i: i.order), notices))
-            except CspineError:
+            except (CspineError, MemoryError):
                 raise
             except Exception as exc:
-                logger.debug("series not built: %s: %s", type(exc).__name__, exc)
+                logger.debug("series not built: %s", type(exc).__name__)  # its message may quote a header value
                 label = min(instances, key=lambda i: i.order).label
                 raise InconsistentSeriesError(label, f"its series cannot be assembled ({type(exc).__name__})") from None
             finally:

@@ -87,15 +87,21 @@ def crop_centre(modality: Modality, volume: Volume) -> tuple[float, float]:
     return (rows - 1) / 2.0, (cols - 1) / 2.0
 
 
+def slab_of(modality: Modality, volume: Volume) -> int:
+    """Source slices per model slice: as many as fit in ``SegGeometry.slab_mm`` (1 without one)."""
+    g = SEG_GEOMETRY[modality]
+    if g.slab_mm is None or volume.projection or volume.shape[0] <= 1 or volume.slice_spacing <= 0:
+        return 1
+    return int(np.clip(np.floor(g.slab_mm / volume.slice_spacing + 1e-6), 1, volume.shape[0]))
+
+
 def seg_grid(modality: Modality, volume: Volume) -> SegGrid:
     g = SEG_GEOMETRY[modality]
     centre_r, centre_c = crop_centre(modality, volume)
     step_r = g.spacing_mm / volume.pixel_spacing[0]
     step_c = g.spacing_mm / volume.pixel_spacing[1]
     half = (g.size - 1) / 2.0
-    slab = 1
-    if g.slab_mm is not None and not volume.projection and volume.shape[0] > 1 and volume.slice_spacing > 0:
-        slab = int(np.clip(np.floor(g.slab_mm / volume.slice_spacing + 1e-6), 1, volume.shape[0]))
+    slab = slab_of(modality, volume)
     return SegGrid(
         volume.shape, g.size, g.spacing_mm, centre_r - half * step_r, centre_c - half * step_c, step_r, step_c, slab
     )
