@@ -716,3 +716,68 @@ def fuzz_seed_files() -> list[tuple[str, bytes]]:
         mr_series(1, rows=8, cols=8, syntax=dicom_uid.ExplicitVRBigEndian, seed=11),
     ]
     return [built.files[0] for built in (ct, mr, xr, enhanced, *encoded)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patient and study headers malformed in every value representation, each value holding PHI_MARKER: the log
+# tests look for the marker in every log line and on stderr, the output tests in the SEG and SR.
+
+PHI_MARKER = "QXPHI7"
+_M = PHI_MARKER
+# keyword -> raw value (a list: several values), each invalid for its VR as the comment says. Some also hold
+# quotes, a line break or a non-ASCII letter, as a value quoted in an error message may.
+MALFORMED_PATIENT_STUDY: dict[str, str | list[str]] = {
+    # Patient
+    "PatientName": f"{_M}^O'Brien^a^b^c^d",  # PN: six components (five at most), a quote
+    "PatientID": f"{_M}-" + "9" * 64,  # LO: 71 characters (64 at most)
+    "IssuerOfPatientID": f'{_M} "issuer" ' + "i" * 60,  # LO: too long, double quotes
+    "TypeOfPatientID": f"{_M}-text",  # CS: lower case and '-'
+    "PatientBirthDate": f"03.02.1901{_M}",  # DA: the issue's birth date, not YYYYMMDD
+    "PatientBirthTime": f"25{_M}",  # TM: not HHMMSS
+    "PatientSex": f"{_M}?",  # CS: '?', and not M, F or O
+    "OtherPatientIDs": [f"{_M}-OTHER", "o" * 70],  # LO: the second value too long
+    "OtherPatientNames": f"{_M}=a=b=c",  # PN: four component groups (three at most)
+    "PatientComments": f'{_M} it\'s "quoted"\r\nline two, é ' + "c" * 10300,  # LT: over 10240 characters
+    "PatientIdentityRemoved": f"{_M}-MAYBE",  # CS: '-'
+    # General Study
+    "StudyDate": _M,  # DA
+    "StudyTime": f"99{_M}",  # TM
+    "AccessionNumber": f"{_M}-ACCESSION-NO",  # SH: 19 characters (16 at most)
+    "ReferringPhysicianName": f"{_M}^a^b^c^d^e",  # PN: six components
+    "ConsultingPhysicianName": f"{_M}=1=2=3",  # PN: four groups
+    "StudyDescription": f"{_M} " + "d" * 64,  # LO: too long
+    "PhysiciansOfRecord": f"{_M}^" + "p" * 70,  # PN: a component of 70 characters (64 at most)
+    "NameOfPhysiciansReadingStudy": f"{_M}^r^e^a^d^x",  # PN: six components
+    "StudyID": f"{_M}-STUDY-ID-X",  # SH: 17 characters
+    # Patient Study
+    "AdmittingDiagnosesDescription": f"{_M} " + "a" * 64,  # LO: too long
+    "PatientAge": f"abc{_M}",  # AS: not nnnD/W/M/Y
+    "PatientSize": f"1.7{_M}",  # DS: not a number
+    "PatientWeight": _M,  # DS: not a number
+    "MedicalAlerts": f"{_M} " + "m" * 64,  # LO: too long
+    "Allergies": f"{_M} " + "l" * 64,  # LO: too long
+    "Occupation": f"{_M} occupation",  # SH: 17 characters
+    "SmokingStatus": f"{_M}-yes",  # CS: lower case and '-'
+    "AdditionalPatientHistory": f"{_M} " + "h" * 10300,  # LT: too long
+    "LastMenstrualDate": f"{_M}0101",  # DA
+    "PatientState": f"{_M} " + "z" * 64,  # LO: too long
+    "AdmissionID": f"{_M} " + "y" * 64,  # LO: too long
+    # General Equipment and General Series: not copied into a SEG or SR, never logged either
+    "InstitutionName": f"{_M} " + "n" * 64,  # LO: too long
+    "InstitutionAddress": f"{_M} street " + "k" * 1024,  # ST: over 1024 characters
+    "PerformingPhysicianName": f"{_M}^a^b^c^d^e",  # PN: six components
+    "OperatorsName": f"{_M}=a=b=c",  # PN: four groups
+    "AcquisitionNumber": _M,  # IS: not a number
+    "StageNumber": f"1{_M}",  # IS: not a number
+}
+
+
+def with_malformed_patient_study(ds: Dataset) -> None:
+    """Set every attribute of MALFORMED_PATIENT_STUDY in ``ds`` as raw bytes (UTF-8, no character set declared),
+    so pydicom neither checks nor converts them here: whoever reads the file is the first to parse them."""
+    for keyword, value in MALFORMED_PATIENT_STUDY.items():
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        raw = "\\".join(value if isinstance(value, list) else [value]).encode()
+        raw += b" " * (len(raw) % 2)
+        vr = pydicom.datadict.dictionary_VR(tag)
+        ds[tag] = pydicom.dataelem.RawDataElement(pydicom.tag.BaseTag(tag), vr, len(raw), raw, 0, False, True)

@@ -39,7 +39,7 @@ from cspine.gateway.auth import (
     minimum_role,
     server_credentials,
 )
-from cspine.gateway.interceptors import GatewayInterceptor
+from cspine.gateway.interceptors import GatewayInterceptor, RequestIdFilter
 from cspine.gateway.metrics import Metrics
 
 ANALYST_TOKEN = secrets.token_urlsafe(32)
@@ -175,6 +175,13 @@ def refusal(channel: grpc.Channel, method: str, token: str | None = None, *, met
     return caught.value
 
 
+def says(error: grpc.RpcError, reason: str) -> bool:
+    """Whether a refusal's message is ``reason`` ending with the call's request id, as every gateway error
+    ends, the id being the one of the call's x-request-id initial metadata."""
+    request_id = dict(error.initial_metadata() or ()).get("x-request-id")
+    return bool(request_id) and error.details() == f"{reason} (request {request_id})"
+
+
 @pytest.fixture(scope="module")
 def server():
     running = AuthServer(TokenStore.from_pairs([(Role.ANALYST, ANALYST_TOKEN), (Role.CURATOR, CURATOR_TOKEN)]))
@@ -202,7 +209,7 @@ def test_health_answers_without_a_token(channel):
 def test_call_without_token_is_unauthenticated_and_never_reaches_the_servicer(server, channel, method):
     error = refusal(channel, method)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert error.details() == "a bearer token is required"
+    assert says(error, "a bearer token is required"), error.details()
     assert server.calls == []
 
 
@@ -210,7 +217,7 @@ def test_call_without_token_is_unauthenticated_and_never_reaches_the_servicer(se
 def test_call_with_unknown_token_is_unauthenticated(server, channel, method):
     error = refusal(channel, method, secrets.token_urlsafe(32))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert error.details() == "the token is not valid"
+    assert says(error, "the token is not valid"), error.details()
     assert server.calls == []
 
 
@@ -221,7 +228,7 @@ def test_call_with_unknown_token_is_unauthenticated(server, channel, method):
 def test_malformed_authorization_header_is_unauthenticated(server, channel, header):
     error = refusal(channel, GET_SERVICE_INFO, metadata=(("authorization", header),))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert error.details() == "a bearer token is required"
+    assert says(error, "a bearer token is required"), error.details()
     assert server.calls == []
 
 
@@ -246,7 +253,7 @@ def test_analyst_may_analyse_and_read_the_support_set(server, channel):
 def test_analyst_may_not_change_the_support_set_nor_call_unlisted_methods(server, channel, method):
     error = refusal(channel, method, ANALYST_TOKEN)
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error.details() == f"role analyst may not call {method}"
+    assert says(error, f"role analyst may not call {method}"), error.details()
     assert server.calls == []
 
 
@@ -283,12 +290,31 @@ def test_refused_calls_carry_a_request_id_and_are_counted_by_code(server, channe
     denied = refusal(channel, ADD_CASE, ANALYST_TOKEN)
     invoke(channel, ADD_CASE, CURATOR_TOKEN)
     assert dict(unauthenticated.initial_metadata())["x-request-id"] == "req-auth-1"
-    assert dict(denied.initial_metadata())["x-request-id"]
+    assert unauthenticated.details() == "a bearer token is required (request req-auth-1)"
+    assert says(denied, f"role analyst may not call {ADD_CASE}")
     assert {code: count(code) - before[code] for code in before} == {
         "UNAUTHENTICATED": 1.0,
         "PERMISSION_DENIED": 1.0,
         "OK": 1.0,
     }
+
+
+@pytest.mark.parametrize("method", [LIST_CASES, MIRROR, LEGACY_WALK])
+def test_refusals_of_streaming_calls_the_gateway_does_not_wrap_carry_the_callers_request_id(channel, method):
+    error = refusal(channel, method, metadata=(("x-request-id", "req-stream-7"),))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(error.initial_metadata())["x-request-id"] == "req-stream-7"
+    assert error.details() == "a bearer token is required (request req-stream-7)"
+
+
+@pytest.mark.parametrize("method", [ADD_CASE, MIRROR])
+def test_a_refusal_is_logged_under_its_request_id(channel, caplog, method):
+    caplog.handler.addFilter(RequestIdFilter())  # what the gateway's log handler does
+    with caplog.at_level(logging.INFO, logger="cspine.gateway.auth"):
+        refusal(channel, method, ANALYST_TOKEN, metadata=(("x-request-id", "req-auth-log"),))
+    [record] = [r for r in caplog.records if r.getMessage().startswith(f"refused {method}")]
+    assert record.getMessage() == f"refused {method} to analyst:{fingerprint(ANALYST_TOKEN)}: role analyst"
+    assert record.request_id == "req-auth-log"
 
 
 def test_tokens_never_reach_the_log(server, channel, caplog):

@@ -383,8 +383,9 @@ def test_sr_of_a_radiograph_only_analysis_reports_its_lesion_and_cobb_angle(xr_o
 # dciodvfy
 
 
-def _assert_dciodvfy_clean(data: bytes, iod: str, path: Path) -> None:
-    """dciodvfy recognises ``iod`` and reports no error, and no warning but that it does not know 99CSPINE."""
+def _assert_dciodvfy_clean(data: bytes, iod: str, path: Path, allowed: tuple[str, ...] = ()) -> None:
+    """dciodvfy recognises ``iod`` and reports no error, and no warning but that it does not know 99CSPINE (and
+    those holding one of ``allowed``)."""
     assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) must be installed: make sysdeps"
     path.write_bytes(data)
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
@@ -393,7 +394,11 @@ def _assert_dciodvfy_clean(data: bytes, iod: str, path: Path) -> None:
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, f"{path.name}: {errors}"
     # the one expected warning: dciodvfy does not know the private scheme 99CSPINE
-    warnings = [line for line in lines if line.startswith("Warning") and "99CSPINE" not in line]
+    warnings = [
+        line
+        for line in lines
+        if line.startswith("Warning") and not any(text in line for text in ("99CSPINE", *allowed))
+    ]
     assert not warnings, f"{path.name}: {warnings}"
 
 
@@ -529,6 +534,44 @@ def test_a_ct_without_frame_of_reference_gets_no_seg_but_keeps_its_analysis_sr_a
     # the SR is still written (with no SEG to reference), valid, with the lesion
     assert read_sr_measurements(analysis.dicom_sr)["CT lesion 1"]["Finding"] == "Neoplasm"
     _assert_dciodvfy_clean(analysis.dicom_sr, "Comprehensive3DSR", tmp_path / "sr.dcm")
+
+
+def test_malformed_patient_and_study_headers_leave_their_values_out_of_a_valid_seg_and_sr_with_a_notice(
+    phantom_cases, tmp_path: Path, caplog
+):
+    case = phantom_cases["malignant"]
+    root = tmp_path / "study"
+    for modality in (Modality.CT, Modality.MR, Modality.XR):
+        _edited_copy(case, modality, b.with_malformed_patient_study, root)
+    analysis, chosen = _analysis(case, (Modality.CT, Modality.MR, Modality.XR), root=root)
+    with caplog.at_level(logging.DEBUG):
+        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+
+    assert [n for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == []
+    omitted = {n.message.split()[1]: n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_VALUE_OMITTED}
+    assert set(omitted) == {"SEG", "SR"}
+    for kind, data in (("SEG", analysis.dicom_seg), ("SR", analysis.dicom_sr)):
+        assert omitted[kind].startswith(f"DICOM {kind} written without the source's PatientName, ")
+        for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "PatientAge"):
+            assert keyword in omitted[kind]  # named by keyword ...
+        assert b.PHI_MARKER not in omitted[kind]  # ... never by value
+        # Every malformed patient and study attribute that reached the output is there, empty; no value is.
+        written = pydicom.dcmread(DicomBytesIO(data))
+        for keyword in b.MALFORMED_PATIENT_STUDY:
+            assert keyword not in written or written[keyword].is_empty, (kind, keyword)
+        for keyword in outputs_module.PATIENT_STUDY_ARGUMENTS:  # type 2: present, if empty
+            assert keyword in written and written[keyword].is_empty
+        assert b.PHI_MARKER.encode() not in data
+        # dciodvfy notes only that an empty StudyDate or StudyTime could not go into a DICOMDIR
+        iod = "Segmentation" if kind == "SEG" else "Comprehensive3DSR"
+        _assert_dciodvfy_clean(data, iod, tmp_path / f"{kind}.dcm", allowed=("needed to build DICOMDIR",))
+    assert read_sr_measurements(analysis.dicom_sr)["CT lesion 1"]["Finding"] == "Neoplasm"
+    # The headers the analysis holds keep what was sent: the output's elements were replaced, not changed.
+    assert b.PHI_MARKER in str(chosen[SeriesRole.CT].headers[0].PatientBirthDate)
+    # cspine and highdicom logged no value, even before redaction (pydicom's complaints are redacted: test_logs_phi)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith(("cspine", "highdicom"))]
+    assert any("written without the source's PatientName" in m for m in ours)
+    assert not any(b.PHI_MARKER in m for m in ours)
 
 
 def test_whatever_a_writer_raises_becomes_a_notice_naming_only_the_exception_type(phantom_cases, monkeypatch, caplog):

@@ -69,6 +69,7 @@ class NoticeCode(str, enum.Enum):
     OUTSIDE_ANALYSED_LEVELS = "outside_analysed_levels"  # a finding above C2 (dens, C1, skull base): not counted
     NOT_ASSESSABLE = "not_assessable"  # a modality gave no tumor call; its result says why
     OUTPUT_UNAVAILABLE = "output_unavailable"  # a requested DICOM SEG or SR could not be written; the analysis stands
+    OUTPUT_VALUE_OMITTED = "output_value_omitted"  # a SEG or SR written with an invalid source value left empty
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ Source headers that lack what a SEG needs are fixed where the SEG stays valid, a
   projection is nominal), with the source's PatientOrientation;
 - no FrameOfReferenceUID on a CT or MR series: refused (the CT and MR IODs make it mandatory, highdicom will not
   make a SEG of such a source, and a SEG of several slices cannot be placed without one);
+- a patient or study attribute whose value is not valid for its VR (a birth date "03.02.1901", an age "abc", a
+  name of too many components, a LO too long …): left empty in the SEG or SR (the Patient and General Study
+  attributes are type 2 or 3), with an ``output_value_omitted`` notice naming the attribute by keyword, never
+  its value; a missing type-2 one is written empty;
 - whatever else highdicom or pydicom refuse: refused, naming the exception type only.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +38,14 @@ import numpy as np
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr.utils import find_content_items
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DSfloat
+from pydicom.valuerep import DA, DT, TM, DSfloat
 
 import cspine
 from cspine.domain import (
@@ -48,6 +55,8 @@ from cspine.domain import (
     LevelMeasurement,
     Modality,
     ModalityResult,
+    Notice,
+    NoticeCode,
     OodScore,
     ReasonCode,
     Series,
@@ -215,9 +224,12 @@ def _algorithm_sequence() -> hd.AlgorithmIdentificationSequence:
 # SEG
 
 
-def build_seg(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> bytes | None:
+def build_seg(
+    analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], notices: list[Notice] | None = None
+) -> bytes | None:
     """A binary DICOM SEG of the first non-empty label map of an assessed modality in ``SEG_SOURCES`` order,
-    one segment per structure present; None when no assessed modality has a labelled voxel.
+    one segment per structure present; None when no assessed modality has a labelled voxel. Source values left
+    out of it (not valid for their VR) are told in an ``output_value_omitted`` notice appended to ``notices``.
 
     Raises ``OutputUnavailableError`` when the source series does not allow a valid SEG."""
     for modality, role in SEG_SOURCES:
@@ -233,7 +245,10 @@ def build_seg(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> b
                 "which was not chosen"
             )
         with _writing("SEG", f"the {modality.value} series"):
-            return _encode(_segmentation(modality, chosen[role], labels))
+            seg, omitted = _segmentation(modality, chosen[role], labels)
+            data = _encode(seg)
+        _tell_omitted("SEG", omitted, notices)
+        return data
     logger.info("no label map of an assessed modality holds a structure: no DICOM SEG")
     return None
 
@@ -250,7 +265,8 @@ def _writing(kind: str, source: str) -> Iterator[None]:
         ) from exc
 
 
-def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.seg.Segmentation:
+def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> tuple[hd.seg.Segmentation, list[str]]:
+    """The SEG, and the keywords of the source attributes whose values it leaves out (invalid for their VR)."""
     names = SEG_LABELS[modality]
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.shape[0] != len(series.instances):
@@ -269,6 +285,7 @@ def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.
     renumber[present] = np.arange(1, len(present) + 1)
     sources, frames = _source_frames(series, renumber[labels])
     sources = _fitted_sources(modality, series, sources)
+    sources[0], omitted = _fitted_patient_and_study(sources[0])  # highdicom reads them from the first source
     descriptions = [_segment_description(number, names[value]) for number, value in enumerate(present, start=1)]
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -289,10 +306,11 @@ def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> hd.
     )
     if _is_projection(series):
         _fit_projection_source(seg, sources[0])
+    omitted += _empty_invalid_values(seg)
     logger.info(
         "DICOM SEG on the %s series: %d segments, %d frames", modality.value, len(descriptions), seg.NumberOfFrames
     )
-    return seg
+    return seg, omitted
 
 
 def _source_frames(series: Series, labels: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
@@ -399,17 +417,32 @@ def _segment_description(number: int, structure: str) -> hd.seg.SegmentDescripti
 # SR
 
 
-def build_sr(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None = None) -> bytes:
+def build_sr(
+    analysis: StudyAnalysis,
+    chosen: Mapping[SeriesRole, Series],
+    seg: bytes | None = None,
+    notices: list[Notice] | None = None,
+) -> bytes:
     """A Comprehensive 3D SR (TID 1500 measurement report) of the analysis, with the slices of every used
-    series (and the SEG, when given) as evidence.
+    series (and the SEG, when given) as evidence. Source values left out of it (not valid for their VR) are
+    told in an ``output_value_omitted`` notice appended to ``notices``.
 
     Raises ``OutputUnavailableError`` when the source headers do not allow a valid SR."""
     with _writing("SR", "the source headers"):
-        return _encode(_report(analysis, chosen, seg))
+        sr, omitted = _report(analysis, chosen, seg)
+        data = _encode(sr)
+    _tell_omitted("SR", omitted, notices)
+    return data
 
 
-def _report(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None) -> hd.sr.Comprehensive3DSR:
+def _report(
+    analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: bytes | None
+) -> tuple[hd.sr.Comprehensive3DSR, list[str]]:
+    """The SR, and the keywords of the source attributes whose values it leaves out (invalid for their VR)."""
     evidence = _evidence(analysis, chosen)
+    omitted: list[str] = []
+    if evidence:  # highdicom reads the patient and study from the first evidence instance
+        evidence[0], omitted = _fitted_patient_and_study(evidence[0])
     if seg is not None:
         evidence.append(pydicom.dcmread(DicomBytesIO(seg), stop_before_pixels=True))
     algorithm = hd.sr.AlgorithmIdentification(
@@ -464,8 +497,9 @@ def _report(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], seg: b
         # UTF-8, whatever the source images use: reasons and the disclosure are free text ("C2–C7").
         specific_character_set="ISO_IR 192",
     )
+    omitted += _empty_invalid_values(sr)
     logger.info("DICOM SR: %d measurement groups, %d evidence instances", len(groups), len(evidence))
-    return sr
+    return sr, omitted
 
 
 def _report_evaluations(texts: Sequence[tuple[Code, str]]) -> hd.sr.ContainerContentItem:
@@ -699,6 +733,104 @@ def _encode(dataset: Dataset) -> bytes:
     buffer = DicomBytesIO()
     pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Source values a SEG or SR cannot carry. highdicom copies the Patient and Study modules of the first source
+# image (SEG) or evidence instance (SR) into its output, and parses some of them first; a value that is not
+# valid for its VR would make it refuse, or make the output invalid. Such a value is left out (the attribute
+# empty: these are type 2 or 3), and named by keyword, never shown.
+
+# What highdicom parses from that first instance for the Patient and General Study modules: type 2 all, so a
+# missing one is written empty.
+PATIENT_STUDY_ARGUMENTS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+# The VRs whose values are checked: the text ones. A UID was checked at ingest, and emptying one would break a
+# reference.
+CHECKED_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
+# Dates and times are also parsed the way highdicom parses them (pydicom's check lets ranges through).
+PARSERS = {"DA": DA, "DT": DT, "TM": TM}
+ENUMERATED_VALUES = {"PatientSex": frozenset({"M", "F", "O"})}
+PN_MAX_COMPONENTS = 5  # family, given, middle, prefix, suffix
+
+
+def _valid(element: DataElement) -> bool:
+    """Whether ``element`` holds a value a SEG or SR can carry: no more values than its keyword allows, each
+    valid for its VR (pydicom's check; a date or time highdicom can parse; a name of at most five components
+    per group; one of the enumerated values)."""
+    if element.is_empty or element.tag.is_private:
+        return True
+    values = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
+    try:
+        if len(values) > 1 and pydicom.datadict.dictionary_VM(element.tag) == "1":
+            return False
+        for value in values:
+            if element.VR in ("IS", "DS") and isinstance(value, numbers.Number):
+                value = str(value)  # pydicom checks the text (its IS and DS keep the text they were read from)
+            elif element.VR == "PN":
+                value = str(value)  # pydicom checks a name's text, and lets any PersonName through
+            pydicom.valuerep.validate_value(element.VR, value, pydicom.config.RAISE)
+            if element.VR in PARSERS:
+                PARSERS[element.VR](value)
+            if element.VR == "PN" and any(len(group.split("^")) > PN_MAX_COMPONENTS for group in str(value).split("=")):
+                return False
+            allowed = ENUMERATED_VALUES.get(element.keyword)
+            if allowed is not None and value not in allowed:
+                return False
+    except (ValueError, TypeError, OverflowError, KeyError):  # the message is not kept: it quotes the value
+        return False
+    return True
+
+
+def _fitted_patient_and_study(header: Dataset) -> tuple[Dataset, list[str]]:
+    """A copy of ``header`` in which what highdicom parses for the Patient and General Study modules is present
+    and valid (a missing attribute added empty, an invalid value emptied), and the keywords of those emptied."""
+    fitted = copy.deepcopy(header)
+    emptied = []
+    for keyword in PATIENT_STUDY_ARGUMENTS:
+        element = fitted.data_element(keyword)
+        if element is None:
+            setattr(fitted, keyword, None)
+        elif not _valid(element):
+            fitted[element.tag] = DataElement(element.tag, element.VR, None)
+            emptied.append(keyword)
+    return fitted, emptied
+
+
+def _empty_invalid_values(dataset: Dataset) -> list[str]:
+    """Empty each top-level attribute of ``dataset`` (a SEG or SR just made) whose value is not valid for its VR:
+    values copied from the source, as highdicom's own are valid. The element is replaced, not changed, as the
+    output shares it with the source header. The keywords emptied."""
+    emptied = []
+    for element in list(dataset):
+        if element.VR in CHECKED_VRS and not _valid(element):
+            dataset[element.tag] = DataElement(element.tag, element.VR, None)
+            emptied.append(element.keyword)
+    return emptied
+
+
+def _tell_omitted(kind: str, keywords: list[str], notices: list[Notice] | None) -> None:
+    if not keywords:
+        return
+    names = ", ".join(dict.fromkeys(keywords))
+    logger.info("DICOM %s written without the source's %s: not valid for the value representation", kind, names)
+    if notices is not None:
+        notices.append(
+            Notice(
+                NoticeCode.OUTPUT_VALUE_OMITTED,
+                f"DICOM {kind} written without the source's {names}: the value is not valid for its value "
+                "representation, so the attribute is left empty",
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

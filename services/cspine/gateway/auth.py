@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from cspine.errors import PermissionDeniedError, UnauthenticatedError
+from cspine.gateway.interceptors import NO_REQUEST_ID, REQUEST_ID, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -396,9 +397,22 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return token
 
 
-def _refusal(code: grpc.StatusCode, details: str):
+def _refusal(code: grpc.StatusCode, details: str, metadata, *log: object):
+    """A handler that refuses the call with ``details`` and its request id, as every error of the gateway
+    ends, and logs ``log`` (a message and its arguments) under that id."""
+
     async def refuse(request, context: grpc.aio.ServicerContext):
-        await context.abort(code, details)
+        request_id, token = REQUEST_ID.get(), None
+        if request_id == NO_REQUEST_ID:  # a kind of call the gateway's interceptor does not wrap: one of its own
+            request_id = request_id_of(dict(metadata or ()))
+            token = REQUEST_ID.set(request_id)
+            await context.send_initial_metadata((("x-request-id", request_id),))
+        try:
+            logger.info(*log)
+            await context.abort(code, f"{details} (request {request_id})")
+        finally:
+            if token is not None:
+                REQUEST_ID.reset(token)
 
     return refuse
 
@@ -417,17 +431,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or needed is None:
             return handler  # an unknown method (UNIMPLEMENTED), or one open to all
         kind = KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        token = bearer_token(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        token = bearer_token(metadata)
         caller = None if token is None else self.tokens.caller_of(token)
         if caller is None:
             reason = MISSING_TOKEN if token is None else INVALID_TOKEN
-            logger.info("refused %s: %s", method, reason)
             # The refusal reads no request: a raw-bytes handler, so nothing from an unknown caller is parsed.
-            return kind.factory(_refusal(grpc.StatusCode.UNAUTHENTICATED, reason))
+            refuse = _refusal(grpc.StatusCode.UNAUTHENTICATED, reason, metadata, "refused %s: %s", method, reason)
+            return kind.factory(refuse)
         if caller.role.rank < needed.rank:
-            logger.info("refused %s to %s: role %s", method, caller.identity, caller.role.value)
             details = f"role {caller.role.value} may not call {method}"
-            return kind.factory(_refusal(grpc.StatusCode.PERMISSION_DENIED, details))
+            log = ("refused %s to %s: role %s", method, caller.identity, caller.role.value)
+            return kind.factory(_refusal(grpc.StatusCode.PERMISSION_DENIED, details, metadata, *log))
         return kind.factory(
             bind_caller(getattr(handler, kind.attribute), caller),
             request_deserializer=handler.request_deserializer,

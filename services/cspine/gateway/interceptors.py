@@ -28,7 +28,8 @@ from cspine.gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+NO_REQUEST_ID = "-"  # outside a call
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default=NO_REQUEST_ID)
 
 # First match wins: FrameTooLargeError is bad input and a limit, and a limit is what the caller can act on.
 STATUS_OF_ERROR: tuple[tuple[type[CspineError], grpc.StatusCode], ...] = (
@@ -45,6 +46,11 @@ STATUS_OF_ERROR: tuple[tuple[type[CspineError], grpc.StatusCode], ...] = (
 
 def status_of(error: CspineError) -> grpc.StatusCode:
     return next((code for kind, code in STATUS_OF_ERROR if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
+def request_id_of(metadata: dict) -> str:
+    """The caller's ``x-request-id`` (at most 64 characters), or a new one."""
+    return str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
@@ -73,7 +79,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, rpc: str, metadata: dict, behaviour):
         async def wrapped(request, context: grpc.aio.ServicerContext):
-            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
+            request_id = request_id_of(metadata)
             token = REQUEST_ID.set(request_id)
             start = time.perf_counter()
             code = grpc.StatusCode.OK

@@ -1,10 +1,14 @@
-"""Structured logs for the gateway: one JSON object per line with time, level, logger, request id and
-message. Messages never hold patient names or IDs: errors name instances by their place in the upload.
+"""Logs of every cspine command: for the gateway one JSON object per line with time, level, logger, request id
+and message; plain lines for the other commands. Messages never hold patient names or IDs: errors name
+instances by their place in the upload, attributes by keyword.
 
 Patient data stays out by construction, not by care at each call: pydicom and highdicom quote the values they
-refuse ("Invalid value for VR DA: '03.02.1901'"), and exceptions from them carry those values into tracebacks.
-Every message and every exception text is therefore redacted (quoted text replaced) before it is written, and
-Python warnings are routed into the log instead of going to stderr raw."""
+refuse ("Invalid value for VR DA: '03.02.1901'", "Patient's Name PN: 'O'Brien'"), with either quote, a value
+that may itself hold quotes or line breaks, and exceptions from them carry those values into tracebacks. Every
+message and every exception text is therefore redacted (everything from its first quote to its last replaced)
+before it is written (the lines of Triton's own log excepted: Triton sees tensors, never a header), a log
+call whose arguments do not fit its message is written without them (logging would print them raw on stderr),
+and Python warnings are routed into the log instead of going to stderr raw."""
 
 from __future__ import annotations
 
@@ -16,14 +20,24 @@ import traceback
 
 from cspine.gateway.interceptors import RequestIdFilter
 
-# A quoted run ('…', "…", or the b'…' of bytes): how pydicom, highdicom and Python (repr) show a value.
-_QUOTED = re.compile(r"b?'[^'\n]*'|b?\"[^\"\n]*\"")
+# From the first quote (' or ") to the last, across lines: how pydicom, highdicom and Python (repr) show a value
+# is quoted, but the value may hold quotes of either kind itself ("O'Brien") and the text around it may too
+# ("Patient's Name"), so pairing quotes could leave part of a value out in the open. Greedy loses the text
+# between two quoted parts of one message, never a value.
+_QUOTED = re.compile(r"""b?['"].*['"]""", re.DOTALL)
 REDACTED = "'<redacted>'"
 
 
 def redact(text: str) -> str:
-    """``text`` with every quoted value replaced by ``'<redacted>'``."""
+    """``text`` with everything from its first quote to its last replaced by ``'<redacted>'``."""
     return _QUOTED.sub(REDACTED, text)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message, redacted unless it is a line of Triton's own log (``extra={"triton_log": True}``):
+    Triton sees tensors only, never a DICOM header, and its lines name models in quotes."""
+    message = safe_message(record)
+    return message if getattr(record, "triton_log", False) else redact(message)
 
 
 def redacted_exception(exc_info) -> str:
@@ -45,12 +59,20 @@ class RedactingFilter(logging.Filter):
     whatever its formatter."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), None
+        record.msg, record.args = _message(record), None
         if record.exc_info:  # a Formatter shows a cached exc_text rather than formatting exc_info itself
             record.exc_text = redacted_exception(record.exc_info)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
+        # stack_info is left as it is: frames only (file, line, code), like the frames of a traceback.
         return True
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message; where its arguments do not fit it, the message alone (logging would otherwise
+    print the arguments, raw, on stderr)."""
+    try:
+        return record.getMessage()
+    except Exception:  # noqa: BLE001 - any formatting failure
+        return f"{record.msg} (a log call whose arguments do not fit its message; arguments left out)"
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
-            "message": redact(record.getMessage()),
+            "message": _message(record),
         }
         if record.exc_info:
             entry["exception"] = redacted_exception(record.exc_info)
@@ -71,11 +93,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(level: str = "INFO", stream=None) -> logging.Handler:
-    """Send every log record of the process to ``stream`` (stderr) as JSON lines with the request id, redacted,
-    Python warnings included (pydicom's would otherwise reach stderr raw, values and all)."""
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure(level: str = "INFO", stream=None, *, json_lines: bool = True) -> logging.Handler:
+    """Send every log record of the process to ``stream`` (stderr), redacted, Python warnings included
+    (pydicom's would otherwise reach stderr raw, values and all): as JSON lines with the request id (the
+    gateway), or as plain lines (``json_lines=False``: the other commands)."""
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactingFilter())
     logging.captureWarnings(True)
