@@ -86,6 +86,7 @@ class GatewayThread:
         queued: int = 0,
         health_interval_s=2.0,
         store=None,
+        **config,  # more GatewayConfig fields (upload_deadline_s, idle_timeout_s …)
     ):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -102,8 +103,8 @@ class GatewayThread:
                 max_queued_studies=queued,
                 store=store,
             )
-            config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s)
-            return await start_gateway(self.service, config, self.metrics, TOKENS)
+            gateway_config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s, **config)
+            return await start_gateway(self.service, gateway_config, self.metrics, TOKENS)
 
         self.gateway = self.call(start())
         self.address = f"127.0.0.1:{self.gateway.port}"
@@ -234,6 +235,7 @@ def test_service_info_names_models_prototypes_and_limits(gateway):
     assert info.prototype_set_version.startswith("default-") and info.synthetic_support_set
     assert info.limits.max_instances == IngestLimits().max_instances and info.limits.max_studies_in_flight == 2
     assert info.limits.max_frame_bytes == IngestLimits().max_frame_bytes
+    assert (info.limits.upload_deadline_s, info.limits.idle_timeout_s) == (600.0, 30.0)  # GatewayConfig defaults
     assert "SYNTHETIC" in info.disclosure.trained_on and "not for clinical use" in info.disclosure.intended_use
 
 

@@ -13,7 +13,7 @@ from cspine.gateway.auth import caller_identity
 from cspine.gateway.convert import analysis_to_pb, case_to_pb, info_to_pb, options_from_pb, version_to_pb
 from cspine.gateway.interceptors import REQUEST_ID
 from cspine.gateway.metrics import Metrics
-from cspine.gateway.upload import UploadError, read_upload
+from cspine.gateway.upload import Upload, UploadError, UploadTimeoutError, UploadTimeouts, read_upload
 from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
@@ -21,16 +21,40 @@ from cspine.v1 import support_pb2 as spb
 from cspine.v1 import support_pb2_grpc as spb_grpc
 
 
+class UploadReader:
+    """Reads an upload within the service's limits and the gateway's timeouts; counts those that time out."""
+
+    def __init__(self, service: AnalysisService, metrics: Metrics, timeouts: UploadTimeouts) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.timeouts = timeouts
+
+    async def __call__(self, rpc: str, messages: AsyncIterator, lead: str) -> Upload:
+        try:
+            return await read_upload(messages, self.service.limits, lead, self.timeouts)
+        except UploadTimeoutError as error:
+            self.metrics.upload_timeouts.labels(rpc, error.limit).inc()
+            raise
+
+
 class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
-    def __init__(self, service: AnalysisService, metrics: Metrics, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        service: AnalysisService,
+        metrics: Metrics,
+        max_message_bytes: int,
+        timeouts: UploadTimeouts = UploadTimeouts(),
+    ) -> None:
         self.service = service
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
+        self.timeouts = timeouts
+        self.read = UploadReader(service, metrics, timeouts)
 
     async def AnalyzeStudy(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.StudyAnalysis:  # noqa: N802
         async with self.service.slot():
             with self.metrics.in_flight.track_inprogress():
-                upload = await read_upload(self._counted(request_iterator), self.service.limits)
+                upload = await self.read("AnalyzeStudy", self._counted(request_iterator), lead="options")
                 if context.cancelled():  # a cancelled stream can end like a complete one: analyse nothing
                     raise asyncio.CancelledError
                 options = options_from_pb(upload.lead, context.time_remaining())
@@ -39,7 +63,7 @@ class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
         return analysis_to_pb(analysis, REQUEST_ID.get())
 
     async def GetServiceInfo(self, request, context) -> pb.ServiceInfo:  # noqa: N802
-        return info_to_pb(self.service.info(), self.max_message_bytes)
+        return info_to_pb(self.service.info(), self.max_message_bytes, self.timeouts)
 
     async def _counted(self, messages: AsyncIterator[pb.StudyUpload]) -> AsyncIterator[pb.StudyUpload]:
         async for message in messages:
@@ -48,13 +72,14 @@ class SpineAnalysisServicer(pb_grpc.SpineAnalysisServicer):
 
 
 class SupportSetServicer(spb_grpc.SupportSetServicer):
-    def __init__(self, service: AnalysisService, metrics: Metrics) -> None:
+    def __init__(self, service: AnalysisService, metrics: Metrics, timeouts: UploadTimeouts = UploadTimeouts()) -> None:
         self.service = service
         self.metrics = metrics
+        self.read = UploadReader(service, metrics, timeouts)
 
     async def AddCase(self, request_iterator, context: grpc.aio.ServicerContext) -> spb.SupportCase:  # noqa: N802
         async with self.service.slot():
-            upload = await read_upload(request_iterator, self.service.limits, lead="header")
+            upload = await self.read("AddCase", request_iterator, lead="header")
             if upload.lead is None:
                 raise UploadError("the first message of AddCase must be a CaseHeader (label, pathology reference)")
             h = upload.lead

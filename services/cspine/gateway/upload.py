@@ -1,20 +1,46 @@
 """An upload stream (AnalyzeStudy's StudyUpload, AddCase's CaseUpload) → the study's instances, checked as
-they arrive: the leading message (options, header) only first, chunks in order and complete, and the
-study's instance and byte limits enforced before more is read."""
+they arrive: the leading message (options, header) only first, chunks in order and complete, the study's
+instance and byte limits enforced before more is read, and the upload's deadline and idle timeout kept, so a
+slow or stalled client cannot hold its study's slot for longer than they allow."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from cspine.config import IngestLimits
-from cspine.errors import EmptyStudyError, InvalidInputError, StudyTooLargeError
+from cspine.errors import DeadlineExceededError, EmptyStudyError, InvalidInputError, StudyTooLargeError
 from cspine.v1 import analysis_pb2 as pb
 
 
 class UploadError(InvalidInputError):
     """The upload stream is not well formed (the message says where)."""
+
+
+class UploadTimeoutError(DeadlineExceededError):
+    """The upload was too slow: ``limit`` is ``idle`` (a gap between messages) or ``deadline`` (the whole)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class UploadTimeouts:
+    """How long one upload may take, in seconds: the whole of it, counted from when reading starts (its
+    study's slot is taken), and the longest wait for its next message (the first included)."""
+
+    deadline_s: float = 600.0
+    idle_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.idle_s <= self.deadline_s:
+            raise ValueError(
+                f"the idle timeout must be > 0 and at most the upload deadline, got idle {self.idle_s} s and "
+                f"deadline {self.deadline_s} s"
+            )
 
 
 @dataclass
@@ -93,10 +119,41 @@ class _Assembler:
         return self.upload
 
 
-async def read_upload(messages: AsyncIterator[Any], limits: IngestLimits, lead: str = "options") -> Upload:
+async def read_upload(
+    messages: AsyncIterator[Any],
+    limits: IngestLimits,
+    lead: str = "options",
+    timeouts: UploadTimeouts = UploadTimeouts(),
+) -> Upload:
     """Read the whole upload stream into instances named by their position (``#1``, ``#2`` …); ``lead`` is
-    the oneof field that may come first (``options`` of a StudyUpload, ``header`` of a CaseUpload)."""
+    the oneof field that may come first (``options`` of a StudyUpload, ``header`` of a CaseUpload). An
+    upload that is not complete within ``timeouts.deadline_s``, or sends nothing for ``timeouts.idle_s``,
+    raises ``UploadTimeoutError`` (→ DEADLINE_EXCEEDED); the read it was waiting in is cancelled."""
     assembler = _Assembler(limits, lead)
-    async for message in messages:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeouts.deadline_s
+    iterator = aiter(messages)
+    while True:
+        left = end - loop.time()
+        wait = min(timeouts.idle_s, left)
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise _timeout(timeouts, assembler, idle=timeouts.idle_s <= left) from None
         assembler.take(message)
     return assembler.finish()
+
+
+def _timeout(timeouts: UploadTimeouts, assembler: _Assembler, idle: bool) -> UploadTimeoutError:
+    received = f"{assembler.messages} messages, {assembler.upload.received_bytes} bytes of DICOM received"
+    if idle:
+        after = f"after message {assembler.messages}" if assembler.messages else "before its first message"
+        return UploadTimeoutError(
+            "idle", f"the upload sent nothing for {timeouts.idle_s:g} s {after} (the idle timeout; {received})"
+        )
+    return UploadTimeoutError(
+        "deadline", f"the upload was not complete within the upload deadline of {timeouts.deadline_s:g} s ({received})"
+    )
