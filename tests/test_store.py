@@ -4,6 +4,7 @@ prototypes, refusals, immutable history, concurrent and killed writers, restarts
 from __future__ import annotations
 
 import itertools
+import logging
 import subprocess
 import sys
 import textwrap
@@ -314,9 +315,16 @@ def test_the_migration_creates_exactly_the_tables_the_store_uses(store, url):
     assert [d for d in differences if d[0] != "remove_table"] == []  # alembic_version is Alembic's own
 
 
-def test_an_unreachable_postgresql_gives_store_unavailable_naming_it_without_the_password():
-    store = SupportStore(f"postgresql+psycopg://cspine:s3cret@127.0.0.1:{free_port()}/cspine")
-    with pytest.raises(StoreUnavailableError, match=r"support store .*cspine:\*\*\*@127\.0\.0\.1") as caught:
-        store.current_version()
-    assert "s3cret" not in str(caught.value)
+def test_an_unreachable_postgresql_is_unavailable_without_its_url_and_logged_without_the_password(caplog):
+    port = free_port()
+    store = SupportStore(f"postgresql+psycopg://cspine:s3cret@127.0.0.1:{port}/cspine")
+    with caplog.at_level(logging.WARNING, logger="cspine.fewshot.store"):
+        with pytest.raises(StoreUnavailableError, match=r"^the support store is unavailable: ") as caught:
+            store.current_version()
     store.close()
+    # The client's message names "the support store": no URL, host, port, user or password.
+    for part in ("postgresql", "127.0.0.1", str(port), "cspine:", "s3cret"):
+        assert part not in str(caught.value)
+    # The server's log names the store by its URL, the password hidden.
+    assert f"support store postgresql+psycopg://cspine:***@127.0.0.1:{port}/cspine is unavailable" in caplog.text
+    assert "s3cret" not in caplog.text

@@ -10,9 +10,13 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2
 
 from cspine.fewshot.prototypes import SupportSet
 from cspine.fewshot.store import SupportStore
+from cspine.gateway.metrics import Metrics
+from cspine.gateway.server import SERVICE_NAMES, track_health
+from cspine.service import Readiness
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 from cspine.v1 import support_pb2_grpc as spb_grpc
@@ -236,26 +240,83 @@ def http_status(url: str) -> int:
         return error.code
 
 
-def test_health_ready_endpoint_and_cspine_store_up_follow_the_store(triton, tmp_path):
+ANALYSIS, SUPPORT = SERVICE_NAMES
+
+
+def health_of(server) -> dict[str, int]:
+    """The gateway's gRPC health: overall (""), SpineAnalysis and SupportSet."""
+    check = server.health.Check
+    return {name: check(health_pb2.HealthCheckRequest(service=name), timeout=5).status for name in ("", *SERVICE_NAMES)}
+
+
+def test_while_only_the_store_is_down_analyses_stay_serving_and_the_support_set_is_not(triton, tmp_path, phantom_cases):
     path = tmp_path / "support.db"
     store = new_store(f"sqlite:///{path}")
     server = GatewayThread(triton.grpc_url, store=store, health_interval_s=0.2)
     value = server.metrics.registry.get_sample_value
     ready = f"http://127.0.0.1:{server.metrics.serve(0, '127.0.0.1')}/ready"  # the chart's readiness probe
+    all_serving = {"": SERVING, ANALYSIS: SERVING, SUPPORT: SERVING}
     try:
-        assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+        assert _wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
         assert http_status(ready) == 200
         store.close()
         path.rename(tmp_path / "moved.db")
         path.mkdir()  # SQLite cannot open a directory: the store stops answering
         assert _wait_for(lambda: value("cspine_store_up") == 0), "the store gauge must drop"
-        assert server.status() == NOT_SERVING and value("cspine_triton_ready") == 1
-        assert http_status(ready) == 503
+        assert _wait_for(lambda: health_of(server)[SUPPORT] == NOT_SERVING), "SupportSet must say it cannot serve"
+        assert health_of(server) == {"": SERVING, ANALYSIS: SERVING, SUPPORT: NOT_SERVING}
+        assert value("cspine_triton_ready") == 1 and http_status(ready) == 200  # the pod keeps taking analyses
+        result = server.stub.AnalyzeStudy(upload(files_of(phantom_cases["benign"])), timeout=120)
+        assert result.prototype_set_version == "v1" and len(result.modalities) == 3  # on the set it holds
+        with pytest.raises(grpc.RpcError) as caught:
+            spb_grpc.SupportSetStub(server.channel).ListCases(spb.ListCasesRequest(), timeout=10)
+        details = caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details.startswith("the support store is unavailable: ") and "(request " in details
+        assert "sqlite" not in details and str(tmp_path) not in details  # never the store's URL
         path.rmdir()
         (tmp_path / "moved.db").rename(path)
-        assert _wait_for(lambda: server.status() == SERVING and value("cspine_store_up") == 1)
+        assert _wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
         assert http_status(ready) == 200
         assert http_status(ready.replace("/ready", "/metrics")) == 200
     finally:
         server.close()
     assert http_status(ready) == 503  # draining and stopped: no traffic
+
+
+class _Service:
+    """Stands in for AnalysisService in track_health: readiness as the test sets it."""
+
+    def __init__(self) -> None:
+        self.readiness = Readiness(triton=True, store=True)
+
+    async def ready(self) -> Readiness:
+        return self.readiness
+
+
+@pytest.mark.parametrize(
+    ("triton_up", "store_up", "analyses", "support_set"),
+    [
+        (True, True, SERVING, SERVING),
+        (True, False, SERVING, NOT_SERVING),  # analyses run on the prototype set the replica holds
+        (False, True, NOT_SERVING, NOT_SERVING),
+        (False, False, NOT_SERVING, NOT_SERVING),
+    ],
+)
+def test_track_health_serves_analyses_while_triton_answers_and_the_support_set_while_the_store_does_too(
+    triton_up, store_up, analyses, support_set
+):
+    async def scenario() -> tuple[dict[str, int], bool]:
+        service, servicer, metrics = _Service(), health.aio.HealthServicer(), Metrics()
+        service.readiness = Readiness(triton=triton_up, store=store_up)
+        tracker = asyncio.create_task(track_health(service, servicer, metrics, interval_s=0.01))
+        await asyncio.sleep(0.05)
+        tracker.cancel()
+        statuses = {}
+        for name in ("", *SERVICE_NAMES):
+            statuses[name] = (await servicer.Check(health_pb2.HealthCheckRequest(service=name), None)).status
+        return statuses, metrics.serving
+
+    statuses, ready = asyncio.run(scenario())
+    assert statuses == {"": analyses, ANALYSIS: analyses, SUPPORT: support_set}
+    assert ready is (analyses == SERVING)  # /ready, the chart's readiness probe, follows the overall health

@@ -106,6 +106,11 @@ class StoreUnavailableError(UnavailableError):
     """The support store's database does not answer. The message names the store, never its password."""
 
 
+class StoreFullError(LimitExceededError):
+    """The support store's disk is full: nothing more can be written until space is freed; what it holds is
+    intact and still read (→ RESOURCE_EXHAUSTED). The message names the store, never its password."""
+
+
 class UnauthenticatedError(CspineError):
     """The call carries no bearer token, or one cspine does not know (→ UNAUTHENTICATED)."""
 

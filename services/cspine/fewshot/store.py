@@ -11,13 +11,22 @@ before committing leaves the previous version as it was.
 Replicas sharing one PostgreSQL database do not notify each other: each polls ``current_version()`` (one
 primary-key read) and loads ``prototype_set()`` when the number moves, so a change made through one replica
 is in use on all of them at most one poll interval later (plus the load).
+
+Faults are answered, never waited out: a store that does not answer is ``StoreUnavailableError`` — a
+PostgreSQL connection that waits longer than ``timeout_s`` for the answer to one statement (a stalled network,
+a hung server) has its socket shut down, so the thread blocked on it is freed — and a full disk is
+``StoreFullError``; in both the transaction is rolled back and every committed version stays as it was
+(tests/faults/).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,7 +57,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from cspine.domain import Modality
 from cspine.errors import (
@@ -56,6 +66,7 @@ from cspine.errors import (
     DuplicateCaseError,
     InvalidInputError,
     LimitExceededError,
+    StoreFullError,
     StoreUnavailableError,
     UnknownClassError,
 )
@@ -68,6 +79,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SYNTHETIC_CURATOR = "cspine (SYNTHETIC default)"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 5
+STORE_TIMEOUT_S = 10.0  # the longest PostgreSQL may take to answer one statement (a healthy store: milliseconds)
+_DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
 _MIGRATION_LOCK_KEY = 0x637370696E65  # pg_advisory_xact_lock key: replicas migrating at once take turns
 _MAX_TEXT = 64
 _MAX_REFERENCE = 1024  # a pathology report's reference, not the report itself
@@ -151,9 +164,10 @@ def study_uid_hash(study_uid: str) -> str:
 class SupportStore:
     """Support cases and prototype-set versions in one database: ``sqlite:///path/support.db`` (embedded
     default) or ``postgresql+psycopg://user@host/db`` (replicas sharing it). Thread-safe; call ``migrate()``
-    once before use and ``close()`` at the end."""
+    once before use and ``close()`` at the end. A PostgreSQL statement not answered within ``timeout_s`` is
+    given up (``StoreUnavailableError``)."""
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(self, url: str | URL, *, timeout_s: float = STORE_TIMEOUT_S) -> None:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -162,6 +176,8 @@ class SupportStore:
             parsed = parsed.set(drivername="postgresql+psycopg")
         self.name = parsed.render_as_string(hide_password=True)
         backend = parsed.get_backend_name()
+        self.timeout_s = timeout_s
+        self._watchdog: _Watchdog | None = None
         if backend == "sqlite":
             if parsed.database in (None, "", ":memory:"):
                 raise ValueError(f"support store {self.name}: SQLite needs a file (sqlite:///path/support.db)")
@@ -172,8 +188,10 @@ class SupportStore:
         elif backend == "postgresql":
             self._sqlite_file = None
             engine = create_engine(
-                parsed, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+                parsed, pool_timeout=timeout_s, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
             )
+            # In place of pool_pre_ping, whose ping no timer would cover: the watchdog pings under its own.
+            self._watchdog = _Watchdog(engine, timeout_s)
         else:
             raise ValueError(f"support store {self.name}: only sqlite and postgresql are supported")
         self._engine = engine
@@ -359,11 +377,29 @@ class SupportStore:
 
     @contextmanager
     def _translate(self) -> Iterator[None]:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.expired.discard(threading.get_ident())
         try:
             yield
         except (OperationalError, InterfaceError) as exc:  # the database, not the request: bugs propagate
-            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
-            raise StoreUnavailableError(f"support store {self.name} is unavailable: {reason}") from exc
+            if _disk_full(exc.orig):
+                logger.warning("support store %s is full", self.name)
+                raise StoreFullError(
+                    "the support store is full: no space left on its disk to write; free some and retry"
+                ) from exc
+            if watchdog is not None and threading.get_ident() in watchdog.expired:
+                reason = f"no answer within {watchdog.timeout_s:g} s"
+            else:  # the driver's words name the host, port and user: for the server's log, not for clients
+                said = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+                logger.warning("support store %s is unavailable: %s", self.name, said)
+                reason = f"the database driver reports {type(exc.orig).__name__}"
+            # Clients see "the support store", never its URL (self.name, the password hidden, is for the log).
+            raise StoreUnavailableError(f"the support store is unavailable: {reason}") from exc
+        except PoolTimeoutError as exc:  # every pooled connection is held by a call the store has not answered
+            raise StoreUnavailableError(
+                f"the support store is unavailable: no free connection within {self.timeout_s:g} s"
+            ) from exc
 
     @contextmanager
     def _writing(self) -> Iterator[tuple[Connection, int]]:
@@ -372,7 +408,7 @@ class SupportStore:
             # FOR UPDATE makes PostgreSQL writers queue on this one row; on SQLite BEGIN IMMEDIATE already has.
             head = conn.execute(select(store_head.c.version).where(store_head.c.id == 1).with_for_update()).scalar()
             if head is None:
-                raise StoreUnavailableError(f"support store {self.name} is not initialised: run migrate() first")
+                raise StoreUnavailableError("the support store is not initialised: run migrate() first")
             yield conn, head
             if self._before_commit is not None:
                 self._before_commit()
@@ -381,11 +417,101 @@ class SupportStore:
         head = _head(conn)
         if version is None:
             if head == 0:
-                raise StoreUnavailableError(f"support store {self.name} holds no prototype-set version yet")
+                raise StoreUnavailableError("the support store holds no prototype-set version yet")
             return head
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= head:
             raise InvalidInputError(f"no prototype-set version {version!r} (versions 1 to {head})")
         return version
+
+
+class _Watch:
+    """One connection out of the pool: when it is given up unless the store answers, and the timer that will
+    check."""
+
+    def __init__(self, deadline: float, thread: int) -> None:
+        self.deadline = deadline
+        self.thread = thread  # the thread whose call holds the connection
+        self.timer: threading.Timer | None = None
+
+
+class _Watchdog:
+    """Gives up on a PostgreSQL connection that waits longer than ``timeout_s`` for the store to answer one
+    statement: its socket is shut down, so the psycopg call blocked on it fails at once and the pool drops it.
+    Without it a store that stalls (packets no longer answered, a hung server) would hold the calling thread
+    forever. Armed when a connection leaves the pool, pushed back at each statement and commit (so a long series
+    of quick ones, the SYNTHETIC seed, is never cut), disarmed when it returns; the ping that checks a pooled
+    connection is still alive (after a restart it is not) runs under the same timer."""
+
+    def __init__(self, engine, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"the store timeout must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.expired: set[int] = set()  # threads whose call was given up, for _translate to say so
+        self._dialect = engine.dialect
+        self._lock = threading.Lock()
+        event.listen(engine, "connect", self._connected)
+        event.listen(engine, "checkout", self._checkout)
+        event.listen(engine, "checkin", self._checkin)
+        event.listen(engine, "before_cursor_execute", self._answer_awaited)
+        event.listen(engine, "commit", self._answer_awaited)
+
+    def _connected(self, dbapi_connection, record) -> None:
+        record.info["cspine_fresh"] = True  # just opened: no ping needed
+
+    def _checkout(self, dbapi_connection, record, proxy) -> None:
+        watch = _Watch(time.monotonic() + self.timeout_s, threading.get_ident())
+        with self._lock:
+            record.info["cspine_watch"] = watch
+            self._schedule(watch, dbapi_connection, record, self.timeout_s)
+        if record.info.pop("cspine_fresh", False):
+            return
+        try:
+            self._dialect.do_ping(dbapi_connection)
+        except self._dialect.loaded_dbapi.Error as error:
+            if watch.thread in self.expired:
+                raise  # the store does not answer: the call fails (the pool drops the connection)
+            self._checkin(dbapi_connection, record)
+            raise DisconnectionError("the pooled connection is dead") from error  # the pool opens a fresh one
+
+    def _answer_awaited(self, conn, *args) -> None:
+        watch = conn.connection.info.get("cspine_watch")
+        if watch is not None:
+            watch.deadline = time.monotonic() + self.timeout_s
+
+    def _checkin(self, dbapi_connection, record) -> None:
+        with self._lock:
+            watch = record.info.pop("cspine_watch", None)
+        if watch is not None:
+            watch.timer.cancel()
+
+    def _schedule(self, watch: _Watch, dbapi_connection, record, delay_s: float) -> None:
+        watch.timer = threading.Timer(delay_s, self._expire, (watch, dbapi_connection, record))
+        watch.timer.daemon = True
+        watch.timer.start()
+
+    def _expire(self, watch: _Watch, dbapi_connection, record) -> None:
+        with self._lock:
+            if record.info.get("cspine_watch") is not watch:
+                return  # returned to the pool meanwhile
+            remaining = watch.deadline - time.monotonic()
+            if remaining > 0:  # a statement was sent since: wait for its answer
+                self._schedule(watch, dbapi_connection, record, remaining)
+                return
+            self.expired.add(watch.thread)
+        logger.warning("support store: no answer within %g s: giving up the connection", self.timeout_s)
+        try:
+            fd = dbapi_connection.pgconn.socket  # raises once the connection is closed
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if dbapi_connection.pgconn.socket == fd:  # the duplicate is this connection's socket
+                    sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, self._dialect.loaded_dbapi.Error):
+            pass  # closed meanwhile: nobody waits on it
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+        getattr(error, "sqlstate", None) == _DISK_FULL_SQLSTATE
+    )
 
 
 def _sqlite_connect(dbapi_connection, connection_record) -> None:
