@@ -18,6 +18,7 @@ from cspine.domain import (
 from cspine.errors import InvalidInputError
 from cspine.fewshot.prototypes import PrototypeSet
 from cspine.fewshot.store import Case, VersionInfo
+from cspine.gateway.upload import UploadTimeouts
 from cspine.pipeline import AnalysisOptions
 from cspine.service import ServiceInfo
 from cspine.v1 import analysis_pb2 as pb
@@ -159,7 +160,7 @@ def analysis_to_pb(analysis: StudyAnalysis, request_id: str) -> pb.StudyAnalysis
     )
 
 
-def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
+def info_to_pb(info: ServiceInfo, max_message_bytes: int, timeouts: UploadTimeouts) -> pb.ServiceInfo:
     return pb.ServiceInfo(
         version=info.version,
         models=[pb.ModelVersion(name=m.name, version=m.version) for m in info.models],
@@ -175,6 +176,9 @@ def info_to_pb(info: ServiceInfo, max_message_bytes: int) -> pb.ServiceInfo:
             max_message_bytes=max_message_bytes,
             max_queued_studies=info.max_queued_studies,
             max_frame_bytes=info.limits.max_frame_bytes,
+            upload_deadline_s=timeouts.deadline_s,
+            idle_timeout_s=timeouts.idle_s,
+            max_study_model_bytes=info.limits.max_study_model_bytes,
         ),
     )
 

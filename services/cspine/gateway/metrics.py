@@ -42,10 +42,21 @@ class Metrics:
         self.in_flight = Gauge("cspine_studies_in_flight", "Studies being received or analysed", registry=r)
         self.queued = Gauge("cspine_studies_queued", "Studies waiting for a free slot, upload unread", registry=r)
         self.received = Counter("cspine_received_bytes", "Bytes of DICOM uploads received", registry=r)
+        self.upload_timeouts = Counter(
+            "cspine_upload_timeouts",
+            "Uploads ended with DEADLINE_EXCEEDED for being too slow, by method and limit (idle, deadline)",
+            ["rpc", "limit"],
+            registry=r,
+        )
         self.prototype_set = Gauge(
             "cspine_prototype_set_info", "The prototype set analyses use (value 1)", ["version"], registry=r
         )
         self.triton_ready = Gauge("cspine_triton_ready", "1 while Triton and every model answer", registry=r)
+        self.triton_restarts = Counter(
+            "cspine_triton_restarts",
+            "Restarts of the local Triton of cspine serve after it exited on its own (every try counts)",
+            registry=r,
+        )
         self.store_up = Gauge("cspine_store_up", "1 while the support store answers", registry=r)
         self.serving = False  # the gateway's health, set by its health tracker: what /ready answers
 

@@ -16,6 +16,7 @@ from cspine.gateway.auth import AuthInterceptor, TokenStore
 from cspine.gateway.interceptors import GatewayInterceptor
 from cspine.gateway.metrics import Metrics
 from cspine.gateway.servicer import SpineAnalysisServicer, SupportSetServicer
+from cspine.gateway.upload import UploadTimeouts
 from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
@@ -39,6 +40,13 @@ class GatewayConfig:
     max_message_bytes: int = 16 * MiB  # one upload message; larger instances come in chunks
     grace_s: float = 30.0  # on SIGTERM, in-flight studies get this long to finish
     health_interval_s: float = 2.0  # how often Triton's readiness is checked
+    # A study's slot is held from before its upload is read, so a slow or stalled client must not keep it: the
+    # whole upload must arrive within upload_deadline_s of the slot being taken, with no gap between two
+    # messages (or before the first) longer than idle_timeout_s. Either → DEADLINE_EXCEEDED, slot freed.
+    # 600 s passes the largest study allowed (max_study_bytes, 4 GiB by default) at ≥ 57 Mbit/s; 30 s passes
+    # one largest message (16 MiB) at ≥ 4.5 Mbit/s. docs/serving.md has the arithmetic.
+    upload_deadline_s: float = UploadTimeouts.deadline_s
+    idle_timeout_s: float = UploadTimeouts.idle_s
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -47,6 +55,15 @@ class GatewayConfig:
             raise ValueError(f"max_message_bytes must be at least 1 MiB, got {self.max_message_bytes}")
         if self.grace_s < 0 or self.health_interval_s <= 0:
             raise ValueError("grace_s must be >= 0 and health_interval_s > 0")
+        if not 0 < self.idle_timeout_s <= self.upload_deadline_s:
+            raise ValueError(
+                f"idle_timeout_s must be > 0 and at most upload_deadline_s, got idle_timeout_s {self.idle_timeout_s} "
+                f"and upload_deadline_s {self.upload_deadline_s}"
+            )
+
+    @property
+    def upload_timeouts(self) -> UploadTimeouts:
+        return UploadTimeouts(deadline_s=self.upload_deadline_s, idle_s=self.idle_timeout_s)
 
 
 def create_server(
@@ -67,9 +84,9 @@ def create_server(
         ],
     )
     pb_grpc.add_SpineAnalysisServicer_to_server(
-        SpineAnalysisServicer(service, metrics, config.max_message_bytes), server
+        SpineAnalysisServicer(service, metrics, config.max_message_bytes, config.upload_timeouts), server
     )
-    spb_grpc.add_SupportSetServicer_to_server(SupportSetServicer(service, metrics), server)
+    spb_grpc.add_SupportSetServicer_to_server(SupportSetServicer(service, metrics, config.upload_timeouts), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
@@ -82,21 +99,29 @@ def create_server(
 async def track_health(
     service: AnalysisService, health_servicer: health.aio.HealthServicer, metrics: Metrics, interval_s: float
 ) -> None:
-    """SERVING while Triton, every model and the support store answer, NOT_SERVING otherwise; checked every
-    ``interval_s``."""
+    """The health of each service, checked every ``interval_s``. The overall one ("", which ``/ready`` follows)
+    and SpineAnalysis are SERVING while Triton and every model answer: a replica whose support store is down
+    still analyses, with the prototype set it holds. SupportSet is SERVING while the store answers too (AddCase
+    also analyses), NOT_SERVING while it does not."""
+    analysis, support = SERVICE_NAMES
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     last = None
     while True:
         ready = await service.ready()
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, status)
-        metrics.serving = bool(ready)
+        up = {"": ready.triton, analysis: ready.triton, support: ready.triton and ready.store}
+        for name, answers in up.items():
+            await health_servicer.set(name, serving if answers else not_serving)
+        metrics.serving = ready.triton
         metrics.triton_ready.set(1 if ready.triton else 0)
         metrics.store_up.set(1 if ready.store else 0)
-        if bool(ready) != last:
-            reason = "Triton is not ready" if not ready.triton else "the support store does not answer"
-            logger.info("health: %s", "SERVING" if ready else f"NOT_SERVING ({reason})")
-            last = bool(ready)
+        if (ready.triton, ready.store) != last:
+            if not ready.triton:
+                logger.info("health: NOT_SERVING (Triton is not ready)")
+            elif not ready.store:
+                logger.info("health: SERVING analyses; SupportSet NOT_SERVING (the support store does not answer)")
+            else:
+                logger.info("health: SERVING")
+            last = (ready.triton, ready.store)
         await asyncio.sleep(interval_s)
 
 
@@ -157,6 +182,12 @@ async def run_gateway(
         config.host,
         gateway.port,
         "off" if config.metrics_port is None else f":{config.metrics_port}",
+    )
+    logger.info(
+        "uploads: deadline %g s (a study of max_study_bytes needs %.1f Mbit/s), idle timeout %g s",
+        config.upload_deadline_s,
+        service.limits.max_study_bytes * 8 / config.upload_deadline_s / 1e6,
+        config.idle_timeout_s,
     )
     await stop.wait()
     logger.info("draining: %d studies in flight, grace %.0f s", service.in_flight, config.grace_s)
