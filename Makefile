@@ -17,7 +17,7 @@ HELM := .tools/bin/helm
 CRD_NPM_PACKAGES := @kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/keda@2.0.0
 CRD_VALIDATORS := .tools/node_modules/@kubernetes-models/keda/package.json
 
-.PHONY: venv protos sysdeps tools chart demo test bench train clean loadtest
+.PHONY: venv protos sysdeps tools chart demo test bench train clean loadtest fuzz faults
 
 venv: $(STAMP) protos
 
@@ -82,6 +82,21 @@ bench: venv
 # report.html. Sweeps, open loop, overload and distributed runs: docs/performance.md, "Load tests".
 loadtest: venv
 	$(BIN)/cspine loadtest --users 2 --duration 30 --out out/loadtest
+
+# Coverage-guided fuzzing of DICOM ingest (atheris) for FUZZ_BUDGET_S CPU seconds: crashes in out/fuzz/crashes,
+# the minimized corpus written back to tests/data/fuzz_corpus (docs/reliability.md, "Fuzzing ingest").
+FUZZ_BUDGET_S ?= 1200
+FUZZ_SEED ?= 1
+fuzz: venv
+	$(BIN)/python tests/fuzz_seeds.py out/fuzz/builder-seeds
+	$(BIN)/cspine fuzz ingest --budget-s $(FUZZ_BUDGET_S) --seed $(FUZZ_SEED) --seeds out/fuzz/builder-seeds \
+	  --corpus tests/data/fuzz_corpus --work out/fuzz
+
+# The fault-injection suite alone (it also runs in `make test`), then its table in docs/reliability.md rewritten
+# from the rows it left in tests/faults/.last-report.json.
+faults: venv sysdeps
+	$(BIN)/python -m pytest tests/faults
+	$(BIN)/python tests/faults/report.py --write docs/reliability.md
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

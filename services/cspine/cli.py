@@ -1,5 +1,5 @@
 """The `cspine` command: phantom, inspect, train, export, calibrate, evaluate, serve, analyze, triton, bench,
-demo.
+demo, fuzz.
 
 Configuration is read here, once, from flags and ``CSPINE_`` environment variables; the library modules
 never read the environment themselves.
@@ -307,7 +307,8 @@ def _add_cohort_arguments(p: argparse.ArgumentParser, cases: int, seed: int) -> 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _triton(args: argparse.Namespace):
+def _triton(args: argparse.Namespace, **supervision):
+    """The local Triton the flags describe; ``supervision``: ``supervise``, ``on_restart`` (see LocalTriton)."""
     from cspine.inference.local_triton import LocalTriton, TritonPorts
 
     ports = TritonPorts(http=args.triton_http_port, grpc=args.triton_grpc_port, metrics=args.triton_metrics_port)
@@ -317,6 +318,7 @@ def _triton(args: argparse.Namespace):
         model_config_name=args.model_config_name,
         ort_threads=args.ort_threads,
         log_verbose=args.log_verbose,
+        **supervision,
     )
 
 
@@ -453,7 +455,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_level if args.log_level.upper() != "WARNING" else "INFO")
     auth.check_bind_address(args.host, tokens_configured=args.tokens is not None, tls=bool(args.tls_cert))
-    config = GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port or None, grace_s=args.grace)
+    config = GatewayConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        grace_s=args.grace,
+        upload_deadline_s=args.upload_deadline,
+        idle_timeout_s=args.idle_timeout,
+    )
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.tokens:
@@ -498,7 +507,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stack.callback(store.close)
         url = args.triton_url
         if url is None:
-            url = stack.enter_context(_triton(args)).grpc_url
+            triton = _triton(args, supervise=True, on_restart=metrics.triton_restarts.inc)  # restarted if it crashes
+            url = stack.enter_context(triton).grpc_url
         print(f"cspine serve: gRPC on {config.host}:{config.port}, Triton at {url}, data in {data_dir}", flush=True)
         if new_tokens:
             print(f"generated tokens (shown once; kept in {data_dir / auth.TOKENS_FILE}):", flush=True)
@@ -506,6 +516,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"  {role.value}: {token}", flush=True)
         asyncio.run(run(url))
     return 0
+
+
+def cmd_fuzz_ingest(args: argparse.Namespace) -> int:
+    from cspine.dicom.fuzz import FuzzOptions, format_report, fuzz_ingest
+
+    options = FuzzOptions(
+        budget_s=args.budget_s,
+        corpus=Path(args.corpus),
+        work=Path(args.work),
+        seed=args.seed,
+        seeds=tuple(Path(s) for s in args.seeds),
+        per_input_timeout_s=args.per_input_timeout_s,
+    )
+    report = fuzz_ingest(options, progress=lambda message: print(message, flush=True))
+    print(format_report(report))
+    return 1 if report.crashes else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -831,6 +857,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight studies get to finish on SIGTERM (env CSPINE_GRACE_SECONDS, default 30)",
     )
     p.add_argument(
+        "--upload-deadline",
+        type=float,
+        default=float(os.environ.get("CSPINE_UPLOAD_DEADLINE_SECONDS", "600")),
+        help="seconds a study's whole upload (AnalyzeStudy, AddCase) may take once its slot is taken; a slower one "
+        "gets DEADLINE_EXCEEDED and frees the slot (env CSPINE_UPLOAD_DEADLINE_SECONDS, default 600: a study of the "
+        "default 4 GiB limit at 57 Mbit/s or faster)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(os.environ.get("CSPINE_IDLE_TIMEOUT_SECONDS", "30")),
+        help="seconds an upload may send nothing (before its first message or between two); a longer silence "
+        "gets DEADLINE_EXCEEDED and frees the slot (env CSPINE_IDLE_TIMEOUT_SECONDS, default 30; at most "
+        "--upload-deadline)",
+    )
+    p.add_argument(
         "--store-url",
         default=os.environ.get("CSPINE_STORE_URL"),
         help="support store: sqlite:///FILE or postgresql+psycopg://… shared by replicas (env CSPINE_STORE_URL; "
@@ -924,6 +966,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_loadtest_arguments(p)
     p.set_defaults(func=cmd_loadtest)
 
+    p = sub.add_parser("fuzz", help="fuzzing runs (atheris, from the dev extra)")
+    fuzz = p.add_subparsers(dest="fuzz", required=True)
+    f = fuzz.add_parser(
+        "ingest",
+        help="coverage-guided fuzzing of DICOM ingest for a CPU budget; exit status 1 when anything crashed",
+    )
+    f.add_argument("--budget-s", type=float, required=True, help="CPU seconds of fuzzing")
+    f.add_argument("--corpus", default="tests/data/fuzz_corpus", help="kept corpus: read, then minimized in place")
+    f.add_argument("--work", default="out/fuzz", help="seeds, new inputs, crashes/ and logs of the run")
+    f.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    f.add_argument("--seeds", action="append", default=[], help="another folder of seed inputs (repeatable)")
+    f.add_argument("--per-input-timeout-s", type=int, default=10, help="longer counts as a hang (default 10)")
+    f.set_defaults(func=cmd_fuzz_ingest)
+
     p = sub.add_parser(
         "demo",
         help="start cspine serve, upload a SYNTHETIC study with `cspine analyze`, print the report, write "
@@ -937,7 +993,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cspine.gateway import logs
+
+    # Every command logs redacted, with pydicom's and highdicom's warnings in the log (``serve`` then switches to
+    # JSON lines). Like basicConfig, it leaves a host that configured logging itself (a test runner) alone.
+    if not logging.getLogger().handlers:
+        logs.configure(args.log_level, json_lines=False)
     try:
         return args.func(args)
     except (CspineError, ValueError) as exc:
