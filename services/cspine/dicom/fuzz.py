@@ -740,7 +740,9 @@ def _phantom_seeds() -> list[bytes]:
 
 
 @contextlib.contextmanager
-def _quiet(names: Iterable[str] = ("pydicom", "openjpeg", "cspine.dicom.ingest")) -> Iterator[None]:
+def _quiet(
+    names: Iterable[str] = ("pydicom", "openjpeg", "cspine.dicom.ingest", "cspine.dicom.pixels"),
+) -> Iterator[None]:
     """Silence the libraries' complaints while seeds are cropped (most corpus files make some)."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [log.level for log in loggers]
