@@ -13,13 +13,30 @@ import pytest
 from cspine.analysis.alignment import cobb_angle, endplate_tilt, wall_tilt
 from cspine.analysis.canal import canal_section
 from cspine.analysis.discs import disc_height
-from cspine.analysis.fusion import Calibration, DetectionCurve, assess, normalised_entropy, pool
+from cspine.analysis.fusion import (
+    DETECTION_THRESHOLD,
+    Calibration,
+    DetectionCurve,
+    assess,
+    modality_assessment,
+    normalised_entropy,
+    pool,
+)
 from cspine.analysis.lesions import measure_lesions
 from cspine.analysis.levels import LevelFrame, frame_from_discs, frame_from_radiograph
 from cspine.analysis.masks import LabelMasks
+from cspine.analysis.spine import ModalitySpine, combine, unavailable_notices
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
-from cspine.domain import MEASURED_LEVELS, Modality, SeriesRole, Volume
+from cspine.domain import (
+    MEASURED_LEVELS,
+    LevelMeasurement,
+    Modality,
+    NoticeCode,
+    OpllMeasurement,
+    SeriesRole,
+    Volume,
+)
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet
 from cspine.inference.local_triton import default_repository
 from cspine.inference.specs import SEG_LABELS
@@ -230,6 +247,19 @@ def test_detection_without_any_lesion_is_negative_and_has_no_probabilities():
     assert fused.probabilities == () and fused.label is None
 
 
+@pytest.mark.parametrize("intercept, detected", [(0.0, True), (-1e-6, False)])
+def test_one_modality_and_the_fused_assessment_detect_at_the_same_threshold(intercept, detected):
+    calibration = Calibration(
+        detection={m: DetectionCurve(intercept, 1.0) for m in Modality},
+        detection_weights={m: 1.0 for m in Modality},
+        classification_weights={m: 1.0 for m in Modality},
+    )
+    own = modality_assessment(Modality.CT, 0.0, calibration)
+    fused = assess({Modality.CT: 0.0}, {}, LABELS, calibration)
+    assert own == fused
+    assert own.tumor_detected is detected and own.detection_score == pytest.approx(DETECTION_THRESHOLD, abs=1e-6)
+
+
 def test_calibration_round_trips_through_json(tmp_path):
     calibration = _calibration()
     calibration.save(tmp_path)
@@ -239,6 +269,62 @@ def test_calibration_round_trips_through_json(tmp_path):
 def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
     assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
     assert normalised_entropy(np.ones(4) / 4) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The study's spine measurements, each from its preferred modality
+
+CT_OPLL = OpllMeasurement(present=True, occupying_ratio=0.3, max_thickness_mm=3.0, levels=("C3",))
+SPINE_BY_MODALITY = {
+    Modality.CT: ModalitySpine(
+        levels={
+            "C3": LevelMeasurement("C3", 150.0, disc_height_mm=5.0, canal_source=Modality.CT, disc_source=Modality.CT)
+        },
+        opll=CT_OPLL,
+    ),
+    Modality.MR: ModalitySpine(
+        levels={"C3": LevelMeasurement("C3", 160.0, 70.0, 0.6, 5.5, Modality.MR, Modality.MR, Modality.MR)},
+        cobb_angle_deg=12.0,
+    ),
+    Modality.XR: ModalitySpine(
+        levels={"C3": LevelMeasurement("C3", disc_height_mm=6.0, disc_source=Modality.XR)}, cobb_angle_deg=15.0
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "subset, canal, cord, disc, cobb, opll",
+    [
+        ("CT MR XR", (150.0, "CT"), (70.0, 0.6, "MR"), (5.5, "MR"), (15.0, "XR"), CT_OPLL),
+        ("CT XR", (150.0, "CT"), None, (5.0, "CT"), (15.0, "XR"), CT_OPLL),
+        ("CT MR", (150.0, "CT"), (70.0, 0.6, "MR"), (5.5, "MR"), (12.0, "MR"), CT_OPLL),
+        ("MR", (160.0, "MR"), (70.0, 0.6, "MR"), (5.5, "MR"), (12.0, "MR"), None),
+        ("XR", None, None, (6.0, "XR"), (15.0, "XR"), None),
+    ],
+)
+def test_each_spine_measurement_comes_from_its_preferred_modality(subset, canal, cord, disc, cobb, opll):
+    measured = {Modality(m): SPINE_BY_MODALITY[Modality(m)] for m in subset.split()}
+    spine = combine(measured)
+    c3 = spine.level("C3")
+    assert (c3.canal_area_mm2, c3.canal_source) == ((canal[0], Modality(canal[1])) if canal else (None, None))
+    assert (c3.cord_area_mm2, c3.cord_compression_ratio, c3.cord_source) == (
+        (cord[0], cord[1], Modality(cord[2])) if cord else (None, None, None)
+    )
+    assert (c3.disc_height_mm, c3.disc_source) == (disc[0], Modality(disc[1]))
+    assert (spine.cobb_angle_deg, spine.cobb_source) == (cobb[0], Modality(cobb[1]))
+    assert spine.opll == opll
+    assert [level.level for level in spine.levels] == list(MEASURED_LEVELS)
+    assert all(level == LevelMeasurement(level.level) for level in spine.levels if level.level != "C3")
+    assert unavailable_notices(measured, spine) == []
+
+
+def test_a_missing_cobb_angle_is_told_only_when_a_modality_that_measures_it_was_assessed():
+    ct_only = {Modality.CT: SPINE_BY_MODALITY[Modality.CT]}
+    assert unavailable_notices(ct_only, combine(ct_only)) == []
+    no_angle = {Modality.CT: SPINE_BY_MODALITY[Modality.CT], Modality.XR: ModalitySpine()}
+    spine = combine(no_angle)
+    assert spine.cobb_angle_deg is None and spine.cobb_source is None
+    assert [n.code for n in unavailable_notices(no_angle, spine)] == [NoticeCode.MEASUREMENT_UNAVAILABLE]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import analyse
 from cspine.analysis.competence import (
     CompetenceReference,
     FeatureReference,
@@ -23,6 +22,7 @@ from cspine.evaluation.ood_corpus import real_ood_studies, synthetic_ood_studies
 from cspine.inference.local_triton import default_repository
 from cspine.modeling.data import model_labels
 from cspine.v1 import analysis_pb2 as pb
+from support.pipeline import analyse
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_every_modality_failing_inside_cspine_is_a_server_fault_not_the_caller_s
     def broken(*_):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "_measure_spine", broken)
+    monkeypatch.setattr(pipeline, "measure_spine", broken)
     study = ingest_paths([phantom_cases["benign"].path / f for f in ("ct", "xr")])
     with pytest.raises(AnalysisFailedError, match="CT could not be analysed: an internal error") as caught:
         analyse(triton, study)

@@ -206,7 +206,7 @@ class AnalysisService:
         if not analysis.fused.tumor_detected:
             raise InvalidInputError(
                 f"no tumor was detected in the case (detection score {analysis.fused.detection_score:.2f}, "
-                "below 0.5): a support case needs a lesion to learn from"
+                f"below {self.calibration.detection_threshold:g}): a support case needs a lesion to learn from"
             )
         if not embeddings:
             raise InvalidInputError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,10 @@ from scipy import ndimage
 from cspine.analysis.masks import component_sizes, components
 from cspine.dicom.selection import LOCALIZER_TYPES, image_type, is_derived, mr_weighting
 from cspine.domain import (
+    Assessment,
     Disclosure,
     Modality,
+    ModalityResult,
     NoticeCode,
     OodScore,
     Reason,
@@ -38,6 +40,7 @@ from cspine.domain import (
     Selection,
     Series,
     SeriesRole,
+    SeriesUsed,
     Study,
     Volume,
 )
@@ -142,6 +145,29 @@ def input_verdicts(study: Study, selection: Selection) -> dict[Modality, InputVe
         unique = tuple({r.code: r for r in reasons}.values()) if not roles else ()
         out[modality] = InputVerdict(modality, tuple(roles), judged, unique)
     return out
+
+
+def not_assessable_result(
+    verdict: InputVerdict, ood: OodScore | None = None, reasons: tuple[Reason, ...] | None = None
+) -> ModalityResult:
+    """A modality that gives no tumor call: the series it was judged on and why (``reasons``, else the input
+    verdict's), nothing else."""
+    series = tuple(
+        SeriesUsed(role, s.series_instance_uid, s.description, s.volume.shape[0] if s.volume is not None else 0)
+        for role, s in verdict.judged
+    )
+    return ModalityResult(verdict.modality, series, [], Assessment.not_assessable(reasons or verdict.reasons), ood=ood)
+
+
+def no_assessable_modality(results: Mapping[Modality, ModalityResult]) -> Reason:
+    """Why a study gets no fused assessment: no modality it holds could be assessed, each for its reasons."""
+    if not results:
+        what = "the study holds no CT, MR or radiograph image cspine reads"
+    else:
+        what = "; ".join(
+            f"{m.value}: " + ", ".join(r.code.value for r in res.assessment.reasons) for m, res in results.items()
+        )
+    return Reason(ReasonCode.NO_ASSESSABLE_MODALITY, f"no modality of the study could be assessed ({what})")
 
 
 # -- anatomy -------------------------------------------------------------------------------------------
@@ -321,6 +347,20 @@ class FeatureReference:
 
     def ood(self, features: np.ndarray) -> OodScore:
         return OodScore(round(self.score(features), 4), round(self.threshold, 4))
+
+
+def distribution_reasons(modality: Modality, ood: OodScore | None) -> list[Reason]:
+    """The distribution layer's verdict: a reason when the images score above the threshold; none without a
+    score (no reference for the model)."""
+    if ood is None or ood.score <= ood.threshold:
+        return []
+    return [
+        Reason(
+            ReasonCode.OUT_OF_DISTRIBUTION,
+            f"{modality.value}: the images are unlike the models' training data (score {ood.score:.2f}, "
+            f"threshold {ood.threshold:.2f})",
+        )
+    ]
 
 
 def whitening(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,6 @@
-"""Fusing per-modality results into one assessment, weighting each modality by its measured reliability.
+"""Detection scoring and fusion: one modality's assessment from its largest lesion, and the per-modality
+results fused into one assessment, weighting each modality by its measured reliability. A tumor is
+detected when a score reaches ``DETECTION_THRESHOLD``, whether one modality's or the fused one.
 
 Both detection and classification use weighted log-linear pooling: the fused log-odds (or
 log-probabilities) are the weighted sum of each available modality's, so any subset of modalities works and
@@ -11,14 +13,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cspine.domain import Assessment, ClassProbability, Modality
+from cspine.domain import Assessment, ClassProbability, Lesion, Modality
 
 CALIBRATION_FILE = "calibration.json"
+DETECTION_THRESHOLD = 0.5  # a detection score at or above this reports a tumor detected
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class Calibration:
     classification_weights: dict[Modality, float]
     fitted_on: str = ""  # what the figures were measured on
     embed_model_sha256: str = ""  # lesion_embed model the classification weights belong to
+
+    @property
+    def detection_threshold(self) -> float:
+        """The score at or above which a tumor is detected: ``DETECTION_THRESHOLD``, whatever the fit."""
+        return DETECTION_THRESHOLD
 
     @staticmethod
     def uniform() -> Calibration:
@@ -101,6 +109,34 @@ def detection_logit(modality: Modality, size: float, calibration: Calibration) -
     return calibration.detection[modality].logit(size)
 
 
+def lesion_size(lesion: Lesion) -> float:
+    """A lesion's size for detection: mL, or cm² on a radiograph."""
+    return float(lesion.volume_ml) if lesion.volume_ml is not None else float(lesion.area_mm2 or 0.0) / 100.0
+
+
+def modality_assessment(
+    modality: Modality,
+    size: float,
+    calibration: Calibration,
+    labels: tuple[str, ...] = (),
+    probabilities: np.ndarray | None = None,
+) -> Assessment:
+    """One modality's assessment of a lesion (or of its largest, ``size`` 0 for none): detection from the
+    size alone, with the class ``probabilities`` over ``labels`` when it was classified."""
+    return _assessment(_sigmoid(detection_logit(modality, size, calibration)), labels, probabilities)
+
+
+def _assessment(score: float, labels: tuple[str, ...], probabilities: np.ndarray | None) -> Assessment:
+    assessment = Assessment(tumor_detected=score >= DETECTION_THRESHOLD, detection_score=round(score, 4))
+    if probabilities is None:
+        return assessment
+    return replace(
+        assessment,
+        probabilities=tuple(ClassProbability(label, float(p)) for label, p in zip(labels, probabilities, strict=True)),
+        uncertainty=round(normalised_entropy(probabilities), 4),
+    )
+
+
 def pool(per_modality: Mapping[Modality, np.ndarray], weights: Mapping[Modality, float]) -> np.ndarray:
     """Weighted log-linear pooling of class distributions: softmax(Σ w_m log p_m) over the modalities given."""
     total = sum(weights[m] * np.log(np.clip(p, 1e-9, 1.0)) for m, p in per_modality.items())
@@ -120,13 +156,5 @@ def assess(
     if not sizes:
         raise ValueError("no modality to fuse")
     logit = sum(calibration.detection_weights[m] * detection_logit(m, s, calibration) for m, s in sizes.items())
-    score = _sigmoid(logit)
-    if not probabilities:
-        return Assessment(tumor_detected=score >= 0.5, detection_score=round(score, 4))
-    fused = pool(probabilities, calibration.classification_weights)
-    return Assessment(
-        tumor_detected=score >= 0.5,
-        detection_score=round(score, 4),
-        probabilities=tuple(ClassProbability(label, float(p)) for label, p in zip(labels, fused, strict=True)),
-        uncertainty=round(normalised_entropy(fused), 4),
-    )
+    fused = pool(probabilities, calibration.classification_weights) if probabilities else None
+    return _assessment(_sigmoid(logit), labels, fused)

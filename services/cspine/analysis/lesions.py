@@ -1,14 +1,19 @@
-"""Lesions in a segmentation: connected components, the small specks that are not lesions, and each
-lesion's measurements (level, diameter, volume, box) in patient millimetres."""
+"""Lesions in a segmentation: the tumor mask they are measured on, connected components, the small specks
+that are not lesions, each lesion's measurements (level, diameter, volume, box) in patient millimetres, and
+the findings above C2 that are told, not counted."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
 from cspine.analysis.levels import SpineFrame
 from cspine.analysis.masks import component_sizes, component_voxels, components
 from cspine.analysis.shapes import feret
-from cspine.domain import Lesion, Volume
+from cspine.domain import Lesion, Modality, Notice, NoticeCode, SeriesRole, Volume
+from cspine.imaging.seg_input import SegGrid
+from cspine.inference.specs import SEG_LABELS
 
 MIN_LESION_MM3 = 50.0  # smaller components are noise, not lesions (a 4.6 mm sphere)
 
@@ -40,6 +45,38 @@ def clean_tumor_labels(
     out = labels.copy()
     out[mask & ~kept] = 0
     return out
+
+
+def clean_grid_labels(modality: Modality, labels: np.ndarray, grid: SegGrid, volume: Volume) -> np.ndarray:
+    """A segmentation model's labels on its grid without tumor specks too small to be lesions (sizes in mm on
+    the model grid)."""
+    tumor = SEG_LABELS[modality].index("tumor")
+    return clean_tumor_labels(labels, tumor, grid.volume(volume, labels).spacing, volume.projection)
+
+
+def tumor_mask(
+    modality: Modality, label_maps: Mapping[SeriesRole, np.ndarray], volumes: Mapping[SeriesRole, Volume]
+) -> np.ndarray:
+    """The tumor mask lesions are measured on: the first role's, joined with the other MR contrast's when
+    both lie on the same grid (a lesion bright on T2 may be faint on T1 and the other way round)."""
+    tumor = SEG_LABELS[modality].index("tumor")
+    roles = list(label_maps)
+    mask = label_maps[roles[0]] == tumor
+    for role in roles[1:]:
+        if _same_grid(volumes[roles[0]], volumes[role]):
+            mask = mask | (label_maps[role] == tumor)
+    return mask
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return (
+        a.shape == b.shape
+        and np.allclose(a.origin, b.origin, atol=0.01)
+        and np.allclose(a.row_direction, b.row_direction, atol=1e-4)
+        and np.allclose(a.column_direction, b.column_direction, atol=1e-4)
+        and np.allclose(a.pixel_spacing, b.pixel_spacing, atol=1e-4)
+        and np.allclose(a.slice_offsets, b.slice_offsets, atol=0.01)
+    )
 
 
 def _voxel_edges(volume: Volume) -> np.ndarray:
@@ -104,3 +141,16 @@ def split_above_c2(lesions: list[Lesion], frame: SpineFrame | None) -> tuple[lis
         return lesions, []
     inside = [les for les in lesions if frame.height_above_top(np.array(les.centre_mm)) <= ABOVE_C2_MM]
     return inside, [les for les in lesions if les not in inside]
+
+
+def above_c2_notices(modality: Modality, above: list[Lesion], series_uid: str) -> list[Notice]:
+    """One notice per finding above C2's body, which is not counted as a lesion."""
+    return [
+        Notice(
+            NoticeCode.OUTSIDE_ANALYSED_LEVELS,
+            f"{modality.value}: a finding of {lesion.max_diameter_mm:.0f} mm above the C2 body (dens, C1 or skull "
+            "base) was not counted: cspine analyses C2 to T1",
+            series_uid,
+        )
+        for lesion in above
+    ]

@@ -102,15 +102,25 @@ ROI_CHANNELS = 3
 EMBEDDING_DIM = 64
 MODALITY_ORDER: tuple[Modality, ...] = (Modality.CT, Modality.MR, Modality.XR)  # one-hot order of "modality"
 
+# Tensor names, written once: the specs below and every caller that feeds or reads a tensor use these.
+IMAGE_TENSOR = "image"  # segmentation input: a batch of slices with their context channels
+LABELS_TENSOR = "labels"  # segmentation output: the label map per slice
+FEATURES_TENSOR = "features"  # segmentation output: pooled encoder features per slice (competence)
+ROI_TENSOR = "roi"  # lesion regions of interest
+MODALITY_TENSOR = "modality"  # each ROI's modality, one-hot in MODALITY_ORDER
+PROTOTYPES_TENSOR = "prototypes"  # one prototype per class
+EMBEDDING_TENSOR = "embedding"  # one embedding per lesion
+PROBABILITIES_TENSOR = "probabilities"  # per lesion, one probability per prototype
+
 
 def _seg_spec(modality: Modality) -> ModelSpec:
     g = SEG_GEOMETRY[modality]
     return ModelSpec(
         name=SEG_MODEL_NAMES[modality],
-        inputs=(TensorSpec("image", DType.FP32, (g.channels, g.size, g.size)),),
+        inputs=(TensorSpec(IMAGE_TENSOR, DType.FP32, (g.channels, g.size, g.size)),),
         outputs=(
-            TensorSpec("labels", DType.UINT8, (g.size, g.size)),
-            TensorSpec("features", DType.FP32, (SEG_FEATURES,)),
+            TensorSpec(LABELS_TENSOR, DType.UINT8, (g.size, g.size)),
+            TensorSpec(FEATURES_TENSOR, DType.FP32, (SEG_FEATURES,)),
         ),
         max_batch_size=64,
     )
@@ -122,10 +132,10 @@ SEG_XR = _seg_spec(Modality.XR)
 LESION_EMBED = ModelSpec(
     name="lesion_embed",
     inputs=(
-        TensorSpec("roi", DType.FP32, (ROI_CHANNELS, ROI_SIZE, ROI_SIZE)),
-        TensorSpec("modality", DType.FP32, (len(MODALITY_ORDER),)),
+        TensorSpec(ROI_TENSOR, DType.FP32, (ROI_CHANNELS, ROI_SIZE, ROI_SIZE)),
+        TensorSpec(MODALITY_TENSOR, DType.FP32, (len(MODALITY_ORDER),)),
     ),
-    outputs=(TensorSpec("embedding", DType.FP32, (EMBEDDING_DIM,)),),
+    outputs=(TensorSpec(EMBEDDING_TENSOR, DType.FP32, (EMBEDDING_DIM,)),),
     max_batch_size=64,
 )
 # Largest embedding and prototype counts one proto_classify call takes on GPU (TensorRT profiles need a
@@ -137,10 +147,10 @@ MAX_PROTOTYPES = 64
 PROTO_CLASSIFY = ModelSpec(
     name="proto_classify",
     inputs=(
-        TensorSpec("embedding", DType.FP32, (-1, EMBEDDING_DIM)),
-        TensorSpec("prototypes", DType.FP32, (-1, EMBEDDING_DIM)),
+        TensorSpec(EMBEDDING_TENSOR, DType.FP32, (-1, EMBEDDING_DIM)),
+        TensorSpec(PROTOTYPES_TENSOR, DType.FP32, (-1, EMBEDDING_DIM)),
     ),
-    outputs=(TensorSpec("probabilities", DType.FP32, (-1, -1)),),
+    outputs=(TensorSpec(PROBABILITIES_TENSOR, DType.FP32, (-1, -1)),),
     max_batch_size=0,
 )
 
@@ -151,13 +161,13 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (SEG_CT, SEG_MR, SEG_XR, LESI
 LESION_CLASSIFY = ModelSpec(
     name="lesion_classify",
     inputs=(
-        TensorSpec("roi", DType.FP32, (-1, ROI_CHANNELS, ROI_SIZE, ROI_SIZE)),
-        TensorSpec("modality", DType.FP32, (-1, len(MODALITY_ORDER))),
-        TensorSpec("prototypes", DType.FP32, (-1, EMBEDDING_DIM)),
+        TensorSpec(ROI_TENSOR, DType.FP32, (-1, ROI_CHANNELS, ROI_SIZE, ROI_SIZE)),
+        TensorSpec(MODALITY_TENSOR, DType.FP32, (-1, len(MODALITY_ORDER))),
+        TensorSpec(PROTOTYPES_TENSOR, DType.FP32, (-1, EMBEDDING_DIM)),
     ),
     outputs=(
-        TensorSpec("embedding", DType.FP32, (-1, EMBEDDING_DIM)),
-        TensorSpec("probabilities", DType.FP32, (-1, -1)),
+        TensorSpec(EMBEDDING_TENSOR, DType.FP32, (-1, EMBEDDING_DIM)),
+        TensorSpec(PROBABILITIES_TENSOR, DType.FP32, (-1, -1)),
     ),
     max_batch_size=0,
 )
