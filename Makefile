@@ -17,7 +17,7 @@ HELM := .tools/bin/helm
 CRD_NPM_PACKAGES := @kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/keda@2.0.0
 CRD_VALIDATORS := .tools/node_modules/@kubernetes-models/keda/package.json
 
-.PHONY: venv protos sysdeps tools chart demo test bench train clean loadtest fuzz faults
+.PHONY: venv protos sysdeps tools chart demo test test-fast bench train clean loadtest fuzz faults
 
 venv: $(STAMP) protos
 
@@ -67,6 +67,12 @@ demo: venv
 test: venv sysdeps tools
 	$(BIN)/ruff check services tests load_tests
 	$(BIN)/python -m pytest
+
+# Ruff and the tests that need no Triton, PostgreSQL, helm or chromium and generate nothing for long (about a
+# minute on 2 cores; the markers are applied by tests/conftest.py, which lists the other subsets).
+test-fast: venv
+	$(BIN)/ruff check services tests load_tests
+	$(BIN)/python -m pytest -m "not triton and not postgres and not helm and not chromium and not slow"
 
 # Figures, not tests: ingest speed, ONNX Runtime latency, and the local Triton (batching, overhead, shm).
 bench: venv

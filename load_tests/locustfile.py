@@ -9,6 +9,10 @@ hand, e.g. distributed (docs/performance.md, "Load tests")::
 
 Every call is recorded as request type "grpc", name "AnalyzeStudy"; a failed call's exception is its gRPC status
 code name (RESOURCE_EXHAUSTED, UNAVAILABLE …), so Locust's failure table counts status codes.
+
+A server that serves TLS: ``--cspine-ca`` (env CSPINE_CA), and ``--cspine-client-cert``/``--cspine-client-key`` (env
+CSPINE_CLIENT_CERT, CSPINE_CLIENT_KEY) where it asks for a client certificate; or ``-H grpcs://HOST:PORT`` for TLS
+with the system's CAs.
 """
 
 # grpcio's own threads must cooperate with gevent: this has to run before any channel exists.
@@ -45,6 +49,11 @@ def _arguments(parser):
     parser.add_argument(
         "--cspine-token", env_var="CSPINE_TOKEN", default="", is_secret=True, help="analyst bearer token"
     )
+    parser.add_argument("--cspine-ca", env_var="CSPINE_CA", default="", help="TLS: the CA of the server's certificate")
+    parser.add_argument(
+        "--cspine-client-cert", env_var="CSPINE_CLIENT_CERT", default="", help="TLS: a client certificate to show"
+    )
+    parser.add_argument("--cspine-client-key", env_var="CSPINE_CLIENT_KEY", default="", help="TLS: its private key")
     parser.add_argument("--cspine-timeout", type=float, default=120.0, help="deadline of one call, seconds")
     parser.add_argument(
         "--cspine-backoff", type=float, default=1.0, help="mean pause after RESOURCE_EXHAUSTED/UNAVAILABLE, seconds"
@@ -119,7 +128,11 @@ class AnalyzeStudyUser(User):
         self.rate = options.cspine_arrival_rate
         self.poisson = options.cspine_arrivals == "poisson"
         self.metadata = bearer_metadata(options.cspine_token or None)
-        self.channel = open_channel(self.host)
+        ca, cert, key = (
+            Path(name) if name else None
+            for name in (options.cspine_ca, options.cspine_client_cert, options.cspine_client_key)
+        )
+        self.channel = open_channel(self.host, ca=ca, client_cert=cert, client_key=key)
         self.stub = pb_grpc.SpineAnalysisStub(self.channel)
         self.outstanding = Pool(options.cspine_max_outstanding)
         self.pause = 0.0

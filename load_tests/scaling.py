@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cspine import k8s
+from cspine.ops import k8s
 
 logger = logging.getLogger("cspine.scaling")
 

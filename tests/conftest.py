@@ -1,138 +1,122 @@
-"""Shared fixtures: a small SYNTHETIC phantom cohort made once per session by the real generator, a real
-local Triton, and a throwaway PostgreSQL 15 cluster."""
+"""Shared fixtures, and the markers that split the suite into what needs which service.
+
+Fixtures: ``phantom_cases`` (a small SYNTHETIC cohort made once per session by the real generator), ``triton``
+(a real local tritonserver), ``gateway`` (a real in-process gateway on it, one per module) and ``postgres`` (a
+throwaway PostgreSQL 15 cluster). The harnesses behind them, and those tests import (DICOM builders, tokens,
+channels, helm), are in tests/support/.
+
+Markers are applied here, not test by test: MARKERS names, for each, the session fixtures whose users get it
+(through any fixture that depends on them) and the modules, tests or module fixtures that start the thing
+themselves. Subsets (-m takes any expression of them):
+
+    make test-fast                 ruff, then -m "not triton and not postgres and not helm and not chromium and
+                                   not slow": no service, no helm, no browser, no long generation (~1 min)
+    pytest -m "not triton"         everything that runs without a tritonserver
+    pytest -m postgres             only what starts PostgreSQL
+    make test                      all of it (~15 min)
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
 
-from cspine.phantom.generate import Case, PhantomOptions, build_case, write_case
+from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from support.phantom import PhantomCase, write_cohort
+from support.postgres import PostgresCluster
+
+HERE = Path(__file__).resolve().parent
+
+# marker → what gets it: a bare name is a fixture of this file (its users and their dependents); "module.py" a
+# whole module (relative to tests/); "module.py::name" a test of it or a fixture of it (and its users);
+# "module.py::fixture[param]" the tests that fixture's parametrization gives that param. Every marker here is
+# declared in pyproject.toml ([tool.pytest.ini_options] markers; --strict-markers fails on one that is not).
+MARKERS: dict[str, tuple[str, ...]] = {
+    "triton": (
+        "triton",
+        "test_triton.py::test_a_model_that_does_not_load_is_named_with_triton_s_reason",
+        "test_triton.py::test_cspine_triton_start_serves_until_sigterm_then_stops_cleanly",
+        "test_gateway.py::test_triton_stopped_mid_run_gives_unavailable_flips_health_and_recovers",
+        "test_triton_recovery.py",  # `cspine serve` with its own supervised Triton
+        "faults/test_fault_triton.py",
+    ),
+    "postgres": (
+        "postgres",
+        "test_store.py::url[postgresql]",  # asks for `postgres` by getfixturevalue
+        "faults/test_fault_store.py",  # a cluster of its own, stopped and started
+        "faults/test_fault_store_calls.py",
+    ),
+    "helm": (  # the chart rendered by helm, and checked with node's CRD validators and promtool (`make tools`)
+        "test_helm.py",
+        "test_alerts.py",
+        "test_k8s.py::test_names_selectors_and_metrics_match_what_the_chart_renders",
+    ),
+    "chromium": ("test_clinical.py::test_headless_chromium_renders_the_report_as_a_non_blank_page",),
+    "slow": (  # model training, SYNTHETIC cohorts and studies generated for seconds each
+        "phantom_cases",
+        "test_models.py",
+        "test_dicom_outputs.py::test_seg_and_sr_pass_dciodvfy_without_errors",  # phantom_cases by getfixturevalue
+        "test_competence.py::corpora",
+        "test_ood_corpus.py::synthetic",
+        "test_ingest_fuzz_corpus.py::test_the_fuzz_worker_runs_inputs_through_ingest",
+        "test_phantom.py::test_every_subtype_places_a_lesion_of_its_class",
+        "test_phantom.py::test_cli_phantom_writes_a_cohort_with_truth_and_manifest",
+        "test_real_size.py",  # a 3072 × 2614 radiograph and a 512² × 305 CT
+    ),
+}
 
 
-@dataclass
-class PhantomCase:
-    """A written SYNTHETIC case: its folder, truth.json, label maps, and the in-memory case."""
+def _places(item: pytest.Item) -> set[str]:
+    """The names MARKERS may give ``item`` by: its fixtures, module, test name, module fixtures and params."""
+    path = Path(item.path).resolve()
+    if not path.is_relative_to(HERE):
+        return set()
+    module = path.relative_to(HERE).as_posix()
+    fixtures = list(getattr(item, "fixturenames", ()))
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return {
+        *fixtures,
+        module,
+        f"{module}::{getattr(item, 'originalname', item.name)}",
+        *(f"{module}::{name}" for name in fixtures),
+        *(f"{module}::{name}[{value}]" for name, value in params.items()),
+    }
 
-    path: Path
-    truth: dict
-    labels: dict[str, np.ndarray]
-    case: Case
 
-    def files(self, role: str) -> list[Path]:
-        return [self.path / f for f in self.truth["series"][role]["files"]]
-
-
-# (case id, tumor, opll): one of each class, one tumor-free, OPLL forced where the truth test needs it.
-COHORT = [
-    ("malignant", "malignant", "yes"),
-    ("benign", "benign", "no"),
-    ("borderline", "borderline", "random"),
-    ("none", "none", "yes"),
-]
-COHORT_SEED = 11
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        places = _places(item)
+        for marker, wanted in MARKERS.items():
+            if places.intersection(wanted):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
 def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PhantomCase]:
-    root = tmp_path_factory.mktemp("phantom")
-    cases = {}
-    for index, (name, tumor, opll) in enumerate(COHORT):
-        case = build_case(name, COHORT_SEED, index, PhantomOptions(tumor=tumor, opll=opll))
-        truth = write_case(case, root / name)
-        with np.load(root / name / "labels.npz") as npz:
-            labels = {k: npz[k] for k in npz.files}
-        assert json.loads((root / name / "truth.json").read_text()) == truth
-        cases[name] = PhantomCase(root / name, truth, labels, case)
-    return cases
-
-
-def analyse(triton, study, options=None):
-    """The pipeline on an ingested study through the ``triton`` fixture's server, with everything the service
-    ships: the default prototypes, the calibration, the model versions and the competence reference."""
-    import asyncio
-
-    from cspine.analysis.competence import CompetenceReference
-    from cspine.analysis.fusion import Calibration
-    from cspine.fewshot.prototypes import default_prototypes
-    from cspine.inference.client import TritonClient
-    from cspine.inference.local_triton import default_repository
-    from cspine.pipeline import AnalysisOptions, analyze, model_versions
-
-    repository = default_repository()
-
-    async def go():
-        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
-            return await analyze(
-                study,
-                client,
-                default_prototypes(),
-                Calibration.load(repository),
-                options or AnalysisOptions(),
-                model_versions(repository),
-                CompetenceReference.load(repository),
-            )
-
-    return asyncio.run(go())
-
-
-def free_port() -> int:
-    from cspine.inference.local_triton import free_ports
-
-    return free_ports(1)[0]
+    """The SYNTHETIC cohort of support.phantom, one case of each class and one tumor-free, by case id."""
+    return write_cohort(tmp_path_factory.mktemp("phantom"))
 
 
 @pytest.fixture(scope="session")
 def triton():
     """One real tritonserver (the bundled binary, CPU, Python backend) over the shipped model repository."""
-    from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
-
-    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
-    with LocalTriton(default_repository(), ports) as server:
+    with LocalTriton(default_repository(), TritonPorts.free()) as server:
         yield server
 
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+@pytest.fixture(scope="module")
+def gateway(triton):
+    """A real gateway in this process on the session's Triton (support.server.GatewayThread)."""
+    from support.server import GatewayThread  # the gateway's imports cost 1.6 s; only its users pay them
+
+    server = GatewayThread(triton.grpc_url)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (trust auth); yields a function making a fresh database."""
-    assert (PG_BIN / "initdb").exists(), f"PostgreSQL 15 must be installed ({PG_BIN}): apt-get install postgresql-15"
-    root = Path(tempfile.mkdtemp(prefix="cspine-pg-"))
-    as_user = []
-    if os.geteuid() == 0:  # initdb refuses root
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-
-    def pg(tool: str, *args: str) -> None:
-        subprocess.run([*as_user, str(PG_BIN / tool), *args], check=True, capture_output=True, timeout=60)
-
-    pg("initdb", "-D", str(root / "data"), "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-    pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-o", options, "-w", "start")
-    admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
-    databases = itertools.count(1)
-
-    def new_database() -> str:
-        name = f"store_{next(databases)}"
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
-        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
-
-    try:
-        yield new_database
-    finally:
-        admin.dispose()
-        pg("pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with PostgresCluster() as cluster:
+        yield cluster.new_database

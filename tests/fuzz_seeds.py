@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cspine.dicom.fuzz import pack  # noqa: E402
-from dicom_builders import (  # noqa: E402
+from support.dicom import (  # noqa: E402
     colour_image,
     ct_series,
     dicomdir_bytes,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cspine.gateway.metrics import Metrics
-from helm_tools import CHART, ROOT, find, helm, render
+from support.helm import CHART, ROOT, find, helm, render
 
 PROMTOOL_TESTS = ROOT / "tests" / "promtool" / "alerts_test.yaml"
 RULES_FILE = "cspine-rules.yaml"  # the rule_files entry of alerts_test.yaml

@@ -7,40 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import os
 import secrets
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cspine.client import bearer_metadata, channel_credentials
 from cspine.gateway.auth import (
-    TOKENS_FILE,
     AuthInterceptor,
-    Role,
-    TokenStore,
-    bearer_metadata,
+    allows,
     caller_identity,
-    channel_credentials,
     check_bind_address,
-    ensure_default_tokens,
-    find_client_token,
     minimum_role,
     server_credentials,
 )
 from cspine.gateway.interceptors import GatewayInterceptor, RequestIdFilter
 from cspine.gateway.metrics import Metrics
+from cspine.gateway.tokens import TOKENS_FILE, Role, TokenStore, ensure_default_tokens, find_client_token
+from support.server import wait_for
+from support.tls import make_pki
 
 ANALYST_TOKEN = secrets.token_urlsafe(32)
 CURATOR_TOKEN = secrets.token_urlsafe(32)
@@ -158,7 +150,7 @@ class AuthServer:
 
 def invoke(channel: grpc.Channel, method: str, token: str | None = None, *, metadata=()):
     """Call ``method`` with a fitting request for its kind; the response(s) as bytes."""
-    metadata = (*metadata, *(bearer_metadata(token) if token else ()))
+    metadata = (*metadata, *bearer_metadata(token))
     kwargs = {"metadata": metadata, "timeout": 10}
     if method == ANALYZE_STUDY:
         return channel.stream_unary(method)(iter([b"a", b"b", b"c"]), **kwargs)
@@ -300,11 +292,34 @@ def test_refused_calls_carry_a_request_id_and_are_counted_by_code(server, channe
 
 
 @pytest.mark.parametrize("method", [LIST_CASES, MIRROR, LEGACY_WALK])
-def test_refusals_of_streaming_calls_the_gateway_does_not_wrap_carry_the_callers_request_id(channel, method):
+def test_refusals_of_streaming_calls_carry_the_callers_request_id_and_cspine_ones_are_counted(server, channel, method):
+    rpc = method.rsplit("/", 1)[-1]
+
+    def count() -> float:
+        labels = {"rpc": rpc, "code": "UNAUTHENTICATED"}
+        return server.metrics.registry.get_sample_value("cspine_requests_total", labels) or 0.0
+
+    before = count()
     error = refusal(channel, method, metadata=(("x-request-id", "req-stream-7"),))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert dict(error.initial_metadata())["x-request-id"] == "req-stream-7"
     assert error.details() == "a bearer token is required (request req-stream-7)"
+    # The gateway's interceptor wraps every kind of cspine call (not the legacy service's): counted by code, once
+    # the handler has returned (abort sends the status first).
+    if method == LEGACY_WALK:
+        assert count() == before == 0.0
+    else:
+        assert wait_for(lambda: count() - before == 1.0, timeout=5)
+
+
+def test_the_gateway_counts_admitted_streaming_calls_and_answers_them_whole(server, channel):
+    def count(rpc: str) -> float:
+        return server.metrics.registry.get_sample_value("cspine_requests_total", {"rpc": rpc, "code": "OK"}) or 0.0
+
+    before = (count("ListCases"), count("Mirror"))
+    assert invoke(channel, LIST_CASES, ANALYST_TOKEN) == [b"case-1", b"case-2"]
+    assert invoke(channel, MIRROR, CURATOR_TOKEN) == [b"x", b"y"]
+    assert wait_for(lambda: (count("ListCases") - before[0], count("Mirror") - before[1]) == (1.0, 1.0), timeout=5)
 
 
 @pytest.mark.parametrize("method", [ADD_CASE, MIRROR])
@@ -353,8 +368,8 @@ def test_caller_identity_outside_a_call_is_anonymous():
     ],
 )
 def test_role_allows_follows_the_table(method, analyst, curator):
-    assert Role.ANALYST.allows(method) is analyst
-    assert Role.CURATOR.allows(method) is curator
+    assert allows(Role.ANALYST, method) is analyst
+    assert allows(Role.CURATOR, method) is curator
 
 
 def test_health_and_reflection_need_no_token_and_unknown_services_need_a_curator():
@@ -489,48 +504,9 @@ def test_default_tokens_work_over_the_wire(tmp_path):
 # TLS
 
 
-def _certificate(name: str, key, issuer=None, issuer_key=None, *, ca=False, sans=()):
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject if issuer is None else issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _write(path: Path, certificate, key) -> tuple[Path, Path]:
-    path.with_suffix(".crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return path.with_suffix(".crt"), path.with_suffix(".key")
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    """A test CA, a server certificate for localhost / 127.0.0.1 and a client certificate, all as PEM files."""
-    root = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("cspine test CA", ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    server = _certificate("localhost", server_key, ca, ca_key, sans=sans)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _certificate("cspine client", client_key, ca, ca_key)
-    files = {}
-    files["ca"], _ = _write(root / "ca", ca, ca_key)
-    files["server_cert"], files["server_key"] = _write(root / "server", server, server_key)
-    files["client_cert"], files["client_key"] = _write(root / "client", client, client_key)
-    return files
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
 """The cspine client against real SYNTHETIC phantom DICOM and a real in-process gRPC server over a socket:
-the upload stream, errors as ClientError, the answer as domain objects and a report, and the SEG overlay."""
+the upload stream, errors as ClientError, the answer as domain objects and a report, and the SEG overlay; the
+client package without pydicom or the gateway; TLS channels, with a client certificate too."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from concurrent import futures
 from pathlib import Path
@@ -16,17 +20,20 @@ import numpy as np
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from conftest import free_port
-from cspine.analysis.report import format_analysis
+from cspine.analysis.text import format_analysis
 from cspine.client import (
     ClientError,
+    Tls,
     UnknownCode,
-    add_analyze_command,
     analyze_paths,
+    open_channel,
+    parse_address,
     service_info,
     to_domain,
     upload_messages,
 )
+from cspine.commands import analyze as analyze_command
+from cspine.config import Settings
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.outputs import build_seg
 from cspine.dicom.selection import select_series
@@ -40,12 +47,15 @@ from cspine.domain import (
     StudyAnalysis,
 )
 from cspine.errors import InvalidInputError
+from cspine.gateway.auth import server_credentials
 from cspine.inference.specs import SEG_LABELS
 from cspine.modeling.data import model_labels
 from cspine.overlay import busiest_source_frame, overlay_png
 from cspine.phantom.generate import PhantomOptions, generate_case
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
+from support.server import free_port
+from support.tls import make_pki
 
 OPTIONS = pb.AnalysisOptions(return_dicom_seg=True, modalities=[pb.CT, pb.XR])
 TOKEN = "s3cret-token"
@@ -379,7 +389,7 @@ def test_service_info_returns_the_servers_limits_and_labels(recorder):
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cspine")
-    add_analyze_command(parser.add_subparsers(dest="command", required=True))
+    analyze_command.register(parser.add_subparsers(dest="command", required=True), Settings())
     args = parser.parse_args(["analyze", *argv])
     return args.func(args)
 
@@ -468,6 +478,111 @@ def test_analyze_command_reports_a_failed_overlay_and_an_unwritable_file_in_one_
     unwritable, overlay = printed.err.splitlines()
     assert unwritable.startswith(f"cspine: {sr} not written: ")  # then the OS's words: "File exists" …
     assert overlay == "cspine: overlay not drawn: the DICOM SEG cannot be read (InvalidDicomError)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The package on its own
+
+
+def test_the_client_package_uploads_without_pydicom_or_the_gateway_and_imports_neither(case: Path):
+    blocked = ("pydicom", "highdicom", "cspine.gateway", "cspine.dicom")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in {blocked!r}:
+            sys.modules[name] = None  # importing any of them now fails
+        import cspine.client
+        messages = list(cspine.client.upload_messages([{str(case)!r}]))
+        loaded = [m for m, module in sys.modules.items() if m.startswith({blocked!r}) and module is not None]
+        print(len(messages), loaded)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(_dicom_files(case))), "[]"]
+
+
+@pytest.mark.parametrize(
+    ("address", "target", "tls"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051", False),
+        ("grpc://cspine.example.org:50051", "cspine.example.org:50051", False),
+        ("grpcs://cspine.example.org:50051", "cspine.example.org:50051", True),
+        ("https://cspine.example.org/", "cspine.example.org:443", True),
+        ("GRPCS://[::1]", "[::1]:443", True),
+        ("grpcs://[::1]:8443", "[::1]:8443", True),
+    ],
+)
+def test_an_address_asks_for_tls_by_its_scheme_which_grpc_never_sees(address, target, tls):
+    assert parse_address(address) == (target, tls)
+
+
+# --------------------------------------------------------------------------------------------------------
+# TLS
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """The recording servicer behind TLS that asks for a client certificate the test CA signed."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    servicer = RecordingServicer()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_SpineAnalysisServicer_to_server(servicer, grpc_server)
+    credentials = server_credentials(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
+    grpc_server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer, pki
+    finally:
+        grpc_server.stop(grace=None)
+
+
+def _tls_flags(pki: dict[str, Path], *names: str) -> list[str]:
+    return [part for name in names for part in (f"--{name.replace('_', '-')}", str(pki[name]))]
+
+
+def test_analyze_paths_over_tls_shows_the_client_certificate_and_sends_every_instance(tls_server, case):
+    address, servicer, pki = tls_server
+    servicer.__init__()
+    servicer.reply = _reply()
+    tls = Tls(pki["ca"], pki["client_cert"], pki["client_key"])
+
+    result = analyze_paths(address, [case], OPTIONS, timeout_s=30, token=TOKEN, tls=tls)
+    assert result == servicer.reply and servicer.options == OPTIONS
+    assert servicer.instances == [path.read_bytes() for path in _dicom_files(case)]
+    assert servicer.metadata["authorization"] == f"Bearer {TOKEN}"
+    assert service_info(f"grpcs://{address}", 10, tls=tls).synthetic_support_set  # the scheme is stripped
+
+
+def test_a_tls_server_refuses_a_plaintext_client_and_one_without_the_certificate_it_asks_for(tls_server):
+    address, _, pki = tls_server
+    for tls in (Tls(), Tls(pki["ca"])):
+        with pytest.raises(ClientError, match="^UNAVAILABLE: "):
+            service_info(address, 10, tls=tls)
+
+
+def test_the_analyze_command_uses_its_tls_flags_and_without_them_says_what_a_tls_server_needs(tls_server, case, capsys):
+    address, servicer, pki = tls_server
+    servicer.__init__()
+    argv = [str(case / "ct"), "--server", address, "--token", TOKEN, "--quiet"]
+
+    assert _run([*argv, *_tls_flags(pki, "ca", "client_cert", "client_key")]) == 0
+    assert "request id" in capsys.readouterr().out and len(servicer.instances) == len(_dicom_files(case))
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("cspine: error: UNAVAILABLE: ") and "one serving TLS needs --ca" in err[1]
+    assert _run([*argv, *_tls_flags(pki, "ca")]) == 2
+    assert "one started with --tls-client-ca also needs --client-cert and --client-key" in capsys.readouterr().err
+
+
+def test_tls_files_that_cannot_be_used_are_refused_before_any_call(tmp_path):
+    with pytest.raises(ValueError, match="give both"):
+        Tls(client_cert=tmp_path / "client.crt")
+    with pytest.raises(ValueError, match=r"CA certificate .*absent\.pem does not exist"):
+        open_channel("127.0.0.1:1", ca=tmp_path / "absent.pem")
+    (tmp_path / "ca.pem").write_text("not PEM")
+    with pytest.raises(ValueError, match=r"CA certificate .*ca\.pem is not a PEM file"):
+        open_channel("grpcs://127.0.0.1:1", ca=tmp_path / "ca.pem")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from cspine.evaluation.clinical import (
     reliability,
     summarise,
 )
-from cspine.evaluation.report_html import SYNTHETIC_WARNING, write_report
+from cspine.evaluation.clinical_report import SYNTHETIC_WARNING, write_report
 
 LABELS = ["benign", "borderline", "malignant"]
 B, D, M = LABELS

@@ -18,7 +18,6 @@ from pydicom.filebase import DicomBytesIO
 
 import cspine
 import cspine.dicom.outputs as outputs_module
-import dicom_builders as b
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import (
     REASON_CODES,
@@ -53,6 +52,7 @@ from cspine.domain import (
 from cspine.inference.specs import SEG_LABELS
 from cspine.modeling.data import model_labels
 from cspine.pipeline import AnalysisOptions, _dicom_outputs
+from support import dicom as b
 
 MODALITY_ROLES = {
     Modality.CT: (SeriesRole.CT,),

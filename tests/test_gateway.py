@@ -4,7 +4,6 @@ server keeps serving afterwards."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -12,136 +11,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import grpc
 import pydicom
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import dicom_builders as b
-from conftest import free_port
 from cspine.config import IngestLimits
 from cspine.domain import MEASURED_LEVELS
-from cspine.gateway.auth import Role, TokenStore, bearer_metadata, find_client_token
 from cspine.gateway.interceptors import RequestIdFilter
 from cspine.gateway.logs import JsonFormatter
-from cspine.gateway.metrics import Metrics
-from cspine.gateway.server import GatewayConfig, start_gateway
-from cspine.inference.client import TritonClient
+from cspine.gateway.tokens import Role, find_client_token
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
-from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-ANALYST_TOKEN = "analyst-token-for-tests-0001"
-CURATOR_TOKEN = "curator-token-for-tests-0001"
-TOKENS = TokenStore.from_pairs([("analyst", ANALYST_TOKEN), ("curator", CURATOR_TOKEN)])
-
-
-class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Sends ``authorization: Bearer TOKEN`` on every call of a channel."""
-
-    def __init__(self, token: str) -> None:
-        self.metadata = bearer_metadata(token)
-
-    def _details(self, details):
-        metadata = tuple(details.metadata or ()) + self.metadata
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, details, metadata):
-        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
-        self.wait_for_ready, self.compression = details.wait_for_ready, details.compression
-        self.metadata = metadata
-
-
-def channel_to(address: str, token: str | None = ANALYST_TOKEN) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
-    return grpc.intercept_channel(channel, Bearer(token)) if token else channel
-
-
-class GatewayThread:
-    """A real gateway (grpc.aio) on its own event loop thread, on a free port."""
-
-    def __init__(
-        self,
-        triton_url: str,
-        *,
-        limits=IngestLimits(),
-        in_flight: int = 2,
-        queued: int = 0,
-        health_interval_s=2.0,
-        store=None,
-        **config,  # more GatewayConfig fields (upload_deadline_s, idle_timeout_s …)
-    ):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.metrics = Metrics()
-
-        async def start():
-            self.client = TritonClient(triton_url, timeout_s=60.0, observer=self.metrics.observe_triton)
-            self.service = AnalysisService(
-                self.client,
-                default_repository(),
-                limits=limits,
-                max_studies_in_flight=in_flight,
-                max_queued_studies=queued,
-                store=store,
-            )
-            gateway_config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s, **config)
-            return await start_gateway(self.service, gateway_config, self.metrics, TOKENS)
-
-        self.gateway = self.call(start())
-        self.address = f"127.0.0.1:{self.gateway.port}"
-        self.channel = channel_to(self.address)
-        self.stub = pb_grpc.SpineAnalysisStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def call(self, coroutine, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def status(self) -> int:
-        return self.health.Check(health_pb2.HealthCheckRequest(service="cspine.v1.SpineAnalysis")).status
-
-    def close(self):
-        self.channel.close()
-        self.call(self.gateway.stop(1.0))
-        self.call(self.client.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def gateway(triton):
-    server = GatewayThread(triton.grpc_url)
-    yield server
-    server.close()
-
-
-def files_of(case) -> list[Path]:
-    return sorted(p for folder in ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
-
-
-def upload(paths, options=None):
-    if options is not None:
-        yield pb.StudyUpload(options=options)
-    for path in paths:
-        yield pb.StudyUpload(dicom_instance=Path(path).read_bytes())
+from support import dicom as b
+from support.server import NOT_SERVING, SERVING, GatewayThread, Held, channel_to, files_of, free_port, upload, wait_for
 
 
 def refused(stub, messages, code, match, timeout=60):
@@ -258,7 +143,7 @@ def test_a_study_cspine_cannot_assess_is_a_result_that_says_why_not_an_error(gat
 
 
 def test_health_is_serving_and_reflection_lists_the_api(gateway):
-    assert _wait_for(lambda: gateway.status() == SERVING)
+    assert wait_for(lambda: gateway.status() == SERVING)
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
@@ -348,37 +233,16 @@ def test_an_oversize_study_is_refused_with_resource_exhausted(triton):
         small.close()
 
 
-class Held:
-    """An upload that sends one instance, then waits until released (or forever)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.release = threading.Event()
-
-    def __iter__(self):
-        yield pb.StudyUpload(dicom_instance=self.data)
-        self.release.wait(60)
-
-
-def _wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_too_many_concurrent_studies_are_refused_and_a_cancelled_upload_frees_its_place(triton, phantom_cases):
     one = GatewayThread(triton.grpc_url, in_flight=1)
     try:
         held = Held(files_of(phantom_cases["benign"])[0].read_bytes())
         future = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
-        assert _wait_for(lambda: one.service.in_flight == 1)
+        assert wait_for(lambda: one.service.in_flight == 1)
         refused(one.stub, [pb.StudyUpload(dicom_instance=b"x")], grpc.StatusCode.RESOURCE_EXHAUSTED, "its limit")
         future.cancel()  # the client goes away mid-upload
         held.release.set()
-        assert _wait_for(lambda: one.service.in_flight == 0), "a cancelled upload must release its place"
+        assert wait_for(lambda: one.service.in_flight == 0), "a cancelled upload must release its place"
         xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
         assert one.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
         counts = one.metrics.registry.get_sample_value(
@@ -396,9 +260,9 @@ def test_a_study_waits_in_the_bounded_queue_for_a_free_slot_and_one_beyond_it_is
     try:
         held = Held(xr[0].read_bytes())
         first = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
-        assert _wait_for(lambda: one.service.in_flight == 1)
+        assert wait_for(lambda: one.service.in_flight == 1)
         second = one.stub.AnalyzeStudy.future(upload(xr), timeout=60)  # waits: the only slot is taken
-        assert _wait_for(lambda: one.service.queued == 1) and value("cspine_studies_queued") == 1
+        assert wait_for(lambda: one.service.queued == 1) and value("cspine_studies_queued") == 1
         start = time.monotonic()
         refused(one.stub, [pb.StudyUpload(dicom_instance=b"x")], grpc.StatusCode.RESOURCE_EXHAUSTED, "1 wait")
         assert time.monotonic() - start < 2.0  # refused at once, not queued
@@ -419,11 +283,11 @@ def test_a_queued_client_that_cancels_leaves_the_queue(triton, phantom_cases):
     try:
         held = Held(xr[0].read_bytes())
         first = one.stub.AnalyzeStudy.future(iter(held), timeout=60)
-        assert _wait_for(lambda: one.service.in_flight == 1)
+        assert wait_for(lambda: one.service.in_flight == 1)
         waiting = one.stub.AnalyzeStudy.future(upload(xr), timeout=60)
-        assert _wait_for(lambda: one.service.queued == 1)
+        assert wait_for(lambda: one.service.queued == 1)
         waiting.cancel()
-        assert _wait_for(lambda: one.service.queued == 0), "a cancelled wait must leave the queue"
+        assert wait_for(lambda: one.service.queued == 0), "a cancelled wait must leave the queue"
         held.release.set()
         assert first.result().modalities
         assert one.stub.AnalyzeStudy(upload(xr), timeout=60).modalities  # the slot is free again
@@ -439,7 +303,7 @@ def test_an_expired_deadline_gives_deadline_exceeded_and_frees_the_service(gatew
         "",
         timeout=0.8,
     )
-    assert _wait_for(lambda: gateway.service.in_flight == 0, timeout=30)
+    assert wait_for(lambda: gateway.service.in_flight == 0, timeout=30)
     still_serving(gateway)
 
 
@@ -454,13 +318,13 @@ def test_triton_stopped_mid_run_gives_unavailable_flips_health_and_recovers(phan
     server = GatewayThread(triton.grpc_url, health_interval_s=0.3)
     xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
     try:
-        assert _wait_for(lambda: server.status() == SERVING)
+        assert wait_for(lambda: server.status() == SERVING)
         assert server.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
         triton.stop()
-        assert _wait_for(lambda: server.status() == NOT_SERVING), "health must flip when Triton is gone"
+        assert wait_for(lambda: server.status() == NOT_SERVING), "health must flip when Triton is gone"
         refused(server.stub, list(upload(xr)), grpc.StatusCode.UNAVAILABLE, "Triton")
         triton = LocalTriton(default_repository(), ports).start()
-        assert _wait_for(lambda: server.status() == SERVING, timeout=30), "health must recover with Triton"
+        assert wait_for(lambda: server.status() == SERVING, timeout=30), "health must recover with Triton"
         assert server.stub.AnalyzeStudy(upload(xr), timeout=60).modalities
     finally:
         server.close()

@@ -18,7 +18,7 @@ from cspine.inference.local_triton import default_repository
 from cspine.inference.model_config import config_path, load_config, opt_batch
 from cspine.inference.specs import MODELS, SERVED
 from cspine.inference.tensorrt import plan_commands
-from helm_tools import CHART, NAMESPACE, ROOT, find, helm, render
+from support.helm import CHART, NAMESPACE, ROOT, find, helm, render
 
 PRODUCTION = ROOT / "tests" / "fixtures" / "helm" / "production-values.yaml"
 KUBERNETES_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor, and a current release

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from pydicom import uid as dicom_uid
 
-import dicom_builders as b
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import StudyBuilder, ingest, ingest_paths
 from cspine.domain import Modality, NoticeCode, Orientation
@@ -27,6 +26,7 @@ from cspine.errors import (
     TruncatedDicomError,
     UndecodablePixelDataError,
 )
+from support import dicom as b
 
 
 def shuffled(files, seed=0):

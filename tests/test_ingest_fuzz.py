@@ -19,7 +19,7 @@ from cspine.dicom.ingest import ingest
 from cspine.errors import CspineError
 from cspine.phantom.generate import PhantomOptions, generate_case
 from cspine.phantom.scanner import Shift
-from dicom_builders import fuzz_seed_files
+from support.dicom import fuzz_seed_files
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.timeout(120)]
 

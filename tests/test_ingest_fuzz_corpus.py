@@ -20,7 +20,7 @@ import pytest
 from cspine.dicom.fuzz import BUNDLE_MAGIC, FUZZ_LIMITS, crossover, mutate, pack, unpack
 from cspine.dicom.ingest import ingest
 from cspine.errors import CspineError, DicomInputError
-from dicom_builders import fuzz_seed_files
+from support.dicom import fuzz_seed_files
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # damaged inputs make pydicom warn about most things
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import dicom_builders as b
 from cspine.dicom.inspect import format_inspect, inspect_paths
+from support import dicom as b
 
 STUDY_KEYS = {"study_instance_uid", "files", "error", "series", "selection", "notices"}
 SERIES_KEYS = {

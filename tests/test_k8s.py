@@ -21,10 +21,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-import helm_tools
-from cspine import k8s
 from cspine.cli import main
 from cspine.inference.specs import SERVED
+from cspine.ops import k8s
+from support import helm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "k8s"
 ROOT = Path(__file__).resolve().parents[1]
@@ -493,22 +493,22 @@ def test_fixtures_are_valid_kubernetes_objects():
 
 
 def test_names_selectors_and_metrics_match_what_the_chart_renders():
-    objects = helm_tools.render()  # RuntimeError naming `make tools` when helm is missing
+    objects = helm.render()  # RuntimeError naming `make tools` when helm is missing
     hpa_fixture = {h["metadata"]["name"]: h for h in json.loads((FIXTURES / "hpas-healthy.json").read_text())["items"]}
     for component in k8s.Component:
-        name = k8s.object_name(helm_tools.RELEASE, component)
-        (deployment,) = helm_tools.find(objects, "Deployment", name)
-        wanted = dict(r.split("=") for r in k8s.component_selector(helm_tools.RELEASE, component).split(","))
+        name = k8s.object_name(helm.RELEASE, component)
+        (deployment,) = helm.find(objects, "Deployment", name)
+        wanted = dict(r.split("=") for r in k8s.component_selector(helm.RELEASE, component).split(","))
         assert deployment["spec"]["selector"]["matchLabels"] == wanted
         assert wanted.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-        (hpa,) = helm_tools.find(objects, "HorizontalPodAutoscaler", name)
+        (hpa,) = helm.find(objects, "HorizontalPodAutoscaler", name)
         assert wanted.items() <= hpa["metadata"]["labels"].items()
         rendered = [
             (m["pods"]["metric"]["name"], float(m["pods"]["target"]["averageValue"])) for m in hpa["spec"]["metrics"]
         ]
         recorded = [(m.name, m.target_value) for m in k8s.hpa_state(_hpa(hpa_fixture[name]), component).metrics]
         assert rendered == recorded
-    (triton,) = helm_tools.find(objects, "Deployment", k8s.object_name(helm_tools.RELEASE, k8s.Component.TRITON))
+    (triton,) = helm.find(objects, "Deployment", k8s.object_name(helm.RELEASE, k8s.Component.TRITON))
     ports = {
         p["name"]: p["containerPort"] for c in triton["spec"]["template"]["spec"]["containers"] for p in c["ports"]
     }

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from cspine.client import analyze_paths
-from cspine.embedded import EmbeddedServer
-from cspine.gateway.auth import Role, find_client_token
-from cspine.loadtest import prom, report
+from cspine.client import Tls, analyze_paths
+from cspine.gateway.tokens import Role, find_client_token
+from cspine.loadtest import prom, results
 from cspine.loadtest.pool import ensure_pool, plan, read_manifest
 from cspine.loadtest.runner import Load, find_locustfile, locust_command
+from cspine.ops.embedded import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_a_short_closed_loop_run_writes_the_report_with_consistent_counts_and_no
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     total = _locust_total(out)
-    log = report.read_request_logs(out)
+    log = results.read_request_logs(out)
     assert summary["errors"] == {} and summary["mode"] == "closed" and summary["users"] == 2
     assert summary["requests"] == int(total["Request Count"]) == len(log) == summary["succeeded"] > 0
     assert int(total["Failure Count"]) == 0 and all(code == "OK" for _, _, code in log)
@@ -143,7 +143,7 @@ def test_summary_takes_counts_from_locust_and_latency_from_the_successful_studie
         [head, *[[100.0 + i, "grpc", "AnalyzeStudy", ms, 10, 0, "" if code == "OK" else code]
                  for i, (ms, code) in enumerate(calls)]],
     )  # fmt: skip
-    summary = report.summarize(tmp_path / "locust", tmp_path, {"mode": "closed", "users": 3})
+    summary = results.summarize(tmp_path / "locust", tmp_path, {"mode": "closed", "users": 3})
     assert summary["requests"] == 6 and summary["succeeded"] == 4 and summary["users"] == 3
     assert summary["errors"] == {"RESOURCE_EXHAUSTED": 2}
     assert summary["studies_per_s"] == pytest.approx(0.4) and summary["studies_per_min"] == pytest.approx(24.0)
@@ -152,7 +152,7 @@ def test_summary_takes_counts_from_locust_and_latency_from_the_successful_studie
     assert summary["rejected"]["RESOURCE_EXHAUSTED"]["max_ms"] == 6.0
     assert summary["locust"]["p99_ms"] == 2100.0 and summary["per_request_log_calls"] == 6
     # Without the per-request log (a distributed master), the percentiles are Locust's over every call.
-    without = report.summarize(tmp_path / "locust", None, {})
+    without = results.summarize(tmp_path / "locust", None, {})
     assert without["p50_ms"] == 900.0 and "rejected" not in without
 
 
@@ -169,27 +169,27 @@ def test_the_sweep_picks_the_fastest_step_under_the_p99_target_without_errors():
         _step(4, 0.60, 12000),  # fastest, but over the target
         _step(8, 0.55, 6000, {"RESOURCE_EXHAUSTED": 40}),  # under the target, but refusing studies
     ]
-    assert report.best_step(steps, 10_000)["users"] == 2
-    assert report.best_step(steps, 10_000, max_error_share=0.5)["users"] == 8
-    assert report.best_step(steps, 1000) is None
-    assert report.saturation_step(steps)["users"] == 4
-    assert report.best_step([_step(1, 0.5, 900), _step(2, 0.5, 800)], 1000)["users"] == 1  # a tie: less load
+    assert results.best_step(steps, 10_000)["users"] == 2
+    assert results.best_step(steps, 10_000, max_error_share=0.5)["users"] == 8
+    assert results.best_step(steps, 1000) is None
+    assert results.saturation_step(steps)["users"] == 4
+    assert results.best_step([_step(1, 0.5, 900), _step(2, 0.5, 800)], 1000)["users"] == 1  # a tie: less load
 
 
 def test_the_tail_check_compares_the_slowest_study_with_twice_the_p99():
-    assert report.tail_check({"p99_ms": 1000.0, "max_ms": 1900.0})["max_within_2x_p99"] is True
-    assert report.tail_check({"p99_ms": 1000.0, "max_ms": 2500.0}) == {
+    assert results.tail_check({"p99_ms": 1000.0, "max_ms": 1900.0})["max_within_2x_p99"] is True
+    assert results.tail_check({"p99_ms": 1000.0, "max_ms": 2500.0}) == {
         "p99_ms": 1000.0, "max_ms": 2500.0, "max_over_p99": 2.5, "max_within_2x_p99": False
     }  # fmt: skip
-    assert report.tail_check({"p99_ms": None, "max_ms": None})["max_within_2x_p99"] is None
+    assert results.tail_check({"p99_ms": None, "max_ms": None})["max_within_2x_p99"] is None
 
 
 def test_batching_comparison_pairs_steps_of_the_same_concurrency():
     on = {"steps": [{**_step(2, 0.6, 3000), "triton": {"total": {"requests_per_execution": 1.4}}}]}
     off = {"steps": [{**_step(2, 0.5, 3500), "triton": {"total": {"requests_per_execution": 1.0}}}, _step(4, 1, 1)]}
-    rows = report.compare_batching(on, off)["steps"]
+    rows = results.compare_batching(on, off)["steps"]
     assert len(rows) == 1 and rows[0]["gain"] == 1.2 and rows[0]["requests_per_execution"] == {"on": 1.4, "off": 1.0}
-    assert "| 2 | 0.600 | 0.500 | 1.2×" in report.batching_markdown(report.compare_batching(on, off))
+    assert "| 2 | 0.600 | 0.500 | 1.2×" in results.batching_markdown(results.compare_batching(on, off))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -307,6 +307,20 @@ def test_the_locust_command_spreads_the_open_loop_rate_over_users_and_keeps_the_
     assert flags["--csv"] == str(tmp_path / "locust") and flags["-H"] == "127.0.0.1:1"
     assert not any("token" in part.lower() for part in command)
     assert Load(users=2, duration_s=5).mode == "closed" and load.mode == "open"
+
+
+def test_the_locust_command_passes_the_targets_tls_files_to_options_the_locustfile_declares(tmp_path):
+    tls = Tls(tmp_path / "ca.pem", tmp_path / "client.crt", tmp_path / "client.key")
+    load = Load(users=1, duration_s=5)
+    command = locust_command(Path("lf.py"), "grpcs://cspine.example.org", load, tmp_path / "pool", tmp_path, tls)
+    flags = dict(zip(command, command[1:], strict=False))
+    files = ("--cspine-ca", "--cspine-client-cert", "--cspine-client-key")
+    assert [flags[f] for f in files] == [str(tls.ca), str(tls.client_cert), str(tls.client_key)]
+    assert flags["-H"] == "grpcs://cspine.example.org"
+    plain = locust_command(Path("lf.py"), "127.0.0.1:1", load, tmp_path / "pool", tmp_path)
+    assert not set(files) & set(plain)
+    declared = find_locustfile().read_text()  # Locust is never imported here: the options are read as text
+    assert all(f'"{option}"' in declared for option in files)
 
 
 @pytest.mark.parametrize(

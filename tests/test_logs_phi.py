@@ -1,5 +1,5 @@
 """Logs are free of patient data by construction: a SYNTHETIC study whose every patient and study attribute
-holds a marker, malformed for its value representation (tests/dicom_builders.py), goes through a real
+holds a marker, malformed for its value representation (tests/support/dicom.py), goes through a real
 `cspine serve` with SEG and SR requested; the study is answered with both objects, the malformed values left
 out of them, and the marker appears in no log line and nowhere on the server's stderr. Every other command logs
 through the same redaction, and the redaction holds whatever the quoting of the value."""
@@ -19,13 +19,14 @@ import pydicom
 import pytest
 
 from cspine import cli
-from cspine.gateway.auth import Role, find_client_token
+from cspine.commands import inspect as inspect_command
 from cspine.gateway.logs import RedactingFilter, configure, redact
+from cspine.gateway.tokens import Role, find_client_token
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
-from dicom_builders import MALFORMED_PATIENT_STUDY, with_malformed_patient_study
-from dicom_builders import PHI_MARKER as MARKER
-from test_gateway import channel_to, files_of
+from support.dicom import MALFORMED_PATIENT_STUDY, with_malformed_patient_study
+from support.dicom import PHI_MARKER as MARKER
+from support.server import channel_to, files_of, free_port
 
 # The attributes of the Patient and General Study modules highdicom parses: the notices must name them.
 PARSED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate")
@@ -145,13 +146,13 @@ def test_the_redacting_filter_is_installed_on_the_gateway_handler(log_to):
 def test_every_command_logs_through_the_redaction_with_warnings_captured(monkeypatch, capfd):
     """``main`` installs the redacting handler and the warnings capture before any command runs."""
 
-    def probe(args) -> int:
+    def probe(args, **_) -> int:
         warnings.warn(f"Invalid value for VR DA: '03.02.1901{MARKER}'", UserWarning, stacklevel=1)
         logging.getLogger("pydicom").warning("(0010,0010) Patient's Name PN: 'O'%s^Brien'", MARKER)
         logging.getLogger("cspine.probe").info("the probe ran")
         return 0
 
-    monkeypatch.setattr(cli, "cmd_inspect", probe)
+    monkeypatch.setattr(inspect_command, "cmd_inspect", probe)  # registered when main() builds the parser
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     root.handlers[:] = []  # as in a fresh `cspine` process: nobody configured logging yet
@@ -189,8 +190,6 @@ def test_cspine_inspect_of_the_malformed_study_writes_no_value_on_stderr(planted
 
 
 def test_cspine_serve_answers_the_malformed_study_with_seg_and_sr_and_logs_no_value(triton, planted_study, tmp_path):
-    from conftest import free_port
-
     port = free_port()
     env = {**os.environ, "CSPINE_DATA_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "cspine", "--log-level", "DEBUG", "serve", "--triton-url", triton.grpc_url]

@@ -9,7 +9,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import analyse as run
 from cspine.cli import main
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import read_sr_measurements
@@ -17,7 +16,8 @@ from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode, ReasonCode
 from cspine.errors import DeadlineExceededError
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.pipeline import STAGES, AnalysisOptions
-from dicom_builders import radiograph
+from support.dicom import radiograph
+from support.pipeline import analyse as run
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cspine import pipeline
-from cspine.analysis.lesions import measure_lesions
+from cspine.analysis.lesions import clean_grid_labels, measure_lesions
+from cspine.analysis.spine import measure_spine
 from cspine.domain import MEASURED_LEVELS, Modality, SeriesRole
 from cspine.imaging.seg_input import SourceLabelMaps, seg_inputs, to_grid
 from cspine.inference.specs import SEG_GEOMETRY, SEG_LABELS
@@ -31,11 +31,11 @@ def _measure(modality, rendered):
         structure, levels = structure[None], levels[None]
     truth = model_labels(modality, structure, levels)
     inputs, grid = seg_inputs(modality, volume)
-    labels = pipeline._grid_labels(modality, to_grid(truth, grid, order=0, fill=0), grid, volume)
+    labels = clean_grid_labels(modality, to_grid(truth, grid, order=0, fill=0), grid, volume)
     on_grid = grid.volume(volume, labels)
-    frame, spine_levels, cobb, opll = pipeline._measure_spine(modality, labels, on_grid, volume)
+    spine = measure_spine(modality, labels, on_grid, volume)
     tumor = SEG_LABELS[modality].index("tumor")
-    lesions = measure_lesions(labels == tumor, on_grid, frame, "uid")
+    lesions = measure_lesions(labels == tumor, on_grid, spine.frame, "uid")
     role = SeriesRole.CT if modality is Modality.CT else SeriesRole.XR
     source = SourceLabelMaps({role: (labels, grid)})[role]
     return {
@@ -44,9 +44,9 @@ def _measure(modality, rendered):
         "on_grid": on_grid,
         "source_labels": source,
         "truth": truth,
-        "levels": spine_levels,
-        "cobb": cobb,
-        "opll": opll,
+        "levels": spine.levels,
+        "cobb": spine.cobb_angle_deg,
+        "opll": spine.opll,
         "lesion": lesions[0],
     }
 

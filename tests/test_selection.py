@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from pydicom import uid as dicom_uid
 
-import dicom_builders as b
 from cspine.dicom.ingest import ingest
 from cspine.dicom.selection import (
     MrWeighting,
@@ -15,6 +14,7 @@ from cspine.dicom.selection import (
     select_series,
 )
 from cspine.domain import NoticeCode, Series, SeriesRole
+from support import dicom as b
 
 
 def study_of(*builts, extra=()):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import free_port
 from cspine.domain import Modality
 from cspine.errors import (
     CaseNotFoundError,
@@ -25,6 +24,7 @@ from cspine.errors import (
 )
 from cspine.fewshot.prototypes import SupportSet
 from cspine.fewshot.store import SYNTHETIC_CURATOR, SupportStore, metadata, study_uid_hash
+from support.server import free_port
 
 CT, MR, XR = Modality.CT, Modality.MR, Modality.XR
 _uids = itertools.count(1)

@@ -9,12 +9,13 @@ import shutil
 import pytest
 
 from cspine.evaluation.clinical import summarise
-from cspine.evaluation.report_html import write_report
+from cspine.evaluation.clinical_report import write_report
 from cspine.evaluation.study import Server, StudyRun, read_cohort, run_study, split_support
 from cspine.fewshot.prototypes import SupportSet
 from cspine.fewshot.store import SupportStore
 from cspine.phantom.generate import PhantomOptions, generate_case
-from test_gateway import CURATOR_TOKEN, GatewayThread
+from support.server import GatewayThread
+from support.tokens import CURATOR_TOKEN
 
 
 @pytest.fixture(scope="module")

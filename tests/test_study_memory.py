@@ -9,18 +9,18 @@ import grpc
 import numpy as np
 import pytest
 
-import dicom_builders as b
 from cspine.budget import model_bytes_per_voxel, plan_study
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import Modality, Series, SeriesRole, Volume
-from cspine.embedded import EmbeddedServer
 from cspine.errors import StudyTooLargeError
-from cspine.gateway.auth import Role, bearer_metadata, find_client_token
+from cspine.ops.embedded import EmbeddedServer
 from cspine.phantom.scanner import REAL_CT_SIZE, REAL_XR_SHAPE
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
+from support import dicom as b
+from support.tokens import served_metadata
 
 GiB = 1024**3
 DEFAULT = IngestLimits()
@@ -150,7 +150,7 @@ def serve(triton, tmp_path_factory):
     """``cspine serve`` with the default limits, on the session's Triton."""
     root = tmp_path_factory.mktemp("serve-memory")
     with EmbeddedServer(root / "data", root / "serve.log", ["--triton-url", triton.grpc_url]) as server:
-        server.metadata = bearer_metadata(find_client_token(root / "data", Role.ANALYST))
+        server.metadata = served_metadata(root / "data")
         yield server
 
 

@@ -12,24 +12,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2
 
+from cspine.client import channel_credentials
 from cspine.fewshot.prototypes import SupportSet
 from cspine.fewshot.store import SupportStore
+from cspine.gateway.auth import server_credentials
 from cspine.gateway.metrics import Metrics
 from cspine.gateway.server import SERVICE_NAMES, track_health
 from cspine.service import Readiness
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 from cspine.v1 import support_pb2_grpc as spb_grpc
-from test_gateway import (
-    CURATOR_TOKEN,
-    NOT_SERVING,
-    SERVING,
-    GatewayThread,
-    _wait_for,
-    channel_to,
-    files_of,
-    upload,
-)
+from support.server import NOT_SERVING, SERVING, GatewayThread, channel_to, files_of, upload, wait_for
+from support.tls import make_pki
+from support.tokens import ANALYST_TOKEN, CURATOR_TOKEN
 
 
 def new_store(url: str) -> SupportStore:
@@ -199,7 +194,7 @@ def test_replicas_sharing_postgresql_see_each_others_changes_within_the_poll_int
             case_upload(files_of(phantom_cases["malignant"]), "malignant"), timeout=120
         )
         start = time.perf_counter()
-        assert _wait_for(lambda: replicas[1].service.prototypes.version == case.prototype_set.version, timeout=5)
+        assert wait_for(lambda: replicas[1].service.prototypes.version == case.prototype_set.version, timeout=5)
         assert time.perf_counter() - start < 1.5
         xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
         assert replicas[1].stub.AnalyzeStudy(upload(xr), timeout=60).prototype_set_version == case.prototype_set.version
@@ -215,7 +210,6 @@ def test_replicas_sharing_postgresql_see_each_others_changes_within_the_poll_int
 
 def test_the_support_command_lists_and_shows_with_a_token_found_in_the_data_dir(served, tmp_path, capsys):
     from cspine.cli import main
-    from test_gateway import ANALYST_TOKEN
 
     server, _, _, _ = served
     (tmp_path / "tokens").write_text(f"analyst {ANALYST_TOKEN}\n")
@@ -230,6 +224,36 @@ def test_the_support_command_lists_and_shows_with_a_token_found_in_the_data_dir(
     assert "no curator token in" in capsys.readouterr().err
     assert main(["support", *common, "--token", ANALYST_TOKEN, "remove", "1"]) == 2
     assert "PERMISSION_DENIED: role analyst may not call" in capsys.readouterr().err
+
+
+def test_analyze_and_support_list_reach_a_tls_gateway_with_ca_and_say_what_is_missing_without(
+    triton, tmp_path, phantom_cases, capsys
+):
+    from cspine.cli import main
+
+    pki = make_pki(tmp_path / "pki")
+    tls = (server_credentials(pki["server_cert"], pki["server_key"]), channel_credentials(pki["ca"]))
+    store = new_store(f"sqlite:///{tmp_path / 'support.db'}")
+    server = GatewayThread(triton.grpc_url, store=store, tls=tls)
+    xr = str(phantom_cases["benign"].path / "xr")
+    common = ["--server", server.address, "--token", ANALYST_TOKEN]
+    try:
+        assert main(["analyze", xr, *common, "--ca", str(pki["ca"]), "--quiet"]) == 0
+        printed = capsys.readouterr().out
+        assert "FUSED" in printed and "request id " in printed
+        assert main(["support", *common, "--ca", str(pki["ca"]), "list"]) == 0
+        assert "prototype set v1: 120 cases" in capsys.readouterr().out
+        for argv in (["analyze", xr, *common, "--quiet"], ["support", *common, "list"]):  # no --ca: plaintext
+            assert main(argv) == 2
+            error, hint = capsys.readouterr().err.splitlines()
+            assert error.startswith("cspine: error: UNAVAILABLE: ")
+            assert hint == (
+                f"cspine: is a cspine server listening on {server.address}? (--server, env CSPINE_SERVER; "
+                "one serving TLS needs --ca, or a grpcs:// address)"
+            )
+    finally:
+        server.close()
+        store.close()
 
 
 def http_status(url: str) -> int:
@@ -257,13 +281,13 @@ def test_while_only_the_store_is_down_analyses_stay_serving_and_the_support_set_
     ready = f"http://127.0.0.1:{server.metrics.serve(0, '127.0.0.1')}/ready"  # the chart's readiness probe
     all_serving = {"": SERVING, ANALYSIS: SERVING, SUPPORT: SERVING}
     try:
-        assert _wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
+        assert wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
         assert http_status(ready) == 200
         store.close()
         path.rename(tmp_path / "moved.db")
         path.mkdir()  # SQLite cannot open a directory: the store stops answering
-        assert _wait_for(lambda: value("cspine_store_up") == 0), "the store gauge must drop"
-        assert _wait_for(lambda: health_of(server)[SUPPORT] == NOT_SERVING), "SupportSet must say it cannot serve"
+        assert wait_for(lambda: value("cspine_store_up") == 0), "the store gauge must drop"
+        assert wait_for(lambda: health_of(server)[SUPPORT] == NOT_SERVING), "SupportSet must say it cannot serve"
         assert health_of(server) == {"": SERVING, ANALYSIS: SERVING, SUPPORT: NOT_SERVING}
         assert value("cspine_triton_ready") == 1 and http_status(ready) == 200  # the pod keeps taking analyses
         result = server.stub.AnalyzeStudy(upload(files_of(phantom_cases["benign"])), timeout=120)
@@ -276,7 +300,7 @@ def test_while_only_the_store_is_down_analyses_stay_serving_and_the_support_set_
         assert "sqlite" not in details and str(tmp_path) not in details  # never the store's URL
         path.rmdir()
         (tmp_path / "moved.db").rename(path)
-        assert _wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
+        assert wait_for(lambda: health_of(server) == all_serving and value("cspine_store_up") == 1)
         assert http_status(ready) == 200
         assert http_status(ready.replace("/ready", "/metrics")) == 200
     finally:

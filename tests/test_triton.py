@@ -22,13 +22,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import free_port
 from cspine.errors import DeadlineExceededError, InferenceError, TritonUnavailableError
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, TritonStartError, default_repository
 from cspine.inference.model_config import config_path, data_type, load_config, opt_batch
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import ENSEMBLES, MAX_EMBEDDINGS, MAX_PROTOTYPES, MODELS, SERVED, ModelSpec
+from support.server import free_port
 
 REPOSITORY = default_repository()
 
@@ -339,7 +339,7 @@ def test_cspine_triton_start_serves_until_sigterm_then_stops_cleanly(tmp_path):
 
 
 def test_benchmark_variants_change_only_the_dynamic_batching_of_the_cpu_configs(tmp_path):
-    from cspine.inference.bench import variant
+    from cspine.bench.triton import variant
 
     off = variant(REPOSITORY, tmp_path / "off", None)
     slow = variant(REPOSITORY, tmp_path / "slow", 12345)

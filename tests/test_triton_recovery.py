@@ -21,14 +21,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cspine.embedded import EmbeddedServer
 from cspine.errors import TritonUnavailableError
-from cspine.gateway.auth import Role, bearer_metadata, find_client_token
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository, restart_delay
 from cspine.inference.specs import SERVED
+from cspine.ops.embedded import EmbeddedServer
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
+from support.server import files_of, seconds_until, upload, wait_for
+from support.tokens import served_metadata
 
 STUB = "triton_python_backend_stub"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -80,25 +81,6 @@ def is_zombie(pid: int) -> bool:
         return False
 
 
-def wait_for(condition, timeout: float, step: float = 0.05) -> float | None:
-    """Seconds until ``condition()`` held, None when it did not within ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
-
-
-def upload(paths):
-    for path in paths:
-        yield pb.StudyUpload(dicom_instance=Path(path).read_bytes())
-
-
-def files_of(case) -> list[Path]:
-    return sorted(p for folder in ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
     data = tmp_path_factory.mktemp("serve")
@@ -106,7 +88,7 @@ def serve(tmp_path_factory):
         channel = grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 256 << 20)])
         server.stub = pb_grpc.SpineAnalysisStub(channel)
         server.health = health_pb2_grpc.HealthStub(channel)
-        server.metadata = bearer_metadata(find_client_token(data / "data", Role.ANALYST))
+        server.metadata = served_metadata(data / "data")
         yield server
         channel.close()
 
@@ -169,9 +151,9 @@ def test_a_killed_tritonserver_is_reaped_its_stubs_end_and_serving_resumes(serve
     os.kill(server.pid, signal.SIGKILL)
     killed = time.monotonic()
     health = HealthLog(serve)
-    reaped = wait_for(lambda: not Path(f"/proc/{server.pid}").exists() and not is_zombie(server.pid), timeout=3)
+    reaped = seconds_until(lambda: not Path(f"/proc/{server.pid}").exists() and not is_zombie(server.pid), timeout=3)
     assert reaped is not None, "tritonserver must be reaped, not left a zombie"
-    stubs_gone = wait_for(lambda: not live_stubs_of(server.pid), timeout=5)
+    stubs_gone = seconds_until(lambda: not live_stubs_of(server.pid), timeout=5)
     assert stubs_gone is not None, f"stubs of the killed server outlive it: {live_stubs_of(server.pid)}"
 
     error = in_flight.exception(timeout=60)
@@ -183,11 +165,11 @@ def test_a_killed_tritonserver_is_reaped_its_stubs_end_and_serving_resumes(serve
         ready = f"http://127.0.0.1:{serve.triton_ports.http}/v2/health/ready"  # the same ports as before
         return new is not None and new.pid != server.pid and _http_ok(ready)
 
-    triton_back = wait_for(restarted, timeout=150, step=0.2)
+    triton_back = seconds_until(restarted, timeout=150, step=0.2)
     assert triton_back is not None, "Triton must be started again on its ports"
     # The gateway asks Triton every 2 s: SERVING again within a few seconds (if it noticed the crash at all).
     assert wait_for(lambda: health.not_serving is None or health.serving_again is not None, timeout=10)
-    assert wait_for(lambda: _serving(serve), timeout=10) is not None
+    assert wait_for(lambda: _serving(serve), timeout=10)
     xr = [p for p in files_of(phantom_cases["benign"]) if "/xr/" in str(p)]
     result = serve.stub.AnalyzeStudy(upload(xr), timeout=120, metadata=serve.metadata)
     assert [m.modality for m in result.modalities] == [pb.XR] and result.modalities[0].assessment.status == pb.ASSESSED
@@ -216,7 +198,7 @@ def test_nothing_of_triton_outlives_a_killed_cspine_serve(serve):
         alive = [p for p in processes() if server.pid in (p.pid, p.pgid) and p.state not in ("Z", "X")]
         return not alive
 
-    lingered = wait_for(gone, timeout=10)
+    lingered = seconds_until(gone, timeout=10)
     assert lingered is not None, "tritonserver or its stubs outlive cspine serve"
     print(f"\nserve SIGKILL -> tritonserver and stubs gone within {lingered:.2f} s")
 

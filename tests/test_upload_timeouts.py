@@ -11,15 +11,15 @@ import time
 import grpc
 import pytest
 
-from cspine.config import IngestLimits
+from cspine.config import GatewayConfig, IngestLimits
 from cspine.fewshot.prototypes import SupportSet
 from cspine.fewshot.store import SupportStore
-from cspine.gateway.server import GatewayConfig
 from cspine.gateway.upload import UploadTimeoutError, UploadTimeouts, read_upload
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 from cspine.v1 import support_pb2_grpc as spb_grpc
-from test_gateway import CURATOR_TOKEN, SERVING, GatewayThread, Held, _wait_for, channel_to, files_of, upload
+from support.server import SERVING, GatewayThread, Held, channel_to, files_of, upload, wait_for
+from support.tokens import CURATOR_TOKEN
 
 # ------------------------------------------------------------------------------------------------------
 # read_upload alone
@@ -160,11 +160,11 @@ def test_idle_and_trickling_uploads_are_cut_off_and_a_fast_study_queued_behind_t
         }
         for name, future in slow.items():
             _ended(future, ends, name)
-        assert _wait_for(lambda: timed.service.in_flight == 3, timeout=5), "the slow clients must hold every slot"
+        assert wait_for(lambda: timed.service.in_flight == 3, timeout=5), "the slow clients must hold every slot"
         arrived = time.monotonic()
         fast = timed.stub.AnalyzeStudy.future(upload(xr), timeout=60)
         _ended(fast, ends, "fast")
-        assert _wait_for(lambda: timed.service.queued == 1 or fast.done(), timeout=5)
+        assert wait_for(lambda: timed.service.queued == 1 or fast.done(), timeout=5)
         result = fast.result()
         for future in slow.values():
             future.exception()  # wait for every answer
@@ -193,7 +193,7 @@ def test_idle_and_trickling_uploads_are_cut_off_and_a_fast_study_queued_behind_t
     assert value("cspine_upload_timeouts_total", {"rpc": "AnalyzeStudy", "limit": "idle"}) == 2
     assert value("cspine_upload_timeouts_total", {"rpc": "AnalyzeStudy", "limit": "deadline"}) == 1
     assert value("cspine_requests_total", {"rpc": "AnalyzeStudy", "code": "DEADLINE_EXCEEDED"}) == 3
-    assert _wait_for(lambda: timed.service.in_flight == 0 and timed.service.queued == 0)
+    assert wait_for(lambda: timed.service.in_flight == 0 and timed.service.queued == 0)
     assert timed.status() == SERVING
 
 
@@ -218,7 +218,7 @@ def test_an_add_case_upload_that_stalls_after_its_header_is_cut_off_by_the_idle_
     assert IDLE_S - 0.1 <= seconds < IDLE_S + 3
     value = timed.metrics.registry.get_sample_value
     assert value("cspine_upload_timeouts_total", {"rpc": "AddCase", "limit": "idle"}) == 1
-    assert _wait_for(lambda: timed.service.in_flight == 0)
+    assert wait_for(lambda: timed.service.in_flight == 0)
 
 
 def test_service_info_reports_the_upload_deadline_and_idle_timeout(timed):

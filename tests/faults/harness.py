@@ -28,7 +28,7 @@ import pydicom
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from report import DEFAULT_REPORT, REPORT_ENV
 
-from cspine.gateway.auth import bearer_metadata
+from cspine.client import bearer_metadata
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
 from cspine.v1 import support_pb2 as spb

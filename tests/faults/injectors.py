@@ -1,16 +1,13 @@
 """What the fault scenarios break, and the server they break it under: ``cspine serve`` as a child process on
-the session's Triton, a PostgreSQL cluster of its own that can be stopped and started again, a small tmpfs
-that can be filled, and a TCP proxy that delays or stalls every packet between cspine and its store."""
+the session's Triton, a small tmpfs that can be filled, and a TCP proxy that delays or stalls every packet
+between cspine and its store. The PostgreSQL cluster a scenario stops and starts is support.postgres's."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
-
-from cspine.embedded import EmbeddedServer
-from cspine.gateway.auth import Role, find_client_token
-from cspine.inference.local_triton import free_ports
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+from cspine.gateway.tokens import Role
+from cspine.ops.embedded import EmbeddedServer
+from support.tokens import served_token
 
 
 @dataclass(frozen=True)
@@ -36,9 +29,7 @@ class Served:
     log: Path
 
     def token(self, role: Role = Role.CURATOR) -> str:
-        token = find_client_token(self.data_dir, role)
-        assert token, f"no {role.value} token in {self.data_dir}"
-        return token
+        return served_token(self.data_dir, role)
 
 
 @contextmanager
@@ -47,53 +38,6 @@ def serve(data_dir: Path, log: Path, triton_url: str, *args: str) -> Iterator[Se
     SERVING when entered and stopped with SIGTERM on the way out. Its log stays at ``log``."""
     with EmbeddedServer(data_dir, log, ["--triton-url", triton_url, *args]) as server:
         yield Served(server.address, data_dir, log)
-
-
-class PostgresCluster:
-    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (trust auth) that a scenario may stop and start again on
-    the same port. The session's ``postgres`` fixture is shared with other tests, so it is left alone."""
-
-    def __init__(self) -> None:
-        assert (PG_BIN / "initdb").exists(), f"PostgreSQL 15 must be installed ({PG_BIN}): make sysdeps"
-        self.root = Path(tempfile.mkdtemp(prefix="cspine-faults-pg-"))
-        self.port = free_ports(1)[0]
-        self._as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses root
-            shutil.chown(self.root, "postgres", "postgres")
-            self._as_user = ["runuser", "-u", "postgres", "--"]
-        self._databases = itertools.count(1)
-        self.running = False
-
-    def _pg(self, tool: str, *args: str) -> None:
-        subprocess.run([*self._as_user, str(PG_BIN / tool), *args], check=True, capture_output=True, timeout=60)
-
-    def __enter__(self) -> PostgresCluster:
-        self._pg("initdb", "-D", str(self.root / "data"), "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.running:
-            self.stop("immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def start(self) -> None:
-        """Start and wait until it accepts connections."""
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-        self._pg("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-o", options, "-w", "start")
-        self.running = True
-
-    def stop(self, mode: str = "fast") -> None:
-        """``pg_ctl stop -m fast``: sessions are ended, their open transactions rolled back."""
-        self._pg("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
-        self.running = False
-
-    def new_database(self, port: int | None = None) -> str:
-        """A fresh database; its URL through ``port`` (a proxy in front of the cluster) when given."""
-        name = f"faults_{next(self._databases)}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {name}")
-        return f"postgresql+psycopg://postgres@127.0.0.1:{port or self.port}/{name}"
 
 
 class Tmpfs:

@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2
 from harness import CHANNEL_OPTIONS, Call, Load, Row, analyze_call, health_status, time_until, write_row
 from prometheus_client.parser import text_string_to_metric_families
 
-from cspine.embedded import EmbeddedServer
-from cspine.gateway.auth import Role, bearer_metadata, find_client_token
+from cspine.client import bearer_metadata
+from cspine.gateway.tokens import Role, find_client_token
+from cspine.ops.embedded import EmbeddedServer
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import analysis_pb2_grpc as pb_grpc
 

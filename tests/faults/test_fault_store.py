@@ -9,9 +9,10 @@ import time
 
 import pytest
 from harness import Load, Row, add_case_call, analyze_call, list_cases_call, listed_case_ids, write_row
-from injectors import LatencyProxy, PostgresCluster, serve
+from injectors import LatencyProxy, serve
 
 from cspine.fewshot.store import STORE_TIMEOUT_S
+from support.postgres import PostgresCluster
 
 RECOVERY_BOUND_S = 30.0
 WARM_UP_BOUND_S = 60.0  # the first answers before the fault (a busy machine makes them slow)

@@ -12,11 +12,12 @@ from contextlib import closing
 
 import numpy as np
 import pytest
-from injectors import LatencyProxy, PostgresCluster, Tmpfs
+from injectors import LatencyProxy, Tmpfs
 
 from cspine.domain import Modality
 from cspine.errors import StoreFullError, StoreUnavailableError
 from cspine.fewshot.store import SupportStore
+from support.postgres import PostgresCluster
 
 TIMEOUT_S = 1.0
 

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2
 from harness import Load, Row, analyze_call, health_status, time_until, write_row
 from prometheus_client.parser import text_string_to_metric_families
 
-from cspine.embedded import EmbeddedServer
-from cspine.gateway.auth import Role, find_client_token
+from cspine.gateway.tokens import Role, find_client_token
+from cspine.ops.embedded import EmbeddedServer
 
 RECOVERY_BOUND_S = 60.0  # kill → first answer of a study sent after it (measured 4–6 s on an idle machine)
 WARM_UP_BOUND_S = 90.0  # the first answers before the fault (a busy machine makes them slow)

@@ -10,10 +10,10 @@ import numpy as np
 
 from cspine.analysis.levels import SpineFrame
 from cspine.analysis.masks import component_sizes, component_voxels, components
-from cspine.analysis.shapes import feret
 from cspine.domain import Lesion, Modality, Notice, NoticeCode, SeriesRole, Volume
 from cspine.imaging.seg_input import SegGrid
 from cspine.inference.specs import SEG_LABELS
+from cspine.shapes import feret
 
 MIN_LESION_MM3 = 50.0  # smaller components are noise, not lesions (a 4.6 mm sphere)
 

@@ -68,7 +68,7 @@ def _fit_weights(logits: dict[Modality, np.ndarray], target, nll) -> dict[Modali
 
 
 def fit_calibration(records: list[dict], embed_model: Path, fitted_on: str) -> Calibration:
-    """Fit detection curves and modality weights on pipeline records (see evaluation.pipeline.case_record)."""
+    """Fit detection curves and modality weights on pipeline records (see evaluation.cohort.case_record)."""
     detection: dict[Modality, DetectionCurve] = {}
     det_logits: dict[Modality, np.ndarray] = {}
     y = np.array([r["truth"]["tumor"] for r in records], dtype=float)

@@ -37,7 +37,7 @@ from cspine.analysis.fusion import Calibration
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import CompetenceLayer, Disclosure, Modality, StudyAnalysis, Volume
-from cspine.evaluation.pipeline import CohortRun, ensure_cohort, evaluate, metrics
+from cspine.evaluation.cohort import CohortRun, ensure_cohort, evaluate, metrics
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.imaging.seg_input import seg_inputs
 from cspine.inference.client import TritonClient

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cspine.client import ClientError, analyze_paths
+from cspine.client import ClientError, Tls, add_case_paths, analyze_paths
 from cspine.phantom.generate import REFERENCE_FILE
-from cspine.support_cli import add_case_paths
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 
@@ -89,6 +88,7 @@ class Server:
     analyst_token: str | None
     curator_token: str | None
     timeout_s: float = 300.0
+    tls: Tls = Tls()  # no files: TLS only where the address asks for it
 
 
 class StudyRun:
@@ -170,7 +170,12 @@ def run_study(
                     options = pb.AnalysisOptions(modalities=modalities)
                     try:
                         result = analyze_paths(
-                            server.address, [case.path], options, timeout_s=server.timeout_s, token=server.analyst_token
+                            server.address,
+                            [case.path],
+                            options,
+                            timeout_s=server.timeout_s,
+                            token=server.analyst_token,
+                            tls=server.tls,
                         )
                     except ClientError as error:
                         if error.code != "INVALID_ARGUMENT":
@@ -194,7 +199,7 @@ def _add(case: CohortCase, label: str, server: Server, run: StudyRun) -> None:
     )
     try:
         added = add_case_paths(
-            server.address, [case.path], header, timeout_s=server.timeout_s, token=server.curator_token
+            server.address, [case.path], header, timeout_s=server.timeout_s, token=server.curator_token, tls=server.tls
         )
         version = added.prototype_set.version
     except ClientError as error:
@@ -216,10 +221,10 @@ def evaluate_cohort(
     progress: bool = True,
 ) -> tuple[dict, dict[str, Path]]:
     """The whole run: the embedded default unless ``server``, the analyses (resuming), the report."""
-    from cspine.embedded import EmbeddedServer
     from cspine.evaluation.clinical import summarise
-    from cspine.evaluation.report_html import write_report
-    from cspine.gateway.auth import Role, find_client_token
+    from cspine.evaluation.clinical_report import write_report
+    from cspine.gateway.tokens import Role, find_client_token
+    from cspine.ops.embedded import EmbeddedServer
 
     cohort = read_cohort(cohort_dir)
     run = StudyRun(out)

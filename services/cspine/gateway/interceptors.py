@@ -1,15 +1,18 @@
 """The one interceptor of the gateway: a request id on every call (from ``x-request-id`` metadata or new),
 ``CspineError`` categories mapped to gRPC status codes (the only place this happens), unexpected errors
 turned into INTERNAL with a generic message (the trace goes to the log, never to the client), and request
-counts and latency per RPC."""
+counts and latency per RPC; for every kind of call, streaming responses included."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import inspect
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -24,6 +27,7 @@ from cspine.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from cspine.gateway.handlers import behaviour_of, bind, with_behaviour
 from cspine.gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ def request_id_of(metadata: dict) -> str:
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every call of cspine's services, of any kind (handlers.HANDLER_KINDS): its request id, its errors
+    as status codes, its count and latency."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
@@ -62,50 +69,53 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith("/cspine."):
             return handler  # health and reflection pass through
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(rpc, metadata, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap(rpc, metadata, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        request_id = request_id_of(dict(handler_call_details.invocation_metadata or ()))
+        behaviour = behaviour_of(handler)
 
-    def _wrap(self, rpc: str, metadata: dict, behaviour):
-        async def wrapped(request, context: grpc.aio.ServicerContext):
-            request_id = request_id_of(metadata)
-            token = REQUEST_ID.set(request_id)
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                await context.send_initial_metadata((("x-request-id", request_id),))
-                return await behaviour(request, context)
-            except CspineError as error:
-                code = status_of(error)
-                logger.info("%s refused: %s %s", rpc, code.name, error)
-                await context.abort(code, f"{error} (request {request_id})")
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:  # the client went away: everything it held is released on the way out
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                logger.exception("%s failed", rpc)
-                await context.abort(code, f"internal error (request {request_id})")
-            finally:
-                self.metrics.requests.labels(rpc, code.name).inc()
-                self.metrics.latency.labels(rpc).observe(time.perf_counter() - start)
-                REQUEST_ID.reset(token)
+        if handler.response_streaming:
 
-        return wrapped
+            async def handled(request, context: grpc.aio.ServicerContext):
+                async with self._handling(rpc, request_id, context):
+                    responses = behaviour(request, context)
+                    if inspect.isasyncgen(responses):
+                        async for response in responses:
+                            yield response
+                    else:  # a coroutine that writes its responses itself (context.write)
+                        await responses
+
+        else:
+
+            async def handled(request, context: grpc.aio.ServicerContext):
+                async with self._handling(rpc, request_id, context):
+                    return await behaviour(request, context)
+
+        return with_behaviour(handler, bind(handled, REQUEST_ID, request_id))
+
+    @contextlib.asynccontextmanager
+    async def _handling(self, rpc: str, request_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The request id sent first; errors turned into status codes; the call counted and timed."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            yield
+        except CspineError as error:
+            code = status_of(error)
+            logger.info("%s refused: %s %s", rpc, code.name, error)
+            await context.abort(code, f"{error} (request {request_id})")
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:  # the client went away: everything it held is released on the way out
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("%s failed", rpc)
+            await context.abort(code, f"internal error (request {request_id})")
+        finally:
+            self.metrics.requests.labels(rpc, code.name).inc()
+            self.metrics.latency.labels(rpc).observe(time.perf_counter() - start)
 
 
 class RequestIdFilter(logging.Filter):

@@ -12,10 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cspine.gateway.auth import AuthInterceptor, TokenStore
+from cspine.config import GatewayConfig
+from cspine.gateway.auth import AuthInterceptor
 from cspine.gateway.interceptors import GatewayInterceptor
 from cspine.gateway.metrics import Metrics
 from cspine.gateway.servicer import SpineAnalysisServicer, SupportSetServicer
+from cspine.gateway.tokens import TokenStore
 from cspine.gateway.upload import UploadTimeouts
 from cspine.service import AnalysisService
 from cspine.v1 import analysis_pb2 as pb
@@ -30,40 +32,6 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["SpineAnalysis"].full_name,
     spb.DESCRIPTOR.services_by_name["SupportSet"].full_name,
 )
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port
-    metrics_port: int | None = 9464  # None: no metrics endpoint
-    max_message_bytes: int = 16 * MiB  # one upload message; larger instances come in chunks
-    grace_s: float = 30.0  # on SIGTERM, in-flight studies get this long to finish
-    health_interval_s: float = 2.0  # how often Triton's readiness is checked
-    # A study's slot is held from before its upload is read, so a slow or stalled client must not keep it: the
-    # whole upload must arrive within upload_deadline_s of the slot being taken, with no gap between two
-    # messages (or before the first) longer than idle_timeout_s. Either → DEADLINE_EXCEEDED, slot freed.
-    # 600 s passes the largest study allowed (max_study_bytes, 4 GiB by default) at ≥ 57 Mbit/s; 30 s passes
-    # one largest message (16 MiB) at ≥ 4.5 Mbit/s. docs/serving.md has the arithmetic.
-    upload_deadline_s: float = UploadTimeouts.deadline_s
-    idle_timeout_s: float = UploadTimeouts.idle_s
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0–65535, got {self.port}")
-        if self.max_message_bytes < MiB:
-            raise ValueError(f"max_message_bytes must be at least 1 MiB, got {self.max_message_bytes}")
-        if self.grace_s < 0 or self.health_interval_s <= 0:
-            raise ValueError("grace_s must be >= 0 and health_interval_s > 0")
-        if not 0 < self.idle_timeout_s <= self.upload_deadline_s:
-            raise ValueError(
-                f"idle_timeout_s must be > 0 and at most upload_deadline_s, got idle_timeout_s {self.idle_timeout_s} "
-                f"and upload_deadline_s {self.upload_deadline_s}"
-            )
-
-    @property
-    def upload_timeouts(self) -> UploadTimeouts:
-        return UploadTimeouts(deadline_s=self.upload_deadline_s, idle_s=self.idle_timeout_s)
 
 
 def create_server(
@@ -83,10 +51,11 @@ def create_server(
             ("grpc.max_send_message_length", 256 * MiB),  # SEG and SR of a large CT
         ],
     )
+    timeouts = UploadTimeouts(deadline_s=config.upload_deadline_s, idle_s=config.idle_timeout_s)
     pb_grpc.add_SpineAnalysisServicer_to_server(
-        SpineAnalysisServicer(service, metrics, config.max_message_bytes, config.upload_timeouts), server
+        SpineAnalysisServicer(service, metrics, config.max_message_bytes, timeouts), server
     )
-    spb_grpc.add_SupportSetServicer_to_server(SupportSetServicer(service, metrics, config.upload_timeouts), server)
+    spb_grpc.add_SupportSetServicer_to_server(SupportSetServicer(service, metrics, timeouts), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"

@@ -19,8 +19,9 @@ from datetime import datetime
 from pathlib import Path
 
 import cspine
+from cspine.client import ClientError, Tls, analyze_paths, service_info
 from cspine.errors import CspineError
-from cspine.loadtest import prom, report
+from cspine.loadtest import prom, results
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ LOCUSTFILE = Path("load_tests") / "locustfile.py"
 KNOWN_ENSEMBLES = frozenset({"lesion_classify"})
 ARRIVALS = ("poisson", "uniform")
 HEADROOM_LOAD = 0.8  # the tail check runs at this fraction of the saturation throughput
+# The locustfile's environment variables: Locust gets the target's token and TLS files, never the caller's.
+LOCUST_ENV = frozenset({"CSPINE_TOKEN", "CSPINE_CA", "CSPINE_CLIENT_CERT", "CSPINE_CLIENT_KEY"})
 
 
 class LoadTestError(CspineError):
@@ -36,10 +39,12 @@ class LoadTestError(CspineError):
 
 @dataclass(frozen=True)
 class Target:
-    """The server under load: its gRPC address, an analyst token and where its metrics are (None: not scraped)."""
+    """The server under load: its gRPC address, an analyst token, the files of a TLS channel to it and where its
+    metrics are (None: not scraped)."""
 
     address: str
     token: str | None = None
+    tls: Tls = Tls()
     gateway_metrics: str | None = None
     triton_metrics: str | None = None
     ensembles: frozenset[str] = KNOWN_ENSEMBLES
@@ -108,9 +113,10 @@ def find_locustfile(given: str | Path | None = None) -> Path:
     )
 
 
-def locust_command(locustfile: Path, address: str, load: Load, pool: Path, out: Path) -> list[str]:
+def locust_command(locustfile: Path, address: str, load: Load, pool: Path, out: Path, tls: Tls = Tls()) -> list[str]:
     """The headless Locust command of one run writing its CSV (``out/locust_*.csv``), HTML report and
-    per-request logs into ``out``. The token goes in the environment (CSPINE_TOKEN), not on the command line."""
+    per-request logs into ``out``; ``tls``'s files as the locustfile's options. The token goes in the environment
+    (CSPINE_TOKEN), not on the command line."""
     command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--only-summary"]
     command += ["-u", str(load.users), "-r", str(load.users), "-t", f"{math.ceil(load.duration_s)}s"]
     # Users stop after their call in flight, so the run's last answers are counted, not cut off.
@@ -124,18 +130,22 @@ def locust_command(locustfile: Path, address: str, load: Load, pool: Path, out: 
         command += ["--cspine-return-dicom", "1"]
     if load.processes:
         command += ["--processes", str(load.processes)]
+    files = {"--cspine-ca": tls.ca, "--cspine-client-cert": tls.client_cert, "--cspine-client-key": tls.client_key}
+    for option, path in files.items():
+        if path is not None:
+            command += [option, str(path)]
     return command
 
 
 def run_locust(target: Target, load: Load, pool: Path, out: Path, locustfile: Path) -> dict:
-    """Run Locust against ``target`` and summarise its CSV (report.summarize)."""
+    """Run Locust against ``target`` and summarise its CSV (results.summarize)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("requests-*.csv"):  # a rerun into the same folder must not count the last run's calls
         old.unlink()
-    env = {k: v for k, v in os.environ.items() if k != "CSPINE_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in LOCUST_ENV}
     if target.token:
         env["CSPINE_TOKEN"] = target.token
-    command = locust_command(locustfile, target.address, load, pool, out)
+    command = locust_command(locustfile, target.address, load, pool, out, target.tls)
     log = out / "locust.log"
     logger.info("running %s", " ".join(command))
     with log.open("w") as f:
@@ -151,7 +161,7 @@ def run_locust(target: Target, load: Load, pool: Path, out: Path, locustfile: Pa
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         hint = " (is Locust installed? pip install 'cspine[load]')" if "No module named locust" in tail else ""
         raise LoadTestError(f"Locust exited with code {code}{hint}; the end of {log}:\n{tail}")
-    return report.summarize(out / "locust", out, load.describe())
+    return results.summarize(out / "locust", out, load.describe())
 
 
 def _scrape(url: str | None) -> prom.Snapshot | None:
@@ -166,7 +176,7 @@ def _scrape(url: str | None) -> prom.Snapshot | None:
 
 def run_step(target: Target, load: Load, pool: Path, out: Path, locustfile: Path) -> dict:
     """One run with Triton's and the gateway's metrics scraped before and after: ``summary.json`` gets the
-    figures of report.summarize plus ``triton`` and ``gateway`` (prom.triton_figures, prom.gateway_figures), and a
+    figures of results.summarize plus ``triton`` and ``gateway`` (prom.triton_figures, prom.gateway_figures), and a
     latency-over-time PNG is written beside it."""
     before = (_scrape(target.triton_metrics), _scrape(target.gateway_metrics))
     summary = run_locust(target, load, pool, out, locustfile)
@@ -185,8 +195,8 @@ def run_step(target: Target, load: Load, pool: Path, out: Path, locustfile: Path
     )
     summary["time_split"] = prom.time_split(summary["triton"], summary["gateway"])
     title = f"{load.mode} loop, " + (f"{load.rate:g} studies/s" if load.rate else f"{load.users} users")
-    report.plot_latency(report.read_request_logs(out), out / "latency.png", f"AnalyzeStudy latency ({title})")
-    report.write_json(out / "summary.json", summary)
+    results.plot_latency(results.read_request_logs(out), out / "latency.png", f"AnalyzeStudy latency ({title})")
+    results.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -205,18 +215,14 @@ def first_study_of_each_profile(pool: Path) -> list[Path]:
 
 def analyze_once(target: Target, study: Path, timeout_s: float) -> float:
     """Seconds one AnalyzeStudy of ``study`` took; ClientError when it failed."""
-    from cspine.client import analyze_paths
-
     start = time.perf_counter()
-    analyze_paths(target.address, [study], timeout_s=timeout_s, token=target.token)
+    analyze_paths(target.address, [study], timeout_s=timeout_s, token=target.token, tls=target.tls)
     return time.perf_counter() - start
 
 
 def warm_up(target: Target, pool: Path, timeout_s: float = 120.0) -> None:
     """One study of each kind, before anything is measured: the first calls of each model are slower, and a wrong
     address or token is better said now than as a run full of errors."""
-    from cspine.client import ClientError
-
     for study in first_study_of_each_profile(pool):
         try:
             analyze_once(target, study, timeout_s)
@@ -238,7 +244,7 @@ def sweep(
     on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Closed-loop steps at each concurrency in ``users`` (``out/users-NNN/``), the best step under the p99 target
-    (report.best_step), saturation (the most studies/s) and, with ``headroom``, an open-loop run at 80 % of the
+    (results.best_step), saturation (the most studies/s) and, with ``headroom``, an open-loop run at 80 % of the
     saturation throughput checking that no study takes more than 2× that run's p99 (``out/headroom/``). Writes
     ``sweep.json``, ``sweep.md`` and ``sweep.png``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -249,14 +255,14 @@ def sweep(
         steps.append(step)
         if on_step:
             on_step(step)
-    best = report.best_step(steps, p99_target_ms, max_error_share)
-    saturation = report.saturation_step(steps)
+    best = results.best_step(steps, p99_target_ms, max_error_share)
+    saturation = results.saturation_step(steps)
     tail = None
     if headroom and saturation:
         rate = round(HEADROOM_LOAD * saturation["studies_per_s"], 4)
         tail = run_step(target, replace(load, users=1, rate=rate), pool, out / "headroom", locustfile)
-        tail["tail"] = report.tail_check(tail)
-        report.write_json(out / "headroom" / "summary.json", tail)
+        tail["tail"] = results.tail_check(tail)
+        results.write_json(out / "headroom" / "summary.json", tail)
         if on_step:
             on_step(tail)
     body = {
@@ -273,9 +279,9 @@ def sweep(
         "saturation": _headline(saturation, with_triton=True),
         "headroom": tail,
     }
-    report.write_json(out / "sweep.json", body)
-    (out / "sweep.md").write_text(report.sweep_markdown(body))
-    report.plot_sweep(body, out / "sweep.png")
+    results.write_json(out / "sweep.json", body)
+    (out / "sweep.md").write_text(results.sweep_markdown(body))
+    results.plot_sweep(body, out / "sweep.png")
     return body
 
 
@@ -295,10 +301,8 @@ def overload(target: Target, load: Load, pool: Path, out: Path, locustfile: Path
     """More closed-loop users than the server has places (study slots and its queue): the extra studies must be
     refused with RESOURCE_EXHAUSTED, fast, while the admitted ones keep their latency; afterwards one study must
     succeed again. ``summary.json`` gets an ``overload`` section saying so."""
-    from cspine.client import ClientError, service_info
-
     try:
-        limits = service_info(target.address, 10.0, token=target.token).limits
+        limits = service_info(target.address, 10.0, token=target.token, tls=target.tls).limits
     except ClientError as error:
         raise LoadTestError(f"GetServiceInfo on {target.address} failed: {error}") from None
     slots = limits.max_studies_in_flight
@@ -321,7 +325,7 @@ def overload(target: Target, load: Load, pool: Path, out: Path, locustfile: Path
         "recovery_study_ms": round(seconds * 1000, 1) if seconds is not None else None,
         "recovery_error": error,
     }
-    report.write_json(out / "summary.json", summary)
+    results.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -354,8 +358,8 @@ def own_server(
     """``cspine serve`` on free ports for the run (data and log in ``out/server…``), its analyst token and both
     metrics endpoints. ``batching=False`` serves a copy of the repository without ``dynamic_batching`` blocks;
     ``triton_url`` uses that Triton instead of starting one (its metrics then come from ``triton_metrics``)."""
-    from cspine.embedded import EmbeddedServer
-    from cspine.gateway.auth import Role, find_client_token
+    from cspine.gateway.tokens import Role, find_client_token
+    from cspine.ops.embedded import EmbeddedServer
 
     folder = out / ("server" if batching else "server-no-batching")
     extra = []
@@ -364,7 +368,7 @@ def own_server(
     if not batching:
         if triton_url:
             raise LoadTestError("batching off needs the Triton cspine starts itself: leave out --triton-url")
-        from cspine.inference.bench import variant
+        from cspine.bench.triton import variant
 
         shutil.rmtree(folder / "repository", ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)

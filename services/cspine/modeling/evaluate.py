@@ -23,7 +23,6 @@ import torch
 from scipy import ndimage
 
 from cspine.analysis.lesions import clean_tumor_labels
-from cspine.analysis.shapes import feret_diameter
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import Modality, SeriesRole
@@ -33,6 +32,7 @@ from cspine.inference.specs import MODALITY_ORDER, SEG_LABELS
 from cspine.modeling.data import CLASSES, SEG_ROLES, LesionBank, model_labels
 from cspine.modeling.networks import BaselineClassifier
 from cspine.phantom.generate import PhantomOptions, generate_case
+from cspine.shapes import feret_diameter
 
 logger = logging.getLogger(__name__)
 

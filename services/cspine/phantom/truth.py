@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from cspine.analysis.shapes import feret_diameter
 from cspine.domain import MEASURED_LEVELS
 from cspine.phantom.anatomy import LEVELS, Label, Spine
 from cspine.phantom.geometry import Canvas, Grid, PointCloud
 from cspine.phantom.scanner import Scene
+from cspine.shapes import feret_diameter
 
 AREA_STEP_MM = 0.1
 LESION_POINTS = 1_500_000  # budget of the lesion lattice: ~0.3 mm for one lesion, coarser for several

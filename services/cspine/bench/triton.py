@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cspine.bench.models import BATCH, PROTOTYPES
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
 from cspine.inference.model_config import config_path, load_config
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import MODELS, ModelSpec
-from cspine.modeling.bench import BATCH, PROTOTYPES
 
 CONCURRENCY = (1, 8)
 _BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.MULTILINE | re.DOTALL)

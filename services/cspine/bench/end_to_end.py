@@ -1,6 +1,8 @@
 """``cspine bench pipeline``: one SYNTHETIC study (axial CT, sagittal T1/T2 MR, lateral radiograph) analysed
 end to end on the local Triton, timed per stage, with Triton's own compute time per model (from its
-statistics API) so the share of work outside model execution is a measured figure.
+statistics API) so the share of work outside model execution is a measured figure. ``cspine bench gateway``
+and ``cspine bench adapt`` run on the same study: through gRPC and the gateway, and a new support case in use
+vs fine-tuning.
 """
 
 from __future__ import annotations
@@ -219,9 +221,11 @@ def format_bench(result: dict) -> str:
 async def _gateway_run(url: str, case_dir: Path, repeats: int) -> dict:
     import grpc
 
-    from cspine.gateway.auth import TokenStore, bearer_metadata
+    from cspine.client import bearer_metadata
+    from cspine.config import GatewayConfig
     from cspine.gateway.metrics import Metrics
-    from cspine.gateway.server import GatewayConfig, start_gateway
+    from cspine.gateway.server import start_gateway
+    from cspine.gateway.tokens import TokenStore
     from cspine.service import AnalysisService
     from cspine.v1 import analysis_pb2 as pb
     from cspine.v1 import analysis_pb2_grpc as pb_grpc
@@ -295,12 +299,14 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
     import grpc
     import torch
 
+    from cspine.client import bearer_metadata
+    from cspine.config import GatewayConfig
     from cspine.dicom.selection import select_series
     from cspine.fewshot.prototypes import SupportSet
     from cspine.fewshot.store import SupportStore
-    from cspine.gateway.auth import TokenStore, bearer_metadata
     from cspine.gateway.metrics import Metrics
-    from cspine.gateway.server import GatewayConfig, start_gateway
+    from cspine.gateway.server import start_gateway
+    from cspine.gateway.tokens import TokenStore
     from cspine.imaging.roi import lesion_roi
     from cspine.inference.specs import MODALITY_ORDER
     from cspine.modeling.data import CLASSES

@@ -1,12 +1,14 @@
 """``cspine loadtest``: its flags and what it does with them (one run, a sweep, an overload run, a pool, a summary
-of a distributed run). Cheap to import: the parser is built on every ``cspine`` call."""
+of a distributed run), driving the harness in cspine.loadtest. Cheap to import: the parser is built on every
+``cspine`` call."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cspine.config import Settings
 
 if TYPE_CHECKING:
     from cspine.loadtest.runner import Load
@@ -51,7 +53,9 @@ GetServiceInfo, unless --users): past saturation the gateway must answer RESOURC
 study must succeed again.
 
 With --target, Triton's and the gateway's metrics are scraped only from --triton-metrics and --gateway-metrics
-(e.g. http://triton:8002/metrics, http://cspine:9464/metrics); without them those figures are left out.
+(e.g. http://triton:8002/metrics, http://cspine:9464/metrics); without them those figures are left out. A --target
+that serves TLS needs --ca (and --client-cert and --client-key where it asks for a client certificate), or a
+grpcs:// address for the system's CAs; Locust's users get the same files.
 """
 
 EPILOG = """\
@@ -76,8 +80,10 @@ def _users_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
-    from cspine.client import add_data_dir_argument
+def add_loadtest_arguments(p: argparse.ArgumentParser, settings: Settings) -> None:
+    """The flags of ``cspine loadtest``; --locustfile and the client's flags (--token, --data-dir, TLS) default
+    to ``settings`` (CSPINE_LOCUSTFILE, ``settings.client``)."""
+    from cspine.commands.client_args import add_data_dir_argument, add_tls_arguments
 
     what = p.add_mutually_exclusive_group()
     what.add_argument("--sweep", type=_users_list, metavar="1,2,4,8", help="closed-loop steps at these concurrencies")
@@ -113,7 +119,7 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--locustfile",
-        default=os.environ.get("CSPINE_LOCUSTFILE"),
+        default=None if settings.locustfile is None else str(settings.locustfile),
         help="(env CSPINE_LOCUSTFILE; default load_tests/locustfile.py here or in cspine's source checkout)",
     )
 
@@ -127,11 +133,12 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
 
     target = p.add_argument_group("target")
     target.add_argument("--target", metavar="ADDR", default=None, help="a running cspine server (default: start one)")
-    target.add_argument("--token", default=os.environ.get("CSPINE_TOKEN"), help="analyst token (env CSPINE_TOKEN)")
+    target.add_argument("--token", default=settings.client.token, help="analyst token (env CSPINE_TOKEN)")
     target.add_argument("--token-file", default=None, help="read the analyst token from this file")
-    add_data_dir_argument(target, "where to find the tokens of --target when no --token is given")
+    add_data_dir_argument(target, settings.client, "where to find the tokens of --target when no --token is given")
     target.add_argument("--gateway-metrics", metavar="URL", default=None, help="--target's /metrics (cspine_*)")
     target.add_argument("--triton-metrics", metavar="URL", default=None, help="its Triton's /metrics (nv_inference_*)")
+    add_tls_arguments(p, settings.client, server="--target", note="Only for --target.")
 
     server = p.add_argument_group("the server started for the run (without --target)")
     server.add_argument(
@@ -175,7 +182,7 @@ def _line(summary: dict) -> str:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    from cspine.client import client_token
+    from cspine.commands.client_args import client_token
 
     if args.token_file:
         return Path(args.token_file).read_text().strip()
@@ -215,16 +222,17 @@ def _check(args: argparse.Namespace) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
+    from cspine.commands.client_args import tls_of
     from cspine.inference.local_triton import default_repository
-    from cspine.loadtest import report, runner
+    from cspine.loadtest import results, runner
     from cspine.loadtest.pool import ensure_pool
 
     _check(args)
     if args.summarize:
         folder = Path(args.summarize)
         logs = folder if any(folder.glob("requests-*.csv")) else None
-        summary = report.summarize(folder / "locust", logs, {"mode": "external"})
-        _print(f"wrote {report.write_json(folder / 'summary.json', summary)}")
+        summary = results.summarize(folder / "locust", logs, {"mode": "external"})
+        _print(f"wrote {results.write_json(folder / 'summary.json', summary)}")
         return 0
     pool = ensure_pool(Path(args.cache), args.pool, args.pool_size, args.pool_seed)
     if args.make_pool:
@@ -241,6 +249,7 @@ def run_command(args: argparse.Namespace) -> int:
                 runner.Target(
                     address=args.target,
                     token=_token(args),
+                    tls=tls_of(args),
                     gateway_metrics=args.gateway_metrics,
                     triton_metrics=args.triton_metrics,
                     ensembles=runner.ensemble_models(repository),
@@ -283,10 +292,10 @@ def run_command(args: argparse.Namespace) -> int:
             _print((folder / "sweep.md").read_text())
             _print(f"wrote {folder / 'sweep.json'}, {folder / 'sweep.md'}, {folder / 'sweep.png'}")
         if args.compare_batching:
-            comparison = report.compare_batching(runs[True], runs[False])
-            report.write_json(out / "batching.json", comparison)
-            (out / "batching.md").write_text(report.batching_markdown(comparison))
-            _print("dynamic batching on vs off:\n" + report.batching_markdown(comparison))
+            comparison = results.compare_batching(runs[True], runs[False])
+            results.write_json(out / "batching.json", comparison)
+            (out / "batching.md").write_text(results.batching_markdown(comparison))
+            _print("dynamic batching on vs off:\n" + results.batching_markdown(comparison))
         return 0
 
     with server(not args.no_batching) as target:
@@ -309,3 +318,19 @@ def run_command(args: argparse.Namespace) -> int:
             code = 0
     _print(f"report: {out / 'report.html'}  summary: {out / 'summary.json'}")
     return code
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    return run_command(args)
+
+
+def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
+    p = subparsers.add_parser(
+        "loadtest",
+        help="load-test a cspine server with Locust: throughput, latency percentiles, sweeps, overload",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_loadtest_arguments(p, settings)
+    p.set_defaults(func=cmd_loadtest)

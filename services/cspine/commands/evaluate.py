@@ -1,0 +1,245 @@
+"""``cspine evaluate`` (models, pipeline, competence, study) and ``cspine calibrate``: evaluations that print
+figures and the fit of the fusion weights and competence reference. The work is the library's (modeling/,
+evaluation/); here are the flags and what is printed and written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cspine.commands.client_args import add_data_dir_argument, add_tls_arguments
+from cspine.config import Settings
+from cspine.inference.local_triton import default_repository
+
+
+def cmd_evaluate_models(args: argparse.Namespace) -> int:
+    from cspine.modeling.figures import format_metrics, write_figures
+    from cspine.modeling.recipes import PRESETS, dump, evaluate_models
+
+    metrics = evaluate_models(
+        Path(args.repository), Path(args.cache), PRESETS[args.preset], workers=args.workers, progress=not args.quiet
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(dump(metrics))
+        write_figures(metrics, Path(args.repository), Path(args.cache), PRESETS[args.preset], out)
+    print(dump(metrics) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _cohort_run(args: argparse.Namespace, default_dir: str):
+    from cspine.evaluation.cohort import CohortRun
+
+    return CohortRun(
+        cohort=Path(args.cohort or default_dir),
+        cases=args.cases,
+        seed=args.seed,
+        triton_url=args.triton_url,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+
+
+def cmd_evaluate_pipeline(args: argparse.Namespace) -> int:
+    from cspine.evaluation.cohort import evaluate, format_metrics, metrics
+
+    records = evaluate(_cohort_run(args, f".cache/cspine/pipeline-eval/seed{args.seed}-{args.cases}"))
+    result = metrics(records)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "records.json").write_text(json.dumps(records, indent=1) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_metrics(result))
+    return 0
+
+
+def cmd_evaluate_competence(args: argparse.Namespace) -> int:
+    from cspine.evaluation.competence import evaluate_competence, format_competence
+
+    run = _cohort_run(args, f".cache/cspine/pipeline-eval/seed{args.seed}-{args.cases}")
+    result = evaluate_competence(run, args.triton_url, progress=not args.quiet)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "competence.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_competence(result))
+    return 0
+
+
+def cmd_evaluate_study(args: argparse.Namespace) -> int:
+    from cspine.evaluation.study import Server, evaluate_cohort
+
+    server = None
+    if args.server:
+        from cspine.client import ClientError
+        from cspine.commands.client_args import client_token, tls_of
+
+        try:
+            server = Server(args.server, client_token(args), client_token(args, "curator"), tls=tls_of(args))
+        except ClientError as exc:
+            print(f"cspine: error: {exc}", file=sys.stderr)
+            return 2
+    metrics, paths = evaluate_cohort(
+        Path(args.cohort), Path(args.out), args.support, server=server, n_boot=args.bootstrap, progress=not args.quiet
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_study_headline(metrics))
+        print(f"report: {paths['report']}  metrics: {paths['metrics']}  predictions: {paths['predictions']}")
+    return 0
+
+
+def format_study_headline(m: dict) -> str:
+    def f(figure) -> str:
+        if not figure or figure.get("value") is None:
+            return "n/a"
+        lo, hi = figure["ci95"] or (None, None)
+        return f"{figure['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+    synthetic = " (SYNTHETIC data)" if m.get("synthetic") else ""
+    lines = [f"{m['cases']} cases{synthetic}: accuracy {f(m['accuracy'])}, ECE {f(m['ece'])}"]
+    for label, figures in m["per_class"].items():
+        lines.append(
+            f"  {label:<12} sensitivity {f(figures['sensitivity'])}  specificity {f(figures['specificity'])}  "
+            f"AUC {f(figures['auc'])}"
+        )
+    d = m["detection"]
+    lines.append(f"  detection    sensitivity {f(d['sensitivity'])}  specificity {f(d['specificity'])}")
+    lines.append("  by modalities: " + ", ".join(f"{k} {f(v)}" for k, v in m["by_modalities"].items()))
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cspine.analysis.fusion import Calibration
+    from cspine.evaluation.calibrate import build_default_support, fit_calibration
+    from cspine.evaluation.cohort import evaluate
+    from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet
+
+    repository = Path(args.repository)
+    if args.competence_only:
+        from cspine.evaluation.competence import fit_competence
+
+        cohort = Path(args.cache) / "competence" / f"reference-seed{args.reference_seed}-{args.reference_cases}"
+        reference = fit_competence(repository, cohort, args.reference_cases, args.reference_seed, args.workers)
+        path = reference.save(repository)
+        for modality, fitted in reference.references.items():
+            print(f"{modality.value}: OOD threshold {fitted.threshold:.3f} — {fitted.fitted_on}")
+        print(f"wrote {path}")
+        return 0
+    embed = repository / "lesion_embed" / "1" / "model.onnx"
+    support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers)
+    support.save(DEFAULT_SUPPORT)
+    prototypes = PrototypeSet.from_support(support)
+    print(f"default support set: {len(support.labels)} SYNTHETIC lesions, prototype set {prototypes.version}")
+    run = _cohort_run(args, f".cache/cspine/pipeline-calibration/seed{args.seed}-{args.cases}")
+    records = evaluate(run, Calibration.uniform(), prototypes)
+    fitted = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
+    path = fitted.save(repository)
+    print(f"wrote {path}:\n{json.dumps(fitted.to_json(), indent=2)}")
+    return 0
+
+
+def _add_cohort_arguments(p: argparse.ArgumentParser, settings: Settings, cases: int, seed: int) -> None:
+    p.add_argument("--cases", type=int, default=cases, help=f"SYNTHETIC studies (default {cases})")
+    p.add_argument("--seed", type=int, default=seed, help=f"phantom seed (default {seed})")
+    p.add_argument("--cohort", default=None, help="folder for the cohort (default: under .cache/cspine)")
+    p.add_argument(
+        "--triton-url",
+        default=settings.serve.triton_url,
+        help="an external Triton's gRPC address (env CSPINE_TRITON_URL; default: start the local Triton)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes generating the cohort (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluations that print figures")
+    evaluate = p.add_subparsers(dest="evaluate", required=True)
+    e = evaluate.add_parser(
+        "models",
+        help="segmentation Dice, lesion size error and few-shot accuracy on held-out SYNTHETIC data",
+    )
+    e.add_argument("--repository", default="model_repository")
+    e.add_argument(
+        "--preset",
+        default="full",
+        choices=["full", "smoke"],
+        help="full: 24 studies, 200 episodes per K; smoke: a tiny run",
+    )
+    e.add_argument("--cache", default=".cache/cspine")
+    e.add_argument("--out", default=None, help="also write metrics.json and PNG figures here")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate_models)
+    e = evaluate.add_parser(
+        "pipeline",
+        help="the whole pipeline on held-out SYNTHETIC studies: detection, size, level, Cobb, canal, OPLL, times",
+        description=(
+            "Generate (once, cached) a held-out SYNTHETIC phantom cohort, analyse every study through Triton "
+            "(the local one unless --triton-url) and compare with each case's truth.json."
+        ),
+    )
+    _add_cohort_arguments(e, settings, cases=60, seed=9300)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--out", default=None, help="also write metrics.json and per-study records.json here")
+    e.set_defaults(func=cmd_evaluate_pipeline)
+    e = evaluate.add_parser(
+        "competence",
+        help="what cspine can assess: in-domain pass rate, out-of-domain catch rate per layer, OOD score AUROC",
+        description=(
+            "Run the full pipeline (the local Triton unless --triton-url) on held-out SYNTHETIC phantom studies, "
+            "on REAL out-of-domain DICOM files from installed packages (tests/data/real_ood/README.md) and on "
+            "SYNTHETIC out-of-domain studies; print the in-domain assessable rate and detection figures, the share "
+            "of out-of-domain studies given no tumor call and the layer that stopped them, and the ROC AUC of the "
+            "out-of-distribution score (docs/competence.md)."
+        ),
+    )
+    _add_cohort_arguments(e, settings, cases=60, seed=9300)
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+    e.add_argument("--out", default=None, help="also write competence.json here")
+    e.set_defaults(func=cmd_evaluate_competence)
+
+    e = evaluate.add_parser(
+        "study",
+        help="clinical validation on a labelled cohort through the API: sensitivity, specificity, AUC … with CIs",
+        description=(
+            "Add the first N cases per class to the support set (SupportSet.AddCase), analyse the rest "
+            "(AnalyzeStudy: all modalities and each alone) and compare with each case's reference.json. Writes "
+            "REPORT_DIR/report.html, metrics.json and predictions.csv; resumes an interrupted run. Without --server "
+            "it starts the embedded default itself. The cohort format is in docs/evaluation.md."
+        ),
+    )
+    e.add_argument("cohort", help="COHORT_DIR: one folder per case with its DICOM and reference.json")
+    e.add_argument("--server", default=None, help="a running cspine server (default: start the embedded one)")
+    e.add_argument("--token", default=settings.client.token, help="a curator token for --server")
+    add_data_dir_argument(e, settings.client, "where to find the tokens of --server when no --token is given")
+    add_tls_arguments(e, settings.client)
+    e.add_argument("--support", type=int, default=5, help="cases per class added to the support set (default 5)")
+    e.add_argument("--out", default="out/study", help="REPORT_DIR (default out/study)")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    e.add_argument("--json", action="store_true", help="print metrics.json instead of the headline")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate_study)
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="rebuild the default SYNTHETIC support set and fit the fusion weights (model_repository/calibration.json)",
+    )
+    _add_cohort_arguments(p, settings, cases=48, seed=9400)
+    p.add_argument("--repository", default=str(default_repository()))
+    p.add_argument("--cache", default=".cache/cspine")
+    p.add_argument("--per-subtype", type=int, default=12, help="support lesions per subtype (default 12)")
+    p.add_argument(
+        "--competence-only",
+        action="store_true",
+        help="only fit the competence reference (model_repository/competence.json): the segmentation models' "
+        "feature statistics and out-of-distribution thresholds, on a SYNTHETIC reference cohort",
+    )
+    p.add_argument("--reference-cases", type=int, default=30, help="studies of that reference cohort (default 30)")
+    p.add_argument("--reference-seed", type=int, default=9500, help="its phantom seed (default 9500)")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,32 @@
+"""The analysis pipeline on an ingested study, run as the service runs it through a real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cspine.analysis.competence import CompetenceReference
+from cspine.analysis.fusion import Calibration
+from cspine.fewshot.prototypes import default_prototypes
+from cspine.inference.client import TritonClient
+from cspine.inference.local_triton import default_repository
+from cspine.pipeline import AnalysisOptions, analyze, model_versions
+
+
+def analyse(triton, study, options=None):
+    """The pipeline on ``study`` through the ``triton`` fixture's server, with everything the service ships: the
+    default prototypes, the calibration, the model versions and the competence reference."""
+    repository = default_repository()
+
+    async def go():
+        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
+            return await analyze(
+                study,
+                client,
+                default_prototypes(),
+                Calibration.load(repository),
+                options or AnalysisOptions(),
+                model_versions(repository),
+                CompetenceReference.load(repository),
+            )
+
+    return asyncio.run(go())
