@@ -13,18 +13,11 @@ import numpy as np
 from google.protobuf import json_format
 
 from cspine import domain
+from cspine.client.enums import MODALITY_FROM_PB, MODALITY_NAMES, STATUS_FROM_PB
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
 
 logger = logging.getLogger(__name__)
-
-MODALITY_FROM_PB: dict[int, domain.Modality | None] = {
-    pb.MODALITY_UNSPECIFIED: None,
-    pb.CT: domain.Modality.CT,
-    pb.MR: domain.Modality.MR,
-    pb.XR: domain.Modality.XR,
-}
-MODALITY_NAMES = {pb.CT: "CT", pb.MR: "MR", pb.XR: "XR"}
 
 
 @dataclass(frozen=True)
@@ -62,12 +55,6 @@ def _code(enum: type[domain.NoticeCode] | type[domain.SeriesRole] | type[domain.
         return UnknownCode(value)
 
 
-_STATUS_FROM_PB = {
-    pb.ASSESSED: domain.AssessmentStatus.ASSESSED,
-    pb.NOT_ASSESSABLE: domain.AssessmentStatus.NOT_ASSESSABLE,
-}
-
-
 def _reason(msg: pb.NotAssessableReason) -> domain.Reason:
     return domain.Reason(_code(domain.ReasonCode, msg.code), msg.message)
 
@@ -79,7 +66,7 @@ def _assessment(msg: pb.Assessment) -> domain.Assessment:
         detection_score=_optional(msg, "detection_score"),
         probabilities=tuple(domain.ClassProbability(p.label, _f32(p.probability)) for p in msg.probabilities),
         uncertainty=_f32(msg.uncertainty),
-        status=_STATUS_FROM_PB.get(msg.status, domain.AssessmentStatus.ASSESSED),
+        status=STATUS_FROM_PB.get(msg.status, domain.AssessmentStatus.ASSESSED),
         reasons=tuple(_reason(r) for r in msg.reasons),
     )
 

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 from cspine.client import ClientError, analysis_json, analyze_paths, to_domain, why_missing
+from cspine.client.enums import MODALITY_BY_NAME
 from cspine.commands.client_args import add_data_dir_argument, add_tls_arguments, client_token, report_failure, tls_of
 from cspine.config import DEFAULT_SERVER, Settings
 from cspine.v1 import analysis_pb2 as pb
 
 DEFAULT_TIMEOUT_S = 120.0
-MODALITY_OPTIONS: dict[str, int] = {"ct": pb.CT, "mr": pb.MR, "xr": pb.XR}
+MODALITY_OPTIONS = MODALITY_BY_NAME
 
 
 def _modalities(text: str) -> list[int]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cspine.client import ClientError, Tls, add_case_paths, analyze_paths
+from cspine.client.enums import MODALITY_BY_NAME
 from cspine.phantom.generate import REFERENCE_FILE
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 SUPPORT_FILE = "support.json"
-MODALITY_RUNS: dict[str, list[int]] = {"all": [], "ct": [pb.CT], "mr": [pb.MR], "xr": [pb.XR]}
+MODALITY_RUNS: dict[str, list[int]] = {"all": [], **{name: [value] for name, value in MODALITY_BY_NAME.items()}}
 CURVE_SUBSET = 45  # studies analysed at the smaller support sizes of the learning curve
 
 

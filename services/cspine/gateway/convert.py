@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC
 
+from cspine.client.enums import MODALITY_FROM_PB, MODALITY_TO_PB, STATUS_TO_PB
 from cspine.domain import (
     Assessment,
-    AssessmentStatus,
     Disclosure,
     Lesion,
     LevelMeasurement,
-    Modality,
     ModalityResult,
     SpineMeasurements,
     StudyAnalysis,
@@ -23,9 +22,6 @@ from cspine.pipeline import AnalysisOptions
 from cspine.service import ServiceInfo
 from cspine.v1 import analysis_pb2 as pb
 from cspine.v1 import support_pb2 as spb
-
-MODALITY_TO_PB = {None: pb.MODALITY_UNSPECIFIED, Modality.CT: pb.CT, Modality.MR: pb.MR, Modality.XR: pb.XR}
-MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
 
 
 def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None) -> AnalysisOptions:
@@ -43,12 +39,6 @@ def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None
         modalities=modalities or None,
         deadline_s=deadline_s,
     )
-
-
-STATUS_TO_PB = {
-    AssessmentStatus.ASSESSED: pb.ASSESSED,
-    AssessmentStatus.NOT_ASSESSABLE: pb.NOT_ASSESSABLE,
-}
 
 
 def assessment_to_pb(a: Assessment) -> pb.Assessment:
