@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -30,7 +30,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "k8s"
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "cspine"
 TOKEN = "operator-token-for-tests"
-NOW = datetime(2025, 6, 4, 10, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 4, 10, 0, 0, tzinfo=UTC)
 MODELS = tuple(SERVED)
 
 TRITON_A = "cspine-triton-7c9d6b5f4-2xk4q"  # ready in every scenario
@@ -236,7 +236,7 @@ def test_gather_reads_pods_models_and_hpas_from_the_api_objects():
     a = status.pods[0]
     assert (a.component, a.phase, a.status, a.ready) == ("triton", "Running", "Running", True)
     assert (a.containers_ready, a.containers_total, a.restarts, a.node) == (1, 1, 0, "gpu-node-a1")
-    assert a.age_seconds == int((NOW - datetime(2025, 6, 2, 8, 14, 9, tzinfo=timezone.utc)).total_seconds())
+    assert a.age_seconds == int((NOW - datetime(2025, 6, 2, 8, 14, 9, tzinfo=UTC)).total_seconds())
     assert a.models == tuple(k8s.ModelReadiness(m, True, "") for m in MODELS)
     assert status.pods[2].models == ()  # gateway pods have no models to ask about
     triton, gateway = status.hpas

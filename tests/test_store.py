@@ -318,9 +318,11 @@ def test_the_migration_creates_exactly_the_tables_the_store_uses(store, url):
 def test_an_unreachable_postgresql_is_unavailable_without_its_url_and_logged_without_the_password(caplog):
     port = free_port()
     store = SupportStore(f"postgresql+psycopg://cspine:s3cret@127.0.0.1:{port}/cspine")
-    with caplog.at_level(logging.WARNING, logger="cspine.fewshot.store"):
-        with pytest.raises(StoreUnavailableError, match=r"^the support store is unavailable: ") as caught:
-            store.current_version()
+    with (
+        caplog.at_level(logging.WARNING, logger="cspine.fewshot.store"),
+        pytest.raises(StoreUnavailableError, match=r"^the support store is unavailable: ") as caught,
+    ):
+        store.current_version()
     store.close()
     # The client's message names "the support store": no URL, host, port, user or password.
     for part in ("postgresql", "127.0.0.1", str(port), "cspine:", "s3cret"):

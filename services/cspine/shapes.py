@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
@@ -12,10 +14,8 @@ def feret(points: np.ndarray) -> tuple[float, np.ndarray]:
     points = np.asarray(points, dtype=float)
     if len(points) < 2:
         return 0.0, np.array([0.0, 0.0, 1.0])[: points.shape[-1]] if points.ndim == 2 else np.zeros(3)
-    try:
+    with contextlib.suppress(QhullError):  # flat or tiny sets: compare all points
         points = points[ConvexHull(points).vertices]
-    except QhullError:  # flat or tiny sets: compare all points
-        pass
     best, pair = -1.0, (0, 0)
     for start in range(0, len(points), 512):  # in blocks: hulls of voxel sets can have thousands of vertices
         d = np.linalg.norm(points[start : start + 512, None, :] - points[None, :, :], axis=-1)

@@ -4,7 +4,7 @@ certificate, written as PEM files for TLS servers (``--tls-cert``) and clients (
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 def _certificate(name: str, key, issuer=None, issuer_key=None, *, ca=False, sans=()):
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

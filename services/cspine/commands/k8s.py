@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC
 
 from cspine.config import Settings
 
 
 def cmd_k8s_status(args: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from cspine.inference.specs import SERVED
     from cspine.ops import k8s
@@ -20,7 +21,7 @@ def cmd_k8s_status(args: argparse.Namespace) -> int:
     api, namespace = k8s.connect(k8s.ClusterAccess.choose(args.kubeconfig, args.context, os.environ))
     with api:
         status = k8s.gather_status(
-            api, args.namespace or namespace, args.release, tuple(SERVED), datetime.now(timezone.utc)
+            api, args.namespace or namespace, args.release, tuple(SERVED), datetime.now(UTC)
         )
     verdict = k8s.judge(status)
     print(json.dumps(k8s.status_json(status, verdict), indent=2) if args.json else k8s.format_status(status, verdict))

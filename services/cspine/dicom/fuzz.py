@@ -599,10 +599,8 @@ def _worker_main(argv: list[str]) -> None:
         from cspine.errors import CspineError
 
         for name in _LAZY_MODULES:
-            try:
+            with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-            except ImportError:
-                pass
     worker = _Worker(config, ingest, CspineError)
 
     def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
