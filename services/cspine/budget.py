@@ -74,6 +74,8 @@ class SeriesPlan:
 def plan_series(role: SeriesRole, series: Series) -> SeriesPlan:
     """The plan of one series with a volume, from its geometry alone (no voxel is read)."""
     modality, volume = role.modality, series.volume
+    if volume is None:
+        raise ValueError(f"{role.value}: a series without a volume has no plan")
     g = SEG_GEOMETRY[modality]
     k, rows, cols = volume.shape
     slices = -(-k // slab_of(modality, volume))

@@ -51,7 +51,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
 def _from_env(cls: type[T], environ: Mapping[str, str], **given: Any) -> T:
     """``cls`` with every field that names a variable read from ``environ``; ``given`` (nested settings) as is."""
     values = dict(given)
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # T is always a settings dataclass
         name = f.metadata.get("env")
         raw = environ.get(name, "").strip() if name else ""
         if not raw:
@@ -74,7 +74,7 @@ def variables(cls: type) -> dict[str, str]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("env"):
             found[f.metadata["env"]] = f"{cls.__name__}.{f.name}"
-        nested = _NESTED.get(f.type)
+        nested = _NESTED.get(str(f.type))
         if nested is not None:
             found.update(variables(nested))
     return found

@@ -19,12 +19,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import cspine
 from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest
-from cspine.domain import Disclosure, ModelVersion, StudyAnalysis
+from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, LimitExceededError
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
@@ -198,7 +200,7 @@ class AnalysisService:
         )
         if not analysis.fused.assessed:
             raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")
-        embeddings = {
+        embeddings: dict[Modality | str, np.ndarray] = {
             result.modality: result.lesions[0].embedding
             for result in analysis.modalities
             if result.lesions and result.lesions[0].embedding is not None

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from google.protobuf import json_format
@@ -41,6 +42,11 @@ def _f32(value: float) -> float:
 
 def _floats(values: Iterable[float]) -> tuple[float, ...]:
     return tuple(_f32(v) for v in values)
+
+
+def _point(values: Iterable[float]) -> tuple[float, float, float]:
+    """A point in patient millimetres (x, y, z) as the server sent it."""
+    return cast("tuple[float, float, float]", _floats(values))
 
 
 def _optional(message, name: str) -> float | None:
@@ -78,9 +84,9 @@ def _lesion(msg: pb.Lesion) -> domain.Lesion:
         max_diameter_mm=_f32(msg.max_diameter_mm),
         volume_ml=_optional(msg, "volume_ml"),
         area_mm2=_optional(msg, "area_mm2"),
-        centre_mm=_floats(msg.centre_mm),
-        bbox_min_mm=_floats(msg.bbox_min_mm),
-        bbox_max_mm=_floats(msg.bbox_max_mm),
+        centre_mm=_point(msg.centre_mm),
+        bbox_min_mm=_point(msg.bbox_min_mm),
+        bbox_max_mm=_point(msg.bbox_max_mm),
         series_instance_uid=msg.series_instance_uid,
         assessment=_assessment(msg.assessment) if msg.HasField("assessment") else None,
     )

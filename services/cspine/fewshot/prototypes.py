@@ -67,8 +67,9 @@ class PrototypeSet:
             for label in labels:
                 emb = support.embeddings[owner == label, m]
                 emb = emb[~np.isnan(emb).any(axis=1)]
-                rows.append(emb.mean(axis=0) if len(emb) else None)
-            if all(r is not None for r in rows):
+                if len(emb):
+                    rows.append(emb.mean(axis=0))
+            if len(rows) == len(labels):  # every class has an embedding of this modality
                 prototypes[modality] = np.stack(rows).astype(np.float32)
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
         digest.update("\n".join(support.labels).encode())

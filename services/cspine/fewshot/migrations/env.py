@@ -10,7 +10,10 @@ if connection is not None:
     with context.begin_transaction():  # SupportStore.migrate() already holds the transaction
         context.run_migrations()
 else:
-    engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("the alembic configuration names no sqlalchemy.url")
+    engine = create_engine(url)
     with engine.connect() as connection:
         context.configure(connection=connection)
         with context.begin_transaction():
