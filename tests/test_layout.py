@@ -203,12 +203,12 @@ def test_no_import_cycle_between_packages():
 
 def test_the_client_imports_nothing_of_the_server_side():
     graph = unit_graph()
-    reached, todo = set(), ["client"]
-    while todo:  # everything the client's imports import in turn
-        unit = todo.pop()
+    reached, pending = set(), ["client"]
+    while pending:  # everything the client's imports import in turn
+        unit = pending.pop()
         if unit not in reached:
             reached.add(unit)
-            todo += graph[unit]
+            pending += graph[unit]
     server_side = reached - CLIENT_MAY_IMPORT
     assert not server_side, "cspine.client reaches " + "; ".join(
         str(e) for unit in sorted(reached) for target in sorted(server_side) for e in graph[unit].get(target, [])

@@ -16,7 +16,7 @@ from matplotlib.patches import Patch
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
-from cspine.dicom.ingest import iter_files
+from cspine.client.files import iter_files
 from cspine.errors import CspineError
 
 logger = logging.getLogger(__name__)

@@ -43,12 +43,12 @@ until ``build`` decodes it straight into the series' preallocated float32 volume
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cspine.client.files import iter_files
 from cspine.config import IngestLimits
 from cspine.dicom.assemble import _build_series
 from cspine.dicom.attributes import _int, _required_text, _safe, _text
@@ -74,7 +74,7 @@ from cspine.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StudyBuilder", "iter_files", "ingest", "ingest_paths"]
+__all__ = ["StudyBuilder", "ingest", "ingest_paths"]
 
 # A frame counts as at least this many voxels against max_study_voxels: what ingest holds per frame (its
 # geometry, its InstanceRef: ~0.7 KiB) is then covered by the 4 bytes a voxel is budgeted, however few
@@ -274,21 +274,6 @@ def ingest(items: Iterable[tuple[str, bytes]], limits: IngestLimits = IngestLimi
     for label, data in items:
         builder.add(label, data)
     return builder.build()
-
-
-def iter_files(paths: Iterable[Path | str]) -> Iterator[Path]:
-    """Every regular file named, or inside a named folder (recursively, in sorted order)."""
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            for folder, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(folder) / name
-        elif path.is_file():
-            yield path
-        else:
-            raise InvalidInputError(f"{path}: no such file or folder")
 
 
 def ingest_paths(paths: Iterable[Path | str], limits: IngestLimits = IngestLimits()) -> Study:

@@ -30,8 +30,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cspine.client.files import iter_files
 from cspine.config import IngestLimits
-from cspine.dicom.ingest import StudyBuilder, iter_files
+from cspine.dicom.ingest import StudyBuilder
 from cspine.dicom.selection import select_series
 from cspine.domain import Notice, Selection, Series, SeriesRole, Study
 from cspine.errors import CspineError

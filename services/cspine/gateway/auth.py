@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from cspine.client.channel import read_pem
 from cspine.errors import PermissionDeniedError, UnauthenticatedError
 from cspine.gateway.handlers import behaviour_of, bind, kind_of, with_behaviour
 from cspine.gateway.interceptors import NO_REQUEST_ID, REQUEST_ID, request_id_of
@@ -149,21 +150,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 # TLS and where to listen
 
 
-def _read_pem(path: Path | str, what: str) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} does not exist or is not a file")
-    data = path.read_bytes()
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not a PEM file")
-    return data
-
-
 def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
     """TLS for the server; with ``client_ca``, clients must also show a certificate that CA signed. (A client's
     TLS is cspine.client's.)"""
-    pair = (_read_pem(key, "TLS private key"), _read_pem(cert, "TLS certificate"))
-    ca = None if client_ca is None else _read_pem(client_ca, "client CA certificate")
+    pair = (read_pem(key, "TLS private key"), read_pem(cert, "TLS certificate"))
+    ca = None if client_ca is None else read_pem(client_ca, "client CA certificate")
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
