@@ -25,7 +25,7 @@ from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
 from cspine.inference.model_config import config_path, load_config
 from cspine.inference.runner import OnnxRunner
-from cspine.inference.specs import MODELS, ModelSpec
+from cspine.inference.specs import EMBEDDING_TENSOR, IMAGE_TENSOR, MODELS, PROTOTYPES_TENSOR, ModelSpec
 
 CONCURRENCY = (1, 8)
 _BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", re.MULTILINE | re.DOTALL)
@@ -38,7 +38,7 @@ def inputs_for(spec: ModelSpec, batch: int, rng: np.random.Generator) -> dict[st
         if spec.max_batch_size > 0:
             shape = (batch, *t.shape)
         else:
-            shape = (PROTOTYPES if t.name == "prototypes" else batch, *t.shape[1:])
+            shape = (PROTOTYPES if t.name == PROTOTYPES_TENSOR else batch, *t.shape[1:])
         out[t.name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
@@ -131,7 +131,7 @@ def _shared_memory(url: str, repeats: int) -> dict:
     import tritonclient.utils.shared_memory as shm
 
     spec = MODELS["seg_ct"]
-    image = inputs_for(spec, BATCH["seg_ct"], np.random.default_rng(2))["image"]
+    image = inputs_for(spec, BATCH["seg_ct"], np.random.default_rng(2))[IMAGE_TENSOR]
     client = grpcclient.InferenceServerClient(url)
     region = f"cspine-bench-{id(image)}"
     handle = shm.create_shared_memory_region(region, f"/{region}", image.nbytes)
@@ -139,13 +139,13 @@ def _shared_memory(url: str, repeats: int) -> dict:
         client.register_system_shared_memory(region, f"/{region}", image.nbytes)
 
         def in_message() -> None:
-            tensor = grpcclient.InferInput("image", list(image.shape), "FP32")
+            tensor = grpcclient.InferInput(IMAGE_TENSOR, list(image.shape), "FP32")
             tensor.set_data_from_numpy(image)
             client.infer("seg_ct", [tensor])
 
         def in_shm() -> None:
             shm.set_shared_memory_region(handle, [image])
-            tensor = grpcclient.InferInput("image", list(image.shape), "FP32")
+            tensor = grpcclient.InferInput(IMAGE_TENSOR, list(image.shape), "FP32")
             tensor.set_shared_memory(region, image.nbytes)
             client.infer("seg_ct", [tensor])
 
@@ -178,11 +178,11 @@ async def _ensemble(url: str, repeats: int) -> dict:
     async with TritonClient(url, timeout_s=120) as client:
 
         async def two_calls() -> None:
-            embedding = (await client.infer("lesion_embed", feeds))["embedding"]
-            await client.infer("proto_classify", {"embedding": embedding, "prototypes": prototypes})
+            embedding = (await client.infer("lesion_embed", feeds))[EMBEDDING_TENSOR]
+            await client.infer("proto_classify", {EMBEDDING_TENSOR: embedding, PROTOTYPES_TENSOR: prototypes})
 
         async def ensemble() -> None:
-            await client.infer("lesion_classify", {**feeds, "prototypes": prototypes})
+            await client.infer("lesion_classify", {**feeds, PROTOTYPES_TENSOR: prototypes})
 
         times: dict[str, list[float]] = {"two_calls": [], "ensemble": []}
         await two_calls(), await ensemble()

@@ -43,7 +43,7 @@ from cspine.imaging.seg_input import seg_inputs
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
 from cspine.inference.runner import OnnxRunner
-from cspine.inference.specs import MODALITY_ORDER, seg_spec
+from cspine.inference.specs import FEATURES_TENSOR, IMAGE_TENSOR, MODALITY_ORDER, seg_spec
 from cspine.pipeline import AnalysisOptions, analyze, model_versions
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ def seg_runners(repository: Path) -> dict[Modality, OnnxRunner]:
 def series_features(modality: Modality, volume: Volume, runner: OnnxRunner) -> np.ndarray:
     """The pooled encoder features (slices × D) of a volume, preprocessed as the pipeline does."""
     inputs, _ = seg_inputs(modality, volume)
-    return np.concatenate([runner.run({"image": inputs[i : i + 32]})["features"] for i in range(0, len(inputs), 32)])
+    return np.concatenate(
+        [runner.run({IMAGE_TENSOR: inputs[i : i + 32]})[FEATURES_TENSOR] for i in range(0, len(inputs), 32)]
+    )
 
 
 def study_features(case_dir: Path, runners: dict[Modality, OnnxRunner]) -> dict[Modality, np.ndarray]:

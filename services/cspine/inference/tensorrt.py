@@ -10,10 +10,17 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from cspine.inference.specs import MAX_EMBEDDINGS, MAX_PROTOTYPES, MODELS, ModelSpec
+from cspine.inference.specs import (
+    EMBEDDING_TENSOR,
+    MAX_EMBEDDINGS,
+    MAX_PROTOTYPES,
+    MODELS,
+    PROTOTYPES_TENSOR,
+    ModelSpec,
+)
 
 # Per dynamic axis of a model without a batch axis (proto_classify): (opt, max) of each input's first axis.
-_UNBATCHED = {"embedding": (8, MAX_EMBEDDINGS), "prototypes": (3, MAX_PROTOTYPES)}
+_UNBATCHED = {EMBEDDING_TENSOR: (8, MAX_EMBEDDINGS), PROTOTYPES_TENSOR: (3, MAX_PROTOTYPES)}
 
 
 @dataclass(frozen=True)
