@@ -26,6 +26,7 @@ from cspine.dicom.outputs import (
     build_sr,
     read_sr_evaluations,
     read_sr_measurements,
+    write_outputs,
 )
 from cspine.dicom.selection import select_series
 from cspine.domain import (
@@ -51,7 +52,6 @@ from cspine.domain import (
 )
 from cspine.inference.specs import SEG_LABELS
 from cspine.modeling.data import model_labels
-from cspine.pipeline import AnalysisOptions, _dicom_outputs
 from support import dicom as b
 
 MODALITY_ROLES = {
@@ -523,7 +523,7 @@ def test_a_ct_without_frame_of_reference_gets_no_seg_but_keeps_its_analysis_sr_a
         build_seg(analysis, chosen)
 
     with caplog.at_level(logging.WARNING, logger="cspine.pipeline"):
-        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+        write_outputs(analysis, chosen, seg=True, sr=True)
     assert analysis.dicom_seg is None
     [notice] = [n for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE]
     assert notice.message.startswith("DICOM SEG not written: the CT series has no FrameOfReferenceUID")
@@ -545,7 +545,7 @@ def test_malformed_patient_and_study_headers_leave_their_values_out_of_a_valid_s
         _edited_copy(case, modality, b.with_malformed_patient_study, root)
     analysis, chosen = _analysis(case, (Modality.CT, Modality.MR, Modality.XR), root=root)
     with caplog.at_level(logging.DEBUG):
-        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+        write_outputs(analysis, chosen, seg=True, sr=True)
 
     assert [n for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == []
     omitted = {n.message.split()[1]: n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_VALUE_OMITTED}
@@ -587,7 +587,7 @@ def test_whatever_a_writer_raises_becomes_a_notice_naming_only_the_exception_typ
     monkeypatch.setattr(outputs_module, "_report", crash)
     analysis, chosen = _analysis(phantom_cases["malignant"], (Modality.XR,))
     with caplog.at_level(logging.WARNING):
-        _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+        write_outputs(analysis, chosen, seg=True, sr=True)
 
     assert analysis.dicom_seg is None and analysis.dicom_sr is None
     assert [n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == [
@@ -606,7 +606,7 @@ def test_seg_leaves_out_a_not_assessable_modality_and_no_assessed_one_gives_a_no
 
     analysis.modality(Modality.MR).assessment = NOT_ASSESSABLE
     assert build_seg(analysis, chosen) is None
-    _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True))
+    write_outputs(analysis, chosen, seg=True, sr=False)
     assert analysis.dicom_seg is None
     assert [n.message for n in analysis.notices if n.code is NoticeCode.OUTPUT_UNAVAILABLE] == [
         "DICOM SEG not written: no assessed modality has a segmented structure"
@@ -685,7 +685,7 @@ def test_sr_of_a_study_nothing_could_assess_has_a_not_assessable_fused_assessmen
     xr.labels.clear()  # a not-assessable modality may keep no label map at all
     study_reason = Reason(ReasonCode.NO_ASSESSABLE_MODALITY, "no modality could be assessed (XR: no_vertebral_column)")
     analysis.fused = Assessment.not_assessable((study_reason,))
-    _dicom_outputs(analysis, chosen, AnalysisOptions(return_dicom_seg=True, return_dicom_sr=True))
+    write_outputs(analysis, chosen, seg=True, sr=True)
 
     assert analysis.dicom_seg is None
     groups = read_sr_measurements(analysis.dicom_sr)

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -81,7 +79,6 @@ from cspine.inference.specs import (
     MAX_EMBEDDINGS,
     MODALITY_ORDER,
     MODALITY_TENSOR,
-    MODELS,
     PROBABILITIES_TENSOR,
     PROTOTYPES_TENSOR,
     ROI_TENSOR,
@@ -125,16 +122,6 @@ class _Measured:
     probabilities: np.ndarray | None
     spine: ModalitySpine = field(default_factory=ModalitySpine)
     notices: list[Notice] = field(default_factory=list)
-
-
-def model_versions(repository: Path) -> list[ModelVersion]:
-    """Each served model's version: Triton's version folder and the ONNX file's SHA-256 prefix."""
-    out = []
-    for name in MODELS:
-        path = repository / name / "1" / "model.onnx"
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "missing"
-        out.append(ModelVersion(name, f"1 (sha256:{digest})"))
-    return out
 
 
 class Deadline:
@@ -239,40 +226,13 @@ async def analyze(
     )
     if options.return_dicom_seg or options.return_dicom_sr:
         with timer.stage("dicom"):
-            await asyncio.to_thread(_dicom_outputs, analysis, chosen, options)
+            from cspine.dicom.outputs import write_outputs  # highdicom, imported once an output is asked for
+
+            seg, sr = options.return_dicom_seg, options.return_dicom_sr
+            await asyncio.to_thread(write_outputs, analysis, chosen, seg=seg, sr=sr)
     analysis.stage_seconds = {name: round(timer.seconds.get(name, 0.0), 4) for name in STAGES}
     analysis.stage_seconds["total"] = round(time.perf_counter() - start, 4)
     return analysis
-
-
-def _dicom_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], options: AnalysisOptions) -> None:
-    """The requested DICOM SEG and SR (the SR referencing the SEG when there is one). One that cannot be
-    written is left out with an ``output_unavailable`` notice: an output never costs the analysis. A source value
-    one leaves out (invalid for its VR) is told in an ``output_value_omitted`` notice."""
-    from cspine.dicom.outputs import OutputUnavailableError, build_seg, build_sr
-
-    notices = analysis.notices
-    writers = (
-        ("SEG", "dicom_seg", options.return_dicom_seg, lambda: build_seg(analysis, chosen, notices)),
-        ("SR", "dicom_sr", options.return_dicom_sr, lambda: build_sr(analysis, chosen, analysis.dicom_seg, notices)),
-    )
-    for kind, field_name, wanted, write in writers:
-        if not wanted:
-            continue
-        try:
-            data = write()
-        except OutputUnavailableError as exc:  # its message is cspine's own and names no patient
-            logger.warning("%s [%s]", exc, type(exc).__name__)
-            message = str(exc)
-        except Exception as exc:  # noqa: BLE001 — a writer's bug must not cost the analysis either
-            logger.error("DICOM %s not written: unexpected %s", kind, type(exc).__name__)
-            message = f"DICOM {kind} not written: an internal error ({type(exc).__name__})"
-        else:
-            if data is not None:
-                setattr(analysis, field_name, data)
-                continue
-            message = f"DICOM {kind} not written: no assessed modality has a segmented structure"
-        analysis.notices.append(Notice(NoticeCode.OUTPUT_UNAVAILABLE, message))
 
 
 async def _analyse_modality(

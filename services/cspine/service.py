@@ -31,7 +31,8 @@ from cspine.errors import CspineError, InvalidInputError, LimitExceededError
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
-from cspine.pipeline import AnalysisOptions, analyze, model_versions
+from cspine.inference.model_config import model_versions
+from cspine.pipeline import AnalysisOptions, analyze
 
 logger = logging.getLogger(__name__)
 

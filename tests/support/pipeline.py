@@ -9,7 +9,8 @@ from cspine.analysis.fusion import Calibration
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import default_repository
-from cspine.pipeline import AnalysisOptions, analyze, model_versions
+from cspine.inference.model_config import model_versions
+from cspine.pipeline import AnalysisOptions, analyze
 
 
 def analyse(triton, study, options=None):

@@ -22,8 +22,9 @@ from cspine.dicom.ingest import ingest_paths
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from cspine.inference.model_config import model_versions
 from cspine.phantom.generate import PhantomOptions, generate_case
-from cspine.pipeline import STAGES, AnalysisOptions, analyze, model_versions
+from cspine.pipeline import STAGES, AnalysisOptions, analyze
 
 BENCH_SEED = 31
 

@@ -900,3 +900,31 @@ def _reasons(group: Dataset) -> tuple[tuple[str, str, str], ...]:
 def _algorithm_parameters(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, ...]:
     items = find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
     return tuple(str(item.TextValue) for item in items)
+
+
+def write_outputs(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], *, seg: bool, sr: bool) -> None:
+    """The requested DICOM SEG and SR (the SR referencing the SEG when there is one). One that cannot be
+    written is left out with an ``output_unavailable`` notice: an output never costs the analysis. A source value
+    one leaves out (invalid for its VR) is told in an ``output_value_omitted`` notice."""
+    notices = analysis.notices
+    writers = (
+        ("SEG", "dicom_seg", seg, lambda: build_seg(analysis, chosen, notices)),
+        ("SR", "dicom_sr", sr, lambda: build_sr(analysis, chosen, analysis.dicom_seg, notices)),
+    )
+    for kind, field_name, wanted, write in writers:
+        if not wanted:
+            continue
+        try:
+            data = write()
+        except OutputUnavailableError as exc:  # its message is cspine's own and names no patient
+            logger.warning("%s [%s]", exc, type(exc).__name__)
+            message = str(exc)
+        except Exception as exc:  # noqa: BLE001 — a writer's bug must not cost the analysis either
+            logger.error("DICOM %s not written: unexpected %s", kind, type(exc).__name__)
+            message = f"DICOM {kind} not written: an internal error ({type(exc).__name__})"
+        else:
+            if data is not None:
+                setattr(analysis, field_name, data)
+                continue
+            message = f"DICOM {kind} not written: no assessed modality has a segmented structure"
+        analysis.notices.append(Notice(NoticeCode.OUTPUT_UNAVAILABLE, message))

@@ -26,9 +26,10 @@ from cspine.domain import MEASURED_LEVELS, StudyAnalysis
 from cspine.fewshot.prototypes import PrototypeSet, default_prototypes
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from cspine.inference.model_config import model_versions
 from cspine.inference.specs import MODALITY_ORDER
 from cspine.phantom.generate import COHORT_FILE, PhantomOptions, generate_cohort
-from cspine.pipeline import STAGES, AnalysisOptions, analyze, model_versions
+from cspine.pipeline import STAGES, AnalysisOptions, analyze
 
 logger = logging.getLogger(__name__)
 

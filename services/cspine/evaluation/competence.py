@@ -42,9 +42,10 @@ from cspine.fewshot.prototypes import default_prototypes
 from cspine.imaging.seg_input import seg_inputs
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
+from cspine.inference.model_config import model_versions
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import FEATURES_TENSOR, IMAGE_TENSOR, MODALITY_ORDER, seg_spec
-from cspine.pipeline import AnalysisOptions, analyze, model_versions
+from cspine.pipeline import AnalysisOptions, analyze
 
 logger = logging.getLogger(__name__)
 

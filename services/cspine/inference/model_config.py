@@ -3,12 +3,15 @@ ModelConfig protobuf (shipped by tritonclient), so a typo fails here as it would
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from cspine.domain import ModelVersion
 from cspine.errors import CspineError
+from cspine.inference.specs import MODELS
 
 ModelConfig = model_config_pb2.ModelConfig
 
@@ -34,3 +37,13 @@ def opt_batch(config: model_config_pb2.ModelConfig) -> int:
     """The batch size TensorRT should optimise for: the largest preferred batch size, else the maximum."""
     preferred = list(config.dynamic_batching.preferred_batch_size)
     return max(preferred) if preferred else max(config.max_batch_size, 1)
+
+
+def model_versions(repository: Path) -> list[ModelVersion]:
+    """Each served model's version: Triton's version folder and the ONNX file's SHA-256 prefix."""
+    out = []
+    for name in MODELS:
+        path = repository / name / "1" / "model.onnx"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "missing"
+        out.append(ModelVersion(name, f"1 (sha256:{digest})"))
+    return out
