@@ -16,6 +16,7 @@ import os
 import platform
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 import grpc
 import pydicom
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from report import DEFAULT_REPORT, REPORT_ENV
 
 from cspine.client import bearer_metadata
@@ -369,3 +371,19 @@ def write_row(row: Row, path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
+
+
+def study_files(case, *modalities: str) -> list:
+    """A phantom case's DICOM files of the given modality folders (ct, mr, xr; all three by default)."""
+    return sorted(p for folder in modalities or ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
+
+
+def metric(port: int, name: str, **labels: str) -> float | None:
+    """One sample of the gateway's Prometheus metrics, None when it is not there."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None

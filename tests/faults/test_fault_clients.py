@@ -10,13 +10,22 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
-from harness import CHANNEL_OPTIONS, Call, Load, Row, analyze_call, health_status, time_until, write_row
-from prometheus_client.parser import text_string_to_metric_families
+from harness import (
+    CHANNEL_OPTIONS,
+    Call,
+    Load,
+    Row,
+    analyze_call,
+    health_status,
+    metric,
+    study_files,
+    time_until,
+    write_row,
+)
 
 from cspine.client import bearer_metadata
 from cspine.gateway.tokens import Role, find_client_token
@@ -34,21 +43,6 @@ SLACK_S = 3.0  # a busy shared machine answers a timeout this much late, at most
 QUEUE_WAIT_BOUND_S = DEADLINE_S + 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 IDLE, TRICKLING, FAST = "idle AnalyzeStudy", "trickling AnalyzeStudy", "AnalyzeStudy"
-
-
-def study_files(case, *modalities: str) -> list:
-    return sorted(p for folder in modalities or ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
-
-
-def metric(port: int, name: str, **labels: str) -> float | None:
-    """One sample of the gateway's Prometheus metrics, None when it is not there."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 class Silent:

@@ -11,7 +11,7 @@ import time
 from contextlib import closing
 
 import pytest
-from harness import Load, Row, add_case_call, analyze_call, listed_case_ids, write_row
+from harness import Load, Row, add_case_call, analyze_call, listed_case_ids, study_files, write_row
 from injectors import Tmpfs, serve
 
 RECOVERY_BOUND_S = 30.0
@@ -25,10 +25,6 @@ def small_disk(tmp_path):
         pytest.skip("mounting the small tmpfs that is filled needs root")
     with Tmpfs(tmp_path / "disk", DISK_BYTES) as disk:  # unmounted on the way out, whatever happened
         yield disk
-
-
-def study_files(case, *modalities: str) -> list:
-    return sorted(p for folder in modalities or ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
 
 
 def test_a_full_data_dir_refuses_add_case_resource_exhausted_keeps_every_case_and_recovers(

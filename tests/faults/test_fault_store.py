@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import Load, Row, add_case_call, analyze_call, list_cases_call, listed_case_ids, write_row
+from harness import Load, Row, add_case_call, analyze_call, list_cases_call, listed_case_ids, study_files, write_row
 from injectors import LatencyProxy, serve
 
 from cspine.fewshot.store import STORE_TIMEOUT_S
@@ -22,10 +22,6 @@ WARM_UP_BOUND_S = 60.0  # the first answers before the fault (a busy machine mak
 def cluster():
     with PostgresCluster() as pg:
         yield pg
-
-
-def study_files(case, *modalities: str) -> list:
-    return sorted(p for folder in modalities or ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
 
 
 def test_postgresql_stopped_and_restarted_under_add_case_load_refuses_unavailable_and_loses_no_case(

@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
-from harness import Load, Row, analyze_call, health_status, time_until, write_row
-from prometheus_client.parser import text_string_to_metric_families
+from harness import Load, Row, analyze_call, health_status, metric, study_files, time_until, write_row
 
 from cspine.gateway.tokens import Role, find_client_token
 from cspine.ops.embedded import EmbeddedServer
@@ -23,10 +22,6 @@ RECOVERY_BOUND_S = 60.0  # kill → first answer of a study sent after it (measu
 WARM_UP_BOUND_S = 90.0  # the first answers before the fault (a busy machine makes them slow)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 CLIENTS = 3  # with the default 2 in flight and 2 queued: nobody is refused for want of a place
-
-
-def study_files(case, *modalities: str) -> list:
-    return sorted(p for folder in modalities or ("ct", "mr", "xr") for p in (case.path / folder).glob("*.dcm"))
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -68,17 +63,6 @@ def zombies_of(parent: int) -> list[int]:
         for e in Path("/proc").iterdir()
         if e.name.isdigit() and (s := _stat(int(e.name))) and int(s[1]) == parent and s[0] == "Z"
     ]
-
-
-def metric(port: int, name: str, **labels: str) -> float | None:
-    """One sample of the gateway's Prometheus metrics, None when it is not there."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def _ready(server: EmbeddedServer) -> bool:
