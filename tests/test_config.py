@@ -14,11 +14,13 @@ import pytest
 from cspine import cli
 from cspine.commands.serve import serve_config
 from cspine.config import (
+    AnalysisConfig,
     ClientConfig,
     GatewayConfig,
     IngestLimits,
     ServeConfig,
     Settings,
+    TritonClientConfig,
     TritonConfig,
     variables,
 )
@@ -115,12 +117,11 @@ def test_from_env_reads_each_variable_into_its_field_with_its_type():
     s = Settings.from_env(environ)
     assert s.log_level == "info" and s.locustfile == Path("/l.py")
     assert (s.serve.gateway.host, s.serve.gateway.port, s.serve.gateway.grace_s) == ("0.0.0.0", 6000, 12.5)
-    assert s.serve.triton_round_robin is True and s.serve.triton_reconnect_s == 7.5
-    assert s.serve.max_studies_in_flight == 4 and s.serve.max_queued_studies == 2
+    assert s.serve.triton_client == TritonClientConfig(round_robin=True, reconnect_s=7.5)
     tls = (s.serve.tls_cert, s.serve.tls_key, s.serve.tls_client_ca)
     assert tls == (Path("/tls/tls.crt"), Path("/tls/tls.key"), None)
     assert s.serve.triton == TritonConfig(repository=Path("/models"), grpc_port=18001, ort_threads=3)
-    assert s.serve.limits == IngestLimits(max_instances=10)
+    assert s.serve.analysis == AnalysisConfig(IngestLimits(max_instances=10), max_studies_in_flight=4)
     assert s.client == ClientConfig(server="grpcs://cspine.example.org", data_dir=Path("/var/lib/cspine"))
     assert s.serve.data_dir == Path("/var/lib/cspine")
 
@@ -129,7 +130,7 @@ def test_zero_switches_optional_numbers_off():
     s = ServeConfig.from_env(
         {"CSPINE_METRICS_PORT": "0", "CSPINE_TRITON_RECONNECT_SECONDS": "0", "CSPINE_ORT_THREADS": "0"}
     )
-    assert (s.gateway.metrics_port, s.triton_reconnect_s, s.triton.ort_threads) == (None, None, None)
+    assert (s.gateway.metrics_port, s.triton_client.reconnect_s, s.triton.ort_threads) == (None, None, None)
     assert GatewayConfig.from_env({"CSPINE_PORT": "0"}).port == 0  # not optional: 0 is any free port
 
 
@@ -179,8 +180,8 @@ def test_variables_are_the_flags_defaults_and_a_flag_given_overrides_its_variabl
     args = parser.parse_args(["serve", "--max-queued-studies", "0"])
     assert (args.port, args.max_queued_studies, args.triton_http_port) == (6000, 0, 18000)
     config = serve_config(args, IngestLimits(max_instances=7))
-    assert (config.gateway.port, config.max_queued_studies, config.triton.http_port) == (6000, 0, 18000)
-    assert config.limits.max_instances == 7 and config.gateway.metrics_port == 9464
+    assert (config.gateway.port, config.analysis.max_queued_studies, config.triton.http_port) == (6000, 0, 18000)
+    assert config.analysis.limits.max_instances == 7 and config.gateway.metrics_port == 9464
     start = parser.parse_args(["triton", "start", "--http-port", "28000"])
     assert (start.triton_http_port, start.triton_grpc_port) == (28000, 8001)
 

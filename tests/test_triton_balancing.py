@@ -12,6 +12,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from cspine.config import TritonClientConfig
 from cspine.inference.client import TritonClient
 
 
@@ -41,7 +42,7 @@ async def ready_calls(round_robin: bool, calls_to_make: int = 40) -> Counter:
     servers, ports = await start_pods(2, calls, set())
     target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
     try:
-        async with TritonClient(target, round_robin=round_robin) as client:
+        async with TritonClient(target, TritonClientConfig(round_robin=round_robin)) as client:
             for _ in range(calls_to_make):
                 assert await client.server_ready(timeout_s=5)
     finally:
@@ -69,7 +70,8 @@ def test_the_client_opens_a_fresh_channel_after_reconnect_seconds_and_retires_th
         calls: Counter = Counter()
         servers, ports = await start_pods(1, calls, set())
         try:
-            async with TritonClient(f"127.0.0.1:{ports[0]}", reconnect_s=0.3, timeout_s=0.5) as client:
+            config = TritonClientConfig(reconnect_s=0.3, timeout_s=0.5)
+            async with TritonClient(f"127.0.0.1:{ports[0]}", config) as client:
                 first = client.client
                 assert await client.server_ready(timeout_s=5) and client.client is first
                 await asyncio.sleep(0.4)
@@ -89,4 +91,4 @@ def test_the_client_opens_a_fresh_channel_after_reconnect_seconds_and_retires_th
 
 def test_reconnect_seconds_must_be_positive():
     with pytest.raises(ValueError, match="reconnect_s must be positive"):
-        TritonClient("127.0.0.1:1", reconnect_s=0)
+        TritonClientConfig(reconnect_s=0)

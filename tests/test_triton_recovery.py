@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cspine.config import TritonClientConfig
 from cspine.errors import TritonUnavailableError
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository, restart_delay
@@ -215,7 +216,7 @@ def test_a_dead_stub_restarts_triton_and_a_restart_whose_model_does_not_load_is_
 
     async def kill_the_stub_in_flight(server: int) -> None:
         stub = next(p for p in live_stubs_of(server) if "/seg_ct/" in Path(f"/proc/{p.pid}/cmdline").read_text())
-        async with TritonClient(triton.grpc_url, timeout_s=60) as client:
+        async with TritonClient(triton.grpc_url, TritonClientConfig(timeout_s=60)) as client:
             call = asyncio.create_task(client.infer(spec, slices))
             while cpu_ticks(stub.pid) < stub.cpu_ticks + 10:  # until it has run the model for 0.1 s
                 await asyncio.sleep(0.02)

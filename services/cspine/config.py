@@ -177,20 +177,56 @@ class TritonConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """What the analysis service (service.py) admits: the ingest limits of one study, the studies analysed at once
+    and the queue before them."""
+
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    max_studies_in_flight: int = setting(2, "CSPINE_MAX_STUDIES_IN_FLIGHT")
+    max_queued_studies: int = setting(2, "CSPINE_MAX_QUEUED_STUDIES")  # 0: refuse once every slot is taken
+
+    def __post_init__(self) -> None:
+        if self.max_studies_in_flight < 1:
+            raise ValueError(f"max_studies_in_flight must be at least 1, got {self.max_studies_in_flight}")
+        if self.max_queued_studies < 0:
+            raise ValueError(f"max_queued_studies must be >= 0, got {self.max_queued_studies}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AnalysisConfig:
+        return _from_env(cls, environ, limits=IngestLimits.from_env(environ))
+
+
+@dataclass(frozen=True)
+class TritonClientConfig:
+    """How the analysis calls Triton (inference/client.py): the deadline of one inference call and, behind a
+    Kubernetes headless Service, round-robin over every address its name has and a fresh channel this often."""
+
+    timeout_s: float = 120.0
+    round_robin: bool = setting(False, "CSPINE_TRITON_ROUND_ROBIN")
+    reconnect_s: float | None = setting(None, "CSPINE_TRITON_RECONNECT_SECONDS")  # None: one channel for good
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"TritonClientConfig.timeout_s must be positive, got {self.timeout_s}")
+        if self.reconnect_s is not None and self.reconnect_s <= 0:
+            raise ValueError(f"triton reconnect_s must be positive, got {self.reconnect_s}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> TritonClientConfig:
+        return _from_env(cls, environ)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``cspine serve`` runs with: the gateway, the local Triton (unless ``triton_url``), the ingest
-    limits, the Triton client, admission, the support store, tokens and TLS."""
+    """Everything ``cspine serve`` runs with: the gateway, the local Triton (unless ``triton_url``), the analysis
+    (ingest limits, admission), the Triton client, the support store, tokens and TLS."""
 
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
-    limits: IngestLimits = field(default_factory=IngestLimits)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    triton_client: TritonClientConfig = field(default_factory=TritonClientConfig)
     data_dir: Path = setting(Path(DEFAULT_DATA_DIR), "CSPINE_DATA_DIR")  # support store, generated tokens
     triton_url: str | None = setting(None, "CSPINE_TRITON_URL")  # an external Triton; None: start the local one
-    triton_round_robin: bool = setting(False, "CSPINE_TRITON_ROUND_ROBIN")  # over every address triton_url has
-    triton_reconnect_s: float | None = setting(None, "CSPINE_TRITON_RECONNECT_SECONDS")  # fresh channel this often
-    triton_timeout_s: float = 120.0  # one inference call
-    max_studies_in_flight: int = setting(2, "CSPINE_MAX_STUDIES_IN_FLIGHT")
-    max_queued_studies: int = setting(2, "CSPINE_MAX_QUEUED_STUDIES")  # 0: refuse once every slot is taken
     store_url: str | None = setting(None, "CSPINE_STORE_URL", secret=True)  # None: sqlite:///DATA_DIR/support.db
     store_poll_s: float = setting(5.0, "CSPINE_STORE_POLL_SECONDS")
     tokens: Path | None = setting(None, "CSPINE_TOKENS")  # None: generated ones in DATA_DIR, loopback only
@@ -199,16 +235,8 @@ class ServeConfig:
     tls_client_ca: Path | None = setting(None, "CSPINE_TLS_CLIENT_CA")  # require client certificates it signed
 
     def __post_init__(self) -> None:
-        if self.max_studies_in_flight < 1:
-            raise ValueError(f"max_studies_in_flight must be at least 1, got {self.max_studies_in_flight}")
-        if self.max_queued_studies < 0:
-            raise ValueError(f"max_queued_studies must be >= 0, got {self.max_queued_studies}")
-        if self.store_poll_s <= 0 or self.triton_timeout_s <= 0:
-            raise ValueError(
-                f"store_poll_s and triton_timeout_s must be > 0, got {self.store_poll_s} and {self.triton_timeout_s}"
-            )
-        if self.triton_reconnect_s is not None and self.triton_reconnect_s <= 0:
-            raise ValueError(f"triton_reconnect_s must be positive, got {self.triton_reconnect_s}")
+        if self.store_poll_s <= 0:
+            raise ValueError(f"store_poll_s must be > 0, got {self.store_poll_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("a TLS certificate needs its private key and the other way round (--tls-cert, --tls-key)")
 
@@ -222,7 +250,8 @@ class ServeConfig:
         nested = {
             "gateway": GatewayConfig.from_env(environ),
             "triton": TritonConfig.from_env(environ),
-            "limits": IngestLimits.from_env(environ),
+            "analysis": AnalysisConfig.from_env(environ),
+            "triton_client": TritonClientConfig.from_env(environ),
         }
         return _from_env(cls, environ, **nested)
 
@@ -266,6 +295,8 @@ _NESTED: dict[str, type] = {
     "GatewayConfig": GatewayConfig,
     "TritonConfig": TritonConfig,
     "IngestLimits": IngestLimits,
+    "AnalysisConfig": AnalysisConfig,
+    "TritonClientConfig": TritonClientConfig,
     "ServeConfig": ServeConfig,
     "ClientConfig": ClientConfig,
 }

@@ -24,7 +24,7 @@ import numpy as np
 import cspine
 from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
-from cspine.config import IngestLimits
+from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, LimitExceededError
@@ -70,22 +70,16 @@ class AnalysisService:
         self,
         triton: TritonClient,
         repository: Path,
+        config: AnalysisConfig = AnalysisConfig(),
         *,
-        limits: IngestLimits = IngestLimits(),
-        max_studies_in_flight: int = 2,
-        max_queued_studies: int = 0,
         prototypes: PrototypeSet | None = None,
         synthetic_support_set: bool | None = None,
         store: SupportStore | None = None,
     ) -> None:
-        if max_studies_in_flight < 1:
-            raise ValueError(f"max_studies_in_flight must be at least 1, got {max_studies_in_flight}")
-        if max_queued_studies < 0:
-            raise ValueError(f"max_queued_studies must be at least 0, got {max_queued_studies}")
         self.triton = triton
-        self.limits = limits
-        self.max_studies_in_flight = max_studies_in_flight
-        self.max_queued_studies = max_queued_studies
+        self.limits = config.limits
+        self.max_studies_in_flight = config.max_studies_in_flight
+        self.max_queued_studies = config.max_queued_studies
         self.queued = 0
         self._slot_freed = asyncio.Condition()
         # With a store, the prototype set is the store's current version (see refresh_prototypes); without

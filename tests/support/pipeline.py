@@ -19,7 +19,7 @@ def analyse(triton, study, options=None):
     repository = default_repository()
 
     async def go():
-        async with TritonClient(triton.grpc_url, timeout_s=120.0) as client:
+        async with TritonClient(triton.grpc_url) as client:
             return await analyze(
                 study,
                 client,

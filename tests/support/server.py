@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cspine.config import GatewayConfig, IngestLimits
+from cspine.config import AnalysisConfig, GatewayConfig, IngestLimits, TritonClientConfig
 from cspine.gateway.metrics import Metrics
 from cspine.gateway.server import start_gateway
 from cspine.inference.client import TritonClient
@@ -65,15 +65,10 @@ class GatewayThread:
         self.metrics = Metrics()
 
         async def start():
-            self.client = TritonClient(triton_url, timeout_s=60.0, observer=self.metrics.observe_triton)
-            self.service = AnalysisService(
-                self.client,
-                default_repository(),
-                limits=limits,
-                max_studies_in_flight=in_flight,
-                max_queued_studies=queued,
-                store=store,
-            )
+            observer = self.metrics.observe_triton
+            self.client = TritonClient(triton_url, TritonClientConfig(timeout_s=60.0), observer=observer)
+            analysis = AnalysisConfig(limits=limits, max_studies_in_flight=in_flight, max_queued_studies=queued)
+            self.service = AnalysisService(self.client, default_repository(), analysis, store=store)
             gateway_config = GatewayConfig(port=0, metrics_port=None, health_interval_s=health_interval_s, **config)
             credentials = None if tls is None else tls[0]
             return await start_gateway(self.service, gateway_config, self.metrics, TOKENS, credentials)

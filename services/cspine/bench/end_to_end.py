@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine.analysis.fusion import Calibration
+from cspine.config import AnalysisConfig, TritonClientConfig
 from cspine.dicom.ingest import ingest_paths
 from cspine.fewshot.prototypes import default_prototypes
 from cspine.inference.client import TritonClient
@@ -55,7 +56,7 @@ async def _run(url: str, case_dir: Path, repeats: int) -> dict:
     models = model_versions(repository)
     paths = [case_dir / f for f in ("ct", "mr", "xr")]
     runs = []
-    async with TritonClient(url, timeout_s=120.0) as client:
+    async with TritonClient(url) as client:
         await client.check_ready()
         for attempt in range(repeats + 1):
             before = await _triton_seconds(client)
@@ -121,7 +122,7 @@ async def _sizes_run(url: str, case_dirs: dict[str, Path], repeats: int) -> dict
     models = model_versions(repository)
     runs: dict[tuple[str, str], list[dict]] = {(s, m): [] for s, _, _ in SIZE_STUDIES for m in MATRIX_SIZES}
     shapes: dict[tuple[str, str], dict[str, list[int]]] = {}
-    async with TritonClient(url, timeout_s=300.0) as client:
+    async with TritonClient(url, TritonClientConfig(timeout_s=300.0)) as client:
         await client.check_ready()
         for attempt in range(repeats + 1):
             # interleaved, so the drift of this shared machine hits every row alike
@@ -233,9 +234,9 @@ async def _gateway_run(url: str, case_dir: Path, repeats: int) -> dict:
 
     paths = sorted(p for f in ("ct", "mr", "xr") for p in (case_dir / f).glob("*.dcm"))
     blobs = [p.read_bytes() for p in paths]  # both sides start from bytes in memory
-    async with TritonClient(url, timeout_s=120.0) as client:
+    async with TritonClient(url) as client:
         await client.check_ready()
-        service = AnalysisService(client, default_repository(), max_studies_in_flight=1)
+        service = AnalysisService(client, default_repository(), AnalysisConfig(max_studies_in_flight=1))
         token = secrets.token_urlsafe(32)
         tokens = TokenStore.from_pairs([("analyst", token)])
         gateway = await start_gateway(service, GatewayConfig(port=0, metrics_port=None), Metrics(), tokens)
@@ -330,7 +331,7 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
     store.seed_defaults(SupportSet.load())
     token = secrets.token_urlsafe(32)
     metadata = bearer_metadata(token)
-    async with TritonClient(url, timeout_s=120.0) as client:
+    async with TritonClient(url) as client:
         await client.check_ready()
         service = AnalysisService(client, default_repository(), store=store)
         gateway = await start_gateway(

@@ -86,7 +86,7 @@ async def _load(client: TritonClient, name: str, concurrency: int, seconds: floa
 
 
 async def _batching_figures(url: str, seconds: float) -> dict:
-    async with TritonClient(url, timeout_s=120) as client:
+    async with TritonClient(url) as client:
         await client.check_ready(tuple(MODELS))
         return {
             name: {str(c): await _load(client, name, c, seconds) for c in CONCURRENCY}
@@ -98,7 +98,7 @@ async def _batching_figures(url: str, seconds: float) -> dict:
 async def _overhead(url: str, repository: Path, repeats: int, ort_threads: int | None) -> dict:
     rng = np.random.default_rng(1)
     out = {}
-    async with TritonClient(url, timeout_s=120) as client:
+    async with TritonClient(url) as client:
         for name, spec in MODELS.items():
             config = load_config(config_path(repository, name))
             threads = ort_threads or int(config.parameters["ort_threads"].string_value)
@@ -175,7 +175,7 @@ async def _ensemble(url: str, repeats: int) -> dict:
     lesions = BATCH["lesion_embed"]
     feeds = inputs_for(MODELS["lesion_embed"], lesions, rng)
     prototypes = rng.standard_normal((PROTOTYPES, 64)).astype(np.float32)
-    async with TritonClient(url, timeout_s=120) as client:
+    async with TritonClient(url) as client:
 
         async def two_calls() -> None:
             embedding = (await client.infer("lesion_embed", feeds))[EMBEDDING_TENSOR]

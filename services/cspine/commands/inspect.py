@@ -27,4 +27,4 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     )
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
-    p.set_defaults(func=partial(cmd_inspect, limits=settings.serve.limits))
+    p.set_defaults(func=partial(cmd_inspect, limits=settings.serve.analysis.limits))

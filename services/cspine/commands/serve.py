@@ -10,7 +10,16 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from cspine.config import DEFAULT_DATA_DIR, GatewayConfig, IngestLimits, ServeConfig, Settings, TritonConfig
+from cspine.config import (
+    DEFAULT_DATA_DIR,
+    AnalysisConfig,
+    GatewayConfig,
+    IngestLimits,
+    ServeConfig,
+    Settings,
+    TritonClientConfig,
+    TritonConfig,
+)
 from cspine.inference.local_triton import default_repository
 
 
@@ -41,16 +50,18 @@ def serve_config(args: argparse.Namespace, limits: IngestLimits) -> ServeConfig:
         upload_deadline_s=args.upload_deadline,
         idle_timeout_s=args.idle_timeout,
     )
+    analysis = AnalysisConfig(
+        limits=limits, max_studies_in_flight=args.max_studies_in_flight, max_queued_studies=args.max_queued_studies
+    )
     return ServeConfig(
         gateway=gateway,
         triton=triton_config(args),
-        limits=limits,
+        analysis=analysis,
+        triton_client=TritonClientConfig(
+            round_robin=args.triton_round_robin, reconnect_s=args.triton_reconnect or None
+        ),
         data_dir=Path(args.data_dir).expanduser(),
         triton_url=args.triton_url or None,
-        triton_round_robin=args.triton_round_robin,
-        triton_reconnect_s=args.triton_reconnect or None,
-        max_studies_in_flight=args.max_studies_in_flight,
-        max_queued_studies=args.max_queued_studies,
         store_url=args.store_url or None,
         store_poll_s=args.store_poll,
         tokens=_path(args.tokens),
@@ -107,22 +118,9 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     metrics = Metrics()
 
     async def run(url: str) -> None:
-        client = TritonClient(
-            url,
-            timeout_s=config.triton_timeout_s,
-            round_robin=config.triton_round_robin,
-            reconnect_s=config.triton_reconnect_s,
-            observer=metrics.observe_triton,
-        )
-        async with client:
-            service = AnalysisService(
-                client,
-                config.triton.repository,
-                limits=config.limits,
-                max_studies_in_flight=config.max_studies_in_flight,
-                max_queued_studies=config.max_queued_studies,
-                store=store,
-            )
+        async with TritonClient(url, config.triton_client, observer=metrics.observe_triton) as client:
+            repository = config.triton.repository or default_repository()
+            service = AnalysisService(client, repository, config.analysis, store=store)
             watcher = asyncio.create_task(service.watch_store(config.store_poll_s))
             try:
                 await run_gateway(service, gateway, metrics, tokens, credentials)
@@ -243,27 +241,27 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
     p.add_argument(
         "--triton-round-robin",
         action="store_true",
-        default=serve.triton_round_robin,
+        default=serve.triton_client.round_robin,
         help="spread Triton calls over every address --triton-url resolves to, e.g. dns:///triton-headless:8001 "
         "(env CSPINE_TRITON_ROUND_ROBIN=1)",
     )
     p.add_argument(
         "--triton-reconnect",
         type=float,
-        default=serve.triton_reconnect_s,
+        default=serve.triton_client.reconnect_s,
         help="open a fresh Triton channel (a fresh DNS lookup) this often, in seconds, so Triton pods added by an "
         "autoscaler get work (env CSPINE_TRITON_RECONNECT_SECONDS; default off)",
     )
     p.add_argument(
         "--max-studies-in-flight",
         type=int,
-        default=serve.max_studies_in_flight,
+        default=serve.analysis.max_studies_in_flight,
         help="studies analysed at once; more wait in the queue (env CSPINE_MAX_STUDIES_IN_FLIGHT, default 2)",
     )
     p.add_argument(
         "--max-queued-studies",
         type=int,
-        default=serve.max_queued_studies,
+        default=serve.analysis.max_queued_studies,
         help="studies that wait for a free slot, their upload unread; more get RESOURCE_EXHAUSTED at once "
         "(env CSPINE_MAX_QUEUED_STUDIES, default 2; 0: refuse as soon as every slot is taken)",
     )
@@ -315,7 +313,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         help="PEM CA: require client certificates it signed",
     )
     add_triton_arguments(p, serve.triton, prefix="triton-")
-    p.set_defaults(func=partial(cmd_serve, limits=serve.limits))
+    p.set_defaults(func=partial(cmd_serve, limits=serve.analysis.limits))
 
 
 def _str(path: Path | None) -> str | None:

@@ -128,7 +128,7 @@ async def run_cohort(
     competence: CompetenceReference | None = None,
 ) -> list[dict]:
     records = []
-    async with TritonClient(triton_url, timeout_s=120.0) as client:
+    async with TritonClient(triton_url) as client:
         await client.check_ready()
         for case_dir in tqdm(cases, desc="pipeline", unit="study", disable=not progress):
             start = time.perf_counter()

@@ -147,7 +147,7 @@ async def _run_corpus(studies, url: str, competence: CompetenceReference, progre
     repository = default_repository()
     prototypes, calibration, models = default_prototypes(), Calibration.load(repository), model_versions(repository)
     out = []
-    async with TritonClient(url, timeout_s=120.0) as client:
+    async with TritonClient(url) as client:
         await client.check_ready()
         for study in tqdm(studies, desc="out of domain", unit="study", disable=not progress):
             ingested = await asyncio.to_thread(ingest_paths, list(study.files))

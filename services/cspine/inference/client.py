@@ -11,8 +11,8 @@
   error when numpy 2 is in its environment (DESIGN.md §5), and that must never pass for a result.
 - Triton down → ``TritonUnavailableError`` naming the URL; a model not ready, or its Python backend process
   dead ("Stub process … is not healthy") → the same, naming the model.
-- Behind a Kubernetes headless service (``round_robin``), gRPC resolves the name once and only resolves it
-  again when a connection fails, so Triton pods added by the autoscaler would get no work. With
+- Behind a Kubernetes headless service (``TritonClientConfig.round_robin``), gRPC resolves the name once and only
+  resolves it again when a connection fails, so Triton pods added by the autoscaler would get no work. With
   ``reconnect_s`` the client opens a fresh channel (a fresh DNS lookup) that often; calls already running
   finish on the old channel, which is closed once they have had ``timeout_s``.
 - When Triton goes away and comes back (``cspine serve`` restarts a local one that crashed), the channel
@@ -32,6 +32,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from cspine.config import TritonClientConfig
 from cspine.errors import DeadlineExceededError, InferenceError, TritonUnavailableError
 from cspine.inference.specs import SERVED, ModelSpec
 
@@ -64,19 +65,15 @@ class TritonClient:
     def __init__(
         self,
         url: str,
+        config: TritonClientConfig = TritonClientConfig(),
         *,
-        timeout_s: float = 30.0,
-        round_robin: bool = False,
-        reconnect_s: float | None = None,
         observer: Callable[[str, float], None] | None = None,
     ) -> None:
-        if reconnect_s is not None and reconnect_s <= 0:
-            raise ValueError(f"reconnect_s must be positive, got {reconnect_s}")
         self.url = url
-        self.timeout_s = timeout_s
-        self.reconnect_s = reconnect_s
+        self.timeout_s = config.timeout_s
+        self.reconnect_s = config.reconnect_s
         self.observer = observer  # called with (model, seconds) after every inference request
-        self._args = channel_args(round_robin)
+        self._args = channel_args(config.round_robin)
         self._client = triton_aio.InferenceServerClient(url, channel_args=self._args)
         self._opened = time.monotonic()
         self._retiring: set[asyncio.Task] = set()
