@@ -18,7 +18,6 @@ failed that way, the study fails as a server fault (``AnalysisFailedError``), ne
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -31,21 +30,19 @@ import numpy as np
 from cspine.analysis.competence import (
     CompetenceReference,
     InputVerdict,
-    anatomy_reasons,
-    distribution_reasons,
+    assessed_result,
     input_verdicts,
-    no_assessable_modality,
+    not_assessable_notices,
     not_assessable_result,
+    segmentation_reasons,
 )
-from cspine.analysis.fusion import Calibration, assess, lesion_size, modality_assessment
-from cspine.analysis.lesions import above_c2_notices, clean_grid_labels, measure_lesions, split_above_c2, tumor_mask
+from cspine.analysis.fusion import Calibration, classified, largest_lesion_assessment, study_assessment
+from cspine.analysis.lesions import classify_inputs, clean_grid_labels, find_lesions
 from cspine.analysis.spine import ModalitySpine, combine, measure_spine, unavailable_notices
 from cspine.budget import plan_study
 from cspine.config import IngestLimits
 from cspine.dicom.selection import select_series
 from cspine.domain import (
-    MEASURED_LEVELS,
-    Assessment,
     Lesion,
     Modality,
     ModalityResult,
@@ -54,7 +51,6 @@ from cspine.domain import (
     NoticeCode,
     Series,
     SeriesRole,
-    SeriesUsed,
     Study,
     StudyAnalysis,
     Volume,
@@ -66,7 +62,6 @@ from cspine.errors import (
     TritonUnavailableError,
 )
 from cspine.fewshot.prototypes import PrototypeSet
-from cspine.imaging.roi import lesion_roi, modality_one_hot
 from cspine.imaging.seg_input import SegGrid, SourceLabelMaps, seg_inputs
 from cspine.inference.client import TritonClient
 from cspine.inference.specs import (
@@ -78,10 +73,7 @@ from cspine.inference.specs import (
     LESION_EMBED,
     MAX_EMBEDDINGS,
     MODALITY_ORDER,
-    MODALITY_TENSOR,
     PROBABILITIES_TENSOR,
-    PROTOTYPES_TENSOR,
-    ROI_TENSOR,
     seg_spec,
 )
 
@@ -197,20 +189,12 @@ async def analyze(
             measured[modality] = outcome
     if failures and not results:
         raise AnalysisFailedError("no modality of the study could be analysed: " + "; ".join(failures))
-    for result in results.values():
-        if not result.assessment.assessed:
-            notices.append(Notice(NoticeCode.NOT_ASSESSABLE, result.assessment.status_message))
+    notices.extend(not_assessable_notices(results))
 
     with timer.stage("fuse"):
-        if measured:
-            fused = assess(
-                {m: r.size for m, r in measured.items()},
-                {m: r.probabilities for m, r in measured.items() if r.probabilities is not None},
-                prototypes.labels,
-                calibration,
-            )
-        else:
-            fused = Assessment.not_assessable((no_assessable_modality(results),))
+        sizes = {m: r.size for m, r in measured.items()}
+        probabilities = {m: r.probabilities for m, r in measured.items() if r.probabilities is not None}
+        fused = study_assessment(sizes, probabilities, prototypes.labels, calibration, results)
         spines = {m: r.spine for m, r in measured.items()}
         spine = combine(spines)
         notices.extend(unavailable_notices(spines, spine))
@@ -247,7 +231,7 @@ async def _analyse_modality(
     timer: _Timer,
 ) -> _Measured:
     roles = list(verdict.roles)
-    volumes = {r: chosen[r].volume for r in roles}
+    volumes = verdict.volumes()
     spec = seg_spec(modality)
     grids: dict[SeriesRole, SegGrid] = {}
 
@@ -268,33 +252,22 @@ async def _analyse_modality(
     main = roles[0]
     with timer.stage("measure"):
         spine = await asyncio.to_thread(measure_spine, modality, label_maps[main], on_grid[main], volumes[main])
-        named = sum(1 for n in MEASURED_LEVELS if spine.frame is not None and n in spine.frame.levels)
-        reasons = await asyncio.to_thread(anatomy_reasons, modality, label_maps[main], on_grid[main], named)
-    ood = competence.ood(modality, segmented[main][1]) if competence is not None else None
-    reasons.extend(distribution_reasons(modality, ood))
+        ood = competence.ood(modality, segmented[main][1]) if competence is not None else None
+        frame = spine.frame
+        reasons = await asyncio.to_thread(segmentation_reasons, modality, label_maps[main], on_grid[main], frame, ood)
     if reasons:
         return _Measured(not_assessable_result(verdict, ood, tuple(reasons)), 0.0, None)
     with timer.stage("measure"):
-        lesion_mask = tumor_mask(modality, label_maps, on_grid)
-        lesions = await asyncio.to_thread(
-            measure_lesions, lesion_mask, on_grid[main], spine.frame, chosen[main].series_instance_uid
-        )
-        lesions, above = split_above_c2(lesions, spine.frame)
-    notices = above_c2_notices(modality, above, chosen[main].series_instance_uid)
+        uid = chosen[main].series_instance_uid
+        lesions, notices = await asyncio.to_thread(find_lesions, modality, label_maps, on_grid, frame, uid)
     probabilities = None
     if lesions:  # embedded even without prototypes: AddCase builds the first ones from these embeddings
         lesions, probabilities = await _classify(
             modality, lesions, volumes, triton, prototypes, calibration, deadline, timer
         )
-    size = lesion_size(lesions[0]) if lesions else 0.0
-    assessment = modality_assessment(modality, size, calibration)
-    if lesions and lesions[0].assessment is not None:
-        assessment = lesions[0].assessment  # the largest lesion's: the same size, so the same score
-    series = tuple(
-        SeriesUsed(r, chosen[r].series_instance_uid, chosen[r].description, volumes[r].shape[0]) for r in roles
-    )
+    size, assessment = largest_lesion_assessment(modality, lesions, calibration)
     source_maps = SourceLabelMaps({r: (label_maps[r], grids[r]) for r in roles})  # made when SEG/overlays read them
-    result = ModalityResult(modality, series, lesions, assessment, source_maps, ood)
+    result = assessed_result(verdict, lesions, assessment, source_maps, ood)
     return _Measured(result, size, probabilities, spine, notices)
 
 
@@ -313,22 +286,12 @@ async def _classify(
     assessments and the probabilities of the largest. Without prototypes for the modality (an emptied
     support set) only ``lesion_embed`` runs: the lesions get embeddings, no class probabilities (None)."""
     lesions, rest = lesions[:MAX_EMBEDDINGS], lesions[MAX_EMBEDDINGS:]
-    with timer.stage("preprocess"):
-        rois = await asyncio.to_thread(
-            lambda: np.stack([lesion_roi(modality, volumes, np.array(lesion.centre_mm)) for lesion in lesions])
-        )
-    onehot = np.tile(modality_one_hot(modality), (len(lesions), 1))
-    inputs = {ROI_TENSOR: rois.astype(np.float32), MODALITY_TENSOR: onehot}
     classes = prototypes.prototypes.get(modality)
-    if classes is not None:
-        inputs[PROTOTYPES_TENSOR] = classes
+    with timer.stage("preprocess"):
+        inputs = await asyncio.to_thread(classify_inputs, modality, lesions, volumes, classes)
     with timer.stage("classify"):
         model = LESION_EMBED if classes is None else LESION_CLASSIFY
         out = await triton.infer(model, inputs, deadline_s=deadline.left())
     probabilities = out[PROBABILITIES_TENSOR] if classes is not None else None
-    classified = []
-    for i, (lesion, embedding) in enumerate(zip(lesions, out[EMBEDDING_TENSOR], strict=True)):
-        probs = probabilities[i] if probabilities is not None else None
-        assessment = modality_assessment(modality, lesion_size(lesion), calibration, prototypes.labels, probs)
-        classified.append(dataclasses.replace(lesion, assessment=assessment, embedding=embedding.copy()))
-    return classified + rest, None if probabilities is None else probabilities[0].astype(np.float64)
+    embedded = classified(modality, lesions, out[EMBEDDING_TENSOR], calibration, prototypes.labels, probabilities)
+    return embedded + rest, None if probabilities is None else probabilities[0].astype(np.float64)

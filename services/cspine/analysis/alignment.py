@@ -37,10 +37,9 @@ def endplate_tilt(points_yz: np.ndarray, inferior: bool = True) -> float | None:
         member = keep & (strips == s)
         ys.append(y[member].mean())
         zs.append(z[member].min())
-    ys, zs = np.array(ys), np.array(zs)
     if len(ys) < 5:
         return None
-    slope = _robust_slope(ys, zs)
+    slope = _robust_slope(np.array(ys), np.array(zs))
     return float(np.degrees(np.arctan(slope if inferior else -slope)))
 
 

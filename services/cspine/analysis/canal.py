@@ -123,7 +123,8 @@ def opll_section(masks: LabelMasks, ct: Volume, level: LevelFrame, canal: int) -
     # the canal's midline: the column of u through the region's centroid
     u0 = int(round(np.argwhere(region)[:, 0].mean()))
     half = int(round(MIDLINE_HALF_MM / STEP_MM))
-    thickness, free_ap = [], []
+    thickness: list[float] = []
+    free_ap: list[float] = []
     for iu in range(max(0, u0 - half), min(region.shape[0], u0 + half + 1)):
         column = np.nonzero(region[iu])[0]
         if not len(column):
@@ -131,7 +132,7 @@ def opll_section(masks: LabelMasks, ct: Volume, level: LevelFrame, canal: int) -
         front, back = column.min(), column.max()
         dense = hu[iu, :front][::-1] > DENSE_HU  # walking forward from the canal's front edge
         run = np.argmin(dense) if not dense.all() else len(dense)
-        thickness.append(run * STEP_MM)
+        thickness.append(float(run * STEP_MM))
         free_ap.append((back - front + 1) * STEP_MM)
     if not thickness:
         return None

@@ -26,13 +26,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from cspine.analysis.levels import SpineFrame
 from cspine.analysis.masks import component_sizes, components
 from cspine.dicom.selection import LOCALIZER_TYPES, image_type, is_derived, mr_weighting
 from cspine.domain import (
+    MEASURED_LEVELS,
     Assessment,
     Disclosure,
+    Lesion,
     Modality,
     ModalityResult,
+    Notice,
     NoticeCode,
     OodScore,
     Reason,
@@ -124,6 +128,15 @@ class InputVerdict:
     def assessable(self) -> bool:
         return bool(self.roles)
 
+    def volumes(self) -> dict[SeriesRole, Volume]:
+        """The volumes of the roles to analyse, in their order."""
+        out = {}
+        for role, series in self.judged:
+            if role in self.roles:
+                assert series.volume is not None  # select_series chooses only a series with a volume
+                out[role] = series.volume
+        return out
+
 
 def input_verdicts(study: Study, selection: Selection) -> dict[Modality, InputVerdict]:
     """One verdict per modality the study holds images of (CT, MR, radiograph)."""
@@ -152,11 +165,35 @@ def not_assessable_result(
 ) -> ModalityResult:
     """A modality that gives no tumor call: the series it was judged on and why (``reasons``, else the input
     verdict's), nothing else."""
-    series = tuple(
-        SeriesUsed(role, s.series_instance_uid, s.description, s.volume.shape[0] if s.volume is not None else 0)
-        for role, s in verdict.judged
-    )
+    series = tuple(_used(role, s) for role, s in verdict.judged)
     return ModalityResult(verdict.modality, series, [], Assessment.not_assessable(reasons or verdict.reasons), ood=ood)
+
+
+def assessed_result(
+    verdict: InputVerdict,
+    lesions: list[Lesion],
+    assessment: Assessment,
+    labels: Mapping[SeriesRole, np.ndarray],
+    ood: OodScore | None,
+) -> ModalityResult:
+    """A modality that passed every layer: the series it was analysed on (the roles that passed the input
+    checks), its lesions, its assessment and its label maps on each source series."""
+    series = tuple(_used(role, s) for role, s in verdict.judged if role in verdict.roles)
+    return ModalityResult(verdict.modality, series, lesions, assessment, labels, ood)
+
+
+def _used(role: SeriesRole, series: Series) -> SeriesUsed:
+    slices = series.volume.shape[0] if series.volume is not None else 0
+    return SeriesUsed(role, series.series_instance_uid, series.description, slices)
+
+
+def not_assessable_notices(results: Mapping[Modality, ModalityResult]) -> list[Notice]:
+    """A notice per modality of the results that was not assessed, saying why."""
+    return [
+        Notice(NoticeCode.NOT_ASSESSABLE, r.assessment.status_message)
+        for r in results.values()
+        if not r.assessment.assessed
+    ]
 
 
 def no_assessable_modality(results: Mapping[Modality, ModalityResult]) -> Reason:
@@ -324,6 +361,15 @@ def anatomy_reasons(modality: Modality, labels: np.ndarray, volume: Volume, leve
             )
         )
     return reasons
+
+
+def segmentation_reasons(
+    modality: Modality, labels: np.ndarray, volume: Volume, frame: SpineFrame | None, ood: OodScore | None
+) -> list[Reason]:
+    """The anatomy and distribution layers' reasons on one segmentation: ``labels`` on ``volume``'s grid, the
+    level ``frame`` named from them, and the features' ``ood`` score (None without a reference)."""
+    named = sum(1 for n in MEASURED_LEVELS if frame is not None and n in frame.levels)
+    return anatomy_reasons(modality, labels, volume, named) + distribution_reasons(modality, ood)
 
 
 # -- distribution -------------------------------------------------------------------------------------

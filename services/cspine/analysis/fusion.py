@@ -1,6 +1,7 @@
-"""Detection scoring and fusion: one modality's assessment from its largest lesion, and the per-modality
-results fused into one assessment, weighting each modality by its measured reliability. A tumor is
-detected when a score reaches ``DETECTION_THRESHOLD``, whether one modality's or the fused one.
+"""Detection scoring and fusion: each lesion's assessment (with its class probabilities when classified), one
+modality's assessment from its largest lesion, and the per-modality results fused into one assessment,
+weighting each modality by its measured reliability. A tumor is detected when a score reaches
+``DETECTION_THRESHOLD``, whether one modality's or the fused one.
 
 Both detection and classification use weighted log-linear pooling: the fused log-odds (or
 log-probabilities) are the weighted sum of each available modality's, so any subset of modalities works and
@@ -12,13 +13,14 @@ on held-out SYNTHETIC phantom studies by ``cspine calibrate`` and stored beside 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cspine.domain import Assessment, ClassProbability, Lesion, Modality
+from cspine.analysis.competence import no_assessable_modality
+from cspine.domain import Assessment, ClassProbability, Lesion, Modality, ModalityResult
 
 CALIBRATION_FILE = "calibration.json"
 DETECTION_THRESHOLD = 0.5  # a detection score at or above this reports a tumor detected
@@ -126,6 +128,35 @@ def modality_assessment(
     return _assessment(_sigmoid(detection_logit(modality, size, calibration)), labels, probabilities)
 
 
+def classified(
+    modality: Modality,
+    lesions: Sequence[Lesion],
+    embeddings: np.ndarray,
+    calibration: Calibration,
+    labels: tuple[str, ...],
+    probabilities: np.ndarray | None,
+) -> list[Lesion]:
+    """The lesions with their embeddings and each one's assessment: detection from its size, and its row of
+    class ``probabilities`` over ``labels`` (None when the modality has no prototypes: not classified)."""
+    out = []
+    for i, (lesion, embedding) in enumerate(zip(lesions, embeddings, strict=True)):
+        probs = probabilities[i] if probabilities is not None else None
+        assessment = modality_assessment(modality, lesion_size(lesion), calibration, labels, probs)
+        out.append(replace(lesion, assessment=assessment, embedding=embedding.copy()))
+    return out
+
+
+def largest_lesion_assessment(
+    modality: Modality, lesions: Sequence[Lesion], calibration: Calibration
+) -> tuple[float, Assessment]:
+    """A modality's detection size, its largest lesion's (``lesions`` largest first; 0 for none), and its
+    assessment: the largest lesion's when that one was classified (the same size, so the same score)."""
+    size = lesion_size(lesions[0]) if lesions else 0.0
+    if lesions and lesions[0].assessment is not None:
+        return size, lesions[0].assessment
+    return size, modality_assessment(modality, size, calibration)
+
+
 def _assessment(score: float, labels: tuple[str, ...], probabilities: np.ndarray | None) -> Assessment:
     assessment = Assessment(tumor_detected=score >= DETECTION_THRESHOLD, detection_score=round(score, 4))
     if probabilities is None:
@@ -158,3 +189,17 @@ def assess(
     logit = sum(calibration.detection_weights[m] * detection_logit(m, s, calibration) for m, s in sizes.items())
     fused = pool(probabilities, calibration.classification_weights) if probabilities else None
     return _assessment(_sigmoid(logit), labels, fused)
+
+
+def study_assessment(
+    sizes: Mapping[Modality, float],
+    probabilities: Mapping[Modality, np.ndarray],
+    labels: tuple[str, ...],
+    calibration: Calibration,
+    results: Mapping[Modality, ModalityResult],
+) -> Assessment:
+    """The study's fused assessment (``assess``) of the modalities assessed; when none was, a not-assessable
+    one saying why each of the study's modality ``results`` was not."""
+    if not sizes:
+        return Assessment.not_assessable((no_assessable_modality(results),))
+    return assess(sizes, probabilities, labels, calibration)

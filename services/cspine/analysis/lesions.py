@@ -1,18 +1,19 @@
 """Lesions in a segmentation: the tumor mask they are measured on, connected components, the small specks
-that are not lesions, each lesion's measurements (level, diameter, volume, box) in patient millimetres, and
-the findings above C2 that are told, not counted."""
+that are not lesions, each lesion's measurements (level, diameter, volume, box) in patient millimetres, the
+findings above C2 that are told, not counted, and the inputs that embed and classify the lesions on Triton."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from cspine.analysis.levels import SpineFrame
 from cspine.analysis.masks import component_sizes, component_voxels, components
 from cspine.domain import Lesion, Modality, Notice, NoticeCode, SeriesRole, Volume
+from cspine.imaging.roi import lesion_roi, modality_one_hot
 from cspine.imaging.seg_input import SegGrid
-from cspine.inference.specs import SEG_LABELS
+from cspine.inference.specs import MODALITY_TENSOR, PROTOTYPES_TENSOR, ROI_TENSOR, SEG_LABELS
 from cspine.shapes import feret
 
 MIN_LESION_MM3 = 50.0  # smaller components are noise, not lesions (a 4.6 mm sphere)
@@ -96,6 +97,12 @@ def voxel_extent(volume: Volume, direction: np.ndarray) -> float:
     return float(np.abs(_voxel_edges(volume) @ direction).sum())
 
 
+def _point_mm(point: np.ndarray) -> tuple[float, float, float]:
+    """A point in patient mm, rounded to 0.01 mm."""
+    x, y, z = (round(float(v), 2) for v in point)
+    return x, y, z
+
+
 def measure_lesions(mask: np.ndarray, volume: Volume, frame: SpineFrame | None, series_uid: str) -> list[Lesion]:
     """Every connected lesion of a cleaned tumor mask [K, R, C] on ``volume``'s grid, largest first: level,
     Feret diameter, volume (area on a radiograph), centre and box, in patient mm."""
@@ -119,9 +126,9 @@ def measure_lesions(mask: np.ndarray, volume: Volume, frame: SpineFrame | None, 
                 max_diameter_mm=round(diameter + voxel_extent(volume, direction), 2),
                 volume_ml=None if volume.projection else round(len(kij) * voxel_mm3 / 1000.0, 3),
                 area_mm2=round(len(kij) * pixel_mm2, 1) if volume.projection else None,
-                centre_mm=tuple(round(float(v), 2) for v in points.mean(axis=0)),
-                bbox_min_mm=tuple(round(float(v), 2) for v in points.min(axis=0) - half),
-                bbox_max_mm=tuple(round(float(v), 2) for v in points.max(axis=0) + half),
+                centre_mm=_point_mm(points.mean(axis=0)),
+                bbox_min_mm=_point_mm(points.min(axis=0) - half),
+                bbox_max_mm=_point_mm(points.max(axis=0) + half),
                 series_instance_uid=series_uid,
             )
         )
@@ -154,3 +161,32 @@ def above_c2_notices(modality: Modality, above: list[Lesion], series_uid: str) -
         )
         for lesion in above
     ]
+
+
+def find_lesions(
+    modality: Modality,
+    label_maps: Mapping[SeriesRole, np.ndarray],
+    volumes: Mapping[SeriesRole, Volume],
+    frame: SpineFrame | None,
+    series_uid: str,
+) -> tuple[list[Lesion], list[Notice]]:
+    """A modality's lesions within C2–T1, largest first, measured on its first role's grid (``tumor_mask``),
+    and a notice per finding above C2's body."""
+    first = next(iter(label_maps))
+    lesions = measure_lesions(tumor_mask(modality, label_maps, volumes), volumes[first], frame, series_uid)
+    lesions, above = split_above_c2(lesions, frame)
+    return lesions, above_c2_notices(modality, above, series_uid)
+
+
+def classify_inputs(
+    modality: Modality, lesions: Sequence[Lesion], volumes: Mapping[SeriesRole, Volume], prototypes: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """The inputs of one ``lesion_classify`` call for ``lesions``: each one's ROI about its centre on the
+    modality's ``volumes``, the modality one-hot, and the modality's class ``prototypes`` (None: no prototypes,
+    the inputs of ``lesion_embed``)."""
+    rois = np.stack([lesion_roi(modality, volumes, np.array(lesion.centre_mm)) for lesion in lesions])
+    onehot = np.tile(modality_one_hot(modality), (len(lesions), 1))
+    inputs = {ROI_TENSOR: rois.astype(np.float32), MODALITY_TENSOR: onehot}
+    if prototypes is not None:
+        inputs[PROTOTYPES_TENSOR] = prototypes
+    return inputs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def combine(measured: Mapping[Modality, ModalitySpine]) -> SpineMeasurements:
     """The study's spine measurements: each one from its preferred modality among those ``measured``."""
     levels = []
     for name in MEASURED_LEVELS:
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # LevelMeasurement's fields: values (float) and their sources (Modality)
         for measurement, fields in LEVEL_FIELDS.items():
             found = preferred(measurement, measured, _at_level(name, fields[0]))
             if found is not None:
@@ -214,7 +214,7 @@ def _opll(masks: LabelMasks, ct: Volume, frame: SpineFrame, canal: int) -> OpllM
             thickness[name], ratio[name] = found.thickness_mm, found.occupying_ratio
     if not thickness:
         return None
-    worst = max(thickness, key=thickness.get)
+    worst = max(thickness, key=thickness.__getitem__)
     present = thickness[worst] >= OPLL_MIN_MM
     return OpllMeasurement(
         present=present,

@@ -62,7 +62,8 @@ def format_analysis(analysis: StudyAnalysis) -> str:
             f"{_value(m.cord_compression_ratio, '', 2):>10}  {_value(m.disc_height_mm, '', 1):>7}"
         )
     if spine.cobb_angle_deg is not None:
-        lines.append(f"       C2–C7 Cobb {spine.cobb_angle_deg:.1f}° (from {spine.cobb_source.value})")
+        source = f" (from {spine.cobb_source.value})" if spine.cobb_source is not None else ""
+        lines.append(f"       C2–C7 Cobb {spine.cobb_angle_deg:.1f}°{source}")
     if spine.opll is not None:
         opll = spine.opll
         lines.append(

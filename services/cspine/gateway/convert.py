@@ -32,7 +32,8 @@ def options_from_pb(options: pb.AnalysisOptions | None, deadline_s: float | None
         raise InvalidInputError(
             f"AnalysisOptions.modalities holds {unknown[0]}, which is no Modality of this API (CT = 1, MR = 2, XR = 3)"
         )
-    modalities = frozenset(MODALITY_FROM_PB[m] for m in options.modalities if m != pb.MODALITY_UNSPECIFIED)
+    # MODALITY_UNSPECIFIED, the one value without a domain Modality, asks for nothing
+    modalities = frozenset(modality for m in options.modalities if (modality := MODALITY_FROM_PB[m]) is not None)
     return AnalysisOptions(
         return_dicom_seg=options.return_dicom_seg,
         return_dicom_sr=options.return_dicom_sr,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,7 @@ def bind(behaviour: Callable, var: contextvars.ContextVar, value: Any) -> Callab
     return called
 
 
-def _stepped(responses: Iterator, var: contextvars.ContextVar, value: Any) -> Iterator:
+def _stepped(responses: Generator, var: contextvars.ContextVar, value: Any) -> Iterator:
     with contextlib.closing(responses):
         while True:
             with _setting(var, value):

@@ -72,23 +72,20 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         request_id = request_id_of(dict(handler_call_details.invocation_metadata or ()))
         behaviour = behaviour_of(handler)
 
-        if handler.response_streaming:
+        async def streamed(request, context: grpc.aio.ServicerContext):
+            async with self._handling(rpc, request_id, context):
+                responses = behaviour(request, context)
+                if inspect.isasyncgen(responses):
+                    async for response in responses:
+                        yield response
+                else:  # a coroutine that writes its responses itself (context.write)
+                    await responses
 
-            async def handled(request, context: grpc.aio.ServicerContext):
-                async with self._handling(rpc, request_id, context):
-                    responses = behaviour(request, context)
-                    if inspect.isasyncgen(responses):
-                        async for response in responses:
-                            yield response
-                    else:  # a coroutine that writes its responses itself (context.write)
-                        await responses
+        async def unary(request, context: grpc.aio.ServicerContext):
+            async with self._handling(rpc, request_id, context):
+                return await behaviour(request, context)
 
-        else:
-
-            async def handled(request, context: grpc.aio.ServicerContext):
-                async with self._handling(rpc, request_id, context):
-                    return await behaviour(request, context)
-
+        handled = streamed if handler.response_streaming else unary
         return with_behaviour(handler, bind(handled, REQUEST_ID, request_id))
 
     @contextlib.asynccontextmanager

@@ -379,6 +379,7 @@ class LocalTriton:
     def _launch(self, models: list[str]) -> None:
         """Spawn the server and wait until every model is READY; on failure nothing of it is left."""
         dist = find_triton()
+        assert self._backends is not None  # start() prepared them before the supervisor launches
         command = self.command(self._backends)
         self.log_tail.clear()
         with self._spawning:
@@ -406,6 +407,7 @@ class LocalTriton:
         """Wait until the server exits, ending it when one of its stubs has died; then end what is left of it
         (``_end``). Its exit code."""
         process = self.process
+        assert process is not None  # _launch spawned it
         while True:
             try:
                 # Exited but not yet reaped: its pid still names its process group, which cannot be another's now.
@@ -446,10 +448,12 @@ class LocalTriton:
     def _wait_ready(self, models: list[str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         pending = list(models)
+        process = self.process
+        assert process is not None  # _launch spawned it before waiting
         while pending:
             if self._stopping.is_set():
                 raise TritonStartError("the local Triton was stopped while it started")
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 if self._reader is not None:
                     self._reader.join(timeout=5)
                 raise TritonStartError(self.failure_reason())
@@ -461,7 +465,7 @@ class LocalTriton:
             if pending:
                 time.sleep(0.25)
         while not self._http_ok("/v2/health/ready"):
-            if self._stopping.is_set() or self.process.poll() is not None or time.monotonic() > deadline:
+            if self._stopping.is_set() or process.poll() is not None or time.monotonic() > deadline:
                 raise TritonStartError(self.failure_reason())
             time.sleep(0.25)
         logger.info("Triton ready: %d models, gRPC %s, HTTP %s", len(models), self.grpc_url, self.http_url)

@@ -17,7 +17,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import MODELS
@@ -78,17 +81,19 @@ class TritonPythonModel:
         inputs = [
             {t.name: pb_utils.get_input_tensor_by_name(r, t.name).as_numpy() for t in spec.inputs} for r in requests
         ]
+        results: Sequence[dict[str, np.ndarray] | Exception]
         try:
             results = self.runner.run_batch(inputs)
         except Exception as batch_error:  # noqa: BLE001 — find the bad request(s), answer the rest
             if len(requests) == 1:
                 return [_error(pb_utils, spec.name, batch_error)]
-            results = []
+            one_by_one: list[dict[str, np.ndarray] | Exception] = []
             for one in inputs:
                 try:
-                    results.append(self.runner.run(one))
+                    one_by_one.append(self.runner.run(one))
                 except Exception as error:  # noqa: BLE001
-                    results.append(error)
+                    one_by_one.append(error)
+            results = one_by_one
         responses = []
         for result in results:
             if isinstance(result, Exception):
