@@ -11,9 +11,10 @@ import asyncio
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ async def _run(url: str, case_dir: Path, repeats: int) -> dict:
     }
 
 
-def _on_bench_study(triton_url: str | None, run: Callable[[str, Path], Awaitable[dict]]) -> dict:
+def _on_bench_study(triton_url: str | None, run: Callable[[str, Path], Coroutine[Any, Any, dict]]) -> dict:
     """Write the bench's SYNTHETIC study, start the local Triton unless a URL is given, and run ``run``."""
     with tempfile.TemporaryDirectory(prefix="cspine-bench-") as scratch, ExitStack() as stack:
         case_dir = Path(scratch) / "study"
@@ -135,9 +136,9 @@ async def _sizes_run(url: str, case_dirs: dict[str, Path], repeats: int) -> dict
                     start = time.perf_counter()
                     analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models)
                     analysis_s = time.perf_counter() - start
-                    by_uid = {s.series_instance_uid: s for s in study.series}
+                    by_uid = {s.series_instance_uid: s.volume.shape for s in study.series if s.volume is not None}
                     shapes[name, matrix] = {
-                        used.role.value: list(by_uid[used.series_instance_uid].volume.shape)
+                        used.role.value: list(by_uid[used.series_instance_uid])
                         for result in analysis.modalities
                         for used in result.series
                     }
@@ -304,6 +305,7 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
     from cspine.client import bearer_metadata
     from cspine.config import GatewayConfig
     from cspine.dicom.selection import select_series
+    from cspine.domain import Modality
     from cspine.fewshot.prototypes import SupportSet
     from cspine.fewshot.store import SupportStore
     from cspine.gateway.metrics import Metrics
@@ -361,19 +363,21 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
                 per_modality = []
                 for m in MODALITY_ORDER:
                     r = found.modality(m)
-                    volumes = {role: s.volume for role, s in chosen.items() if role.modality is m}
+                    volumes = {
+                        role: s.volume for role, s in chosen.items() if role.modality is m and s.volume is not None
+                    }
                     centre = np.array(r.lesions[0].centre_mm) if r and r.lesions else None
                     per_modality.append(lesion_roi(m, volumes, centre) if centre is not None else np.zeros((3, 64, 64)))
                 rois.append(np.stack(per_modality))
             # the store's own write + the service's reload, measured in-process
             store_s = []
             for i in range(repeats):
-                embeddings = {MODALITY_ORDER[0]: np.random.default_rng(i).normal(size=64).astype(np.float32)}
+                embedding = np.random.default_rng(i).normal(size=64).astype(np.float32)
+                embeddings: dict[Modality | str, np.ndarray] = {MODALITY_ORDER[0]: embedding}
                 start = time.perf_counter()
+                uid = f"1.2.826.0.1.3680043.10.424242.{i}"
                 number = await asyncio.to_thread(
-                    lambda e=embeddings, i=i: store.add_case(
-                        f"1.2.826.0.1.3680043.10.424242.{i}", "benign", e, pathology_reference="bench", curator="bench"
-                    )
+                    store.add_case, uid, "benign", embeddings, pathology_reference="bench", curator="bench"
                 )
                 await service.refresh_prototypes()
                 store_s.append(time.perf_counter() - start)

@@ -80,6 +80,7 @@ def study_features(case_dir: Path, runners: dict[Modality, OnnxRunner]) -> dict[
     for modality, verdict in input_verdicts(study, selection).items():
         if verdict.assessable:
             volume = selection.chosen[verdict.roles[0]].volume
+            assert volume is not None  # only image series are chosen
             out[modality] = series_features(modality, volume, runners[modality])
     return out
 
@@ -90,9 +91,12 @@ def every_series_score(studies, competence: CompetenceReference, runners) -> dic
     out: dict[str, list[float]] = {m.value: [] for m in MODALITY_ORDER}
     for study in studies:
         for series in ingest_paths(list(study.files)).image_series():
-            if series.modality is not None:
-                features = series_features(series.modality, series.volume, runners[series.modality])
-                out[series.modality.value].append(competence.ood(series.modality, features).score)
+            modality, volume = series.modality, series.volume
+            if modality is None or volume is None:
+                continue
+            ood = competence.ood(modality, series_features(modality, volume, runners[modality]))
+            if ood is not None:  # None: no reference for the modality
+                out[modality.value].append(ood.score)
     return out
 
 
