@@ -40,7 +40,9 @@ def _text(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def add_data_dir_argument(p: argparse.ArgumentParser, client: ClientConfig, purpose: str) -> None:
+def add_data_dir_argument(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, client: ClientConfig, purpose: str
+) -> None:
     """``--data-dir`` (``client.data_dir``, env CSPINE_DATA_DIR): where ``cspine serve`` keeps its data and
     generated tokens."""
     p.add_argument(

@@ -126,8 +126,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cohort = Path(args.cache) / "competence" / f"reference-seed{args.reference_seed}-{args.reference_cases}"
         reference = fit_competence(repository, cohort, args.reference_cases, args.reference_seed, args.workers)
         path = reference.save(repository)
-        for modality, fitted in reference.references.items():
-            print(f"{modality.value}: OOD threshold {fitted.threshold:.3f} — {fitted.fitted_on}")
+        for modality, feature_reference in reference.references.items():
+            print(f"{modality.value}: OOD threshold {feature_reference.threshold:.3f} — {feature_reference.fitted_on}")
         print(f"wrote {path}")
         return 0
     embed = repository / "lesion_embed" / "1" / "model.onnx"

@@ -8,11 +8,13 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 import cspine
@@ -47,7 +49,7 @@ def _write_predictions(records: list[dict], labels: list[str], path: Path) -> No
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in records:
-            probs = aligned_probabilities(r, labels) or [None] * len(labels)
+            probs: Sequence[float | None] = aligned_probabilities(r, labels) or [None] * len(labels)
             writer.writerow(
                 [
                     r["case"],
@@ -89,7 +91,7 @@ def _confusion_plot(confusion: dict) -> str:
     return _png(fig)
 
 
-def _roc_axes(title: str) -> tuple[Figure, object]:
+def _roc_axes(title: str) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(4.6, 4.2))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance (AUC 0.5)")

@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 SUPPORT_FILE = "support.json"
-MODALITY_RUNS: dict[str, list[int]] = {"all": [], **{name: [value] for name, value in MODALITY_BY_NAME.items()}}
+MODALITY_RUNS: dict[str, list[pb.Modality]] = {
+    "all": [],
+    **{name: [value] for name, value in MODALITY_BY_NAME.items()},
+}
 CURVE_SUBSET = 45  # studies analysed at the smaller support sizes of the learning curve
 
 

@@ -133,7 +133,8 @@ def plot_latency(log: list[tuple[float, float, str]], path: Path, title: str) ->
     fig, ax = plt.subplots(figsize=(8, 4))
     for code in sorted({c for _, _, c in log}, key=lambda c: (c != OK, c)):
         points = [(t - start, ms / 1000.0) for t, ms, c in log if c == code]
-        ax.scatter(*zip(*points, strict=True), s=10, label=f"{code} ({len(points)})", alpha=0.7)
+        seconds, latency = zip(*points, strict=True)
+        ax.scatter(seconds, latency, s=10, label=f"{code} ({len(points)})", alpha=0.7)
     ax.set_xlabel("seconds since the first call")
     ax.set_ylabel("latency (s)")
     ax.set_title(title)

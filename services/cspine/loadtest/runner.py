@@ -303,8 +303,8 @@ def overload(target: Target, load: Load, pool: Path, out: Path, locustfile: Path
     succeed again. ``summary.json`` gets an ``overload`` section saying so."""
     try:
         limits = service_info(target.address, 10.0, token=target.token, tls=target.tls).limits
-    except ClientError as error:
-        raise LoadTestError(f"GetServiceInfo on {target.address} failed: {error}") from None
+    except ClientError as failure:
+        raise LoadTestError(f"GetServiceInfo on {target.address} failed: {failure}") from None
     slots = limits.max_studies_in_flight
     users = users or max(4, 2 * (slots + limits.max_queued_studies))
     summary = run_step(target, replace(load, users=users, rate=None), pool, out, locustfile)
@@ -377,6 +377,7 @@ def own_server(
     if triton_url:
         extra += ["--triton-url", triton_url]
     with EmbeddedServer(folder / "data", folder / "serve.log", extra) as server:
+        assert server.triton_ports is not None  # chosen when the server starts
         local_triton = f"http://127.0.0.1:{server.triton_ports.metrics}/metrics"
         description = "cspine serve started for the run" + (
             f", Triton at {triton_url}" if triton_url else ", local Triton on CPU"

@@ -157,12 +157,14 @@ def case_seg_arrays(case_dir: Path) -> dict[str, np.ndarray]:
         grid = None
         for role in roles:
             volume = chosen[role].volume
+            assert volume is not None  # select_series chooses only series with a volume
             inputs, grid = seg_inputs(modality, volume)
             out[f"{role.value}_image"] = inputs[:, SEG_GEOMETRY[modality].context].astype(np.float16)
         structure, levels = truth[f"{key}_labels"], truth[f"{key}_levels"]
         if modality is Modality.XR:
             structure, levels = structure[None], levels[None]
         labels = model_labels(modality, structure, levels)
+        assert grid is not None  # every modality has at least one role in SEG_ROLES
         out[f"{key}_labels"] = to_grid(labels, grid, order=0, fill=0).astype(np.uint8)
     return out
 
@@ -237,8 +239,9 @@ def lesion_sample(seed: int, index: int, subtype: TumorSubtype, difficulty: tupl
     spine = sample_spine(rng, plan.collapse)
     jitter = np.random.default_rng(jitter_ss)
     for _ in range(10):
-        scene = Scene(spine, place_tumor(rng, plan, spine, level))
-        window = (scene.tumor.blobs[0].centre, ROI_WINDOW_MM)
+        tumor = place_tumor(rng, plan, spine, level)
+        scene = Scene(spine, tumor)
+        window = (tumor.blobs[0].centre, ROI_WINDOW_MM)
         ct = acquire_ct(scene, np.random.default_rng(ct_ss), Shift(), level, roi=window)
         ct_volume = ct.as_volume()
         centre = _main_centre(ct, ct_volume)

@@ -120,6 +120,7 @@ def segment_case(case_dir: Path, models: dict[Modality, SegModel]) -> CaseSegmen
         truth[modality] = model_labels(modality, structure, levels)
         for role in SEG_ROLES[modality]:
             volume = chosen[role].volume
+            assert volume is not None  # select_series chooses only series with a volume
             inputs, grid = seg_inputs(modality, volume)
             labels = to_source(model(inputs), grid)
             tumor = SEG_LABELS[modality].index("tumor")
@@ -275,8 +276,11 @@ def fewshot_metrics(
     results: dict[str, dict] = {"prototype": {}, "baseline": {}}
     per_modality: dict[str, dict] = {"prototype": {}, "baseline": {}}
     for k in shots:
-        acc = {"prototype": [], "baseline": []}
-        acc_modality = {"prototype": [[] for _ in MODALITY_ORDER], "baseline": [[] for _ in MODALITY_ORDER]}
+        acc: dict[str, list[float]] = {"prototype": [], "baseline": []}
+        acc_modality: dict[str, list[list[float]]] = {
+            "prototype": [[] for _ in MODALITY_ORDER],
+            "baseline": [[] for _ in MODALITY_ORDER],
+        }
         for episode in range(episodes):
             rng = np.random.default_rng([seed, k, episode])
             picks = [rng.choice(members, size=k + queries, replace=False) for members in by_class]

@@ -227,7 +227,7 @@ def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConf
 def _predict_probabilities(net: UNet2D, case: SegCase, modality: Modality) -> np.ndarray:
     """Softmax [K, classes, S, S] of a case, averaged over its series (T1 and T2 for MR)."""
     context = SEG_GEOMETRY[modality].context
-    total = None
+    total: np.ndarray | None = None
     net.eval()
     with torch.no_grad():
         for volume in case.images.values():
@@ -237,6 +237,8 @@ def _predict_probabilities(net: UNet2D, case: SegCase, modality: Modality) -> np
             probs = torch.cat([torch.softmax(net(x[i : i + 16]), 1) for i in range(0, count, 16)]).numpy()
             total = probs if total is None else total + probs
     net.train()
+    if total is None:
+        raise ValueError(f"a {modality.value} case without images has nothing to predict")
     return total / len(case.images)
 
 

@@ -62,12 +62,14 @@ class EmbeddedServer:
         return self
 
     def _wait_serving(self) -> None:
+        process = self.process
+        assert process is not None  # __enter__ starts the server before it waits for it
         deadline = time.monotonic() + START_TIMEOUT_S
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
-                if self.process.poll() is not None:
-                    raise CspineError(f"cspine serve exited with code {self.process.returncode}; see {self.log_path}")
+                if process.poll() is not None:
+                    raise CspineError(f"cspine serve exited with code {process.returncode}; see {self.log_path}")
                 try:
                     answer = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
                     if answer.status == health_pb2.HealthCheckResponse.SERVING:

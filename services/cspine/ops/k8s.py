@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast, overload
 
 import urllib3
 import yaml
@@ -282,7 +282,7 @@ def gather_status(
             label_selector=component_selector(release, component),
             _request_timeout=timeout_s,
         )
-        for pod in sorted(listing.items, key=lambda p: p.metadata.name):
+        for pod in sorted(listing.items, key=_name):
             checks = check_models(core, namespace, pod, models, timeout_s) if component is Component.TRITON else ()
             pods.append(pod_state(pod, component, now, checks))
     hpas = gather_hpas(client.AutoscalingV2Api(api), host, namespace, release, timeout_s)
@@ -302,9 +302,9 @@ def gather_hpas(
         label_selector=release_selector(release),
         _request_timeout=timeout_s,
     )
-    labelled: dict[str, Any] = {}
-    for hpa in sorted(listing.items, key=lambda h: h.metadata.name):
-        labelled.setdefault((hpa.metadata.labels or {}).get(COMPONENT_LABEL), hpa)
+    labelled: dict[str | None, client.V2HorizontalPodAutoscaler] = {}
+    for item in sorted(listing.items, key=_name):
+        labelled.setdefault((_metadata(item).labels or {}).get(COMPONENT_LABEL), item)
     states = []
     for component in Component:
         hpa = labelled.get(component.value)
@@ -329,10 +329,10 @@ def check_models(
 ) -> tuple[ModelReadiness, ...]:
     """Each model's readiness on one Triton pod. A pod that is not running is not asked; once the API server
     says it cannot reach Triton, the remaining models are not asked either (each would wait for the same)."""
-    if pod.status.phase != "Running" or pod.metadata.deletion_timestamp is not None:
+    if _pod_status(pod).phase != "Running" or _metadata(pod).deletion_timestamp is not None:
         reason = f"not asked: pod is {display_status(pod)}"
         return tuple(ModelReadiness(model, False, reason) for model in models)
-    target = f"{pod.metadata.name}:{triton_http_port(pod)}"
+    target = f"{_name(pod)}:{triton_http_port(pod)}"
     results: list[ModelReadiness] = []
     for index, model in enumerate(models):
         readiness, triton_answered = ask_model_ready(core, namespace, target, model, timeout_s)
@@ -350,12 +350,16 @@ def ask_model_ready(
     200 means ready. The second value says whether Triton answered (False: the API server or the network did)."""
     logger.debug("asking %s whether %s is ready", target, model)
     try:
-        response = core.connect_get_namespaced_pod_proxy_with_path(
-            name=target,
-            namespace=namespace,
-            path=f"v2/models/{model}/ready",
-            _preload_content=False,
-            _request_timeout=timeout_s,
+        # Without preloading the client returns urllib3's response, not the str its annotation names.
+        response = cast(
+            urllib3.HTTPResponse,
+            core.connect_get_namespaced_pod_proxy_with_path(
+                name=target,
+                namespace=namespace,
+                path=f"v2/models/{model}/ready",
+                _preload_content=False,
+                _request_timeout=timeout_s,
+            ),
         )
     except ApiException as exc:
         source, text = answer_text(exc.body)
@@ -386,14 +390,24 @@ def answer_text(body: str | None) -> tuple[str, str]:
 
 def triton_http_port(pod: client.V1Pod) -> int:
     """The container port named "http" (Triton's HTTP endpoint), else 8000."""
-    for container in pod.spec.containers:
+    for container in _pod_spec(pod).containers:
         for port in container.ports or []:
             if port.name == TRITON_HTTP_PORT_NAME:
                 return port.container_port
     return TRITON_HTTP_PORT
 
 
-def _read(host: str, what: str, call: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any) -> T:
+@overload
+def _read(
+    host: str, what: str, call: Callable[..., T], *args: Any, missing_ok: Literal[False] = False, **kwargs: Any
+) -> T: ...
+@overload
+def _read(
+    host: str, what: str, call: Callable[..., T], *args: Any, missing_ok: Literal[True], **kwargs: Any
+) -> T | None: ...
+def _read(
+    host: str, what: str, call: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any
+) -> T | None:
     """``call(*args, **kwargs)``, with every way it can fail turned into a one-line ClusterError (or None for
     a 404 when ``missing_ok``)."""
     try:
@@ -424,25 +438,55 @@ def _one_line(value: object) -> str:
 # --- from API objects to states (pure) -----------------------------------------------------------------------
 
 
+def _metadata(obj: client.V1Pod | client.V2HorizontalPodAutoscaler) -> client.V1ObjectMeta:
+    """The object's metadata, which the API server sets on every object it answers with."""
+    if obj.metadata is None:
+        raise ClusterError(f"the API server answered with a {type(obj).__name__} without metadata")
+    return obj.metadata
+
+
+def _name(obj: client.V1Pod | client.V2HorizontalPodAutoscaler) -> str:
+    """The object's name, which the API server sets on every object it answers with."""
+    name = _metadata(obj).name
+    if name is None:
+        raise ClusterError(f"the API server answered with a {type(obj).__name__} without a name")
+    return name
+
+
+def _pod_spec(pod: client.V1Pod) -> client.V1PodSpec:
+    """The pod's spec, which every pod the API server answers with has."""
+    if pod.spec is None:
+        raise ClusterError(f"the API server answered with pod {_name(pod)} without a spec")
+    return pod.spec
+
+
+def _pod_status(pod: client.V1Pod) -> client.V1PodStatus:
+    """The pod's status, which every pod the API server answers with has (a new one: phase Pending)."""
+    if pod.status is None:
+        raise ClusterError(f"the API server answered with pod {_name(pod)} without a status")
+    return pod.status
+
+
 def pod_state(
     pod: client.V1Pod, component: Component, now: datetime, models: Sequence[ModelReadiness] = ()
 ) -> PodState:
-    status = pod.status
+    status = _pod_status(pod)
+    spec = _pod_spec(pod)
     containers = status.container_statuses or []
     restarted = [*containers, *(status.init_container_statuses or [])]
     conditions = {c.type: c.status for c in status.conditions or []}
-    created = pod.metadata.creation_timestamp
+    created = _metadata(pod).creation_timestamp
     return PodState(
-        name=pod.metadata.name,
+        name=_name(pod),
         component=component.value,
         phase=status.phase or "Unknown",
         status=display_status(pod),
         ready=conditions.get("Ready") == "True",
         containers_ready=sum(1 for c in containers if c.ready),
-        containers_total=len(pod.spec.containers),
+        containers_total=len(spec.containers),
         restarts=sum(c.restart_count for c in restarted),
         last_termination=_last_termination(restarted),
-        node=pod.spec.node_name,
+        node=spec.node_name,
         age_seconds=int((now - created).total_seconds()) if created else None,
         models=tuple(models),
     )
@@ -450,9 +494,9 @@ def pod_state(
 
 def display_status(pod: client.V1Pod) -> str:
     """What ``kubectl get pods`` shows in its STATUS column, for the states a cspine pod goes through."""
-    if pod.metadata.deletion_timestamp is not None:
+    if _metadata(pod).deletion_timestamp is not None:
         return "Terminating"
-    status = pod.status
+    status = _pod_status(pod)
     inits = status.init_container_statuses or []
     for index, init in enumerate(inits):
         terminated = init.state.terminated if init.state else None
@@ -463,7 +507,7 @@ def display_status(pod: client.V1Pod) -> str:
             return f"Init:{terminated.reason or f'ExitCode:{terminated.exit_code}'}"
         if waiting is not None and waiting.reason and waiting.reason != "PodInitializing":
             return f"Init:{waiting.reason}"
-        return f"Init:{index}/{len(pod.spec.init_containers or inits)}"
+        return f"Init:{index}/{len(_pod_spec(pod).init_containers or inits)}"
     for container in status.container_statuses or []:
         state = container.state
         if state is not None and state.waiting is not None and state.waiting.reason:
@@ -485,14 +529,14 @@ def _last_termination(statuses: Sequence[client.V1ContainerStatus]) -> str | Non
 def hpa_state(hpa: client.V2HorizontalPodAutoscaler, component: Component) -> HpaState:
     spec = hpa.spec
     status = hpa.status
-    current = {}
+    current: dict[tuple[str, str], client.V2MetricStatus] = {}
     for metric in (status.current_metrics if status else None) or []:
         # With no metric readable, the controller writes {"type": ""}: nothing to match.
         if metric.type in METRIC_SOURCES:
             current.setdefault(_metric_key(metric), metric)
     reference = spec.scale_target_ref
     return HpaState(
-        name=hpa.metadata.name,
+        name=_name(hpa),
         component=component.value,
         scale_target=f"{reference.kind}/{reference.name}",
         current_replicas=(status.current_replicas or 0) if status else 0,

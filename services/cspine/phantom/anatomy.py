@@ -187,7 +187,7 @@ class Opll:
         return np.clip(t * (1.0 - (np.abs(w) / max(vertebra.half[2], 1e-3)) ** 4), 0.0, None)
 
     def max_thickness(self) -> tuple[str, float]:
-        name = max(self.thickness, key=self.thickness.get)
+        name = max(self.thickness, key=self.thickness.__getitem__)
         return name, self.thickness[name]
 
 
@@ -242,11 +242,11 @@ class Spine:
 
     def extent(self, margin: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         """Patient box holding C1 to T1 with their processes, plus a margin."""
-        pts = []
+        corners: list[np.ndarray] = []
         for v in self.vertebrae:
             lo, hi = box_around(v.centre, v.frame, np.array([40.0, 45.0, 20.0]))
-            pts += [lo, hi]
-        pts = np.array(pts)
+            corners += [lo, hi]
+        pts = np.array(corners)
         return pts.min(axis=0) - margin, pts.max(axis=0) + margin
 
 

@@ -171,6 +171,7 @@ def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> 
         if plan is None or (lesion is not None and lesion["volume_ml"] >= MIN_LESION_ML):
             break
     else:
+        assert subtype is not None  # without a planned lesion the loop breaks on its first pass
         raise RuntimeError(f"could not place a {subtype.value} lesion in case {case_id} (seed {seed})")
 
     info_rng = np.random.default_rng(info_ss)

@@ -121,7 +121,8 @@ class RenderedSeries:
         )
 
 
-Roi = tuple[np.ndarray, float]  # (centre, half size) of a window in patient mm
+# (centre, half size: one for every axis or one per axis) of a window in patient mm
+Roi = tuple[np.ndarray, float | np.ndarray]
 
 
 @dataclass

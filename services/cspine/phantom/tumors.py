@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from scipy.special import erfinv
@@ -425,27 +426,32 @@ def paint_tumor(canvas: Canvas, tumor: Tumor, spine: Spine) -> None:
             canvas.paint(
                 lo,
                 hi,
-                lambda p, b=blob, g=grow: b.field(p)[0] <= g,
+                partial(_inside_grown, blob, grow),
                 Tissue.EDEMA,
                 only_tissues=_BONE_MARROW,
                 keep_label=True,
             )
-    if spec.growth is Growth.CONFINED:
-        allowed = {"only_tissues": _BONE_MARROW}
-    else:
-        allowed = {"only_labels": _GROWS_OVER[spec.growth]}
+    confined = spec.growth is Growth.CONFINED
+    only_tissues = _BONE_MARROW if confined else None
+    only_labels = None if confined else _GROWS_OVER[spec.growth]
     for blob in tumor.blobs:
         lo, hi = box_around(blob.centre, blob.frame, blob.reach())
         # Lesion voxels carry the level of the slab they lie in, as the ground truth counts levels.
         canvas.paint(
             lo,
             hi,
-            lambda p, b=blob: _tissues(tumor, b, p),
+            partial(_tissues, tumor, blob),
             None,
             label=Label.TUMOR,
             level=lambda p: spine.slab_index(p) + 1,
-            **allowed,
+            only_labels=only_labels,
+            only_tissues=only_tissues,
         )
+
+
+def _inside_grown(blob: Blob, grow: float, p: np.ndarray) -> np.ndarray:
+    """Mask of the points ``p`` inside ``blob`` with its surface scaled by ``grow``."""
+    return blob.field(p)[0] <= grow
 
 
 def _tissues(tumor: Tumor, blob: Blob, p: np.ndarray) -> np.ndarray:
