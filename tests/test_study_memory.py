@@ -136,7 +136,7 @@ def test_ingest_running_out_of_memory_is_not_blamed_on_the_instance(monkeypatch)
     def exhausted(*_):
         raise MemoryError
 
-    monkeypatch.setattr(ingest_module, "_read_image", exhausted)
+    monkeypatch.setattr(ingest_module, "read_image", exhausted)
     with pytest.raises(MemoryError):  # INTERNAL at the gateway, never INVALID_ARGUMENT naming the instance
         ingest([("mf.dcm", one_pixel_multiframe(3))])
 

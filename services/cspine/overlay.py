@@ -14,7 +14,6 @@ import pydicom
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
 
 from cspine.client.files import iter_files
 from cspine.errors import CspineError
@@ -42,7 +41,7 @@ def overlay_png(seg_bytes: bytes, source_paths: Iterable[Path | str], out: Path)
     most of any segment), read from the DICOM files under ``source_paths``; write the PNG to ``out``.
     ``OverlayError`` when the SEG or its source image cannot be read, or the PNG cannot be written."""
     try:
-        seg = hd.seg.segread(DicomBytesIO(seg_bytes))
+        seg = hd.seg.segread(seg_bytes)
     except READ_ERRORS as exc:
         raise OverlayError(f"the DICOM SEG cannot be read ({type(exc).__name__})") from exc
     uid, frame = busiest_source_frame(seg)
@@ -101,7 +100,8 @@ def _colour(item: pydicom.Dataset, number: int) -> tuple[float, float, float]:
         rgb = hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
     else:
         rgb = FALLBACK_COLOURS[(number - 1) % len(FALLBACK_COLOURS)]
-    return tuple(float(c) / 255 for c in rgb)
+    red, green, blue = rgb
+    return float(red) / 255, float(green) / 255, float(blue) / 255
 
 
 def _grey_range(header: pydicom.Dataset, image: np.ndarray) -> tuple[float, float]:

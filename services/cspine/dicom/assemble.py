@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from cspine.dicom.attributes import _float, _int, _item, _safe, _text, _values
+from cspine.dicom.attributes import attribute_values, first_item, float_value, int_value, safe, text
 from cspine.dicom.classify import MODALITY_BY_DICOM
-from cspine.dicom.geometry import _directions, _orientation_of, _patient_orientation_directions
-from cspine.dicom.pixels import _decode, _decode_all, _transform
-from cspine.dicom.records import _Frame, _Instance, _Kind
+from cspine.dicom.geometry import orientation_of, patient_orientation_directions, row_column_directions
+from cspine.dicom.pixels import decode, decode_all, transform
+from cspine.dicom.records import Frame, Image, Instance, Kind
 from cspine.dicom.selection import RadiographView, radiograph_view, series_name
 from cspine.domain import (
     InstanceRef,
@@ -40,9 +40,15 @@ _SPACING_TOLERANCE = 0.001  # largest relative difference of pixel spacing insid
 _NOMINAL_RADIOGRAPH_DIRECTIONS = (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0]))
 
 
-def _build_series(uid: str, instances: list[_Instance], notices: list[Notice]) -> Series:
-    images = [i for i in instances if i.kind is _Kind.IMAGE]
-    for other in (i for i in instances if i.kind is not _Kind.IMAGE and images):
+def _image(inst: Instance) -> Image:
+    """The Image Pixel description of an image instance (ingest reads one for every Kind.IMAGE instance)."""
+    assert inst.image is not None
+    return inst.image
+
+
+def build_series(uid: str, instances: list[Instance], notices: list[Notice]) -> Series:
+    images = [i for i in instances if i.kind is Kind.IMAGE]
+    for other in (i for i in instances if i.kind is not Kind.IMAGE and images):
         notices.append(Notice(NoticeCode.NOT_AN_IMAGE, f"{other.label} is not an image; skipped", uid))
     members = images or instances
     first = members[0]
@@ -51,10 +57,10 @@ def _build_series(uid: str, instances: list[_Instance], notices: list[Notice]) -
         dicom_modality=first.dicom_modality,
         modality=MODALITY_BY_DICOM.get(first.dicom_modality) if images else None,
         sop_class_uid=first.sop_class_uid,
-        series_number=_safe(lambda: _int(first.ds, "SeriesNumber")),
-        description=_safe(lambda: _text(first.ds, "SeriesDescription")) or "",
+        series_number=safe(lambda: int_value(first.ds, "SeriesNumber")),
+        description=safe(lambda: text(first.ds, "SeriesDescription")) or "",
         instances=tuple(InstanceRef(i.sop_class_uid, i.sop_instance_uid) for i in members),
-        frame_of_reference_uid=_safe(lambda: _text(first.ds, "FrameOfReferenceUID")),
+        frame_of_reference_uid=safe(lambda: text(first.ds, "FrameOfReferenceUID")),
         headers=tuple(i.ds for i in members),
     )
     name = series_name(series)
@@ -76,12 +82,12 @@ def _build_series(uid: str, instances: list[_Instance], notices: list[Notice]) -
             )
         )
         return series
-    colour = next((i for i in images if not i.image.greyscale), None)
+    colour = next((i for i in images if not _image(i).greyscale), None)
     if colour is not None:
         notices.append(
             Notice(
                 NoticeCode.UNSUPPORTED_IMAGE,
-                f"{name}: {colour.image.photometric} colour images are not analysed",
+                f"{name}: {_image(colour).photometric} colour images are not analysed",
                 uid,
             )
         )
@@ -90,8 +96,8 @@ def _build_series(uid: str, instances: list[_Instance], notices: list[Notice]) -
     return series
 
 
-def _check_same_series(first: _Instance, inst: _Instance) -> None:
-    a, b = first.image, inst.image
+def _check_same_series(first: Instance, inst: Instance) -> None:
+    a, b = _image(first), _image(inst)
     if inst.dicom_modality != first.dicom_modality:
         raise InconsistentSeriesError(
             inst.label, f"modality {inst.dicom_modality} differs from its series' {first.dicom_modality}"
@@ -102,15 +108,17 @@ def _check_same_series(first: _Instance, inst: _Instance) -> None:
         )
 
 
-def _build_cross_sectional(series: Series, name: str, images: list[_Instance], notices: list[Notice]) -> None:
+def _build_cross_sectional(series: Series, name: str, images: list[Instance], notices: list[Notice]) -> None:
     uid = series.series_instance_uid
-    broken = next((i for i in images if i.image.frames is None), None)
-    if broken is not None:
-        notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: {broken.image.geometry_problem}", uid))
-        return
-    frames = [(inst, frame) for inst in images for frame in inst.image.frames]
+    frames: list[tuple[Instance, Frame]] = []
+    for inst in images:
+        image = _image(inst)
+        if image.frames is None:
+            notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: {image.geometry_problem}", uid))
+            return
+        frames += [(inst, frame) for frame in image.frames]
     reference_inst, reference = _majority(frames, lambda pair: _plane_key(pair[1]))
-    directions = _directions(reference.orientation)
+    directions = row_column_directions(reference.orientation)
     if directions is None:
         notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: ImageOrientationPatient is not usable", uid))
         return
@@ -127,13 +135,13 @@ def _build_cross_sectional(series: Series, name: str, images: list[_Instance], n
 
     shape = (len(kept), reference_inst.image.rows, reference_inst.image.columns)
     voxels = np.empty(shape, dtype=np.float32)
-    slots: dict[int, list[tuple[int, _Frame]]] = defaultdict(list)  # instance → [(slice k, frame)]
+    slots: dict[int, list[tuple[int, Frame]]] = defaultdict(list)  # instance → [(slice k, frame)]
     instance_of = {}
     for k, n in enumerate(kept):
         inst, frame = frames[n]
         slots[id(inst)].append((k, frame))
         instance_of[id(inst)] = inst
-    _decode_all([(instance_of[key], targets) for key, targets in slots.items()], voxels)
+    decode_all([(instance_of[key], targets) for key, targets in slots.items()], voxels)
     for inst in images:
         inst.pixels = None
 
@@ -147,8 +155,8 @@ def _build_cross_sectional(series: Series, name: str, images: list[_Instance], n
         slice_offsets=offsets,
         slice_thickness=reference.thickness,
     )
-    series.orientation = _orientation_of(normal)
-    multi_frame = any(inst.image.frame_count > 1 for inst in images)
+    series.orientation = orientation_of(normal)
+    multi_frame = any(_image(inst).frame_count > 1 for inst in images)
     series.instances = tuple(
         InstanceRef(inst.sop_class_uid, inst.sop_instance_uid, frame.index + 1 if multi_frame else None)
         for inst, frame in slice_order
@@ -169,14 +177,18 @@ def _majority(items: list[Any], key: Callable[[Any], Any]) -> Any:
     return next(item for item in items if counts[key(item)] == best)
 
 
-def _plane_key(frame: _Frame) -> tuple:
+def _plane_key(frame: Frame) -> tuple:
+    assert frame.orientation is not None and frame.spacing is not None  # a CT/MR frame has both (geometry)
     return (
         tuple(round(v / _ORIENTATION_TOLERANCE) for v in frame.orientation),
         tuple(round(v, 3) for v in frame.spacing),
     )
 
 
-def _check_same_plane(inst: _Instance, frame: _Frame, reference: _Frame) -> None:
+def _check_same_plane(inst: Instance, frame: Frame, reference: Frame) -> None:
+    # CT/MR frames: geometry gives every one an orientation and a pixel spacing (or the instance no frames).
+    assert frame.orientation is not None and frame.spacing is not None
+    assert reference.orientation is not None and reference.spacing is not None
     difference = np.max(np.abs(np.subtract(frame.orientation, reference.orientation)))
     if difference > _ORIENTATION_TOLERANCE:
         raise InconsistentSeriesError(inst.label, "its ImageOrientationPatient differs from the rest of its series")
@@ -190,7 +202,7 @@ def _check_same_plane(inst: _Instance, frame: _Frame, reference: _Frame) -> None
 def _drop_same_positions(
     order: list[int],
     projections: np.ndarray,
-    frames: list[tuple[_Instance, _Frame]],
+    frames: list[tuple[Instance, Frame]],
     name: str,
     uid: str,
     notices: list[Notice],
@@ -254,23 +266,23 @@ def _mr_timing(series: Series, ds: Dataset) -> None:
     """EchoTime / RepetitionTime, top level or from the enhanced MR functional groups."""
     if series.modality is not Modality.MR:
         return
-    shared = _safe(lambda: _item(ds, "SharedFunctionalGroupsSequence"))
-    per_frame = _safe(lambda: _item(ds, "PerFrameFunctionalGroupsSequence"))
+    shared = safe(lambda: first_item(ds, "SharedFunctionalGroupsSequence"))
+    per_frame = safe(lambda: first_item(ds, "PerFrameFunctionalGroupsSequence"))
 
     def group(keyword: str) -> Dataset | None:
-        return _safe(lambda: _item(per_frame, keyword) or _item(shared, keyword))
+        return safe(lambda: first_item(per_frame, keyword) or first_item(shared, keyword))
 
-    series.echo_time_ms = _safe(lambda: _float(ds, "EchoTime")) or _safe(
-        lambda: _float(group("MREchoSequence"), "EffectiveEchoTime")
+    series.echo_time_ms = safe(lambda: float_value(ds, "EchoTime")) or safe(
+        lambda: float_value(group("MREchoSequence"), "EffectiveEchoTime")
     )
-    series.repetition_time_ms = _safe(lambda: _float(ds, "RepetitionTime")) or _safe(
-        lambda: _float(group("MRTimingAndRelatedParametersSequence"), "RepetitionTime")
+    series.repetition_time_ms = safe(lambda: float_value(ds, "RepetitionTime")) or safe(
+        lambda: float_value(group("MRTimingAndRelatedParametersSequence"), "RepetitionTime")
     )
 
 
-def _build_projection(series: Series, name: str, images: list[_Instance], notices: list[Notice]) -> None:
+def _build_projection(series: Series, name: str, images: list[Instance], notices: list[Notice]) -> None:
     uid = series.series_instance_uid
-    single = [i for i in images if i.image.frame_count == 1]
+    single = [i for i in images if _image(i).frame_count == 1]
     if len(single) < len(images):
         notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: multi-frame radiographs are not analysed", uid))
     if not single:
@@ -289,13 +301,14 @@ def _build_projection(series: Series, name: str, images: list[_Instance], notice
     for inst in single:
         if inst is not chosen:
             inst.pixels = None
-    image = chosen.image
+    image = _image(chosen)
     if image.frames is None:
         notices.append(Notice(NoticeCode.UNSUPPORTED_IMAGE, f"{name}: {image.geometry_problem}", uid))
         return
+    assert image.pixel_spacing_xr is not None  # a radiograph has frames only with a spacing (geometry)
     frame = image.frames[0]
     voxels = np.empty((1, image.rows, image.columns), dtype=np.float32)
-    _transform(chosen, frame).apply(_decode(chosen)[0], voxels[0])
+    transform(chosen, frame).apply(decode(chosen)[0], voxels[0])
     chosen.pixels = None
     view, directions = views[id(chosen)]
     row, column = directions or _NOMINAL_RADIOGRAPH_DIRECTIONS
@@ -310,20 +323,20 @@ def _build_projection(series: Series, name: str, images: list[_Instance], notice
         projection=True,
     )
     series.orientation = Orientation.PROJECTION
-    series.view_position = _safe(lambda: _text(chosen.ds, "ViewPosition"))
+    series.view_position = safe(lambda: text(chosen.ds, "ViewPosition"))
     series.view_position = series.view_position.upper() if series.view_position else None
     series.instances = (InstanceRef(chosen.sop_class_uid, chosen.sop_instance_uid),)
     series.headers = (chosen.ds,)
 
 
 def _view_of(ds: Dataset) -> tuple[RadiographView, tuple[np.ndarray, np.ndarray] | None]:
-    patient_orientation = _safe(lambda: _values(ds, "PatientOrientation"))
-    view_position = _safe(lambda: _text(ds, "ViewPosition"))
-    return radiograph_view(view_position, patient_orientation), _patient_orientation_directions(ds)
+    patient_orientation = safe(lambda: attribute_values(ds, "PatientOrientation"))
+    view_position = safe(lambda: text(ds, "ViewPosition"))
+    return radiograph_view(view_position, patient_orientation), patient_orientation_directions(ds)
 
 
 # How each analysed modality becomes a volume.
-_SERIES_BUILDERS: dict[Modality, Callable[[Series, str, list[_Instance], list[Notice]], None]] = {
+_SERIES_BUILDERS: dict[Modality, Callable[[Series, str, list[Instance], list[Notice]], None]] = {
     Modality.CT: _build_cross_sectional,
     Modality.MR: _build_cross_sectional,
     Modality.XR: _build_projection,

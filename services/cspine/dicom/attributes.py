@@ -59,19 +59,22 @@ _RAW_DECODERS: dict[str, Callable[[bytes, bool], tuple[Any, ...]]] = {
 
 
 @functools.cache
-def _tag(keyword: str) -> tuple[BaseTag, str]:
+def tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
     """(tag, dictionary VR) of a keyword; looking a keyword up costs microseconds, so it is done once."""
-    tag = BaseTag(tag_for_keyword(keyword))
+    number = tag_for_keyword(keyword)
+    if number is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    tag = BaseTag(number)
     return tag, dictionary_VR(tag)
 
 
-def _has(ds: Dataset | None, keyword: str) -> bool:
-    return ds is not None and _tag(keyword)[0] in ds
+def has(ds: Dataset | None, keyword: str) -> bool:
+    return ds is not None and tag_and_vr(keyword)[0] in ds
 
 
-def _values(ds: Dataset, keyword: str) -> tuple[Any, ...] | None:
+def attribute_values(ds: Dataset, keyword: str) -> tuple[Any, ...] | None:
     """The values of an attribute of ``ds`` as a tuple; None when absent or empty."""
-    tag, vr = _tag(keyword)
+    tag, vr = tag_and_vr(keyword)
     elem = ds.get_item(tag)
     if elem is None:
         return None
@@ -92,13 +95,13 @@ def _values(ds: Dataset, keyword: str) -> tuple[Any, ...] | None:
     return (value,)
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    values = _values(ds, keyword)
+def text(ds: Dataset, keyword: str) -> str | None:
+    values = attribute_values(ds, keyword)
     return str(values[0]).strip() or None if values else None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    values = _values(ds, keyword)
+def int_value(ds: Dataset, keyword: str) -> int | None:
+    values = attribute_values(ds, keyword)
     if not values:
         return None
     number = float(values[0])
@@ -107,45 +110,47 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return int(number)
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
-    values = _values(ds, keyword)
+def float_value(ds: Dataset | None, keyword: str) -> float | None:
+    if ds is None:
+        return None
+    values = attribute_values(ds, keyword)
     if not values:
         return None
     number = float(values[0])
     return number if math.isfinite(number) else None
 
 
-def _floats(ds: Dataset | None, keyword: str, count: int) -> tuple[float, ...] | None:
+def floats(ds: Dataset | None, keyword: str, count: int) -> tuple[float, ...] | None:
     """``count`` finite numbers, or None when the attribute is absent or has another shape."""
     if ds is None:
         return None
-    values = _values(ds, keyword)
+    values = attribute_values(ds, keyword)
     if not values or len(values) != count:
         return None
     numbers = tuple(float(v) for v in values)
     return numbers if all(math.isfinite(n) for n in numbers) else None
 
 
-def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
+def first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
     """The first item of a sequence attribute, or None."""
-    if not _has(ds, keyword):
+    if ds is None or not has(ds, keyword):
         return None
     sequence = ds[keyword].value
     return sequence[0] if sequence else None
 
 
-def _tag_name(tag: int) -> str:
+def tag_name(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _required_text(label: str, ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
+def required_text(label: str, ds: Dataset, keyword: str) -> str:
+    value = text(ds, keyword)
     if not value:
         raise MalformedDicomError(label, f"{keyword} is missing")
     return value
 
 
-def _safe(read: Callable[[], Any]) -> Any:
+def safe(read: Callable[[], Any]) -> Any:
     """An optional attribute: None when absent or unreadable."""
     try:
         return read()

@@ -8,11 +8,11 @@ import functools
 import pydicom.uid
 from pydicom.dataset import Dataset
 
-from cspine.dicom.attributes import _has
-from cspine.dicom.records import _Kind
+from cspine.dicom.attributes import has
+from cspine.dicom.records import Kind
 from cspine.domain import Modality
 
-__all__ = ["MODALITY_BY_DICOM"]
+__all__ = ["MODALITY_BY_DICOM", "classify"]
 
 #: The DICOM modalities cspine analyses, and what they become. DX "for processing" is DX too.
 MODALITY_BY_DICOM: dict[str, Modality] = {
@@ -90,12 +90,12 @@ def _sop_class_name(sop_class_uid: str) -> str:
     return pydicom.uid.UID(sop_class_uid).name if sop_class_uid else ""
 
 
-def _classify(ds: Dataset, sop_class_uid: str, modality: str, has_pixels: bool) -> _Kind:
-    if sop_class_uid == pydicom.uid.MediaStorageDirectoryStorage or _has(ds, "DirectoryRecordSequence"):
-        return _Kind.DIRECTORY
+def classify(ds: Dataset, sop_class_uid: str, modality: str, has_pixels: bool) -> Kind:
+    if sop_class_uid == pydicom.uid.MediaStorageDirectoryStorage or has(ds, "DirectoryRecordSequence"):
+        return Kind.DIRECTORY
     name = _sop_class_name(sop_class_uid)
     if modality in _NON_IMAGE_MODALITIES or any(word in name for word in _NON_IMAGE_SOP_CLASS_WORDS):
-        return _Kind.NON_IMAGE
-    if has_pixels or _IMAGE_SOP_CLASS_WORD in name or (_has(ds, "Rows") and _has(ds, "Columns")):
-        return _Kind.IMAGE
-    return _Kind.NON_IMAGE
+        return Kind.NON_IMAGE
+    if has_pixels or _IMAGE_SOP_CLASS_WORD in name or (has(ds, "Rows") and has(ds, "Columns")):
+        return Kind.IMAGE
+    return Kind.NON_IMAGE

@@ -77,7 +77,8 @@ def unpack(data: bytes) -> list[tuple[str, bytes]]:
     """The ``(label, bytes)`` items of an input: one instance, or the instances of a bundle."""
     if not data.startswith(BUNDLE_MAGIC):
         return [("instance 1", data)]
-    items, position = [], len(BUNDLE_MAGIC)
+    items: list[tuple[str, bytes]] = []
+    position = len(BUNDLE_MAGIC)
     while position + 4 <= len(data) and len(items) < _MAX_BUNDLE_INSTANCES:
         (length,) = struct.unpack_from("<I", data, position)
         position += 4
@@ -216,7 +217,7 @@ def _element_at(data: bytes, at: int, big_endian: bool) -> _Element | None:
 
 def _find(data: bytes, tag: int, limit: int = 8) -> list[_Element]:
     """Occurrences of a tag, little- and big-endian (a few may lie in pixel data by chance: harmless)."""
-    found = []
+    found: list[_Element] = []
     for big_endian in (False, True):
         pattern = struct.pack(">HH" if big_endian else "<HH", tag >> 16, tag & 0xFFFF)
         at = data.find(pattern)
@@ -270,13 +271,23 @@ class _Target:
 _TARGETS_CACHE: list[_Target] = []
 
 
+def _tag_of(keyword: str) -> int:
+    """The tag of a keyword this module names, from pydicom's dictionary (imported by then)."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    return tag
+
+
 def _targets() -> list[_Target]:
     """The mutated attributes, looked up by keyword in pydicom's dictionary (imported by then)."""
     if not _TARGETS_CACHE:
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
+        from pydicom.datadict import dictionary_VR
 
         for keyword in _MUTATED_KEYWORDS:
-            tag = tag_for_keyword(keyword)
+            tag = _tag_of(keyword)
             _TARGETS_CACHE.append(_Target(tag, dictionary_VR(tag).split(" ")[0]))
         _TARGETS_CACHE.extend(_Target(tag, "item") for tag in _ITEM_TAGS)
     return _TARGETS_CACHE
@@ -349,9 +360,7 @@ def _mutate_codestream(data: bytes, rng: random.Random) -> bytes | None:
 
 
 def _set_text(data: bytes, keyword: str, text: str) -> bytes:
-    from pydicom.datadict import tag_for_keyword
-
-    for element in _find(data, tag_for_keyword(keyword), limit=2)[:1]:
+    for element in _find(data, _tag_of(keyword), limit=2)[:1]:
         pad = b"\x00" if keyword.endswith("UID") else b" "
         raw = text.encode("ascii", "replace")
         replaced = _replace_value(data, element, raw + pad if len(raw) % 2 else raw)
@@ -361,9 +370,7 @@ def _set_text(data: bytes, keyword: str, text: str) -> bytes:
 
 
 def _get_text(data: bytes, keyword: str) -> str | None:
-    from pydicom.datadict import tag_for_keyword
-
-    for element in _find(data, tag_for_keyword(keyword), limit=1):
+    for element in _find(data, _tag_of(keyword), limit=1):
         if element.length != _UNDEFINED:
             value = data[element.value_at : min(element.value_end(len(data)), element.value_at + 64)]
             return value.decode("ascii", "replace").rstrip(" \x00")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 from pydicom.dataset import Dataset
 
-from cspine.dicom.attributes import _float, _floats, _has, _item, _values
-from cspine.dicom.records import _Frame, _Image
+from cspine.dicom.attributes import attribute_values, first_item, float_value, floats, has
+from cspine.dicom.records import Frame, Image
 from cspine.domain import Modality, Orientation
 
 _PLANE_COSINE = math.cos(math.radians(25.0))  # within 25° of an axis: axial / sagittal / coronal
@@ -38,38 +38,38 @@ def _positive(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
 def _rescale(ds: Dataset | None) -> tuple[float | None, float | None]:
     if ds is None:
         return None, None
-    return _float(ds, "RescaleSlope"), _float(ds, "RescaleIntercept")
+    return float_value(ds, "RescaleSlope"), float_value(ds, "RescaleIntercept")
 
 
-def _cross_sectional_frames(ds: Dataset, image: _Image) -> tuple[list[_Frame] | None, str | None]:
+def _cross_sectional_frames(ds: Dataset, image: Image) -> tuple[list[Frame] | None, str | None]:
     """Per-frame geometry of a CT/MR instance, or (None, why not)."""
-    if _has(ds, "PerFrameFunctionalGroupsSequence") or _has(ds, "SharedFunctionalGroupsSequence"):
+    if has(ds, "PerFrameFunctionalGroupsSequence") or has(ds, "SharedFunctionalGroupsSequence"):
         return _enhanced_frames(ds, image)
     slope, intercept = _rescale(ds)
     slope = slope or 1.0  # a zero or absent slope is "not set", never "make every pixel equal"
     intercept = intercept or 0.0
-    position = _floats(ds, "ImagePositionPatient", 3)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _positive(_floats(ds, "PixelSpacing", 2))
-    thickness = _float(ds, "SliceThickness")
+    position = floats(ds, "ImagePositionPatient", 3)
+    orientation = floats(ds, "ImageOrientationPatient", 6)
+    spacing = _positive(floats(ds, "PixelSpacing", 2))
+    thickness = float_value(ds, "SliceThickness")
     if position is None or orientation is None or spacing is None:
         return None, "no usable ImagePositionPatient, ImageOrientationPatient or PixelSpacing"
     if image.frame_count == 1:
-        return [_Frame(0, position, orientation, spacing, thickness, slope, intercept)], None
-    step = _float(ds, "SpacingBetweenSlices")
-    directions = _directions(orientation)
+        return [Frame(0, position, orientation, spacing, thickness, slope, intercept)], None
+    step = float_value(ds, "SpacingBetweenSlices")
+    directions = row_column_directions(orientation)
     if not step or step <= 0 or directions is None:
         return None, "a multi-frame image without per-frame geometry or SpacingBetweenSlices"
     normal = np.cross(*directions)
     frames = [
-        _Frame(i, tuple(np.asarray(position) + i * step * normal), orientation, spacing, thickness, slope, intercept)
+        Frame(i, tuple(np.asarray(position) + i * step * normal), orientation, spacing, thickness, slope, intercept)
         for i in range(image.frame_count)
     ]
     return frames, None
 
 
-def _enhanced_frames(ds: Dataset, image: _Image) -> tuple[list[_Frame] | None, str | None]:
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
+def _enhanced_frames(ds: Dataset, image: Image) -> tuple[list[Frame] | None, str | None]:
+    shared = first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if per_frame and len(per_frame) != image.frame_count:
         return None, f"{len(per_frame)} per-frame functional groups for {image.frame_count} frames"
@@ -77,7 +77,7 @@ def _enhanced_frames(ds: Dataset, image: _Image) -> tuple[list[_Frame] | None, s
 
     def group(frame: Dataset | None, keyword: str) -> Dataset | None:
         # A per-frame item overrides the shared one (PS3.3 C.7.6.16).
-        return _item(frame, keyword) or _item(shared, keyword)
+        return first_item(frame, keyword) or first_item(shared, keyword)
 
     frames = []
     for index in range(image.frame_count):
@@ -85,12 +85,12 @@ def _enhanced_frames(ds: Dataset, image: _Image) -> tuple[list[_Frame] | None, s
         measures = group(item, "PixelMeasuresSequence")
         slope, intercept = _rescale(group(item, "PixelValueTransformationSequence"))
         frames.append(
-            _Frame(
+            Frame(
                 index=index,
-                position=_floats(group(item, "PlanePositionSequence"), "ImagePositionPatient", 3),
-                orientation=_floats(group(item, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
-                spacing=_positive(_floats(measures, "PixelSpacing", 2)),
-                thickness=_float(measures, "SliceThickness") if measures is not None else None,
+                position=floats(group(item, "PlanePositionSequence"), "ImagePositionPatient", 3),
+                orientation=floats(group(item, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
+                spacing=_positive(floats(measures, "PixelSpacing", 2)),
+                thickness=float_value(measures, "SliceThickness") if measures is not None else None,
                 slope=slope or top_slope or 1.0,
                 intercept=intercept if intercept is not None else (top_intercept or 0.0),
             )
@@ -105,34 +105,34 @@ def _radiograph_spacing(ds: Dataset) -> tuple[float, float] | None:
 
     A zero or negative spacing counts as absent (some CR writers fill PixelSpacing with zeros)."""
 
-    spacing = _positive(_floats(ds, "PixelSpacing", 2))
+    spacing = _positive(floats(ds, "PixelSpacing", 2))
     if spacing is None:
-        imager = _positive(_floats(ds, "ImagerPixelSpacing", 2))
+        imager = _positive(floats(ds, "ImagerPixelSpacing", 2))
         if imager is None:
             return None
-        magnification = _float(ds, "EstimatedRadiographicMagnificationFactor")
+        magnification = float_value(ds, "EstimatedRadiographicMagnificationFactor")
         factor = magnification if magnification and magnification > 0 else 1.0
         spacing = (imager[0] / factor, imager[1] / factor)
     return (float(spacing[0]), float(spacing[1]))
 
 
-def _radiograph_frames(ds: Dataset, image: _Image) -> tuple[list[_Frame] | None, str | None]:
+def _radiograph_frames(ds: Dataset, image: Image) -> tuple[list[Frame] | None, str | None]:
     image.pixel_spacing_xr = _radiograph_spacing(ds)
     if image.pixel_spacing_xr is None:
         return None, "no PixelSpacing or ImagerPixelSpacing"
     slope, intercept = _rescale(ds)
-    return [_Frame(0, None, None, image.pixel_spacing_xr, None, slope or 1.0, intercept or 0.0)], None
+    return [Frame(0, None, None, image.pixel_spacing_xr, None, slope or 1.0, intercept or 0.0)], None
 
 
 # Which geometry reader applies to which analysed modality.
-_FRAME_READERS: dict[Modality, Callable[[Dataset, _Image], tuple[list[_Frame] | None, str | None]]] = {
+FRAME_READERS: dict[Modality, Callable[[Dataset, Image], tuple[list[Frame] | None, str | None]]] = {
     Modality.CT: _cross_sectional_frames,
     Modality.MR: _cross_sectional_frames,
     Modality.XR: _radiograph_frames,
 }
 
 
-def _directions(orientation: tuple[float, ...] | None) -> tuple[np.ndarray, np.ndarray] | None:
+def row_column_directions(orientation: tuple[float, ...] | None) -> tuple[np.ndarray, np.ndarray] | None:
     """Unit row and column directions of an ImageOrientationPatient, or None when it is unusable."""
     if orientation is None:
         return None
@@ -147,15 +147,15 @@ def _directions(orientation: tuple[float, ...] | None) -> tuple[np.ndarray, np.n
     return row, column / np.linalg.norm(column)
 
 
-def _orientation_of(normal: np.ndarray) -> Orientation:
+def orientation_of(normal: np.ndarray) -> Orientation:
     axis = int(np.argmax(np.abs(normal)))
     return _ORIENTATION_BY_NORMAL_AXIS[axis] if abs(normal[axis]) >= _PLANE_COSINE else Orientation.OBLIQUE
 
 
-def _patient_orientation_directions(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+def patient_orientation_directions(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     """Row and column directions from PatientOrientation ('A\\F' …), or None when absent or unusable."""
     try:
-        values = _values(ds, "PatientOrientation")
+        values = attribute_values(ds, "PatientOrientation")
     except Exception:
         return None
     if not values or len(values) != 2:

@@ -50,13 +50,13 @@ from typing import Any
 
 from cspine.client.files import iter_files
 from cspine.config import IngestLimits
-from cspine.dicom.assemble import _build_series
-from cspine.dicom.attributes import _int, _required_text, _safe, _text
-from cspine.dicom.classify import MODALITY_BY_DICOM, _classify
-from cspine.dicom.geometry import _FRAME_READERS
-from cspine.dicom.parse import _parse
-from cspine.dicom.pixels import _frame_bytes, _native_bytes_needed, _read_image
-from cspine.dicom.records import _Instance, _Kind, _Pixels
+from cspine.dicom.assemble import build_series
+from cspine.dicom.attributes import int_value, required_text, safe, text
+from cspine.dicom.classify import MODALITY_BY_DICOM, classify
+from cspine.dicom.geometry import FRAME_READERS
+from cspine.dicom.parse import parse
+from cspine.dicom.pixels import bytes_per_frame, native_bytes_needed, read_image
+from cspine.dicom.records import Instance, Kind, Pixels
 from cspine.domain import Notice, NoticeCode, Study
 from cspine.errors import (
     CspineError,
@@ -91,7 +91,7 @@ class StudyBuilder:
     def __init__(self, limits: IngestLimits = IngestLimits()) -> None:
         self._limits = limits
         self._study_uid: str | None = None
-        self._instances: list[_Instance] = []
+        self._instances: list[Instance] = []
         self._sop_uids: set[str] = set()
         self._notices: list[Notice] = []
         self._count = 0
@@ -156,27 +156,27 @@ class StudyBuilder:
             raise MalformedDicomError(label, f"an attribute cannot be read ({type(exc).__name__})") from None
 
     def _add(self, label: str, source: Any) -> None:
-        ds, pixels = _parse(label, source, self._limits.max_study_bytes - self._bytes)
-        sop_class_uid = _text(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-        dicom_modality = (_text(ds, "Modality") or "").upper()
-        kind = _classify(ds, sop_class_uid, dicom_modality, pixels is not None)
-        if kind is _Kind.DIRECTORY:
+        ds, pixels = parse(label, source, self._limits.max_study_bytes - self._bytes)
+        sop_class_uid = text(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        dicom_modality = (text(ds, "Modality") or "").upper()
+        kind = classify(ds, sop_class_uid, dicom_modality, pixels is not None)
+        if kind is Kind.DIRECTORY:
             self._notices.append(Notice(NoticeCode.NOT_AN_IMAGE, f"{label} is a DICOMDIR (a file index); skipped"))
             return
-        study_uid = _required_text(label, ds, "StudyInstanceUID")
+        study_uid = required_text(label, ds, "StudyInstanceUID")
         if self._study_uid is None:
             self._study_uid = study_uid
         elif study_uid != self._study_uid:
             raise MixedStudiesError(label, "it belongs to another study than the instances before it")
-        inst = _Instance(
+        inst = Instance(
             label=label,
             ds=ds,
             kind=kind,
             sop_class_uid=sop_class_uid,
-            sop_instance_uid=_required_text(label, ds, "SOPInstanceUID"),
-            series_uid=_required_text(label, ds, "SeriesInstanceUID"),
+            sop_instance_uid=required_text(label, ds, "SOPInstanceUID"),
+            series_uid=required_text(label, ds, "SeriesInstanceUID"),
             dicom_modality=dicom_modality,
-            instance_number=_safe(lambda: _int(ds, "InstanceNumber")),
+            instance_number=safe(lambda: int_value(ds, "InstanceNumber")),
         )
         if inst.sop_instance_uid in self._sop_uids:
             self._notices.append(
@@ -187,17 +187,17 @@ class StudyBuilder:
                 )
             )
             return
-        if kind is _Kind.IMAGE:
+        if kind is Kind.IMAGE:
             self._add_image(inst, pixels)
         self._sop_uids.add(inst.sop_instance_uid)
         self._instances.append(inst)
 
-    def _add_image(self, inst: _Instance, pixels: _Pixels | None) -> None:
+    def _add_image(self, inst: Instance, pixels: Pixels | None) -> None:
         label = inst.label
         if pixels is None:
             raise MissingPixelDataError(label, "an image object without pixel data")
-        image = _read_image(label, inst.ds)
-        frame_bytes = _frame_bytes(image)
+        image = read_image(label, inst.ds)
+        frame_bytes = bytes_per_frame(image)
         if frame_bytes > self._limits.max_frame_bytes:
             raise FrameTooLargeError(
                 label,
@@ -219,13 +219,13 @@ class StudyBuilder:
             raise UndecodablePixelDataError(
                 label, f"{pixels.length} bytes of encapsulated pixel data cannot hold {image.frame_count} frames"
             )
-        if not pixels.encapsulated and pixels.length < _native_bytes_needed(image):
+        if not pixels.encapsulated and pixels.length < native_bytes_needed(image):
             raise TruncatedDicomError(
                 label,
                 f"the pixel data holds {pixels.length} bytes; {image.frame_count} frame(s) of "
-                f"{image.rows}×{image.columns} need {_native_bytes_needed(image)}",
+                f"{image.rows}×{image.columns} need {native_bytes_needed(image)}",
             )
-        image.frames, image.geometry_problem = _FRAME_READERS[modality](inst.ds, image)
+        image.frames, image.geometry_problem = FRAME_READERS[modality](inst.ds, image)
         inst.pixels = pixels
 
     def build(self) -> Study:
@@ -236,7 +236,7 @@ class StudyBuilder:
         if self._study_uid is None:
             skipped = f" ({len(self._notices)} DICOMDIR file(s) skipped)" if self._notices else ""
             raise EmptyStudyError(f"the upload holds no DICOM instance of a study{skipped}")
-        by_series: dict[str, list[_Instance]] = defaultdict(list)
+        by_series: dict[str, list[Instance]] = defaultdict(list)
         for inst in self._instances:
             by_series[inst.series_uid].append(inst)
         self._instances = []
@@ -244,7 +244,7 @@ class StudyBuilder:
         series = []
         for uid, instances in by_series.items():
             try:
-                series.append(_build_series(uid, sorted(instances, key=lambda i: i.order), notices))
+                series.append(build_series(uid, sorted(instances, key=lambda i: i.order), notices))
             except (CspineError, MemoryError):
                 raise
             except Exception as exc:

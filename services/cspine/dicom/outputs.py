@@ -327,6 +327,8 @@ def _source_frames(series: Series, labels: np.ndarray) -> tuple[list[Dataset], n
         raise ValueError("a SEG can reference one multi-frame source instance, not several")
     frames = np.zeros((int(headers[0].NumberOfFrames), *labels.shape[1:]), dtype=labels.dtype)
     for k, ref in enumerate(series.instances):
+        if ref.frame_number is None:
+            raise ValueError("a multi-frame source's slice without a frame number")
         frames[ref.frame_number - 1] = labels[k]
     return headers, frames
 
@@ -848,7 +850,7 @@ def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
     ("Assessed" or "Not assessable"); a not-assessable one also "Reasons": a tuple of (code value, code
     meaning, message), one per reason in the report's order.
     """
-    sr = hd.sr.srread(DicomBytesIO(data))
+    sr = hd.sr.srread(data)
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
     out: dict[str, dict[str, Any]] = {}
     for group in report.get_image_measurement_groups():
@@ -861,21 +863,25 @@ def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
             values[measurement.name.meaning] = float(measurement.value)
         for evaluation in group.get_qualitative_evaluations():
             if evaluation.name != NOT_ASSESSABLE_REASON:
-                values[evaluation.name.meaning] = evaluation.value.meaning
+                # highdicom annotates QualitativeEvaluation.value as int | float; it is a CODE item's CodedConcept
+                values[evaluation.name.meaning] = evaluation.value.meaning  # type: ignore[union-attr]
         reasons = _reasons(group[0])
         if reasons:
             values["Reasons"] = reasons
         parameters = _algorithm_parameters(group)
         if parameters:
             values["Algorithm Parameters"] = parameters
-        out[group.tracking_identifier] = values
+        identifier = group.tracking_identifier
+        if identifier is None:  # TID 1411 requires one; cspine writes one in every group
+            raise ValueError("a measurement group without a tracking identifier")
+        out[identifier] = values
     return out
 
 
 def read_sr_evaluations(data: bytes) -> dict[str, str]:
     """The report-level qualitative evaluations of a cspine SR (TID 1500's "Qualitative Evaluations"):
     ``{concept name meaning: text, or the coded value's meaning}``; the disclosure is one of them."""
-    sr = hd.sr.srread(DicomBytesIO(data))
+    sr = hd.sr.srread(data)
     out: dict[str, str] = {}
     for container in find_content_items(sr, name=QUALITATIVE_EVALUATIONS):
         for item in container.ContentSequence:

@@ -18,9 +18,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 
-from cspine.dicom.attributes import _tag, _tag_name, _text
-from cspine.dicom.records import _Pixels
+from cspine.dicom.attributes import tag_and_vr, tag_name, text
+from cspine.dicom.records import Pixels
 from cspine.errors import (
+    MalformedDicomError,
     NotDicomError,
     StudyTooLargeError,
     TruncatedDicomError,
@@ -35,7 +36,7 @@ _PIXEL_TAGS = {
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _open_source(source: Any) -> Any:
+def open_source(source: Any) -> Any:
     """A binary stream over the instance: its bytes (no copy) or its file."""
     return open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
 
@@ -44,13 +45,13 @@ def _source_size(source: Any, stream: Any) -> int:
     return os.fstat(stream.fileno()).st_size if isinstance(source, Path) else len(source)
 
 
-def _parse(label: str, source: Any, max_inflated: int) -> tuple[Dataset, _Pixels | None]:
+def parse(label: str, source: Any, max_inflated: int) -> tuple[Dataset, Pixels | None]:
     """Parse the header once, and locate the pixel data without reading it.
 
     ``source`` is the instance's bytes, or the Path of its file (whose pixel data is then read at decode).
     A deflated data set may inflate to at most ``max_inflated`` bytes.
     """
-    with _open_source(source) as stream:
+    with open_source(source) as stream:
         size = _source_size(source, stream)
         _check_inflated_size(label, stream, max_inflated)
         try:
@@ -66,7 +67,7 @@ def _parse(label: str, source: Any, max_inflated: int) -> tuple[Dataset, _Pixels
             raise NotDicomError(label, f"the header cannot be parsed as DICOM ({type(exc).__name__})") from None
         ds.buffer = None  # the dataset must not keep the upload alive once the pixels are decoded
         _check_header_complete(label, ds, stream, size)
-        if _text(ds.file_meta, "TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        if text(ds.file_meta, "TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
             return ds, _locate_deflated_pixels(label, source)
         return ds, _locate_pixels(label, source, size, stream, ds)
 
@@ -86,7 +87,7 @@ def _check_inflated_size(label: str, stream: Any, limit: int) -> None:
         if len(head) < 144 or head[128:132] != b"DICM":
             return  # pydicom refuses it
         group, element, vr, _, group_length = struct.unpack("<HH2sHI", head[132:144])
-        has_group_length = (group << 16 | element) == _tag("FileMetaInformationGroupLength")[0] and vr == b"UL"
+        has_group_length = (group << 16 | element) == tag_and_vr("FileMetaInformationGroupLength")[0] and vr == b"UL"
         meta = stream.read(group_length if has_group_length else 4096)
         if _DEFLATED_SYNTAX not in meta:
             return
@@ -115,18 +116,18 @@ def _check_header_complete(label: str, ds: Dataset, stream: Any, size: int) -> N
     if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH or last.value is None:
         return
     if len(last.value) < last.length:
-        raise TruncatedDicomError(label, f"the file ends inside attribute {_tag_name(last.tag)}")
+        raise TruncatedDicomError(label, f"the file ends inside attribute {tag_name(last.tag)}")
     end = last.value_tell + last.length
     if stream.tell() >= size and 0 < size - end < 8:
-        raise TruncatedDicomError(label, f"the file ends inside the attribute after {_tag_name(last.tag)}")
+        raise TruncatedDicomError(label, f"the file ends inside the attribute after {tag_name(last.tag)}")
 
 
-def _locate_pixels(label: str, source: Any, size: int, stream: Any, ds: Dataset) -> _Pixels | None:
+def _locate_pixels(label: str, source: Any, size: int, stream: Any, ds: Dataset) -> Pixels | None:
     """Read the pixel data element's header where ``stop_before_pixels`` left the stream."""
     if stream.tell() >= size:
         return None
     implicit_vr, little_endian = ds.original_encoding
-    if implicit_vr is None:
+    if implicit_vr is None or little_endian is None:  # pydicom sets both, or neither for a dataset it did not read
         return None
     elements = data_element_generator(stream, implicit_vr, little_endian, defer_size=0)
     try:
@@ -139,21 +140,23 @@ def _locate_pixels(label: str, source: Any, size: int, stream: Any, ds: Dataset)
         ) from None
     if elem is None or elem.tag not in _PIXEL_TAGS:
         return None
+    if not isinstance(elem, RawDataElement):  # pydicom parses an undefined-length SQ at once
+        raise MalformedDicomError(label, "the pixel data element is a sequence")
     keyword = _PIXEL_TAGS[elem.tag]
     if elem.length == _UNDEFINED_LENGTH:
         # The stream now stands after the sequence delimiter item (8 bytes).
         end = stream.tell() - 8
-        return _Pixels(source, elem.value_tell, end - elem.value_tell, True, keyword, False)
+        return Pixels(source, elem.value_tell, end - elem.value_tell, True, keyword, False)
     if elem.value_tell + elem.length > size:
         have = size - elem.value_tell
         raise TruncatedDicomError(label, f"the pixel data ends after {have} of its {elem.length} bytes")
-    return _Pixels(source, elem.value_tell, elem.length, False, keyword, False)
+    return Pixels(source, elem.value_tell, elem.length, False, keyword, False)
 
 
-def _locate_deflated_pixels(label: str, source: Any) -> _Pixels | None:
+def _locate_deflated_pixels(label: str, source: Any) -> Pixels | None:
     """Deflated files are inflated by pydicom; read the whole data set to see the pixel data's length."""
     try:
-        with _open_source(source) as stream:
+        with open_source(source) as stream:
             full = pydicom.dcmread(stream)
         keyword = next((k for k in _PIXEL_TAGS.values() if k in full), None)
         if keyword is None:
@@ -162,4 +165,4 @@ def _locate_deflated_pixels(label: str, source: Any) -> _Pixels | None:
         length = len(elem.value) if elem.value is not None else 0
     except Exception as exc:
         raise TruncatedDicomError(label, f"the deflated data set cannot be read ({type(exc).__name__})") from None
-    return _Pixels(source, 0, length, bool(elem.is_undefined_length), keyword, True)
+    return Pixels(source, 0, length, bool(elem.is_undefined_length), keyword, True)

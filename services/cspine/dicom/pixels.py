@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -23,9 +23,9 @@ from pydicom.encaps import generate_fragmented_frames
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as pydicom_pixel_array
 
-from cspine.dicom.attributes import _has, _int, _safe, _text
-from cspine.dicom.parse import _open_source
-from cspine.dicom.records import _Frame, _Image, _Instance
+from cspine.dicom.attributes import has, int_value, safe, text
+from cspine.dicom.parse import open_source
+from cspine.dicom.records import Frame, Image, Instance
 from cspine.errors import (
     CspineError,
     MalformedDicomError,
@@ -35,7 +35,7 @@ from cspine.errors import (
 
 logger = logging.getLogger(__name__)
 
-_DECODE_THREADS = min(4, os.cpu_count() or 1)  # threads converting native pixel data (see _decode_all)
+_DECODE_THREADS = min(4, os.cpu_count() or 1)  # threads converting native pixel data (see decode_all)
 
 # Decoder plugins ingest lets pydicom use, best first. GDCM is left out on purpose: on some malformed input
 # it throws a C++ exception that nothing catches, and the process aborts (found by fuzzing).
@@ -52,44 +52,44 @@ _NATIVE_DTYPE = {
 }
 
 
-def _read_image(label: str, ds: Dataset) -> _Image:
+def read_image(label: str, ds: Dataset) -> Image:
     """The Image Pixel module, validated."""
-    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-    bits_allocated = _int(ds, "BitsAllocated")
+    rows, columns = int_value(ds, "Rows"), int_value(ds, "Columns")
+    bits_allocated = int_value(ds, "BitsAllocated")
     if not rows or not columns or rows <= 0 or columns <= 0:
         raise MalformedDicomError(label, "Rows or Columns is missing or not positive")
     if bits_allocated is None or not (bits_allocated == 1 or (bits_allocated % 8 == 0 and 8 <= bits_allocated <= 64)):
         raise MalformedDicomError(label, f"BitsAllocated {bits_allocated} is not usable")
-    samples = _int(ds, "SamplesPerPixel") or 1
-    bits_stored = _int(ds, "BitsStored") or bits_allocated
-    frame_count = _int(ds, "NumberOfFrames") or 1
+    samples = int_value(ds, "SamplesPerPixel") or 1
+    bits_stored = int_value(ds, "BitsStored") or bits_allocated
+    frame_count = int_value(ds, "NumberOfFrames") or 1
     if samples <= 0 or frame_count <= 0 or not 0 < bits_stored <= bits_allocated:
         raise MalformedDicomError(label, "SamplesPerPixel, NumberOfFrames or BitsStored is not usable")
-    photometric = (_text(ds, "PhotometricInterpretation") or ("MONOCHROME2" if samples == 1 else "RGB")).upper()
-    return _Image(
+    photometric = (text(ds, "PhotometricInterpretation") or ("MONOCHROME2" if samples == 1 else "RGB")).upper()
+    return Image(
         rows=rows,
         columns=columns,
         samples=samples,
         bits_allocated=bits_allocated,
         bits_stored=bits_stored,
-        signed=_int(ds, "PixelRepresentation") == 1,
+        signed=int_value(ds, "PixelRepresentation") == 1,
         photometric=photometric,
         frame_count=frame_count,
-        modality_lut=_has(ds, "ModalityLUTSequence"),
+        modality_lut=has(ds, "ModalityLUTSequence"),
     )
 
 
-def _frame_bytes(image: _Image) -> int:
+def bytes_per_frame(image: Image) -> int:
     return image.rows * image.columns * image.samples * math.ceil(image.bits_allocated / 8)
 
 
-def _native_bytes_needed(image: _Image) -> int:
+def native_bytes_needed(image: Image) -> int:
     if image.bits_allocated == 1:
         return math.ceil(image.rows * image.columns * image.samples * image.frame_count / 8)
-    return _frame_bytes(image) * image.frame_count
+    return bytes_per_frame(image) * image.frame_count
 
 
-def _is_native(inst: _Instance) -> bool:
+def _is_native(inst: Instance) -> bool:
     """Native pixel data numpy reads as it lies (no decoder, no bit unpacking, no byte swapping of 8-bit OW)."""
     image, pixels = inst.image, inst.pixels
     return (
@@ -104,14 +104,14 @@ def _is_native(inst: _Instance) -> bool:
     )
 
 
-def _decode(inst: _Instance) -> np.ndarray:
+def decode(inst: Instance) -> np.ndarray:
     """The stored values of every frame, shape (frames, rows, columns); read in place when native."""
     image, pixels = inst.image, inst.pixels
     assert image is not None and pixels is not None
     dtype = _NATIVE_DTYPE.get((image.bits_allocated, int(image.signed)))
     fast = _is_native(inst)
     if fast:
-        byte_order = "<" if inst.ds.original_encoding[1] else ">"
+        byte_order: Literal["<", ">"] = "<" if inst.ds.original_encoding[1] else ">"
         count = image.rows * image.columns * image.frame_count
         buffer, offset = _native_bytes(inst, count * np.dtype(dtype).itemsize)
         stored = np.frombuffer(buffer, np.dtype(dtype).newbyteorder(byte_order), count, offset)
@@ -120,16 +120,17 @@ def _decode(inst: _Instance) -> np.ndarray:
     return _decode_with_pydicom(inst)
 
 
-def _native_bytes(inst: _Instance, length: int) -> tuple[Any, int]:
+def _native_bytes(inst: Instance, length: int) -> tuple[Any, int]:
     """(buffer, offset) of native pixel data: the uploaded bytes in place, or read from the file now."""
     pixels = inst.pixels
+    assert pixels is not None
     if not isinstance(pixels.source, Path):
         return pixels.source, pixels.offset
     buffer = np.empty(length, dtype=np.uint8)
     try:
         with open(pixels.source, "rb") as stream:
             stream.seek(pixels.offset)
-            read = stream.readinto(buffer)
+            read = stream.readinto(buffer.data)
     except OSError as exc:
         raise TruncatedDicomError(inst.label, f"the file cannot be read again ({exc.strerror})") from None
     if read != length:
@@ -137,7 +138,7 @@ def _native_bytes(inst: _Instance, length: int) -> tuple[Any, int]:
     return buffer, 0
 
 
-def _mask_unused_bits(stored: np.ndarray, image: _Image) -> np.ndarray:
+def _mask_unused_bits(stored: np.ndarray, image: Image) -> np.ndarray:
     """Ignore bits above BitsStored (PS3.5 8.1.1): mask them, or sign-extend signed values."""
     shift = image.bits_allocated - image.bits_stored
     if shift == 0 or stored.size == 0:
@@ -153,14 +154,14 @@ def _mask_unused_bits(stored: np.ndarray, image: _Image) -> np.ndarray:
     return stored & stored.dtype.type(mask)
 
 
-def _decode_with_pydicom(inst: _Instance) -> np.ndarray:
+def _decode_with_pydicom(inst: Instance) -> np.ndarray:
     """Compressed, deflated, bit-packed or float pixel data: let pydicom and its plugins decode it."""
     image, pixels = inst.image, inst.pixels
     assert image is not None and pixels is not None
-    transfer_syntax = _safe(lambda: _text(inst.ds.file_meta, "TransferSyntaxUID"))
+    transfer_syntax = safe(lambda: text(inst.ds.file_meta, "TransferSyntaxUID"))
     syntax_name = pydicom.uid.UID(transfer_syntax).name if transfer_syntax else "unknown transfer syntax"
     try:
-        with _open_source(pixels.source) as stream:
+        with open_source(pixels.source) as stream:
             full = pydicom.dcmread(stream)
         plugin = _decoding_plugin(transfer_syntax)
     except Exception as exc:
@@ -242,14 +243,15 @@ _FRAME_SIZE_READERS: dict[str, Callable[[bytes], tuple[int, int, int] | None]] =
 }
 
 
-def _check_codestreams(inst: _Instance, full: Dataset, syntax_name: str) -> None:
+def _check_codestreams(inst: Instance, full: Dataset, syntax_name: str) -> None:
     """Compare each frame's codestream header with Rows × Columns before any decoder sees it.
 
     The decoders size their buffers from the codestream, not from the DICOM header; a damaged header can make
     one allocate gigabytes or abort the process (std::bad_alloc escaping C++), so such frames never reach one.
     """
     image = inst.image
-    transfer_syntax = _safe(lambda: _text(inst.ds.file_meta, "TransferSyntaxUID"))
+    assert image is not None
+    transfer_syntax = safe(lambda: text(inst.ds.file_meta, "TransferSyntaxUID"))
     reader = _FRAME_SIZE_READERS.get(transfer_syntax or "")
     if reader is None:
         return
@@ -307,13 +309,13 @@ class _Transform:
             np.subtract(np.float32(self.invert_sum), out, out=out)
 
 
-def _stored_range(image: _Image) -> tuple[int, int]:
+def _stored_range(image: Image) -> tuple[int, int]:
     if image.signed:
         return -(1 << (image.bits_stored - 1)), (1 << (image.bits_stored - 1)) - 1
     return 0, (1 << image.bits_stored) - 1
 
 
-def _transform(inst: _Instance, frame: _Frame) -> _Transform:
+def transform(inst: Instance, frame: Frame) -> _Transform:
     image = inst.image
     assert image is not None
     lut = inst.ds if image.modality_lut else None
@@ -329,14 +331,14 @@ def _transform(inst: _Instance, frame: _Frame) -> _Transform:
     return _Transform(frame.slope, frame.intercept, lut, invert_sum)
 
 
-def _decode_into(inst: _Instance, targets: list[tuple[int, _Frame]], voxels: np.ndarray) -> None:
-    stored = _decode(inst)
+def _decode_into(inst: Instance, targets: list[tuple[int, Frame]], voxels: np.ndarray) -> None:
+    stored = decode(inst)
     for k, frame in targets:
-        _transform(inst, frame).apply(stored[frame.index], voxels[k])
+        transform(inst, frame).apply(stored[frame.index], voxels[k])
     inst.pixels = None  # the raw bytes may go now
 
 
-def _decode_all(work: list[tuple[_Instance, list[tuple[int, _Frame]]]], voxels: np.ndarray) -> None:
+def decode_all(work: list[tuple[Instance, list[tuple[int, Frame]]]], voxels: np.ndarray) -> None:
     """Decode every instance into its slices of ``voxels``.
 
     Native pixel data is read and converted by a few threads: file reads and numpy release the GIL, and each

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 _GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
 
-class _Kind(enum.Enum):
+class Kind(enum.Enum):
     """What an uploaded object is, as far as ingest cares."""
 
     IMAGE = "image"
@@ -23,7 +23,7 @@ class _Kind(enum.Enum):
 
 
 @dataclass(frozen=True)
-class _Frame:
+class Frame:
     """One 2-D image of an instance, with its own geometry and rescale."""
 
     index: int  # 0-based frame of its instance
@@ -36,7 +36,7 @@ class _Frame:
 
 
 @dataclass
-class _Pixels:
+class Pixels:
     """Where the pixel data lies in the raw bytes, and how it is encoded."""
 
     source: Any  # the instance's bytes (kept until decoded), or the Path of its file
@@ -48,7 +48,7 @@ class _Pixels:
 
 
 @dataclass
-class _Image:
+class Image:
     """The pixel description of an image instance."""
 
     rows: int
@@ -60,7 +60,7 @@ class _Image:
     photometric: str
     frame_count: int
     modality_lut: bool
-    frames: list[_Frame] | None = None  # None: no usable geometry (see geometry_problem)
+    frames: list[Frame] | None = None  # None: no usable geometry (see geometry_problem)
     geometry_problem: str | None = None
     pixel_spacing_xr: tuple[float, float] | None = None  # radiographs: spacing in the patient plane
 
@@ -70,17 +70,17 @@ class _Image:
 
 
 @dataclass
-class _Instance:
+class Instance:
     label: str
     ds: Dataset  # header without pixel data
-    kind: _Kind
+    kind: Kind
     sop_class_uid: str
     sop_instance_uid: str
     series_uid: str
     dicom_modality: str
     instance_number: int | None
-    image: _Image | None = None
-    pixels: _Pixels | None = None
+    image: Image | None = None
+    pixels: Pixels | None = None
 
     @property
     def order(self) -> tuple[float, str]:

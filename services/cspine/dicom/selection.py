@@ -43,6 +43,7 @@ from cspine.domain import (
     Series,
     SeriesRole,
     Study,
+    Volume,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,10 +175,25 @@ class _Context:
     gapped: frozenset[str]  # series with a MISSING_SLICES notice
 
 
+def _volume(series: Series) -> Volume:
+    """A candidate's volume: a series without one is never a candidate (``_role_of``)."""
+    assert series.volume is not None
+    return series.volume
+
+
 def _coverage_mm(series: Series) -> float:
-    volume = series.volume
-    assert volume is not None
+    volume = _volume(series)
     return float(volume.slice_offsets[-1] - volume.slice_offsets[0]) + (volume.slice_spacing or 0.0)
+
+
+def _pixel_area_key(series: Series, context: _Context) -> float:
+    spacing = _volume(series).pixel_spacing
+    return round(spacing[0] * spacing[1], 4)
+
+
+def _field_of_view_key(series: Series, context: _Context) -> int:
+    volume = _volume(series)
+    return -round(volume.shape[1] * volume.pixel_spacing[0] * volume.shape[2] * volume.pixel_spacing[1] / 100)
 
 
 def _series_number_key(series: Series, context: _Context) -> Any:
@@ -188,20 +204,15 @@ _CROSS_SECTIONAL_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]]
     ("is an acquired image, not a derived one or a localizer", lambda s, c: is_derived(s)),
     ("covers more of the patient", lambda s, c: _coverage_mm(s) < _COVERAGE_FRACTION * c.best_coverage_mm),
     ("has no missing slices", lambda s, c: s.series_instance_uid in c.gapped),
-    ("has thinner slices", lambda s, c: round(s.volume.slice_spacing, 2)),
-    ("has more slices", lambda s, c: -s.volume.shape[0]),
-    ("has finer pixels", lambda s, c: round(s.volume.pixel_spacing[0] * s.volume.pixel_spacing[1], 4)),
+    ("has thinner slices", lambda s, c: round(_volume(s).slice_spacing, 2)),
+    ("has more slices", lambda s, c: -_volume(s).shape[0]),
+    ("has finer pixels", _pixel_area_key),
     ("comes first by series number", _series_number_key),
 )
 _RADIOGRAPH_PREFERENCE: tuple[tuple[str, Callable[[Series, _Context], Any]], ...] = (
     ("is an acquired image, not a derived one or a localizer", lambda s, c: is_derived(s)),
-    (
-        "has a larger field of view",
-        lambda s, c: (
-            -round(s.volume.shape[1] * s.volume.pixel_spacing[0] * s.volume.shape[2] * s.volume.pixel_spacing[1] / 100)
-        ),
-    ),
-    ("has finer pixels", lambda s, c: round(s.volume.pixel_spacing[0] * s.volume.pixel_spacing[1], 4)),
+    ("has a larger field of view", _field_of_view_key),
+    ("has finer pixels", _pixel_area_key),
     ("comes first by series number", _series_number_key),
 )
 
@@ -291,7 +302,11 @@ def _lost_because(loser: tuple, winner: tuple, spec: _RoleSpec) -> str:
 
 def select_series(study: Study) -> Selection:
     """Pick the series for each role; every other series gets a SERIES_SKIPPED notice saying why."""
-    gapped = frozenset(n.series_instance_uid for n in study.notices if n.code is NoticeCode.MISSING_SLICES)
+    gapped = frozenset(
+        n.series_instance_uid
+        for n in study.notices
+        if n.code is NoticeCode.MISSING_SLICES and n.series_instance_uid is not None
+    )
     candidates: dict[SeriesRole, list[Series]] = {role: [] for role in _ROLES}
     skipped: list[tuple[Series, str]] = []
     for series in study.series:
