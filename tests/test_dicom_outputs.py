@@ -1,9 +1,13 @@
 """DICOM SEG and SR outputs on the SYNTHETIC phantom: written with highdicom, read back value for value,
 referencing the source series, and clean under dciodvfy; headers that lack what a SEG needs are fixed or
-give a notice, never an exception; not-assessable modalities are reported as such, with their reasons."""
+give a notice, never an exception; not-assessable modalities are reported as such, with their reasons. The SR's
+lesion groups lead a viewer to the lesion's mask in the SEG; UIDs are derived from what decides the content;
+a study that could not be analysed gets an SR that says so."""
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import shutil
 import subprocess
@@ -22,6 +26,7 @@ from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import (
     REASON_CODES,
     OutputUnavailableError,
+    build_failure_sr,
     build_seg,
     build_sr,
     read_sr_evaluations,
@@ -359,15 +364,19 @@ def test_sr_evidence_references_every_used_series_and_the_seg(full):
     assert sr.PatientID == chosen[SeriesRole.CT].headers[0].PatientID
     assert (sr.Manufacturer, sr.SeriesNumber, sr.InstanceNumber) == ("cspine", 902, 1)
     assert sr.SeriesDescription.startswith("cspine")
-    # the lesion groups point at the slices through the lesion, so a viewer can go there
-    [ct_lesion] = [
-        g
-        for g in hd.sr.MeasurementReport.from_sequence(sr.content).get_image_measurement_groups()
-        if g.tracking_identifier == "CT lesion 1"
-    ]
+    # the lesion groups point at the slices through the lesion, so a viewer can go there: the CT lesion (the
+    # SEG is on the CT) through the SEG's tumor segment, the MR lesion (whose mask the SEG does not hold) directly
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    [ct_lesion] = [g for g in report.get_volumetric_roi_measurement_groups() if g.tracking_identifier == "CT lesion 1"]
     ct_uids = {ref.sop_instance_uid for ref in chosen[SeriesRole.CT].instances}
-    sources = {image.referenced_sop_instance_uid for image in ct_lesion.source_images}
+    segment = ct_lesion.referenced_segment
+    assert segment is not None and segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    sources = {image.referenced_sop_instance_uid for image in segment.source_images_for_segmentation}
     assert sources and sources <= ct_uids and len(sources) < len(ct_uids)
+    [mr_lesion] = [g for g in report.get_image_measurement_groups() if g.tracking_identifier == "MR lesion 1"]
+    mr_uids = {ref.sop_instance_uid for ref in chosen[SeriesRole.MR_T2].instances}
+    sources = {image.referenced_sop_instance_uid for image in mr_lesion.source_images}
+    assert sources and sources <= mr_uids and len(sources) < len(mr_uids)
 
 
 def test_sr_of_a_radiograph_only_analysis_reports_its_lesion_and_cobb_angle(xr_only, phantom_cases):
@@ -474,6 +483,7 @@ SEG_SOURCES: dict[str, tuple[Modality, Edit | None]] = {
         ),
     ),
     "xr-without-patient-orientation": (Modality.XR, _deleting("PatientOrientation")),
+    "xr-without-patient-name": (Modality.XR, _deleting("PatientName")),  # written empty (type 2)
 }
 
 
@@ -704,3 +714,235 @@ def test_every_reason_code_has_a_private_code_whose_meaning_fits_64_characters()
     for reason, code in REASON_CODES.items():
         assert (code.value, code.scheme_designator) == (reason.value, "99CSPINE")
         assert 0 < len(code.meaning) <= 64
+
+
+# --------------------------------------------------------------------------------------------------------
+# IHE AI Results: a viewer follows each lesion group of the SR to the lesion's mask in the SEG
+
+
+def _seg_reference(group) -> tuple[str, int | None, list[int], list[str]]:
+    """(SEG SOP Instance UID, segment number or None, SEG frame numbers, source SOP Instance UIDs) of a TID 1411
+    or TID 1410 group's reference, read as a viewer reads it (highdicom's SR API)."""
+    if isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+        segment = group.referenced_segment
+        sources = [image.referenced_sop_instance_uid for image in segment.source_images_for_segmentation]
+        [number] = segment.referenced_segment_numbers
+        return segment.referenced_sop_instance_uid, number, segment.referenced_frame_numbers or [], sources
+    frame = group.referenced_segmentation_frame
+    source = frame.source_image_for_segmentation.referenced_sop_instance_uid
+    return frame.referenced_sop_instance_uid, None, frame.referenced_frame_numbers, [source]
+
+
+# (fixture, the lesion groups that reference the SEG: those of the SEG's series)
+REFERENCING = {"full": {"CT lesion 1"}, "xr_only": {"XR lesion 1"}, "ct_not_assessable": {"MR lesion 1"}}
+
+
+@pytest.mark.parametrize("outputs", REFERENCING)
+def test_a_viewer_following_the_sr_lesion_references_finds_the_lesion_mask_in_the_seg(outputs, request, phantom_cases):
+    analysis, chosen, seg_data, sr_data = request.getfixturevalue(outputs)
+    pacs = {pydicom.dcmread(DicomBytesIO(data)).SOPInstanceUID: data for data in (seg_data, sr_data)}
+    sr = hd.sr.srread(DicomBytesIO(sr_data))
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    groups = [*report.get_volumetric_roi_measurement_groups(), *report.get_planar_roi_measurement_groups()]
+    assert {g.tracking_identifier for g in groups} == REFERENCING[outputs]
+    lesions = {
+        f"{r.modality.value} lesion {n}": (r, lesion)
+        for r in analysis.modalities
+        for n, lesion in enumerate(r.lesions, start=1)
+    }
+
+    for group in groups:
+        result, lesion = lesions[group.tracking_identifier]
+        seg_uid, number, frames, sources = _seg_reference(group)
+        seg = hd.seg.segread(DicomBytesIO(pacs[seg_uid]))  # the SEG the reference names is the one sent with it
+        numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+        if number is None:  # TID 1410: the referenced frame names its segment
+            [number] = {
+                int(
+                    seg.PerFrameFunctionalGroupsSequence[f - 1].SegmentIdentificationSequence[0].ReferencedSegmentNumber
+                )
+                for f in frames
+            }
+        assert number in numbers
+        [item] = [item for item in seg.SegmentSequence if int(item.SegmentNumber) == number]
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Neoplasm"
+        mask = _segment_mask(seg, sources, number)
+        assert mask.any()  # the mask is not empty on the lesion's slices
+        role = next(role for role, series in chosen.items() if series.series_instance_uid == lesion.series_instance_uid)
+        series = chosen[role]
+        assert set(sources) <= {ref.sop_instance_uid for ref in series.instances}
+        if result.modality is Modality.XR:  # a projection: the mask on the radiograph is the tumor label map
+            tumor = result.labels[role] == SEG_LABELS[Modality.XR].index("tumor")
+            assert np.array_equal(mask, tumor)
+            continue
+        # the lesion's centre, placed with the SEG's own geometry, lies in the referenced segment
+        volume = seg.get_volume(segment_numbers=[number])
+        k, i, j = np.rint(np.linalg.inv(volume.affine) @ np.array([*lesion.centre_mm, 1.0]))[:3].astype(int)
+        assert volume.array[k, i, j, 0], (group.tracking_identifier, (k, i, j))
+
+
+def test_sr_without_a_seg_keeps_image_level_lesion_groups(full):
+    analysis, chosen, _, _ = full
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(DicomBytesIO(build_sr(analysis, chosen))).content)
+    assert report.get_volumetric_roi_measurement_groups() == [] and report.get_planar_roi_measurement_groups() == []
+    lesions = {
+        g.tracking_identifier: g for g in report.get_image_measurement_groups() if "lesion" in g.tracking_identifier
+    }
+    assert set(lesions) == {"CT lesion 1", "MR lesion 1", "XR lesion 1"}
+    assert all(group.source_images for group in lesions.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Deterministic UIDs: the same analysis sent twice is the same SEG and SR; other inputs, other UIDs
+
+
+def _uids(data: bytes) -> tuple[str, str]:
+    ds = pydicom.dcmread(DicomBytesIO(data), stop_before_pixels=True)
+    return ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+
+def _tracking_uids(seg: bytes, sr: bytes) -> list[str]:
+    segments = [item.TrackingUID for item in pydicom.dcmread(DicomBytesIO(seg)).SegmentSequence]
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(DicomBytesIO(sr)).content)
+    groups = [
+        *report.get_image_measurement_groups(),
+        *report.get_planar_roi_measurement_groups(),
+        *report.get_volumetric_roi_measurement_groups(),
+    ]
+    return segments + [group.tracking_uid for group in groups]
+
+
+def test_seg_and_sr_uids_are_derived_from_what_decides_their_content(phantom_cases, tmp_path: Path):
+    case = phantom_cases["malignant"]
+    analysis, chosen = _analysis(case, (Modality.XR,))
+    seg = build_seg(analysis, chosen)
+    sr = build_sr(analysis, chosen, seg)
+
+    # analysed again (a new analysis object, the series ingested again): the same UIDs, down to the tracking UIDs
+    again, chosen_again = _analysis(case, (Modality.XR,))
+    seg_again = build_seg(again, chosen_again)
+    sr_again = build_sr(again, chosen_again, seg_again)
+    assert (_uids(seg_again), _uids(sr_again)) == (_uids(seg), _uids(sr))
+    assert _tracking_uids(seg_again, sr_again) == _tracking_uids(seg, sr)
+    uids = [*_uids(seg), *_uids(sr)]
+    assert len(set(uids)) == 4 and all(pydicom.uid.UID(uid).is_valid for uid in uids)
+    assert _uids(build_sr(analysis, chosen)) != _uids(sr)  # the SR without a SEG is another document
+
+    # another prototype set version, another model version, another source series: other UIDs
+    others = {}
+    prototypes = copy.copy(analysis)
+    prototypes.prototype_set_version = "ps-0008"
+    others["prototype set"] = (prototypes, chosen)
+    models = copy.copy(analysis)
+    models.models = [ModelVersion("seg_ct", "4"), ModelVersion("lesion_embed", "2")]
+    others["model version"] = (models, chosen)
+    new_series = pydicom.uid.generate_uid(entropy_srcs=["cspine tests: another radiograph series"])
+    root = _edited_copy(case, Modality.XR, _setting(SeriesInstanceUID=new_series), tmp_path / "study")
+    others["source series"] = _analysis(case, (Modality.XR,), root=root)
+    assert others["source series"][0].study_instance_uid == analysis.study_instance_uid
+    for name, (other, other_chosen) in others.items():
+        other_seg = build_seg(other, other_chosen)
+        other_sr = build_sr(other, other_chosen, other_seg)
+        assert not set(uids) & {*_uids(other_seg), *_uids(other_sr)}, name
+
+
+# --------------------------------------------------------------------------------------------------------
+# The SR of a study cspine could not analyse
+
+FAILURE = "no modality of the study could be analysed: CT could not be analysed: the series covers C4–C6 only"
+
+
+def _source_header(case, edit: Edit | None = None) -> pydicom.Dataset:
+    """The header of the case's first CT file as the DICOM node reads it (after ``edit``, written and read back)."""
+    ds = pydicom.dcmread(sorted((case.path / "ct").iterdir())[0])
+    if edit is not None:
+        edit(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True)
+
+
+def _content_tree(items) -> list[tuple[str, str, str]]:
+    """(value type, concept name meaning, value) of every content item under ``items``, depth first."""
+    out = []
+    for item in items:
+        value = ""
+        if item.ValueType == "TEXT":
+            value = str(item.TextValue)
+        elif item.ValueType == "CODE":
+            value = item.ConceptCodeSequence[0].CodeMeaning
+        elif item.ValueType == "UIDREF":
+            value = str(item.UID)
+        out.append((item.ValueType, item.ConceptNameCodeSequence[0].CodeMeaning, value))
+        out += _content_tree(item.get("ContentSequence", []))
+    return out
+
+
+def test_failure_sr_says_the_study_was_not_analysed_and_why(phantom_cases, full, tmp_path: Path):
+    source = _source_header(phantom_cases["malignant"])
+    data = build_failure_sr(source, FAILURE)
+
+    _assert_dciodvfy_clean(data, "Comprehensive3DSR", tmp_path / "failure.dcm")
+    sr = pydicom.dcmread(DicomBytesIO(data))
+    assert sr.SOPClassUID == pydicom.dcmread(DicomBytesIO(full[3])).SOPClassUID  # the report's SOP class
+    assert (sr.StudyInstanceUID, sr.PatientID, sr.PatientName) == (
+        source.StudyInstanceUID,
+        source.PatientID,
+        source.PatientName,
+    )
+    assert (sr.Modality, sr.Manufacturer, sr.CompletionFlag) == ("SR", "cspine", "COMPLETE")
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    title = sr.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "NOT-ANALYSED",
+        "99CSPINE",
+        "Study not analysed by cspine",
+    )
+    tree = _content_tree(sr.ContentSequence)
+    assert ("TEXT", "Reason not analysed", FAILURE) in tree  # the message, non-ASCII dash included
+    assert ("CODE", "Observer Type", "Device") in tree and ("TEXT", "Device Observer Name", "cspine") in tree
+    assert ("TEXT", "Algorithm Name", "cspine") in tree and ("TEXT", "Algorithm Version", cspine.__version__) in tree
+    [evidence] = hd.sr.srread(DicomBytesIO(data)).get_evidence()
+    assert evidence[2] == source.SOPInstanceUID  # the instance it was built on, nothing else
+    assert set(read_sr_measurements(data)) == {"cspine analysis"}  # a TID 1500 report highdicom reads back
+
+    # deterministic: the same failure of the same study is the same instance; another message another one
+    assert _uids(build_failure_sr(source, FAILURE)) == _uids(data)
+    other = _uids(build_failure_sr(source, "the analysis failed inside cspine; the service log has the details"))
+    assert not set(other) & set(_uids(data))
+    other_study = _source_header(phantom_cases["benign"])
+    assert not set(_uids(build_failure_sr(other_study, FAILURE))) & set(_uids(data))
+
+
+FAILURE_SOURCES: dict[str, Edit] = {
+    "missing": _deleting("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"),
+    "malformed": b.with_malformed_patient_study,
+}
+
+
+@pytest.mark.parametrize("header", FAILURE_SOURCES)
+def test_failure_sr_of_a_header_missing_or_malformed_values_leaves_them_empty_and_passes_dciodvfy(
+    header, phantom_cases, tmp_path: Path
+):
+    source = _source_header(phantom_cases["malignant"], FAILURE_SOURCES[header])
+    data = build_failure_sr(source, FAILURE)
+
+    _assert_dciodvfy_clean(data, "Comprehensive3DSR", tmp_path / "failure.dcm", allowed=("needed to build DICOMDIR",))
+    sr = pydicom.dcmread(DicomBytesIO(data))
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    for keyword in outputs_module.PATIENT_STUDY_ARGUMENTS[:4]:  # patient name, ID, birth date, sex: empty
+        assert keyword in sr and sr[keyword].is_empty
+    assert b.PHI_MARKER.encode() not in data
+    assert ("TEXT", "Reason not analysed", FAILURE) in _content_tree(sr.ContentSequence)
+
+
+def test_failure_sr_of_a_header_without_valid_uids_is_refused_naming_the_attribute_only(phantom_cases):
+    case = phantom_cases["malignant"]
+    for keyword, edit in (
+        ("StudyInstanceUID", _deleting("StudyInstanceUID")),
+        ("SeriesInstanceUID", _setting(SeriesInstanceUID=f"{b.PHI_MARKER}.1.2")),
+    ):
+        source = _source_header(case, edit)
+        with pytest.raises(OutputUnavailableError, match=f"no valid {keyword}$") as refused:
+            build_failure_sr(source, FAILURE)
+        assert b.PHI_MARKER not in str(refused.value)

@@ -20,17 +20,49 @@ Source headers that lack what a SEG needs are fixed where the SEG stays valid, a
   attributes are type 2 or 3), with an ``output_value_omitted`` notice naming the attribute by keyword, never
   its value; a missing type-2 one is written empty;
 - whatever else highdicom or pydicom refuse: refused, naming the exception type only.
+
+UIDs. Sending the outputs of a re-analysis into a PACS must replace, not pile up: the Series and SOP Instance
+UIDs of the SEG and SR are derived (``generate_uid(entropy_srcs=...)``, pydicom's root) from what decides their
+content, never drawn at random:
+
+- the object kind ("SEG", "SEG series", "SR", "SR series");
+- the StudyInstanceUID, the Series Instance UIDs of every series the analysis used with the number of slices
+  it used of each (and the SEG's own source series), the name and version of every model of the analysis, and
+  the prototype set version;
+- for the SR, also the SOP Instance UID of the SEG it references (none: an SR without a SEG differs from one
+  with it).
+
+The same study analysed again with the same models and prototype set gives the same UIDs; another prototype
+set version, another model version, another source series or more of a series' slices (a study analysed
+again once late instances arrived) gives others. The cspine software version is not
+part of it (the algorithm parameters name the models, which decide the findings). The tracking UIDs of the SEG's
+segments and of the SR's measurement groups are derived from their object's SOP Instance UID and their
+identifier, so an object sent again is the same object. The failure SR (``build_failure_sr``, for a study
+cspine could not analyse) derives its UIDs from the StudyInstanceUID and the message.
+
+What the SR's lesion groups reference (IHE AI Results): the SEG holds one series (the first of ``SEG_SOURCES``
+with a labelled structure) and one "Tumor" segment for all lesions of it (lesions are the connected components
+of that segment). A lesion measured on the SEG's source series, when a SEG is written with the SR, is a TID 1411
+Volumetric ROI group (a CT or MR lesion) whose Referenced Segment is the SEG's tumor segment, with the lesion's
+slices that hold tumor frames as its Source Images for Segmentation; on a radiograph it is a TID 1410 Planar
+ROI group whose Referenced Segmentation Frame is the tumor segment's frame on the radiograph. A viewer that
+follows the reference finds the tumor mask on the lesion's slices: the lesion's own voxels and those of any
+other lesion on the same slices. A lesion of another series (the SEG holds one modality), one whose slices hold
+no tumor frame of the SEG (an MR lesion seen on T1 only), and every lesion of an SR written without a SEG, stays
+a TID 1501 image-level group referencing the slices through the lesion.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import numbers
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import highdicom as hd
@@ -69,7 +101,14 @@ from cspine.inference.specs import SEG_LABELS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputUnavailableError", "build_seg", "build_sr", "read_sr_evaluations", "read_sr_measurements"]
+__all__ = [
+    "OutputUnavailableError",
+    "build_failure_sr",
+    "build_seg",
+    "build_sr",
+    "read_sr_evaluations",
+    "read_sr_measurements",
+]
 
 
 # What highdicom and pydicom raise on source headers they cannot use.
@@ -80,6 +119,7 @@ SEG_SERIES_NUMBER = 901
 SR_SERIES_NUMBER = 902
 SEG_SERIES_DESCRIPTION = "cspine segmentation (software output, research use only)"
 SR_SERIES_DESCRIPTION = "cspine tumor report (software output, research use only)"
+FAILURE_SR_SERIES_DESCRIPTION = "cspine: study not analysed (software output, research use only)"
 # Software has no serial number, but the Enhanced General Equipment module requires one.
 DEVICE_SERIAL_NUMBER = f"cspine-{cspine.__version__}"
 # The observer device UID is derived, not random, so every report of one version names the same device.
@@ -133,6 +173,9 @@ REASON_CODES: dict[ReasonCode, Code] = {
     r: _private(r.value, r.value.replace("_", " ").capitalize()) for r in ReasonCode
 }
 DISCLOSURE = _private("DISCLOSURE", "Model training data and intended use")
+# The failure SR's document title (in place of a CID 7021 title, which has none for "not analysed") and reason.
+NOT_ANALYSED_TITLE = _private("NOT-ANALYSED", "Study not analysed by cspine")
+NOT_ANALYSED_REASON = _private("NOT-ANALYSED-REASON", "Reason not analysed")
 # TID 1500's container for report-level qualitative evaluations (CODE or TEXT items).
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 MILLILITER = Code("ml", "UCUM", "milliliter")
@@ -214,6 +257,38 @@ SEGMENT_CODES: dict[str, SegmentCode] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------------
+# UIDs (the rule is in the module docstring)
+
+
+def _derived_uid(kind: str, *sources: str) -> hd.UID:
+    """A UID derived from ``kind`` and ``sources`` only. They are hashed as one JSON list, so that ("ab", "c")
+    and ("a", "bc") differ (pydicom joins its entropy sources without a separator)."""
+    return hd.UID(generate_uid(entropy_srcs=[json.dumps(["cspine", kind, *sources])]))
+
+
+def _content_sources(analysis: StudyAnalysis, *series_uids: str) -> tuple[str, ...]:
+    """What decides the content of an analysis' outputs: the study, the series it used with their slice counts
+    (a series analysed again once more of its instances have arrived gives new objects, not the old UIDs with
+    other content), ``series_uids``, its models' names and versions and the prototype set version; each list
+    sorted, so order does not count."""
+    series = {f"{used.series_instance_uid} {used.slices}" for result in analysis.modalities for used in result.series}
+    return (
+        analysis.study_instance_uid,
+        "series",
+        *sorted(series.union(series_uids)),
+        "models",
+        *sorted(f"{model.name} {model.version}" for model in analysis.models),
+        "prototype set",
+        analysis.prototype_set_version,
+    )
+
+
+def _tracking(object_uid: str, identifier: str) -> hd.sr.TrackingIdentifier:
+    """A measurement group's tracking identifier, its UID derived from its SR's SOP Instance UID."""
+    return hd.sr.TrackingIdentifier(uid=_derived_uid("tracking", object_uid, identifier), identifier=identifier)
+
+
 def _algorithm_sequence() -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name="cspine", family=codes.DCM.ArtificialIntelligence, version=cspine.__version__, source=MANUFACTURER
@@ -245,7 +320,8 @@ def build_seg(
                 "which was not chosen"
             )
         with _writing("SEG", f"the {modality.value} series"):
-            seg, omitted = _segmentation(modality, chosen[role], labels)
+            sources = _content_sources(analysis, chosen[role].series_instance_uid)
+            seg, omitted = _segmentation(modality, chosen[role], labels, sources)
             data = _encode(seg)
         _tell_omitted("SEG", omitted, notices)
         return data
@@ -265,8 +341,11 @@ def _writing(kind: str, source: str) -> Iterator[None]:
         ) from exc
 
 
-def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> tuple[hd.seg.Segmentation, list[str]]:
-    """The SEG, and the keywords of the source attributes whose values it leaves out (invalid for their VR)."""
+def _segmentation(
+    modality: Modality, series: Series, labels: np.ndarray, uid_sources: Sequence[str]
+) -> tuple[hd.seg.Segmentation, list[str]]:
+    """The SEG, its UIDs derived from ``uid_sources``, and the keywords of the source attributes whose values it
+    leaves out (invalid for their VR)."""
     names = SEG_LABELS[modality]
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.shape[0] != len(series.instances):
@@ -286,15 +365,18 @@ def _segmentation(modality: Modality, series: Series, labels: np.ndarray) -> tup
     sources, frames = _source_frames(series, renumber[labels])
     sources = _fitted_sources(modality, series, sources)
     sources[0], omitted = _fitted_patient_and_study(sources[0])  # highdicom reads them from the first source
-    descriptions = [_segment_description(number, names[value]) for number, value in enumerate(present, start=1)]
+    sop_instance_uid = _derived_uid("SEG", *uid_sources)
+    descriptions = [
+        _segment_description(number, names[value], sop_instance_uid) for number, value in enumerate(present, start=1)
+    ]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=_derived_uid("SEG series", *uid_sources),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="cspine",
@@ -397,7 +479,7 @@ def _fit_projection_source(seg: hd.seg.Segmentation, source: Dataset) -> None:
         del shared.PixelMeasuresSequence
 
 
-def _segment_description(number: int, structure: str) -> hd.seg.SegmentDescription:
+def _segment_description(number: int, structure: str, seg_uid: str) -> hd.seg.SegmentDescription:
     code = SEGMENT_CODES.get(structure) or SegmentCode(
         structure.replace("_", " ").capitalize(), _ANATOMY, codes.SCT.BodyStructure
     )
@@ -409,7 +491,7 @@ def _segment_description(number: int, structure: str) -> hd.seg.SegmentDescripti
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm_sequence(),
         tracking_id=structure,
-        tracking_uid=hd.UID(),
+        tracking_uid=_derived_uid("segment", seg_uid, structure),
         anatomic_regions=[code.region] if code.region is not None else None,
         display_color=hd.color.CIELabColor.from_rgb(*code.rgb),
     )
@@ -445,27 +527,56 @@ def _report(
     omitted: list[str] = []
     if evidence:  # highdicom reads the patient and study from the first evidence instance
         evidence[0], omitted = _fitted_patient_and_study(evidence[0])
-    if seg is not None:
-        evidence.append(pydicom.dcmread(DicomBytesIO(seg), stop_before_pixels=True))
-    algorithm = hd.sr.AlgorithmIdentification(
-        name="cspine",
-        version=cspine.__version__,
-        parameters=[
+    seg_header = pydicom.dcmread(DicomBytesIO(seg), stop_before_pixels=True) if seg is not None else None
+    if seg_header is not None:
+        evidence.append(seg_header)
+    uid_sources = (*_content_sources(analysis), "SEG", str(seg_header.SOPInstanceUID) if seg_header else "none")
+    sop_instance_uid = _derived_uid("SR", *uid_sources)
+    algorithm = _algorithm(
+        [
             f"prototype set version {analysis.prototype_set_version}",
             *(f"model {m.name} version {m.version}" for m in analysis.models),
-        ],
+        ]
+    )
+    tumor = _seg_tumor(seg_header) if seg_header is not None else None
+    groups = [
+        *_lesion_groups(sop_instance_uid, analysis, chosen, algorithm, tumor),
+        *(
+            _assessment_group(sop_instance_uid, f"{r.modality.value} assessment", r.assessment, algorithm, r.ood)
+            for r in analysis.modalities
+        ),
+        _assessment_group(sop_instance_uid, "Fused assessment", analysis.fused, algorithm),
+        *_spine_groups(sop_instance_uid, analysis.spine),
+    ]
+    procedures = [PROCEDURE_CODES[r.modality] for r in analysis.modalities] or [codes.cid100.ImagingProcedure]
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(),
+        procedure_reported=list(dict.fromkeys(procedures)),
+        imaging_measurements=groups,
+    )
+    if analysis.disclosure is not None:
+        report[0].ContentSequence.append(_report_evaluations([(DISCLOSURE, analysis.disclosure.text)]))
+    sr = _comprehensive_3d_sr(
+        evidence, report, _derived_uid("SR series", *uid_sources), sop_instance_uid, SR_SERIES_DESCRIPTION
+    )
+    omitted += _empty_invalid_values(sr)
+    logger.info("DICOM SR: %d measurement groups, %d evidence instances", len(groups), len(evidence))
+    return sr, omitted
+
+
+def _algorithm(parameters: Sequence[str] | None = None) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of cspine, with ``parameters`` (the prototype set and model versions)."""
+    return hd.sr.AlgorithmIdentification(
+        name="cspine",
+        version=cspine.__version__,
+        parameters=list(parameters) if parameters else None,
         family=codes.DCM.ArtificialIntelligence,
         manufacturer=MANUFACTURER,
     )
-    groups = [
-        *_lesion_groups(analysis, chosen, algorithm),
-        *(
-            _assessment_group(f"{r.modality.value} assessment", r.assessment, algorithm, r.ood)
-            for r in analysis.modalities
-        ),
-        _assessment_group("Fused assessment", analysis.fused, algorithm),
-        *_spine_groups(analysis.spine),
-    ]
+
+
+def _observation_context() -> hd.sr.ObservationContext:
+    """TID 1001 with cspine as the device observer (TID 1004)."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -475,32 +586,76 @@ def _report(
             model_name="cspine",
         ),
     )
-    procedures = [PROCEDURE_CODES[r.modality] for r in analysis.modalities] or [codes.cid100.ImagingProcedure]
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=list(dict.fromkeys(procedures)),
-        imaging_measurements=groups,
-    )
-    if analysis.disclosure is not None:
-        report[0].ContentSequence.append(_report_evaluations([(DISCLOSURE, analysis.disclosure.text)]))
-    sr = hd.sr.Comprehensive3DSR(
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def _comprehensive_3d_sr(
+    evidence: Sequence[Dataset],
+    report: hd.sr.MeasurementReport,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_description: str,
+) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=series_description,
         coding_schemes=CODING_SCHEMES,
         # UTF-8, whatever the source images use: reasons and the disclosure are free text ("C2–C7").
         specific_character_set="ISO_IR 192",
     )
+
+
+FAILURE_SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def build_failure_sr(source: Dataset, message: str) -> bytes:
+    """A Comprehensive 3D SR saying that cspine did not analyse the study of ``source`` (one of its instances'
+    headers), and why: a TID 1500 report titled "Study not analysed by cspine" (99CSPINE), with cspine as the
+    device observer, "Imaging procedure" as the procedure reported, and one TID 1501 group "cspine analysis"
+    holding cspine's algorithm identification and ``message`` as the TEXT item "Reason not analysed". The
+    message is cspine's own and must name no patient. Patient and study come from ``source``, an invalid value
+    left empty (logged by keyword only); ``source`` itself is the SR's one evidence instance. UIDs derive from
+    the StudyInstanceUID and ``message``, so the same failure sent again is the same instance.
+
+    Raises ``OutputUnavailableError`` when ``source`` lacks a valid UID the SR needs to be placed in its study
+    and to reference it (its study, series, SOP instance and SOP class UIDs), naming the attribute only."""
+    for keyword in FAILURE_SOURCE_UIDS:
+        if not pydicom.uid.UID(str(source.get(keyword) or "")).is_valid:
+            raise OutputUnavailableError(f"DICOM SR not written: the source header has no valid {keyword}")
+    with _writing("SR", "the source header"):
+        sr, omitted = _failure_report(source, message or "no reason was given")
+        data = _encode(sr)
+    _tell_omitted("SR", omitted, None)
+    return data
+
+
+def _failure_report(source: Dataset, message: str) -> tuple[hd.sr.Comprehensive3DSR, list[str]]:
+    header, omitted = _fitted_patient_and_study(source)
+    uid_sources = (str(source.StudyInstanceUID), message)
+    sop_instance_uid = _derived_uid("failure SR", *uid_sources)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(sop_instance_uid, "cspine analysis"), algorithm_id=_algorithm()
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(NOT_ANALYSED_REASON, message, relationship_type="CONTAINS"))
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(),
+        procedure_reported=[codes.cid100.ImagingProcedure],
+        imaging_measurements=[group],
+        title=NOT_ANALYSED_TITLE,
+    )
+    series_instance_uid = _derived_uid("failure SR series", *uid_sources)
+    sr = _comprehensive_3d_sr([header], report, series_instance_uid, sop_instance_uid, FAILURE_SR_SERIES_DESCRIPTION)
     omitted += _empty_invalid_values(sr)
-    logger.info("DICOM SR: %d measurement groups, %d evidence instances", len(groups), len(evidence))
+    logger.info("DICOM SR: the study was not analysed")
     return sr, omitted
 
 
@@ -529,42 +684,116 @@ def _evidence(analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series]) -> l
     return list(evidence.values())
 
 
+@dataclass(frozen=True)
+class _SegTumor:
+    """Where a cspine SEG keeps the lesions: its tumor segment, and that segment's frames per source image."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str  # of the source series
+    segment_number: int
+    frames: dict[str, list[int]] = field(default_factory=dict)  # source SOP Instance UID -> SEG frame numbers
+
+
+def _seg_tumor(seg: Dataset) -> _SegTumor | None:
+    """The tumor segment of a cspine SEG (its TrackingID is the label name "tumor"); None when it has none."""
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence if item.get("TrackingID") == "tumor"]
+    if len(numbers) != 1 or len(seg.ReferencedSeriesSequence) != 1:
+        return None
+    frames: dict[str, list[int]] = defaultdict(list)
+    for number, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != numbers[0]:
+            continue
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.SourceImageSequence:
+                frames[str(source.ReferencedSOPInstanceUID)].append(number)
+    return _SegTumor(
+        str(seg.SOPClassUID),
+        str(seg.SOPInstanceUID),
+        str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
+        numbers[0],
+        dict(frames),
+    )
+
+
+MeasurementGroup = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
 def _lesion_groups(
-    analysis: StudyAnalysis, chosen: Mapping[SeriesRole, Series], algorithm: hd.sr.AlgorithmIdentification
-) -> Iterable[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    report_uid: str,
+    analysis: StudyAnalysis,
+    chosen: Mapping[SeriesRole, Series],
+    algorithm: hd.sr.AlgorithmIdentification,
+    tumor: _SegTumor | None,
+) -> Iterable[MeasurementGroup]:
     by_uid = {s.series_instance_uid: s for s in chosen.values()}
     for result in analysis.modalities:
         if not result.assessment.assessed:
             continue  # no findings of a modality cspine could not assess
         for number, lesion in enumerate(result.lesions, start=1):
-            yield _lesion_group(result, number, lesion, by_uid.get(lesion.series_instance_uid), algorithm)
+            series = by_uid.get(lesion.series_instance_uid)
+            yield _lesion_group(report_uid, result, number, lesion, series, algorithm, tumor)
 
 
 def _lesion_group(
+    report_uid: str,
     result: ModalityResult,
     number: int,
     lesion: Lesion,
     series: Series | None,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    tumor: _SegTumor | None,
+) -> MeasurementGroup:
+    """TID 1411 (1410 on a radiograph) referencing the SEG's tumor segment where the SEG holds the lesion's
+    series and tumor frames on its slices; else TID 1501 referencing the slices through the lesion."""
     measurements = [
         hd.sr.Measurement(name=codes.SCT.Diameter, value=lesion.max_diameter_mm, unit=MM, derivation=codes.SCT.Maximum),
         *_optional(codes.SCT.Volume, lesion.volume_ml, MILLILITER),
         *_optional(codes.SCT.Area, lesion.area_mm2, MM2),
         *(_assessment_measurements(lesion.assessment) if lesion.assessment is not None else ()),
     ]
+    common: dict[str, Any] = {
+        "tracking_identifier": _tracking(report_uid, f"{result.modality.value} lesion {number}"),
+        "finding_category": _ABNORMAL,
+        "finding_type": codes.SCT.Neoplasm,
+        "finding_sites": [hd.sr.FindingSite(_level_code(lesion.vertebral_level))],
+        "algorithm_id": algorithm,
+        "measurements": measurements,
+        "qualitative_evaluations": [hd.sr.QualitativeEvaluation(codes.DCM.Modality, MODALITY_CODES[result.modality])],
+    }
     sources = _slices_through(series, lesion) if series is not None else []
+    if tumor is not None and series is not None and series.series_instance_uid == tumor.series_instance_uid:
+        masked = [ds for ds in sources if str(ds.SOPInstanceUID) in tumor.frames]
+        if _is_projection(series) and len(masked) == 1:
+            frames = tumor.frames[str(masked[0].SOPInstanceUID)]
+            frame = hd.sr.ReferencedSegmentationFrame(
+                sop_class_uid=tumor.sop_class_uid,
+                sop_instance_uid=tumor.sop_instance_uid,
+                frame_number=frames[0] if len(frames) == 1 else frames,
+                segment_number=tumor.segment_number,
+                source_image=hd.sr.SourceImageForSegmentation.from_source_image(masked[0]),
+            )
+            # The frame names its segment (its Segment Identification); the SR Image reference may not hold both a
+            # Referenced Frame Number and a Referenced Segment Number, though highdicom 0.28 writes both.
+            del frame[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+            return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_segment=frame, **common)
+        if masked:
+            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=tumor.sop_class_uid,
+                    sop_instance_uid=tumor.sop_instance_uid,
+                    segment_number=tumor.segment_number,
+                    source_images=[hd.sr.SourceImageForSegmentation.from_source_image(ds) for ds in masked],
+                ),
+                **common,
+            )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{result.modality.value} lesion {number}"
-        ),
-        finding_category=_ABNORMAL,
-        finding_type=codes.SCT.Neoplasm,
-        finding_sites=[hd.sr.FindingSite(_level_code(lesion.vertebral_level))],
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.Modality, MODALITY_CODES[result.modality])],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources] or None,
+        **common,
     )
 
 
@@ -584,6 +813,7 @@ def _slices_through(series: Series, lesion: Lesion) -> list[Dataset]:
 
 
 def _assessment_group(
+    report_uid: str,
     identifier: str,
     assessment: Assessment,
     algorithm: hd.sr.AlgorithmIdentification,
@@ -595,7 +825,7 @@ def _assessment_group(
     ood_measurements = _ood_measurements(ood) if ood is not None else []
     if assessment.assessed:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+            tracking_identifier=_tracking(report_uid, identifier),
             finding_category=_ABNORMAL,
             finding_type=codes.SCT.Neoplasm,
             finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
@@ -607,7 +837,7 @@ def _assessment_group(
             ],
         )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+        tracking_identifier=_tracking(report_uid, identifier),
         finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
         algorithm_id=algorithm,
         measurements=ood_measurements or None,
@@ -649,11 +879,12 @@ def _probability_code(label: str) -> Code:
     return _private(value, f"Probability of {label}")
 
 
-def _spine_groups(spine: SpineMeasurements) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    groups = [group for level in spine.levels for group in _level_groups(level)]
+def _spine_groups(report_uid: str, spine: SpineMeasurements) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = [group for level in spine.levels for group in _level_groups(report_uid, level)]
     if spine.cobb_angle_deg is not None:
         groups.append(
             _group(
+                report_uid,
                 "Cobb angle C2-C7 (lordosis positive)",
                 None,
                 [codes.SCT.CervicalSpine],
@@ -666,6 +897,7 @@ def _spine_groups(spine: SpineMeasurements) -> list[hd.sr.MeasurementsAndQualita
         opll = spine.opll
         groups.append(
             _group(
+                report_uid,
                 "OPLL",
                 codes.SCT.Ossification,
                 [_level_code(level) for level in opll.levels] or [codes.SCT.CervicalSpine],
@@ -681,27 +913,30 @@ def _spine_groups(spine: SpineMeasurements) -> list[hd.sr.MeasurementsAndQualita
     return groups
 
 
-def _level_groups(m: LevelMeasurement) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+def _level_groups(report_uid: str, m: LevelMeasurement) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """One group per structure measured at a level: canal, cord, and the disc below it."""
     site = [_level_code(m.level)]
     groups = []
     canal = _optional(codes.SCT.Area, m.canal_area_mm2, MM2)
     if canal:
-        groups.append(_group(f"{m.level} spinal canal", codes.SCT.SpinalCanalStructure, site, canal, m.canal_source))
+        groups.append(
+            _group(report_uid, f"{m.level} spinal canal", codes.SCT.SpinalCanalStructure, site, canal, m.canal_source)
+        )
     cord = [
         *_optional(codes.SCT.Area, m.cord_area_mm2, MM2),
         *_optional(CORD_COMPRESSION_RATIO, m.cord_compression_ratio, RATIO),
     ]
     if cord:
-        groups.append(_group(f"{m.level} spinal cord", codes.SCT.SpinalCord, site, cord, m.cord_source))
+        groups.append(_group(report_uid, f"{m.level} spinal cord", codes.SCT.SpinalCord, site, cord, m.cord_source))
     disc = _optional(codes.DCM.Height, m.disc_height_mm, MM)
     if disc:
         name, code = DISC_BELOW.get(m.level, (f"{m.level} lower", INTERVERTEBRAL_DISC))
-        groups.append(_group(f"{name} disc", code, [code], disc, m.disc_source))
+        groups.append(_group(report_uid, f"{name} disc", code, [code], disc, m.disc_source))
     return groups
 
 
 def _group(
+    report_uid: str,
     identifier: str,
     finding: Code | None,
     sites: Sequence[Code],
@@ -714,7 +949,7 @@ def _group(
     if source is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.Modality, MODALITY_CODES[source]))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+        tracking_identifier=_tracking(report_uid, identifier),
         finding_category=category,
         finding_type=finding,
         finding_sites=[hd.sr.FindingSite(site) for site in sites],
@@ -799,7 +1034,7 @@ def _fitted_patient_and_study(header: Dataset) -> tuple[Dataset, list[str]]:
     fitted = copy.deepcopy(header)
     emptied = []
     for keyword in PATIENT_STUDY_ARGUMENTS:
-        element = fitted.data_element(keyword)
+        element = fitted.data_element(keyword) if keyword in fitted else None  # pydicom raises on a missing one
         if element is None:
             setattr(fitted, keyword, None)
         elif not _valid(element):
@@ -840,7 +1075,8 @@ def _tell_omitted(kind: str, keywords: list[str], notices: list[Notice] | None) 
 
 
 def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
-    """The measurement groups of a cspine SR: ``{tracking identifier: {concept: value}}``.
+    """The measurement groups of a cspine SR (TID 1501, 1410 and 1411 alike): ``{tracking identifier: {concept:
+    value}}``.
 
     A measurement gives its concept name's meaning and a float; a qualitative evaluation its name's and
     its value's meanings (the group's "Finding category" comes back this way too). Each group also has
@@ -853,7 +1089,12 @@ def read_sr_measurements(data: bytes) -> dict[str, dict[str, Any]]:
     sr = hd.sr.srread(data)
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
     out: dict[str, dict[str, Any]] = {}
-    for group in report.get_image_measurement_groups():
+    groups: list[MeasurementGroup] = [
+        *report.get_image_measurement_groups(),
+        *report.get_planar_roi_measurement_groups(),
+        *report.get_volumetric_roi_measurement_groups(),
+    ]
+    for group in groups:
         values: dict[str, Any] = {}
         if group.finding_type is not None:
             values["Finding"] = group.finding_type.meaning
@@ -903,7 +1144,7 @@ def _reasons(group: Dataset) -> tuple[tuple[str, str, str], ...]:
     return tuple((value, meaning, message) for value, meaning, message in reasons)
 
 
-def _algorithm_parameters(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, ...]:
+def _algorithm_parameters(group: MeasurementGroup) -> tuple[str, ...]:
     items = find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
     return tuple(str(item.TextValue) for item in items)
 
