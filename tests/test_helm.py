@@ -1,10 +1,12 @@
 """The Helm chart, checked without a cluster: helm lint, helm template with the default and with production-like
 values, every rendered object validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict) and
 the custom resources against their CRD schemas, and what matters read off the rendered YAML: GPUs, the TensorRT
-plan commands, probes, round-robin to Triton, secrets, disruption budgets, network policies, autoscaling."""
+plan commands, probes, round-robin to Triton, secrets, disruption budgets, network policies, autoscaling, and the
+optional DICOM node (its Service, variables, destinations Secret, volume and the one-gateway-pod rule)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -14,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cspine.config import ServeConfig
 from cspine.inference.local_triton import default_repository
 from cspine.inference.model_config import config_path, load_config, opt_batch
 from cspine.inference.specs import MODELS, SERVED
@@ -23,6 +26,29 @@ from support.helm import CHART, NAMESPACE, ROOT, find, helm, render
 PRODUCTION = ROOT / "tests" / "fixtures" / "helm" / "production-values.yaml"
 KUBERNETES_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor, and a current release
 BUILT_IN_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2")
+# The DICOM node on (over the default values): one gateway pod, as the chart requires.
+DICOM_VALUES = {
+    "gateway": {"replicas": 1, "autoscaling": {"enabled": False}},
+    "dicom": {
+        "enabled": True,
+        "aeTitle": "CSPINE_ER",
+        "allowedAeTitles": ["PACS_MAIN", "CT_SCANNER"],
+        "allowedPeers": ["10.20.0.0/16", "192.0.2.10"],
+        "destinations": [
+            "pacs=dimse://PACS_MAIN@pacs.hospital.example:104",
+            "archive=https://cspine:s3cret@archive.hospital.example/dicom-web",
+        ],
+        "quietSeconds": 2.5,
+        "retainSeconds": 7200,
+        "persistence": {"size": "100Gi", "storageClass": "fast-ssd"},
+    },
+}
+DICOM_ON = (
+    "--set", "dicom.enabled=true",
+    "--set", "gateway.replicas=1",
+    "--set", "gateway.autoscaling.enabled=false",
+    "--set", "dicom.allowedAeTitles={PACS}",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +59,18 @@ def default():
 @pytest.fixture(scope="module")
 def production():
     return render(values=PRODUCTION)
+
+
+@pytest.fixture(scope="module")
+def dicom_values(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dicom") / "dicom-values.yaml"
+    path.write_text(yaml.safe_dump(DICOM_VALUES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dicom(dicom_values):
+    return render(values=dicom_values)
 
 
 def pod_spec(objects, name):
@@ -56,19 +94,19 @@ def selects(selector: dict, labels: dict) -> bool:
 # -- lint, schema, validation ---------------------------------------------------------------------------------
 
 
-def test_helm_lint_passes_in_strict_mode_with_default_and_production_values():
-    for args in ((), ("--values", str(PRODUCTION))):
+def test_helm_lint_passes_in_strict_mode_with_default_and_production_values(dicom_values):
+    for args in ((), ("--values", str(PRODUCTION)), ("--values", str(dicom_values))):
         result = helm("lint", "--strict", str(CHART), *args)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "0 chart(s) failed" in result.stdout
 
 
-@pytest.mark.parametrize("variant", ["default", "production"])
+@pytest.mark.parametrize("variant", ["default", "production", "dicom"])
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_built_in_object_is_valid_against_the_kubernetes_openapi_schema_strictly(
-    variant, version, default, production
+    variant, version, default, production, dicom
 ):
-    objects = {"default": default, "production": production}[variant]
+    objects = {"default": default, "production": production, "dicom": dicom}[variant]
     built_in = [o for o in objects if o["apiVersion"] in BUILT_IN_GROUPS]
     assert len(built_in) >= 8
     for obj in built_in:
@@ -115,6 +153,8 @@ def test_values_outside_the_schema_are_refused_with_the_key_named():
         ("triton.image.tag=latest", "/triton/image/tag"),
         ("gateway.replica=3", "replica"),
         ("alerts.errorRatio=2", "/alerts/errorRatio"),
+        ("dicom.destinations={pacs}", "/dicom/destinations/0"),
+        ("dicom.port=70000", "/dicom/port"),
     ):
         result = helm("template", "cspine", str(CHART), "--set", setting)
         assert result.returncode != 0 and named in result.stderr, (setting, result.stderr)
@@ -127,6 +167,27 @@ def test_values_outside_the_schema_are_refused_with_the_key_named():
         (["postgresql.enabled=false"], "shared support store"),
         (["gateway.tls.enabled=true"], "gateway.tls.existingSecret"),
         (["keda.enabled=true"], "choose one autoscaler"),
+        # the DICOM node: one gateway pod (a node per pod would split studies), its callers named, ports apart
+        (["dicom.enabled=true", "dicom.allowedAeTitles={PACS}"], "dicom.enabled needs exactly one gateway pod"),
+        (
+            ["dicom.enabled=true", "dicom.allowedAeTitles={PACS}", "gateway.autoscaling.enabled=false"],
+            "set gateway.replicas=1 and gateway.autoscaling.enabled=false",
+        ),
+        (
+            ["dicom.enabled=true", "dicom.allowedAeTitles={PACS}", "gateway.replicas=1"],
+            "dicom.enabled needs exactly one gateway pod",
+        ),
+        (
+            ["dicom.enabled=true", "gateway.replicas=1", "gateway.autoscaling.enabled=false"],
+            "dicom.enabled needs dicom.allowedAeTitles",
+        ),
+        ([*DICOM_ON[1::2], "dicom.tls=true"], "dicom.tls uses the gateway's certificate"),
+        ([*DICOM_ON[1::2], "dicom.dicomwebPort=9464"], "9464 is used twice"),
+        ([*DICOM_ON[1::2], "dicom.port=0", "dicom.dicomwebPort=0"], "both are 0"),
+        (
+            [*DICOM_ON[1::2], "dicom.destinations={a=http://x}", "dicom.destinationsSecret.existingSecret=s"],
+            "choose one source of DICOM destinations",
+        ),
     ],
 )
 def test_inconsistent_values_fail_the_render_with_a_clear_message(settings, message):
@@ -230,8 +291,6 @@ def test_gateway_secrets_come_from_kubernetes_secrets(default, production):
     assert not find(production, "Secret") and not find(production, "StatefulSet")  # nothing generated
     # Defaults: generated tokens (one per role) and the trial PostgreSQL's URL, both in Secrets the chart makes.
     (tokens,) = find(default, "Secret", "cspine-gateway-tokens")
-    import base64
-
     lines = base64.b64decode(tokens["data"]["tokens"]).decode().splitlines()
     assert [line.split()[0] for line in lines] == ["analyst", "curator"] and all(len(x.split()[1]) == 40 for x in lines)
     (store,) = find(default, "Secret", "cspine-postgresql")
@@ -321,18 +380,19 @@ def test_only_allowed_namespaces_reach_the_gateway_api(production):
     )
 
 
-def test_network_policy_ports_name_ports_the_selected_pods_have(default):
-    for policy in find(default, "NetworkPolicy"):
-        pods = [
-            o["spec"]["template"]
-            for o in default
-            if o["kind"] in ("Deployment", "StatefulSet")
-            and selects(policy["spec"]["podSelector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])
-        ]
-        assert len(pods) == 1, policy["metadata"]["name"]
-        names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
-        for rule in policy["spec"]["ingress"]:
-            assert {p["port"] for p in rule["ports"]} <= names
+def test_network_policy_ports_name_ports_the_selected_pods_have(default, dicom):
+    for objects in (default, dicom):
+        for policy in find(objects, "NetworkPolicy"):
+            pods = [
+                o["spec"]["template"]
+                for o in objects
+                if o["kind"] in ("Deployment", "StatefulSet")
+                and selects(policy["spec"]["podSelector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])
+            ]
+            assert len(pods) == 1, policy["metadata"]["name"]
+            names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
+            for rule in policy["spec"]["ingress"]:
+                assert {p["port"] for p in rule["ports"]} <= names
 
 
 # -- autoscaling and monitoring ---------------------------------------------------------------------------------
@@ -471,6 +531,143 @@ def test_monitoring_objects_can_be_turned_off_for_clusters_without_the_operators
     assert not find(objects, "HorizontalPodAutoscaler")
     assert find(objects, "Deployment", "cspine-triton")[0]["spec"]["replicas"] == 1
     assert find(objects, "Deployment", "cspine-gateway")[0]["spec"]["replicas"] == 2
+
+
+# -- the DICOM node ---------------------------------------------------------------------------------------------
+
+
+def resolved_env(objects, c) -> dict[str, str]:
+    """The container's variables as the pod sees them: secretKeyRefs read from the rendered Secrets."""
+    found = {}
+    for name, value in env(c).items():
+        if isinstance(value, dict):
+            ref = value["secretKeyRef"]
+            (secret,) = find(objects, "Secret", ref["name"])
+            value = base64.b64decode(secret["data"][ref["key"]]).decode()
+        found[name] = value
+    return found
+
+
+def test_the_dicom_node_is_off_by_default(default, production):
+    for objects in (default, production):
+        spec = pod_spec(objects, "cspine-gateway")
+        gateway = container(spec, "gateway")
+        assert not [name for name in env(gateway) if name.startswith("CSPINE_DICOM") or name == "CSPINE_AE_TITLE"]
+        assert {p["name"] for p in gateway["ports"]} == {"grpc", "metrics"}
+        assert not find(objects, "Service", "cspine-dicom") and not find(objects, "PersistentVolumeClaim")
+        assert not find(objects, "Secret", "cspine-dicom-destinations")
+        volumes = {v["name"]: v for v in spec["spec"]["volumes"]}
+        assert "emptyDir" in volumes["data"]
+        assert find(objects, "Deployment", "cspine-gateway")[0]["spec"]["strategy"]["type"] == "RollingUpdate"
+        (policy,) = find(objects, "NetworkPolicy", "cspine-gateway")
+        assert not [p for r in policy["spec"]["ingress"] for p in r["ports"] if p["port"].startswith("dicom")]
+
+
+def test_the_dicom_node_listens_on_its_ports_through_its_own_service(dicom):
+    gateway = container(pod_spec(dicom, "cspine-gateway"), "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert (ports["dicom"], ports["dicomweb"]) == (11112, 8042)
+    (service,) = find(dicom, "Service", "cspine-dicom")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["publishNotReadyAddresses"] is True
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "dicom": (11112, "dicom"),
+        "dicomweb": (8042, "dicomweb"),
+    }
+    assert selects(service["spec"]["selector"], pod_spec(dicom, "cspine-gateway")["metadata"]["labels"])
+    assert not selects(service["spec"]["selector"], pod_spec(dicom, "cspine-triton")["metadata"]["labels"])
+    # the gateway's ServiceMonitor still finds the gateway Service alone (the DICOM one is labelled dicom)
+    (monitor,) = find(dicom, "ServiceMonitor", "cspine-gateway")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    assert [s["metadata"]["name"] for s in find(dicom, "Service") if selects(wanted, s["metadata"]["labels"])] == [
+        "cspine-gateway"
+    ]
+    # a LoadBalancer keeps the senders' addresses, which allowedPeers check
+    objects = render(*DICOM_ON, "--set", "dicom.service.type=LoadBalancer", "--set", "dicom.port=0")
+    (service,) = find(objects, "Service", "cspine-dicom")
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["externalTrafficPolicy"] == "Local"
+    assert [p["name"] for p in service["spec"]["ports"]] == ["dicomweb"]
+    assert env(container(pod_spec(objects, "cspine-gateway"), "gateway"))["CSPINE_DICOM_PORT"] == "0"  # off
+
+
+def test_the_dicom_node_gets_its_settings_as_the_variables_cspine_serve_reads(dicom):
+    gateway = container(pod_spec(dicom, "cspine-gateway"), "gateway")
+    variables = env(gateway)
+    assert variables["CSPINE_DICOM_PORT"] == "11112" and variables["CSPINE_DICOMWEB_PORT"] == "8042"
+    assert variables["CSPINE_AE_TITLE"] == "CSPINE_ER"
+    assert variables["CSPINE_DICOM_ALLOWED_AES"] == "PACS_MAIN,CT_SCANNER"
+    assert variables["CSPINE_DICOM_ALLOWED_PEERS"] == "10.20.0.0/16,192.0.2.10"
+    assert (variables["CSPINE_DICOM_QUIET_SECONDS"], variables["CSPINE_DICOM_RETAIN_SECONDS"]) == ("2.5", "7200")
+    assert "CSPINE_DICOM_TLS" not in variables
+    # cspine's own configuration accepts them and reads back the values
+    node = ServeConfig.from_env(resolved_env(dicom, gateway)).dicom
+    assert (node.port, node.dicomweb_port, node.ae_title) == (11112, 8042, "CSPINE_ER")
+    assert node.allowed_aes == ("PACS_MAIN", "CT_SCANNER") and node.allowed_peers == ("10.20.0.0/16", "192.0.2.10")
+    assert [(d.name, d.kind) for d in node.parsed_destinations] == [("pacs", "dimse"), ("archive", "stow")]
+    assert (node.quiet_s, node.retain_s, node.tls) == (2.5, 7200.0, False)
+    # DICOM TLS with the gateway's certificate
+    objects = render(
+        *DICOM_ON,
+        "--set", "dicom.tls=true",
+        "--set", "gateway.tls.enabled=true",
+        "--set", "gateway.tls.existingSecret=cspine-gateway-tls",
+    )  # fmt: skip
+    variables = env(container(pod_spec(objects, "cspine-gateway"), "gateway"))
+    assert variables["CSPINE_DICOM_TLS"] == "1" and variables["CSPINE_TLS_CERT"]
+    (service,) = find(objects, "Service", "cspine-dicom")
+    assert {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]}["dicomweb"] == "https"
+
+
+def test_dicom_destinations_come_from_a_secret(dicom):
+    variables = env(container(pod_spec(dicom, "cspine-gateway"), "gateway"))
+    assert variables["CSPINE_DICOM_DESTINATIONS"] == {
+        "secretKeyRef": {"name": "cspine-dicom-destinations", "key": "destinations"}
+    }
+    (secret,) = find(dicom, "Secret", "cspine-dicom-destinations")
+    assert base64.b64decode(secret["data"]["destinations"]).decode() == ",".join(DICOM_VALUES["dicom"]["destinations"])
+    assert "s3cret" not in json.dumps(find(dicom, "Deployment"))  # the password only in the Secret
+    # or a Secret of the site's own: nothing generated
+    objects = render(*DICOM_ON, "--set", "dicom.destinationsSecret.existingSecret=pacs-destinations")
+    assert env(container(pod_spec(objects, "cspine-gateway"), "gateway"))["CSPINE_DICOM_DESTINATIONS"] == {
+        "secretKeyRef": {"name": "pacs-destinations", "key": "destinations"}
+    }
+    assert not find(objects, "Secret", "cspine-dicom-destinations")
+    # none at all: no variable (cspine serve then sends results nowhere)
+    assert "CSPINE_DICOM_DESTINATIONS" not in env(container(pod_spec(render(*DICOM_ON), "cspine-gateway"), "gateway"))
+
+
+def test_the_dicom_node_keeps_its_spool_and_outbox_on_a_persistent_volume_at_the_data_dir(dicom):
+    deployment = find(dicom, "Deployment", "cspine-gateway")[0]
+    spec = deployment["spec"]["template"]
+    gateway = container(spec, "gateway")
+    (claim,) = find(dicom, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "cspine-dicom"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # survives helm uninstall
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    volumes = {v["name"]: v for v in spec["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "cspine-dicom"}
+    assert mounts["data"] == env(gateway)["CSPINE_DATA_DIR"] == "/var/lib/cspine"
+    assert spec["spec"]["securityContext"]["fsGroup"] == spec["spec"]["securityContext"]["runAsUser"]
+    # one node on the spool at a time: the old pod goes before the new one starts
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert [h["metadata"]["name"] for h in find(dicom, "HorizontalPodAutoscaler")] == ["cspine-triton"]
+    # a claim of the site's own
+    objects = render(*DICOM_ON, "--set", "dicom.persistence.existingClaim=pacs-spool")
+    assert not find(objects, "PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in pod_spec(objects, "cspine-gateway")["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "pacs-spool"}
+
+
+def test_the_dicom_ports_admit_the_api_namespaces_and_the_allowed_peers(dicom):
+    (policy,) = find(dicom, "NetworkPolicy", "cspine-gateway")
+    (rule,) = [r for r in policy["spec"]["ingress"] if {"port": "dicom"} in r["ports"]]
+    assert rule["ports"] == [{"port": "dicom"}, {"port": "dicomweb"}]
+    (namespaces, *blocks) = rule["from"]
+    assert namespaces["namespaceSelector"]["matchExpressions"][0]["values"] == [NAMESPACE]
+    assert [b["ipBlock"]["cidr"] for b in blocks] == ["10.20.0.0/16", "192.0.2.10/32"]
+    (api,) = [r for r in policy["spec"]["ingress"] if r["ports"] == [{"port": "grpc"}]]
+    assert "ipBlock" not in json.dumps(api)  # the peers reach the DICOM ports only
 
 
 # -- the image ------------------------------------------------------------------------------------------------

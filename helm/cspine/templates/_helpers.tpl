@@ -42,6 +42,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "cspine.tritonHeadless" -}}{{ include "cspine.fullname" . }}-triton-headless{{- end }}
 {{- define "cspine.gatewayName" -}}{{ include "cspine.fullname" . }}-gateway{{- end }}
 {{- define "cspine.postgresqlName" -}}{{ include "cspine.fullname" . }}-postgresql{{- end }}
+{{- define "cspine.dicomName" -}}{{ include "cspine.fullname" . }}-dicom{{- end }}
 
 {{- define "cspine.image" -}}
 {{ .repository }}:{{ .tag }}
@@ -50,6 +51,16 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The Secret and key holding the support store's URL. */}}
 {{- define "cspine.storeSecret" -}}
 {{- if .Values.store.existingSecret }}{{ .Values.store.existingSecret }}{{ else }}{{ include "cspine.postgresqlName" . }}{{ end }}
+{{- end }}
+
+{{/* The Secret and key holding the DICOM node's destinations. */}}
+{{- define "cspine.dicomDestinationsSecret" -}}
+{{- if .Values.dicom.destinationsSecret.existingSecret }}{{ .Values.dicom.destinationsSecret.existingSecret }}{{ else }}{{ include "cspine.dicomName" . }}-destinations{{ end }}
+{{- end }}
+
+{{/* The data dir's volume lies on a PersistentVolumeClaim: the DICOM node on, with persistence. */}}
+{{- define "cspine.dicomPersistent" -}}
+{{- if and .Values.dicom.enabled .Values.dicom.persistence.enabled }}true{{ end }}
 {{- end }}
 
 {{- define "cspine.tokensSecret" -}}
