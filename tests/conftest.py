@@ -10,7 +10,8 @@ Markers are applied here, not test by test: MARKERS names, for each, the session
 themselves. Subsets (-m takes any expression of them):
 
     make test-fast                 ruff, then -m "not triton and not postgres and not helm and not chromium and
-                                   not slow": no service, no helm, no browser, no long generation (~1 min)
+                                   not pacs and not slow": no service, no helm, no browser, no PACS, no long
+                                   generation (~1 min)
     pytest -m "not triton"         everything that runs without a tritonserver
     pytest -m postgres             only what starts PostgreSQL
     make test                      all of it (~15 min)
@@ -53,6 +54,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_k8s.py::test_names_selectors_and_metrics_match_what_the_chart_renders",
     ),
     "chromium": ("test_clinical.py::test_headless_chromium_renders_the_report_as_a_non_blank_page",),
+    "pacs": ("test_dicompeers.py", "test_dicomnet_peers.py"),  # Orthanc, dcmtk
     "slow": (  # model training, SYNTHETIC cohorts and studies generated for seconds each
         "phantom_cases",
         "test_models.py",

@@ -10,6 +10,7 @@ import time. docs/configuration.md lists every variable with its flag, default a
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,8 +40,13 @@ def _parse_bool(text: str) -> bool:
 
 
 # Field type (as annotated) → parser and what the error says a value must be.
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "str": (str, "text"),
+    "tuple[str, ...]": (_parse_list, "a comma-separated list"),
     "int": (int, "an integer"),
     "float": (float, "a number"),
     "bool": (_parse_bool, "1, true, yes, on, 0, false, no or off"),
@@ -217,6 +223,98 @@ class TritonClientConfig:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """Where the DICOM node sends results: ``NAME=dimse://AE_TITLE@HOST:PORT`` (C-STORE) or ``NAME=http[s]://
+    HOST[:PORT]/PATH`` (a DICOMweb service root, STOW-RS to ``PATH/studies``; ``user:password@`` in it is HTTP
+    basic authentication)."""
+
+    name: str
+    url: str
+
+    @property
+    def kind(self) -> str:
+        return "dimse" if self.url.startswith("dimse://") else "stow"
+
+    @property
+    def dimse(self) -> tuple[str, str, int]:
+        """(AE title, host, port) of a C-STORE destination."""
+        ae_title, _, address = self.url.removeprefix("dimse://").partition("@")
+        host, _, port = address.rpartition(":")
+        return ae_title, host.strip("[]"), int(port)
+
+    @property
+    def shown(self) -> str:
+        """The URL without a password, for logs and audit lines."""
+        scheme, _, rest = self.url.partition("://")
+        credentials, at, address = rest.rpartition("@")
+        return f"{scheme}://{credentials.partition(':')[0]}{at}{address}" if self.kind == "stow" else self.url
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        name, equals, url = text.partition("=")
+        if not equals or not name.strip().isidentifier():
+            raise ValueError("a destination is NAME=URL with NAME a word (letters, digits, _)")
+        destination = cls(name.strip(), url.strip())
+        if url.startswith("dimse://"):
+            ae_title, at, address = url.removeprefix("dimse://").partition("@")
+            host, colon, port = address.rpartition(":")
+            if not (at and colon and host and port.isdigit() and 0 < int(port) < 65536 and 0 < len(ae_title) <= 16):
+                raise ValueError(f"destination {name}: a DIMSE destination is dimse://AE_TITLE@HOST:PORT, got {url!r}")
+        elif not url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {name}: the URL must start with dimse://, http:// or https://")
+        return destination
+
+
+@dataclass(frozen=True)
+class DicomNodeConfig:
+    """The DICOM node of ``cspine serve`` (dicomnet/): C-ECHO and C-STORE on ``port``, DICOMweb STOW-RS on
+    ``dicomweb_port`` (each off while None), studies analysed ``quiet_s`` after their last instance, results sent
+    to ``destinations``. It listens on the gateway's host."""
+
+    port: int | None = setting(None, "CSPINE_DICOM_PORT")  # DIMSE; None (variable 0): off
+    dicomweb_port: int | None = setting(None, "CSPINE_DICOMWEB_PORT")  # STOW-RS; None (variable 0): off
+    ae_title: str = setting("CSPINE", "CSPINE_AE_TITLE")
+    # Calling AE titles allowed to associate; none: any, which only a node on loopback may allow.
+    allowed_aes: tuple[str, ...] = setting((), "CSPINE_DICOM_ALLOWED_AES")
+    allowed_peers: tuple[str, ...] = setting((), "CSPINE_DICOM_ALLOWED_PEERS")  # addresses or networks; none: any
+    destinations: tuple[str, ...] = setting((), "CSPINE_DICOM_DESTINATIONS", secret=True)  # NAME=URL each
+    quiet_s: float = setting(10.0, "CSPINE_DICOM_QUIET_SECONDS")  # a study is complete this long after its last
+    retain_s: float = setting(3600.0, "CSPINE_DICOM_RETAIN_SECONDS")  # received instances kept after analysis
+    tls: bool = setting(False, "CSPINE_DICOM_TLS")  # DICOM TLS and HTTPS with serve's --tls-cert/--tls-key
+
+    def __post_init__(self) -> None:
+        _check_port("DicomNodeConfig", "port", self.port)
+        _check_port("DicomNodeConfig", "dicomweb_port", self.dicomweb_port)
+        if not 0 < len(self.ae_title) <= 16 or not self.ae_title.isascii() or "\\" in self.ae_title:
+            raise ValueError(f"the AE title must be 1–16 ASCII characters, got {self.ae_title!r}")
+        if self.quiet_s <= 0 or self.retain_s < 0:
+            raise ValueError(f"quiet_s must be > 0 and retain_s >= 0, got {self.quiet_s} and {self.retain_s}")
+        names = [d.name for d in self.parsed_destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must differ, got {sorted(names)}")
+        self.networks  # noqa: B018 - validates the addresses
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None or self.dicomweb_port is not None
+
+    @property
+    def parsed_destinations(self) -> tuple[Destination, ...]:
+        return tuple(Destination.parse(text) for text in self.destinations)
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(peer, strict=False) for peer in self.allowed_peers)
+        except ValueError as error:
+            raise ValueError(f"allowed peers are addresses or networks (10.0.0.0/8): {error}") from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> DicomNodeConfig:
+        return _from_env(cls, environ)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything ``cspine serve`` runs with: the gateway, the local Triton (unless ``triton_url``), the analysis
     (ingest limits, admission), the Triton client, the support store, tokens and TLS."""
@@ -225,6 +323,7 @@ class ServeConfig:
     triton: TritonConfig = field(default_factory=TritonConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     triton_client: TritonClientConfig = field(default_factory=TritonClientConfig)
+    dicom: DicomNodeConfig = field(default_factory=DicomNodeConfig)
     data_dir: Path = setting(Path(DEFAULT_DATA_DIR), "CSPINE_DATA_DIR")  # support store, generated tokens
     triton_url: str | None = setting(None, "CSPINE_TRITON_URL")  # an external Triton; None: start the local one
     store_url: str | None = setting(None, "CSPINE_STORE_URL", secret=True)  # None: sqlite:///DATA_DIR/support.db
@@ -239,6 +338,8 @@ class ServeConfig:
             raise ValueError(f"store_poll_s must be > 0, got {self.store_poll_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("a TLS certificate needs its private key and the other way round (--tls-cert, --tls-key)")
+        if self.dicom.tls and self.tls_cert is None:
+            raise ValueError("DICOM TLS (--dicom-tls) uses the gateway's certificate: pass --tls-cert and --tls-key")
 
     @property
     def store(self) -> str:
@@ -252,6 +353,7 @@ class ServeConfig:
             "triton": TritonConfig.from_env(environ),
             "analysis": AnalysisConfig.from_env(environ),
             "triton_client": TritonClientConfig.from_env(environ),
+            "dicom": DicomNodeConfig.from_env(environ),
         }
         return _from_env(cls, environ, **nested)
 
@@ -297,6 +399,7 @@ _NESTED: dict[str, type] = {
     "IngestLimits": IngestLimits,
     "AnalysisConfig": AnalysisConfig,
     "TritonClientConfig": TritonClientConfig,
+    "DicomNodeConfig": DicomNodeConfig,
     "ServeConfig": ServeConfig,
     "ClientConfig": ClientConfig,
 }

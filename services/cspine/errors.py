@@ -15,6 +15,10 @@ class LimitExceededError(CspineError):
     """The request is larger than a configured limit, or the service is full (→ RESOURCE_EXHAUSTED)."""
 
 
+class ServiceFullError(LimitExceededError):
+    """Every analysis slot and queue place is taken: the same request may pass shortly (→ RESOURCE_EXHAUSTED)."""
+
+
 class UnavailableError(CspineError):
     """A dependency (Triton, the support store) does not answer (→ UNAVAILABLE)."""
 

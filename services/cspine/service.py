@@ -3,7 +3,7 @@ within the service's limits. It owns the Triton client, the prototype set and th
 
 Studies in flight are bounded, and so is the queue before them: a study that finds every slot taken waits in
 a FIFO of at most ``max_queued_studies`` (absorbing bursts of arrivals below saturation), and one that finds
-the queue full too is refused at once (``LimitExceededError`` → RESOURCE_EXHAUSTED) rather than queued without
+the queue full too is refused at once (``ServiceFullError`` → RESOURCE_EXHAUSTED) rather than queued without
 bound. The slot is taken before the upload is read (a queued study's upload waits unread in its stream), so
 memory is bounded by the studies in flight times their size limits: ingest holds a study within its instance,
 byte and voxel limits, and the pipeline refuses one whose model grids would exceed ``max_study_model_bytes``
@@ -27,7 +27,7 @@ from cspine.analysis.fusion import Calibration
 from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
-from cspine.errors import CspineError, InvalidInputError, LimitExceededError
+from cspine.errors import CspineError, InvalidInputError, ServiceFullError
 from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
@@ -104,7 +104,7 @@ class AnalysisService:
         waits, else after the studies queued before it; refuse when the queue is full too."""
         if self.in_flight >= self.max_studies_in_flight or self.queued:
             if self.queued >= self.max_queued_studies:
-                raise LimitExceededError(
+                raise ServiceFullError(
                     f"the service is analysing {self.in_flight} studies, its limit, and {self.queued} wait; "
                     "try again shortly"
                 )

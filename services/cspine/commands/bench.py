@@ -1,4 +1,4 @@
-"""``cspine bench``: benchmarks that print figures (ingest, models, triton, pipeline, gateway, adapt)."""
+"""``cspine bench``: benchmarks that print figures (ingest, models, triton, pipeline, gateway, adapt, dicomnet)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def cmd_bench_adapt(args: argparse.Namespace) -> int:
     return _print(bench_adapt(args.triton_url, args.repeats), args.json, format_adapt_bench)
 
 
+def cmd_bench_dicomnet(args: argparse.Namespace) -> int:
+    from cspine.bench.dicomnet import bench_dicomnet, format_bench
+
+    return _print(bench_dicomnet(args.triton_url, args.repeats), args.json, format_bench)
+
+
 def _add_triton_bench(
     bench: argparse._SubParsersAction, name: str, help: str, repeats: str, func: Callable[[argparse.Namespace], int]
 ) -> argparse.ArgumentParser:
@@ -136,5 +142,14 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "a new support case in use (AddCase → next analysis) vs fine-tuning the baseline on the same cases",
         "timed store writes and fine-tunings",
         cmd_bench_adapt,
+    )
+    b.add_argument("--json", action="store_true")
+    b = _add_triton_bench(
+        bench,
+        "dicomnet",
+        "the DICOM node: instances/s over C-STORE and STOW-RS beside dcmtk to dcmtk, and Orthanc → SEG + SR "
+        "back in Orthanc, end to end (needs orthanc, orthanc-dicomweb, dcmtk: make sysdeps)",
+        "interleaved receiving rounds",
+        cmd_bench_dicomnet,
     )
     b.add_argument("--json", action="store_true")

@@ -13,6 +13,7 @@ from pathlib import Path
 from cspine.config import (
     DEFAULT_DATA_DIR,
     AnalysisConfig,
+    DicomNodeConfig,
     GatewayConfig,
     IngestLimits,
     ServeConfig,
@@ -62,6 +63,7 @@ def serve_config(args: argparse.Namespace, limits: IngestLimits) -> ServeConfig:
         ),
         data_dir=Path(args.data_dir).expanduser(),
         triton_url=args.triton_url or None,
+        dicom=dicom_config(args),
         store_url=args.store_url or None,
         store_poll_s=args.store_poll,
         tokens=_path(args.tokens),
@@ -86,9 +88,19 @@ def local_triton(config: TritonConfig, **supervision):
     )
 
 
+def dicom_node(config: ServeConfig, service, metrics, tokens):
+    """The DicomNode ``config.dicom`` describes, on the gateway's host, TLS from the gateway's files."""
+    from cspine.dicomnet.node import DicomNode, tls_context
+
+    tls = None
+    if config.dicom.tls and config.tls_cert and config.tls_key:
+        tls = tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    return DicomNode(service, config.dicom, config.gateway.host, config.data_dir, metrics, tokens, tls)
+
+
 def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     import asyncio
-    from contextlib import ExitStack
+    from contextlib import AsyncExitStack, ExitStack
 
     from cspine.fewshot.prototypes import SupportSet
     from cspine.fewshot.store import SupportStore
@@ -103,6 +115,10 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     config = serve_config(args, limits)
     gateway, data_dir = config.gateway, config.data_dir
     auth.check_bind_address(gateway.host, tokens_configured=config.tokens is not None, tls=config.tls_cert is not None)
+    if config.dicom.port is not None and not config.dicom.allowed_aes and not auth.is_loopback(gateway.host):
+        raise ValueError(
+            f"the DICOM node on {gateway.host} needs --dicom-allowed-aes: only a node on loopback accepts any caller"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     if config.tokens:
         tokens, new_tokens = TokenStore.from_file(config.tokens), None
@@ -123,7 +139,11 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
             service = AnalysisService(client, repository, config.analysis, store=store)
             watcher = asyncio.create_task(service.watch_store(config.store_poll_s))
             try:
-                await run_gateway(service, gateway, metrics, tokens, credentials)
+                async with AsyncExitStack() as nodes:
+                    if config.dicom.enabled:
+                        node = await nodes.enter_async_context(dicom_node(config, service, metrics, tokens))
+                        print(node.describe(), flush=True)
+                    await run_gateway(service, gateway, metrics, tokens, credentials)
             finally:
                 watcher.cancel()
 
@@ -312,8 +332,90 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         default=_str(serve.tls_client_ca),
         help="PEM CA: require client certificates it signed",
     )
+    _add_dicom_arguments(p, serve.dicom)
     add_triton_arguments(p, serve.triton, prefix="triton-")
     p.set_defaults(func=partial(cmd_serve, limits=serve.analysis.limits))
+
+
+def _add_dicom_arguments(p: argparse.ArgumentParser, dicom: DicomNodeConfig) -> None:
+    """The DICOM node's flags (docs/dicom-node.md)."""
+    g = p.add_argument_group("DICOM node", "studies from a PACS over DICOM, results back to it (off without a port)")
+    g.add_argument(
+        "--dicom-port",
+        type=int,
+        default=dicom.port,
+        help="C-ECHO and C-STORE on this port (env CSPINE_DICOM_PORT; default off)",
+    )
+    g.add_argument(
+        "--dicomweb-port",
+        type=int,
+        default=dicom.dicomweb_port,
+        help="DICOMweb STOW-RS (POST /studies) on this port, with the bearer tokens (env CSPINE_DICOMWEB_PORT; "
+        "default off)",
+    )
+    g.add_argument(
+        "--ae-title", default=dicom.ae_title, help="the node's AE title (env CSPINE_AE_TITLE, default CSPINE)"
+    )
+    g.add_argument(
+        "--dicom-allowed-aes",
+        default=",".join(dicom.allowed_aes),
+        help="comma-separated calling AE titles allowed to associate; others are rejected (env "
+        "CSPINE_DICOM_ALLOWED_AES; required unless the node listens on loopback)",
+    )
+    g.add_argument(
+        "--dicom-allowed-peers",
+        default=",".join(dicom.allowed_peers),
+        help="comma-separated addresses or networks allowed to connect (env CSPINE_DICOM_ALLOWED_PEERS; default any)",
+    )
+    g.add_argument(
+        "--dicom-destination",
+        action="append",
+        dest="dicom_destinations",
+        default=None,
+        metavar="NAME=URL",
+        help="where SEG and SR go, repeatable: NAME=dimse://AE_TITLE@HOST:PORT or NAME=https://HOST/dicom-web "
+        "(env CSPINE_DICOM_DESTINATIONS, comma-separated)",
+    )
+    g.add_argument(
+        "--dicom-quiet",
+        type=float,
+        default=dicom.quiet_s,
+        help="seconds without a new instance after which a study is complete and analysed (env "
+        "CSPINE_DICOM_QUIET_SECONDS, default 10)",
+    )
+    g.add_argument(
+        "--dicom-retain",
+        type=float,
+        default=dicom.retain_s,
+        help="seconds received instances are kept after their analysis (env CSPINE_DICOM_RETAIN_SECONDS, default 3600)",
+    )
+    g.add_argument(
+        "--dicom-tls",
+        action="store_true",
+        default=dicom.tls,
+        help="DICOM TLS and HTTPS on the node's ports with --tls-cert/--tls-key (and --tls-client-ca) (env "
+        "CSPINE_DICOM_TLS=1)",
+    )
+    p.set_defaults(dicom_default_destinations=dicom.destinations)
+
+
+def dicom_config(args: argparse.Namespace) -> DicomNodeConfig:
+    """The DICOM node the flags describe (0 switches a port off, as in the variables)."""
+    return DicomNodeConfig(
+        port=args.dicom_port if args.dicom_port else None,
+        dicomweb_port=args.dicomweb_port if args.dicomweb_port else None,
+        ae_title=args.ae_title,
+        allowed_aes=_list(args.dicom_allowed_aes),
+        allowed_peers=_list(args.dicom_allowed_peers),
+        destinations=tuple(args.dicom_destinations or args.dicom_default_destinations),
+        quiet_s=args.dicom_quiet,
+        retain_s=args.dicom_retain,
+        tls=args.dicom_tls,
+    )
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _str(path: Path | None) -> str | None:

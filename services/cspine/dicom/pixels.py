@@ -276,6 +276,14 @@ def _check_codestreams(inst: Instance, full: Dataset, syntax_name: str) -> None:
         ) from None
 
 
+def can_decode(transfer_syntax: str) -> bool:
+    """Whether ingest decodes pixel data in this transfer syntax here (the DICOM node offers these)."""
+    try:
+        return _decoding_plugin(transfer_syntax) is not None
+    except (NotImplementedError, ValueError):  # no decoder at all for it (a video or an unknown syntax)
+        return False
+
+
 def _decoding_plugin(transfer_syntax: str | None) -> str | None:
     """The one pydicom decoding plugin used for a transfer syntax ("" is pydicom's own native decoder), or
     None when none is installed. One, not a chain: a stream one decoder refuses is damaged, and handing

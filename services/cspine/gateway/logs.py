@@ -86,6 +86,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": _message(record),
         }
+        audit = getattr(record, "audit", None)
+        if isinstance(audit, dict):  # the DICOM node's audit fields: UIDs, peers, AE titles, counts, outcomes
+            entry["audit"] = {key: redact(str(value)) for key, value in audit.items()}
         if record.exc_info:
             entry["exception"] = redacted_exception(record.exc_info)
         elif record.exc_text:

@@ -58,6 +58,32 @@ class Metrics:
             registry=r,
         )
         self.store_up = Gauge("cspine_store_up", "1 while the support store answers", registry=r)
+        # The DICOM node's (dicomnet/), when it runs.
+        self.dicom_associations = Counter(
+            "cspine_dicom_associations",
+            "DICOM associations, by outcome (accepted, rejected: calling AE title; refused: peer address)",
+            ["outcome"],
+            registry=r,
+        )
+        self.dicom_instances = Counter(
+            "cspine_dicom_instances_received", "Instances stored by the DICOM node, by interface", ["via"], registry=r
+        )
+        self.dicom_studies = Counter(
+            "cspine_dicom_studies",
+            "Studies the DICOM node finished, by outcome (analysed; not_analysed: an SR says why)",
+            ["outcome"],
+            registry=r,
+        )
+        self.dicom_deliveries = Counter(
+            "cspine_dicom_deliveries",
+            "Result objects sent to destinations, by destination and outcome",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.dicom_outbox_depth = Gauge(
+            "cspine_dicom_outbox_depth", "Result objects waiting for a destination", registry=r
+        )
+        self.dicom_pending = Gauge("cspine_dicom_studies_pending", "Studies received and not analysed yet", registry=r)
         self.serving = False  # the gateway's health, set by its health tracker: what /ready answers
 
     def publish_prototype_set(self, version: str) -> None:
