@@ -116,6 +116,8 @@ class DicomNode:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.metrics.dicom_outbox_depth.set_function(lambda: 0)  # what the closed files held is on disk
+        self.metrics.dicom_pending.set_function(lambda: 0)
         self.spool.close()
         self.outbox.close()
 

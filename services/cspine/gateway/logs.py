@@ -112,4 +112,5 @@ def configure(level: str = "INFO", stream=None, *, json_lines: bool = True) -> l
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))  # it narrates every module it copies
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))  # and this every PDU and C-STORE
     return handler
