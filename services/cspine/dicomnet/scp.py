@@ -12,6 +12,7 @@ syntaxes ingest decodes; callers checked before anything is stored.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -138,8 +139,6 @@ class StoreScp:
             self.server = None
 
     def _peer_allowed(self, address: str, networks) -> bool:
-        import ipaddress
-
         try:
             allowed = any(ipaddress.ip_address(address) in network for network in networks)
         except ValueError:
