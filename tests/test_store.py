@@ -91,7 +91,8 @@ def test_add_list_remove_round_trip_makes_versions_1_2_3_with_the_right_members(
         store.prototype_set(4)
 
 
-def test_prototypes_equal_the_mean_of_the_members_embeddings(store):
+def test_prototypes_of_site_cases_alone_equal_the_mean_of_the_members_embeddings(store):
+    # no SYNTHETIC default cases: nothing to shrink toward (the rule itself: test_support_rules.py)
     rows = {
         "benign": [{CT: vec(1), MR: vec(2)}, {CT: vec(3)}],
         "malignant": [{CT: vec(4), MR: vec(5)}, {CT: vec(6), MR: vec(7)}, {XR: vec(8)}],
@@ -105,6 +106,8 @@ def test_prototypes_equal_the_mean_of_the_members_embeddings(store):
     for modality in (CT, MR):
         expected = [np.mean([e[modality] for e in rows[label] if modality in e], axis=0) for label in prototypes.labels]
         np.testing.assert_allclose(prototypes.prototypes[modality], expected, rtol=1e-6)
+    assert [(c.site_cases, c.default_cases) for c in prototypes.composition] == [(2, 0), (3, 0)]
+    assert {w.site_weight for c in prototypes.composition for w in c.modalities} == {1.0}
 
 
 def test_add_case_refuses_a_study_already_in_the_current_set_without_printing_its_uid(store):

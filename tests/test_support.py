@@ -87,6 +87,13 @@ def test_a_new_case_moves_the_probabilities_of_a_similar_study_toward_its_class(
     assert case.prototype_set.number == int(version_before[1:]) + 1
     assert version_after == case.prototype_set.version != version_before  # no reload, the next analysis uses it
     assert after["malignant"] > before["malignant"]
+    # one site case beside 36 SYNTHETIC ones weighs 1/5 of the malignant prototypes (docs/support.md)
+    malignant = {c.label: c for c in case.prototype_set.classes}["malignant"]
+    assert (malignant.site_cases, malignant.default_cases, malignant.cases) == (1, 36, 37)
+    assert case.prototype_set.site_cases_to_replace == 5
+    assert {w.modality: round(w.site_weight, 6) for w in malignant.weights} == {
+        m: 0.2 if m in case.modalities else 0.0 for m in (pb.CT, pb.MR, pb.XR)
+    }
     value = server.metrics.registry.get_sample_value
     assert value("cspine_prototype_set_info", {"version": version_after}) == 1.0
     assert value("cspine_prototype_set_info", {"version": version_before}) is None
@@ -113,6 +120,8 @@ def test_a_new_class_appears_in_probabilities_and_goes_with_its_last_case(served
     assert "site_special" not in without
     history = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(version=old), timeout=10)
     assert "site_special" in [c.label for c in history.classes]  # older versions stay as they were
+    (special,) = [c for c in history.classes if c.label == "site_special"]  # no default to shrink toward
+    assert (special.site_cases, special.default_cases) == (1, 0) and {w.site_weight for w in special.weights} == {1.0}
 
 
 def test_add_case_refuses_a_case_without_lesion_and_a_study_already_in_the_set(served, phantom_cases):

@@ -25,6 +25,7 @@ from cspine.client.decode import (
     analysis_json,
     format_case,
     format_version,
+    format_weights,
     to_domain,
     why_missing,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "channel_credentials",
     "format_case",
     "format_version",
+    "format_weights",
     "get_prototype_set",
     "is_part10",
     "iter_files",

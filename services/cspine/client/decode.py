@@ -1,6 +1,7 @@
 """The server's answers as what a client shows: a StudyAnalysis as domain objects (which
 ``analysis.text.format_analysis`` prints) or as JSON without its SEG and SR bytes (which are written to files
-as they come), why a SEG or SR is missing, and support-set versions and cases as one-line summaries."""
+as they come), why a SEG or SR is missing, and support-set versions and cases as one-line summaries (and a
+version's classes, with the weights of their site cases, as a table)."""
 
 from __future__ import annotations
 
@@ -194,6 +195,33 @@ def format_version(info: spb.PrototypeSetInfo) -> str:
         f"prototype set {info.version}: {info.cases} cases; classes {classes}; prototypes for {modalities}\n"
         f"  {info.created_at} by {info.created_by}: {info.change}"
     )
+
+
+def format_weights(info: spb.PrototypeSetInfo) -> str:
+    """Which cases make each class's prototypes, as a table: its site cases, its SYNTHETIC default cases, and per
+    modality the share of the prototype its site cases get (— where the class has no case of it), then the rule.
+    Empty for a server that does not say (one older than the rule)."""
+    if not info.site_cases_to_replace:
+        return ""
+    k = info.site_cases_to_replace
+    modalities = sorted(MODALITY_NAMES)
+    width = max([5, *(len(c.label) for c in info.classes)])
+    lines = [
+        f"  {'class':<{width}}  {'site':>5}  {'default':>7}  "
+        + "  ".join(f"{MODALITY_NAMES[m]:>4}" for m in modalities)
+        + "   (share of each prototype from the site's cases)"
+    ]
+    for c in info.classes:
+        weights = {w.modality: w.site_weight for w in c.weights}
+        cells = "  ".join(f"{weights[m]:>4.0%}" if m in weights else f"{'—':>4}" for m in modalities)
+        lines.append(f"  {c.label:<{width}}  {c.site_cases:>5}  {c.default_cases:>7}  {cells}")
+    lines.append(
+        f"  rule: per class and modality, prototype = w · site mean + (1 − w) · default mean, w = min(n, {k})/{k}"
+    )
+    lines.append(
+        f"  for n site cases (w = 1 without default cases): {k} site cases replace the default (docs/support.md)"
+    )
+    return "\n".join(lines)
 
 
 def format_case(case: spb.SupportCase) -> str:

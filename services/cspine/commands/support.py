@@ -11,6 +11,7 @@ from cspine.client import (
     add_case_paths,
     format_case,
     format_version,
+    format_weights,
     get_prototype_set,
     list_cases,
     remove_case,
@@ -30,26 +31,34 @@ def cmd_support(args: argparse.Namespace) -> int:
             token = client_token(args, "curator")
             case = add_case_paths(server, args.paths, header, timeout_s=timeout_s, token=token, tls=tls)
             print(f"added case {case.case_id} ({case.label})")
-            print(format_version(case.prototype_set))
+            _print_version(case.prototype_set)
         elif args.support == "list":
             answer = list_cases(server, args.version, timeout_s=timeout_s, token=client_token(args), tls=tls)
-            print(format_version(answer.prototype_set))
+            _print_version(answer.prototype_set)
             for case in answer.cases:
                 print(format_case(case))
         elif args.support == "remove":
             token = client_token(args, "curator")
             info = remove_case(server, args.case_id, timeout_s=timeout_s, token=token, tls=tls)
             print(f"removed case {args.case_id}")
-            print(format_version(info))
+            _print_version(info)
         else:
             info = get_prototype_set(server, args.version, timeout_s=timeout_s, token=client_token(args), tls=tls)
-            print(format_version(info))
+            _print_version(info)
     except ClientError as exc:
         return report_failure(exc, args)
     except OSError as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_version(info: spb.PrototypeSetInfo) -> None:
+    """The version's summary, then per class its site and SYNTHETIC default cases and the site cases' weights."""
+    print(format_version(info))
+    table = format_weights(info)
+    if table:
+        print(table)
 
 
 def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
@@ -82,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     a.add_argument("--version", type=int, default=0, help="a version number (default: current)")
     a = actions.add_parser("remove", help="remove a case (removing a class's last case removes the class)")
     a.add_argument("case_id", type=int)
-    a = actions.add_parser("show", help="the current (or an older) prototype-set version")
+    a = actions.add_parser(
+        "show",
+        help="the current (or an older) prototype-set version: per class its site and default cases, their weights",
+    )
     a.add_argument("--version", type=int, default=0, help="a version number (default: current)")
     p.set_defaults(func=cmd_support)

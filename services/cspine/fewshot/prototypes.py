@@ -1,14 +1,22 @@
-"""Prototype sets: per class and modality, the mean embedding of the support lesions; the prototype
+"""Prototype sets: per class and modality, one prototype embedding made of the support lesions; the prototype
 classifier on Triton turns distances to them into probabilities (DESIGN.md §7).
 
 cspine ships a default support set made of SYNTHETIC phantom lesions (``data/default_support.npz``,
-written by ``cspine calibrate``) so a fresh install classifies out of the box; a hospital's own support
-cases replace it through the support-set API.
+written by ``cspine calibrate``) so a fresh install classifies out of the box. A hospital's own support
+cases ("site cases") take over from it class by class, by one rule (``PrototypeSet.from_cases``,
+docs/support.md): per class and modality, with n site cases and d SYNTHETIC default cases, the prototype is
+
+    w · mean(site cases) + (1 − w) · mean(default cases),   w = min(n, K) / K  (K = SITE_CASES_TO_REPLACE = 5)
+
+so the default's class mean counts as K − n pseudo-cases: 1 site case weighs 20 %, 4 weigh 80 %, 5 or more
+replace the default. A class (or a modality of it) with no default cases uses its site cases alone (w = 1), so
+a class new to the site stands on its own cases; one with no site cases keeps the default's mean (w = 0).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +26,9 @@ from cspine.domain import Modality
 from cspine.inference.specs import EMBEDDING_DIM, MAX_PROTOTYPES, MODALITY_ORDER
 
 DEFAULT_SUPPORT = Path(__file__).parent / "data" / "default_support.npz"
+# K of the rule: this many site cases of a class (per modality) replace the SYNTHETIC default's cases; fewer are
+# shrunk toward the default's class mean, which counts as K − n pseudo-cases.
+SITE_CASES_TO_REPLACE = 5
 
 
 @dataclass(frozen=True)
@@ -46,34 +57,128 @@ class SupportSet:
             return SupportSet(npz["embeddings"], tuple(str(x) for x in npz["labels"]), bool(npz["synthetic"]))
 
 
+def site_weight(site_cases: int, default_cases: int, k: int = SITE_CASES_TO_REPLACE) -> float:
+    """The share of a prototype (one class, one modality) that its site cases' mean gets, 0…1: min(n, K) / K
+    while the class has default cases of that modality, 1 when it has none, 0 without site cases."""
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got {k}")
+    if site_cases <= 0:
+        return 0.0
+    if default_cases <= 0:
+        return 1.0
+    return min(site_cases, k) / k
+
+
+@dataclass(frozen=True)
+class ModalityWeight:
+    """How one class's prototype of one modality is made: from how many site and default cases (those with an
+    embedding of the modality), and the site cases' share ``site_weight`` (0…1)."""
+
+    modality: Modality
+    site_cases: int
+    default_cases: int
+    site_weight: float
+
+
+@dataclass(frozen=True)
+class ClassSupport:
+    """The cases behind one class's prototypes: its site cases, its SYNTHETIC default cases, and per modality
+    it has cases of (MODALITY_ORDER) the weights the rule gave them."""
+
+    label: str
+    site_cases: int
+    default_cases: int
+    modalities: tuple[ModalityWeight, ...]
+
+
 @dataclass(frozen=True)
 class PrototypeSet:
     """One immutable prototype set: class labels (in probability order) and, per modality, [K, D] prototypes
-    (absent for a modality no support case has)."""
+    (absent for a modality some class has no case of); ``composition``, per class in the same order, says
+    which cases made them and with which weights (rule K: ``site_cases_to_replace``)."""
 
     version: str
     labels: tuple[str, ...]
     prototypes: dict[Modality, np.ndarray]
+    composition: tuple[ClassSupport, ...] = ()
+    site_cases_to_replace: int = SITE_CASES_TO_REPLACE
 
     @staticmethod
-    def from_support(support: SupportSet, version: str | None = None) -> PrototypeSet:
-        labels = tuple(sorted(set(support.labels), key=support.labels.index))
+    def from_cases(
+        support: SupportSet,
+        synthetic: Sequence[bool] | np.ndarray,
+        version: str | None = None,
+        k: int = SITE_CASES_TO_REPLACE,
+    ) -> PrototypeSet:
+        """Prototypes by the rule (module docstring, docs/support.md) from cases of which ``synthetic[i]`` says
+        whether case i is one of the SYNTHETIC default cases (else a site case). Classes are in the order of
+        their first case. Without ``version`` the set is named by a digest of its cases: ``default-<hex>``
+        while every case is of one kind (then every prototype is a plain mean, as it always was),
+        ``site-<hex>`` when site cases are mixed with default ones."""
+        flags = np.asarray(synthetic, dtype=bool)
+        if flags.shape != (len(support.labels),):
+            raise ValueError(f"{flags.shape[0] if flags.ndim else 0} synthetic flags for {len(support.labels)} cases")
+        site_weight(0, 0, k)  # checks k
+        labels = tuple(dict.fromkeys(support.labels))
         if len(labels) > MAX_PROTOTYPES:
             raise ValueError(f"{len(labels)} classes: at most {MAX_PROTOTYPES} are supported")
         owner = np.array(support.labels)
-        prototypes = {}
-        for m, modality in enumerate(MODALITY_ORDER):
-            rows = []
-            for label in labels:
-                emb = support.embeddings[owner == label, m]
-                emb = emb[~np.isnan(emb).any(axis=1)]
-                if len(emb):
-                    rows.append(emb.mean(axis=0))
-            if len(rows) == len(labels):  # every class has an embedding of this modality
-                prototypes[modality] = np.stack(rows).astype(np.float32)
+        present = ~np.isnan(support.embeddings).any(axis=2)  # [N, modalities]
+        rows: dict[Modality, list[np.ndarray]] = {modality: [] for modality in MODALITY_ORDER}
+        composition = []
+        for label in labels:
+            mine = owner == label
+            weights = []
+            for m, modality in enumerate(MODALITY_ORDER):
+                site = support.embeddings[mine & ~flags & present[:, m], m]
+                default = support.embeddings[mine & flags & present[:, m], m]
+                if not len(site) and not len(default):
+                    continue
+                w = site_weight(len(site), len(default), k)
+                if w == 1.0:
+                    rows[modality].append(site.mean(axis=0))
+                elif w == 0.0:
+                    rows[modality].append(default.mean(axis=0))
+                else:
+                    site_mean = site.astype(np.float64).mean(axis=0)
+                    rows[modality].append(w * site_mean + (1.0 - w) * default.astype(np.float64).mean(axis=0))
+                weights.append(ModalityWeight(modality, len(site), len(default), w))
+            site_cases, default_cases = int((mine & ~flags).sum()), int((mine & flags).sum())
+            composition.append(ClassSupport(label, site_cases, default_cases, tuple(weights)))
+        prototypes = {
+            modality: np.stack(found).astype(np.float32)
+            for modality, found in rows.items()
+            if labels and len(found) == len(labels)  # every class has a prototype of this modality
+        }
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
         digest.update("\n".join(support.labels).encode())
-        return PrototypeSet(version or f"default-{digest.hexdigest()[:12]}", labels, prototypes)
+        mixed = flags.any() and not flags.all()
+        if mixed:  # the same cases as site or default ones make other prototypes: the name tells them apart
+            digest.update(np.packbits(flags).tobytes() + f"\nK={k}".encode())
+        name = version or f"{'site' if mixed else 'default'}-{digest.hexdigest()[:12]}"
+        return PrototypeSet(name, labels, prototypes, tuple(composition), k)
+
+    @staticmethod
+    def from_support(support: SupportSet, version: str | None = None) -> PrototypeSet:
+        """Prototypes of one kind of cases (all default or all site, as ``support.synthetic`` says): per class
+        and modality the plain mean of its cases."""
+        return PrototypeSet.from_cases(support, [support.synthetic] * len(support.labels), version)
+
+    def site_weight_of(self, label: str, modality: Modality) -> float:
+        """The share of ``label``'s ``modality`` prototype its site cases got (0 when it has none)."""
+        for cls in self.composition:
+            if cls.label == label:
+                return next((w.site_weight for w in cls.modalities if w.modality == modality), 0.0)
+        raise KeyError(label)
+
+
+def site_prototypes(
+    default: SupportSet, site: SupportSet, version: str | None = None, k: int = SITE_CASES_TO_REPLACE
+) -> PrototypeSet:
+    """A site's cases on top of a default set (every case of ``default`` counts as SYNTHETIC default, every one
+    of ``site`` as the site's), by the same rule the support store applies to a version's cases."""
+    both = SupportSet(np.concatenate([default.embeddings, site.embeddings]), default.labels + site.labels)
+    return PrototypeSet.from_cases(both, [True] * len(default.labels) + [False] * len(site.labels), version, k)
 
 
 def default_prototypes() -> PrototypeSet:

@@ -234,7 +234,9 @@ class SupportStore:
             return _head(conn)
 
     def prototype_set(self, version: int | None = None) -> PrototypeSet:
-        """The prototypes of one version (the current one by default), named ``v<number>``."""
+        """The prototypes of one version (the current one by default), named ``v<number>``: its site cases
+        and its SYNTHETIC default cases (the ``synthetic`` flag) combined by the rule of
+        ``PrototypeSet.from_cases`` (docs/support.md), which also says per class which cases weigh how much."""
         with self._translate(), self._engine.connect() as conn:
             number = self._resolve(conn, version)
             rows = _member_rows(conn, number)
@@ -247,7 +249,7 @@ class SupportStore:
         for case_id, modality, vector in vectors:
             embeddings[index[case_id], slot[Modality(modality)]] = _decode(vector)
         support = SupportSet(embeddings, tuple(row.label for row in rows))
-        return PrototypeSet.from_support(support, f"v{number}")
+        return PrototypeSet.from_cases(support, [bool(row.synthetic) for row in rows], f"v{number}")
 
     def list_cases(self, version: int | None = None) -> list[Case]:
         """The cases of one version (the current one by default), oldest first."""

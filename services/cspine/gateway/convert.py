@@ -15,7 +15,7 @@ from cspine.domain import (
     StudyAnalysis,
 )
 from cspine.errors import InvalidInputError
-from cspine.fewshot.prototypes import PrototypeSet
+from cspine.fewshot.prototypes import ClassSupport, PrototypeSet
 from cspine.fewshot.store import Case, VersionInfo
 from cspine.gateway.upload import UploadTimeouts
 from cspine.pipeline import AnalysisOptions
@@ -178,16 +178,44 @@ def _rfc3339(moment) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def version_to_pb(info: VersionInfo, prototypes: PrototypeSet, counts: dict[str, int]) -> spb.PrototypeSetInfo:
+def version_to_pb(
+    info: VersionInfo, prototypes: PrototypeSet, counts: dict[str, int] | None = None
+) -> spb.PrototypeSetInfo:
+    """A version and its prototype set: per class its site and default cases and the weights the rule gave
+    them (``prototypes.composition``); ``counts`` (cases per class) only for a set made without one."""
+    composition = {c.label: c for c in prototypes.composition}
     return spb.PrototypeSetInfo(
         version=prototypes.version,
         number=info.number,
-        classes=[spb.ClassInfo(label=label, cases=counts.get(label, 0)) for label in prototypes.labels],
+        classes=[
+            _class_to_pb(label, composition.get(label), (counts or {}).get(label, 0)) for label in prototypes.labels
+        ],
         created_at=_rfc3339(info.created_at),
         created_by=info.created_by,
         change=info.change,
         modalities=[MODALITY_TO_PB[m] for m in prototypes.prototypes],
         cases=info.case_count,
+        site_cases_to_replace=prototypes.site_cases_to_replace,
+    )
+
+
+def _class_to_pb(label: str, support: ClassSupport | None, cases: int) -> spb.ClassInfo:
+    if support is None:
+        return spb.ClassInfo(label=label, cases=cases)
+    return spb.ClassInfo(
+        label=label,
+        cases=support.site_cases + support.default_cases,
+        site_cases=support.site_cases,
+        default_cases=support.default_cases,
+        weights=[
+            spb.ModalityWeight(
+                modality=MODALITY_TO_PB[w.modality],
+                site_cases=w.site_cases,
+                default_cases=w.default_cases,
+                site_weight=w.site_weight,
+            )
+            for w in support.modalities
+        ],
     )
 
 

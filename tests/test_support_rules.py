@@ -1,0 +1,297 @@
+"""How a site's support cases and cspine's SYNTHETIC default cases make the prototypes (docs/support.md): the rule's
+arithmetic, a class new to the site, the per-modality fallback, the store's versions through a real SQLite file,
+GetPrototypeSet and `cspine support show` through the real gateway, and what 5 site cases per class do to the
+probabilities of the shipped prototype classifier."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from cspine.domain import Modality
+from cspine.fewshot.prototypes import (
+    SITE_CASES_TO_REPLACE,
+    PrototypeSet,
+    SupportSet,
+    default_prototypes,
+    site_prototypes,
+    site_weight,
+)
+from cspine.fewshot.store import SupportStore
+from cspine.inference.local_triton import default_repository
+from cspine.inference.runner import onnx_session
+from cspine.inference.specs import EMBEDDING_DIM, MODALITY_ORDER
+from cspine.v1 import analysis_pb2 as pb
+from cspine.v1 import support_pb2 as spb
+from cspine.v1 import support_pb2_grpc as spb_grpc
+from support.server import GatewayThread
+from support.tokens import ANALYST_TOKEN
+
+CT, MR, XR = Modality.CT, Modality.MR, Modality.XR
+_uids = itertools.count(1)
+
+
+def cases(label: str, n: int, centre: float, modalities=MODALITY_ORDER, seed: int = 0) -> SupportSet:
+    """``n`` cases of ``label``: embeddings around ``centre`` (every coordinate), NaN for modalities not given."""
+    rng = np.random.default_rng(seed)
+    embeddings = np.full((n, len(MODALITY_ORDER), EMBEDDING_DIM), np.nan, dtype=np.float32)
+    for m, modality in enumerate(MODALITY_ORDER):
+        if modality in modalities:
+            embeddings[:, m] = centre + 0.01 * rng.normal(size=(n, EMBEDDING_DIM))
+    return SupportSet(embeddings, (label,) * n)
+
+
+def joined(*sets: SupportSet) -> SupportSet:
+    return SupportSet(np.concatenate([s.embeddings for s in sets]), sum((s.labels for s in sets), ()))
+
+
+def mean(support: SupportSet, modality: Modality) -> np.ndarray:
+    return np.nanmean(support.embeddings[:, MODALITY_ORDER.index(modality)].astype(np.float64), axis=0)
+
+
+# -- the rule -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "w"), [(0, 0.0), (1, 0.2), (4, 0.8), (5, 1.0), (8, 1.0)])
+def test_n_site_cases_weigh_min_n_k_over_k_against_the_default_class_mean(n, w):
+    assert SITE_CASES_TO_REPLACE == 5
+    benign_default, malignant_default = cases("benign", 40, 0.1, seed=1), cases("malignant", 30, -0.3, seed=2)
+    site = cases("benign", n, 0.5, seed=3)
+    prototypes = site_prototypes(joined(benign_default, malignant_default), site, "v9")
+    assert prototypes.version == "v9" and prototypes.labels == ("benign", "malignant")
+    for modality in MODALITY_ORDER:
+        expected = (1 - w) * mean(benign_default, modality) + (w * mean(site, modality) if n else 0)
+        np.testing.assert_allclose(prototypes.prototypes[modality][0], expected, rtol=1e-5, atol=1e-6)
+        # no site cases of malignant: the default's mean
+        np.testing.assert_allclose(prototypes.prototypes[modality][1], mean(malignant_default, modality), rtol=1e-5)
+        assert prototypes.site_weight_of("benign", modality) == pytest.approx(w)
+        assert prototypes.site_weight_of("malignant", modality) == 0.0
+    benign, malignant = prototypes.composition
+    assert (benign.label, benign.site_cases, benign.default_cases) == ("benign", n, 40)
+    assert [(x.modality, x.site_cases, x.default_cases) for x in benign.modalities] == [
+        (m, n, 40) for m in MODALITY_ORDER
+    ]
+    assert (malignant.site_cases, malignant.default_cases) == (0, 30)
+
+
+def test_the_worked_example_of_the_docs():
+    # default benign mean 0.10, site benign mean 0.50 (docs/support.md): 0.10, 0.18, 0.42, 0.50, 0.50
+    for n, expected in [(0, 0.10), (1, 0.18), (4, 0.42), (5, 0.50), (8, 0.50)]:
+        w = site_weight(n, 48)
+        assert w * 0.50 + (1 - w) * 0.10 == pytest.approx(expected)
+    assert round((5 * 0.50 + 48 * 0.10) / 53, 2) == 0.14  # the old mean over every case
+    assert site_weight(1, 0) == site_weight(3, 0) == 1.0  # no default cases: the site's alone
+    assert site_weight(0, 0) == 0.0
+    with pytest.raises(ValueError, match="K must be at least 1"):
+        site_weight(1, 1, k=0)
+
+
+def test_a_class_new_to_the_site_stands_on_its_own_5_cases():
+    default = joined(cases("benign", 40, 0.1, seed=1), cases("malignant", 30, -0.3, seed=2))
+    chordoma = cases("chordoma", 5, 0.7, seed=4)
+    prototypes = site_prototypes(default, chordoma)
+    assert prototypes.labels == ("benign", "malignant", "chordoma")
+    assert prototypes.version.startswith("site-")
+    for modality in MODALITY_ORDER:
+        np.testing.assert_allclose(prototypes.prototypes[modality][2], mean(chordoma, modality), rtol=1e-5)
+        assert prototypes.site_weight_of("chordoma", modality) == 1.0
+    assert prototypes.composition[2].site_cases == 5 and prototypes.composition[2].default_cases == 0
+    one = site_prototypes(default, cases("chordoma", 1, 0.7, seed=5))  # even one case: nothing to shrink toward
+    assert one.site_weight_of("chordoma", CT) == 1.0
+
+
+def test_a_modality_the_site_cases_lack_keeps_the_default_and_each_modality_is_shrunk_by_its_own_count():
+    default = joined(cases("benign", 40, 0.1, seed=1), cases("malignant", 30, -0.3, seed=2))
+    ct_only = cases("benign", 2, 0.5, modalities=(CT,), seed=6)
+    ct_mr = cases("benign", 1, 0.5, modalities=(CT, MR), seed=7)
+    site = joined(ct_only, ct_mr)
+    prototypes = site_prototypes(default, site)
+    benign_default = cases("benign", 40, 0.1, seed=1)
+    for modality, n in [(CT, 3), (MR, 1), (XR, 0)]:
+        w = n / 5
+        expected = (1 - w) * mean(benign_default, modality) + (w * mean(site, modality) if n else 0)
+        np.testing.assert_allclose(prototypes.prototypes[modality][0], expected, rtol=1e-5, atol=1e-6)
+        assert prototypes.site_weight_of("benign", modality) == pytest.approx(w)
+    benign = prototypes.composition[0]
+    assert benign.site_cases == 3 and [(x.modality, x.site_cases) for x in benign.modalities] == [
+        (CT, 3),
+        (MR, 1),
+        (XR, 0),
+    ]
+    # a new class without radiographs: no class may lack a prototype, so the set has none of XR
+    lacking = site_prototypes(default, cases("chordoma", 5, 0.7, modalities=(CT, MR), seed=8))
+    assert set(lacking.prototypes) == {CT, MR}
+    assert [x.modality for x in lacking.composition[2].modalities] == [CT, MR]
+
+
+def test_a_set_of_one_kind_keeps_its_plain_means_and_its_name_and_the_set_is_immutable():
+    default = SupportSet.load()
+    prototypes = default_prototypes()
+    assert prototypes.version == PrototypeSet.from_support(default).version
+    assert prototypes.version.startswith("default-")
+    as_site = PrototypeSet.from_cases(default, [False] * len(default.labels))
+    for modality in MODALITY_ORDER:
+        for c, label in enumerate(prototypes.labels):
+            rows = default.embeddings[np.array(default.labels) == label, MODALITY_ORDER.index(modality)]
+            np.testing.assert_array_equal(prototypes.prototypes[modality][c], rows.mean(axis=0))
+        np.testing.assert_array_equal(as_site.prototypes[modality], prototypes.prototypes[modality])
+    assert as_site.version == prototypes.version  # the same prototypes, the same name
+    assert all(c.site_cases == 0 and c.default_cases > 0 for c in prototypes.composition)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prototypes.version = "v2"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="synthetic flags"):
+        PrototypeSet.from_cases(default, [True])
+
+
+def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_barely_moved_them():
+    """The issue's finding, reproduced and fixed: site lesions of each class lie where the default puts another
+    class. With all cases averaged alike (the old rule) 5 site cases per class change nothing; now they decide."""
+    default = SupportSet.load()
+    base = default_prototypes()
+    classify = onnx_session(default_repository() / "proto_classify" / "1" / "model.onnx")
+    rng = np.random.default_rng(11)
+    centres = {m: base.prototypes[m][[1, 2, 0]] for m in MODALITY_ORDER}  # class c looks like the default's c + 1
+
+    def draw(c: int, n: int) -> np.ndarray:
+        x = np.stack([centres[m][c] + 0.05 * rng.normal(size=(n, EMBEDDING_DIM)) for m in MODALITY_ORDER], axis=1)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    site = SupportSet(np.concatenate([draw(c, 5) for c in range(3)]), tuple(np.repeat(base.labels, 5)))
+    new = site_prototypes(default, site)
+    old = PrototypeSet.from_support(joined(default, site))  # every case alike, as before the rule
+    for modality in MODALITY_ORDER:
+        site_means = [site.embeddings[5 * c : 5 * c + 5, MODALITY_ORDER.index(modality)].mean(0) for c in range(3)]
+        np.testing.assert_allclose(new.prototypes[modality], np.stack(site_means), rtol=1e-6)
+    queries = np.concatenate([draw(c, 20) for c in range(3)])[:, 0]  # CT lesions of the same site
+    truth = np.repeat(np.arange(3), 20)
+
+    def probabilities(prototypes: PrototypeSet) -> np.ndarray:
+        return classify.run(None, {"embedding": queries, "prototypes": prototypes.prototypes[CT]})[0]
+
+    before, after, averaged = probabilities(base), probabilities(new), probabilities(old)
+    assert (before.argmax(1) == truth).mean() < 0.2 and (averaged.argmax(1) == truth).mean() < 0.2
+    assert np.median(np.abs(averaged - before)) < 0.1  # the issue: 5 site cases barely moved anything
+    assert (after.argmax(1) == truth).mean() > 0.95
+    assert np.median(np.abs(after - before)) > 0.3
+    assert np.median(after[np.arange(60), truth]) - np.median(before[np.arange(60), truth]) > 0.5
+
+
+# -- the store and the gateway --------------------------------------------------------------------------------
+
+
+def uid() -> str:
+    return f"1.2.826.0.1.3680043.10.9998.{next(_uids)}"
+
+
+def add_site_cases(store: SupportStore, support: SupportSet, create_class: bool = False) -> int:
+    number = 0
+    for row, label in zip(support.embeddings, support.labels, strict=True):
+        embeddings = {m: row[i] for i, m in enumerate(MODALITY_ORDER) if not np.isnan(row[i]).any()}
+        number = store.add_case(
+            uid(), label, embeddings, pathology_reference="biopsy 7", curator="dr site", create_class=create_class
+        )
+    return number
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    with SupportStore(f"sqlite:///{tmp_path / 'support.db'}") as store:
+        store.migrate()
+        store.seed_defaults(SupportSet.load())
+        yield store
+
+
+def test_the_store_makes_each_version_by_the_rule(seeded):
+    default = SupportSet.load()
+    base = default_prototypes()
+    benign_default = SupportSet(default.embeddings[np.array(default.labels) == "benign"], ("benign",) * 48)
+    site = cases("benign", 8, 0.05, seed=9)
+    one = add_site_cases(seeded, SupportSet(site.embeddings[:1], site.labels[:1]))
+    four = add_site_cases(seeded, SupportSet(site.embeddings[1:4], site.labels[1:4]))
+    five = add_site_cases(seeded, SupportSet(site.embeddings[4:5], site.labels[4:5]))
+    eight = add_site_cases(seeded, SupportSet(site.embeddings[5:], site.labels[5:]))
+    assert (one, four, five, eight) == (2, 5, 6, 9)
+    for number, n in [(1, 0), (one, 1), (four, 4), (five, 5), (eight, 8)]:
+        prototypes = seeded.prototype_set(number)
+        assert prototypes.version == f"v{number}" and prototypes.labels == base.labels
+        w = min(n, 5) / 5
+        first = SupportSet(site.embeddings[:n], site.labels[:n])
+        for modality in MODALITY_ORDER:
+            expected = mean(benign_default, modality) * (1 - w) + (w * mean(first, modality) if n else 0)
+            np.testing.assert_allclose(prototypes.prototypes[modality][0], expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(prototypes.prototypes[modality][1:], base.prototypes[modality][1:])
+        benign = prototypes.composition[0]
+        assert (benign.site_cases, benign.default_cases) == (n, 48)
+        assert [x.site_weight for x in benign.modalities] == pytest.approx([w] * 3)
+    chordoma = cases("chordoma", 5, 0.3, seed=10)
+    number = add_site_cases(seeded, chordoma, create_class=True)
+    prototypes = seeded.prototype_set()
+    assert prototypes.labels[-1] == "chordoma" and prototypes.version == f"v{number}"
+    np.testing.assert_allclose(prototypes.prototypes[CT][-1], mean(chordoma, CT), rtol=1e-5)
+    # the default's malignant cases removed, one site case stands alone: no default left to shrink toward
+    malignant = add_site_cases(seeded, cases("malignant", 1, -0.2, seed=12))
+    assert seeded.prototype_set(malignant).site_weight_of("malignant", CT) == pytest.approx(0.2)
+    for case in seeded.list_cases():
+        if case.synthetic and case.label == "malignant":
+            seeded.remove_case(case.id, curator="dr site")
+    alone = seeded.prototype_set()
+    assert alone.site_weight_of("malignant", CT) == 1.0
+    assert alone.labels == ("benign", "borderline", "chordoma", "malignant")  # in the order of each class's first case
+    np.testing.assert_allclose(alone.prototypes[CT][3], mean(cases("malignant", 1, -0.2, seed=12), CT), rtol=1e-6)
+
+
+def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weights(triton, seeded, capsys):
+    from cspine.cli import main
+
+    add_site_cases(seeded, cases("benign", 5, 0.05, seed=13))
+    add_site_cases(seeded, cases("borderline", 1, 0.05, modalities=(CT, MR), seed=14))
+    add_site_cases(seeded, cases("chordoma", 5, 0.3, modalities=(CT, MR), seed=15), create_class=True)
+    server = GatewayThread(triton.grpc_url, store=seeded)
+    try:
+        analyst = spb_grpc.SupportSetStub(server.channel)
+        info = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
+        assert info.site_cases_to_replace == 5 and info.cases == 131
+        summary = {
+            c.label: (
+                c.cases,
+                c.site_cases,
+                c.default_cases,
+                [(w.modality, w.site_cases, w.default_cases) for w in c.weights],
+            )
+            for c in info.classes
+        }
+        every = [pb.CT, pb.MR, pb.XR]
+        assert summary == {
+            "benign": (53, 5, 48, [(m, 5, 48) for m in every]),
+            "borderline": (37, 1, 36, [(pb.CT, 1, 36), (pb.MR, 1, 36), (pb.XR, 0, 36)]),
+            "malignant": (36, 0, 36, [(m, 0, 36) for m in every]),
+            "chordoma": (5, 5, 0, [(pb.CT, 5, 0), (pb.MR, 5, 0)]),
+        }
+        weights = {c.label: [round(w.site_weight, 6) for w in c.weights] for c in info.classes}
+        assert weights == {
+            "benign": [1.0, 1.0, 1.0],
+            "borderline": [0.2, 0.2, 0.0],
+            "malignant": [0.0, 0.0, 0.0],
+            "chordoma": [1.0, 1.0],
+        }
+        assert list(info.modalities) == [pb.CT, pb.MR]  # chordoma has no radiograph
+        listed = analyst.ListCases(spb.ListCasesRequest(), timeout=10).prototype_set
+        assert listed == info
+        old = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(version=1), timeout=10)
+        assert [(c.site_cases, c.default_cases) for c in old.classes] == [(0, 48), (0, 36), (0, 36)]
+
+        assert main(["support", "--server", server.address, "--token", ANALYST_TOKEN, "show"]) == 0
+        shown = capsys.readouterr().out.splitlines()
+        assert shown[2].split()[:6] == ["class", "site", "default", "CT", "MR", "XR"]
+        assert [line.split() for line in shown[3:7]] == [
+            ["benign", "5", "48", "100%", "100%", "100%"],
+            ["borderline", "1", "36", "20%", "20%", "0%"],
+            ["malignant", "0", "36", "0%", "0%", "0%"],
+            ["chordoma", "5", "0", "100%", "100%", "—"],
+        ]
+        assert "w = min(n, 5)/5" in shown[7] and "5 site cases replace the default" in shown[8]
+    finally:
+        server.close()
