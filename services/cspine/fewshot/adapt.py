@@ -1,0 +1,92 @@
+"""Fast adaptation of prototypes beyond class means, on embeddings only (numpy, milliseconds on a CPU).
+
+The classifier is the shipped ``proto_classify``: ``p(c | e) = softmax_c(-scale · ||e - w_c||²)``. Every method here
+returns new prototypes ``w`` [K, D] for it, so serving is unchanged whichever is chosen:
+
+- ``class_means``: the plain prototypes (Prototypical Networks).
+- ``fitted``: a few gradient steps of cross-entropy on the support cases, prototypes as the parameters,
+  started from the class means and held near them by an L2 pull (the light head that Proto-MAML initialises
+  from the prototypes; here the head *is* the prototypes, so it stays one ``proto_classify`` call). Support-set
+  change time, no query needed.
+- ``transductive``: soft k-means refinement with the unlabelled queries (their class probabilities as
+  weights), a few iterations; for batch evaluation of a site's studies, not for one study at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax_probabilities(embeddings: np.ndarray, prototypes: np.ndarray, scale: float) -> np.ndarray:
+    """[N, K] probabilities of the prototype classifier (the ONNX ``proto_classify``'s formula)."""
+    d2 = ((embeddings[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
+    logits = -scale * d2
+    logits -= logits.max(1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(1, keepdims=True)
+
+
+def class_means(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """[K, D] mean embedding per class (every class must have a support case)."""
+    return np.stack([embeddings[labels == c].mean(0) for c in range(classes)]).astype(np.float32)
+
+
+def fitted(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    start: np.ndarray,
+    scale: float,
+    steps: int = 30,
+    learning_rate: float = 0.02,
+    pull: float = 1.0,
+) -> np.ndarray:
+    """Prototypes moved from ``start`` by ``steps`` of gradient descent on the support cross-entropy plus
+    ``pull`` · ||w - start||² / 2 (closed-form gradients; 3 classes × 20 cases × 64 dimensions take ~1 ms)."""
+    w = start.astype(np.float64).copy()
+    onehot = np.eye(len(start))[labels]
+    e = embeddings.astype(np.float64)
+    for _ in range(steps):
+        p = softmax_probabilities(e, w, scale)
+        # d CE / d w_c = mean_q (p_qc - y_qc) · 2 · scale · (e_q - w_c)
+        residual = (p - onehot)[:, :, None] * (e[:, None, :] - w[None, :, :])
+        gradient = 2.0 * scale * residual.mean(0) + pull * (w - start)
+        w -= learning_rate * gradient
+    return w.astype(np.float32)
+
+
+def transductive(
+    prototypes: np.ndarray,
+    support: np.ndarray,
+    labels: np.ndarray,
+    queries: np.ndarray,
+    scale: float,
+    iterations: int = 3,
+) -> np.ndarray:
+    """Prototypes refined with the queries: each iteration a prototype is the mean of its support cases and of
+    every query weighted by its current probability of that class (soft k-means)."""
+    onehot = np.eye(len(prototypes))[labels]
+    w = prototypes.astype(np.float64)
+    for _ in range(iterations):
+        p = softmax_probabilities(queries, w, scale)
+        total = onehot.T @ support + p.T @ queries
+        w = total / (onehot.sum(0) + p.sum(0))[:, None]
+    return w.astype(np.float32)
+
+
+def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
+    """ECE: the occupancy-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == truth
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(error)
+
+
+def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray, classes: int) -> float:
+    """Mean per-class recall over the classes present in ``truth``."""
+    recalls = [float((predicted[truth == c] == c).mean()) for c in range(classes) if (truth == c).any()]
+    return float(np.mean(recalls))
