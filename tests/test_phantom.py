@@ -286,6 +286,7 @@ def test_random_tumor_draws_no_tumor_at_the_documented_rate():
         ({"difficulty": 1.5}, r"difficulty must be in \[0, 1\]"),
         ({"opll": "maybe"}, "opll must be one of"),
         ({"matrix": "huge"}, "matrix must be one of phantom, real"),
+        ({"site": "nowhere"}, "unknown site 'nowhere': known sites are default, "),
     ],
 )
 def test_phantom_options_reject_bad_values_with_a_message(kwargs, message):

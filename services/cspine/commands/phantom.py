@@ -20,6 +20,7 @@ def _phantom_options(args: argparse.Namespace):
         shift=Shift.parse(args.shift),
         opll=args.opll,
         matrix=getattr(args, "matrix", "phantom"),
+        site=getattr(args, "site", "default"),
     )
 
 
@@ -35,13 +36,15 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         key = t["tumor"]["class"] if t["tumor"] else "none"
         counts[key] = counts.get(key, 0) + 1
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"wrote {len(truths)} SYNTHETIC case(s) to {args.out} ({summary})")
+    site = "" if options.site == "default" else f" of site {options.site}"
+    print(f"wrote {len(truths)} SYNTHETIC case(s){site} to {args.out} ({summary})")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
     from cspine.phantom.generate import OPLL_PROBABILITY, tumor_choices
     from cspine.phantom.scanner import MATRICES
+    from cspine.phantom.sites import SITES
 
     p = subparsers.add_parser(
         "phantom",
@@ -84,6 +87,13 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         choices=list(MATRICES),
         help="image matrices: phantom (256² CT and MR, ~0.55 mm radiograph; fast) or real (512² CT with 0.5 mm "
         "slices, 512² MR, 3072 × 2614 radiograph at ~0.1 mm: for benchmarks, ~1 min and 200 MB per case)",
+    )
+    p.add_argument(
+        "--site",
+        default="default",
+        metavar="NAME",
+        help=f"SYNTHETIC site profile: scanner, protocol and population ({', '.join(SITES)}; docs/phantom.md); "
+        "default: the phantom as the shipped models were trained on it",
     )
     p.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

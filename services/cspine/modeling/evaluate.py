@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,23 @@ from cspine.analysis.lesions import clean_tumor_labels
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import Modality, SeriesRole
+from cspine.imaging.roi import lesion_roi
 from cspine.imaging.seg_input import seg_inputs, to_source
 from cspine.inference.runner import onnx_session
 from cspine.inference.specs import MODALITY_ORDER, SEG_LABELS
-from cspine.modeling.data import CLASSES, SEG_ROLES, LesionBank, model_labels
+from cspine.modeling.data import CLASSES, ROI_WINDOW_MM, SEG_ROLES, LesionBank, _main_centre, model_labels
 from cspine.modeling.networks import BaselineClassifier
-from cspine.phantom.generate import PhantomOptions, generate_case
+from cspine.phantom.generate import (
+    COHORT_FILE,
+    Case,
+    PhantomOptions,
+    generate_case,
+    generate_cohort,
+    plan_case,
+    render_case,
+)
+from cspine.phantom.sites import DEFAULT_SITE, get_site
+from cspine.phantom.tumors import SUBTYPES, TumorSubtype
 from cspine.shapes import feret_diameter
 
 logger = logging.getLogger(__name__)
@@ -315,3 +326,311 @@ def fewshot_metrics(
     if baseline is None:
         del results["baseline"], per_modality["baseline"]
     return {"fewshot": results, "fewshot_by_modality": per_modality, "fewshot_pool": len(pool)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sites: the shipped models (trained on the default site) on the SYNTHETIC sites of phantom/sites.py
+
+
+# Structures whose Dice the sites' summary averages per modality: every model label but OPLL (present in few
+# cases, and more often at an older site) and the lesion (reported on its own).
+SITE_DICE_STRUCTURES = {
+    "ct": ("vertebral_body", "posterior_elements", "disc", "canal"),
+    "mr": ("vertebral_body", "posterior_elements", "disc", "csf", "cord"),
+    "xr": (
+        "c2_body",
+        "c3_body",
+        "c4_body",
+        "c5_body",
+        "c6_body",
+        "c7_body",
+        "other_body",
+        "posterior_elements",
+        "disc",
+    ),
+}
+
+
+def site_cohort(cache: Path, site: str, seed: int, count: int, workers: int = 1, progress: bool = False) -> list[Path]:
+    """Whole SYNTHETIC studies of one site written as DICOM (cached per site, seed and count)."""
+    folder = cache / "site-cohort" / f"{site}-{get_site(site).fingerprint()}-seed{seed}-{count}"
+    if not (folder / COHORT_FILE).exists():
+        generate_cohort(folder, count, seed, PhantomOptions(site=site), workers=workers, progress=progress)
+    return [folder / f"case-{i + 1:04d}" for i in range(count)]
+
+
+def _ground_truth_rois(case: Case, lesion: dict) -> np.ndarray:
+    """ROIs [modalities, 3, 64, 64] of a case rendered in a window around its lesion, each centred on the
+    centroid of the largest lesion component of that modality's label map (MR: else CT's; the radiograph: else
+    the window centre, where denser structures hide the lesion)."""
+    ct, t1, t2, xr = (case.series[r] for r in (SeriesRole.CT, SeriesRole.MR_T1, SeriesRole.MR_T2, SeriesRole.XR))
+    ct_volume = ct.as_volume()
+    centre = _main_centre(ct, ct_volume)
+    if centre is None:  # the lesion's largest part lies outside the window: the truth's centre
+        centre = np.asarray(lesion["centre_mm"], dtype=float)
+    mr_volumes = {SeriesRole.MR_T1: t1.as_volume(), SeriesRole.MR_T2: t2.as_volume()}
+    mr_centre = _main_centre(t1, mr_volumes[SeriesRole.MR_T1])
+    xr_volume = xr.as_volume()
+    xr_centre = _main_centre(xr, xr_volume)
+    if xr_centre is None:
+        xr_centre = xr_volume.index_to_patient(
+            np.array([[0.0, (xr.values.shape[1] - 1) / 2, (xr.values.shape[2] - 1) / 2]])
+        )[0]
+    return np.stack(
+        [
+            lesion_roi(Modality.CT, {SeriesRole.CT: ct_volume}, centre),
+            lesion_roi(Modality.MR, mr_volumes, centre if mr_centre is None else mr_centre),
+            lesion_roi(Modality.XR, {SeriesRole.XR: xr_volume}, xr_centre),
+        ]
+    )
+
+
+def _site_lesion(args: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, int, int, float] | None:
+    """Case ``index`` of ``site``'s population (None: it has no lesion), its lesion rendered in a window twice
+    with the same random streams: by the site's scanners and by the default site's. Returns both ground-truth
+    ROI stacks, the class and subtype indices and the maximum diameter (mm)."""
+    site, seed, index = args
+    plan = plan_case(f"lesion-{index:04d}", seed, index, PhantomOptions(site=site))
+    tumor, lesion = plan.scene.tumor, plan.lesion
+    if tumor is None or lesion is None:
+        return None
+    window = (tumor.blobs[0].centre, ROI_WINDOW_MM)
+    rois = _ground_truth_rois(render_case(plan, roi=window), lesion)
+    if site == DEFAULT_SITE:
+        default_rois = rois
+    else:
+        default_plan = replace(plan, options=replace(plan.options, site=DEFAULT_SITE))
+        default_rois = _ground_truth_rois(render_case(default_plan, roi=window), lesion)
+    subtype = TumorSubtype(lesion["subtype"])
+    label = CLASSES.index(SUBTYPES[subtype].tumor_class.value)
+    return (
+        rois.astype(np.float16),
+        default_rois.astype(np.float16),
+        label,
+        list(TumorSubtype).index(subtype),
+        float(lesion["max_diameter_mm"]),
+    )
+
+
+@dataclass
+class SiteLesions:
+    """Lesions of a site's population: ROIs [N, modalities, 3, 64, 64] by the site's scanners and, of the same
+    lesions, by the default site's (``default_rois``); class and subtype indices; maximum diameters (mm)."""
+
+    rois: np.ndarray
+    default_rois: np.ndarray
+    classes: np.ndarray
+    subtypes: np.ndarray
+    diameters: np.ndarray
+
+
+def site_lesions(cache: Path, site: str, seed: int, count: int, workers: int = 1) -> SiteLesions:
+    """The first ``count`` lesions of a site's SYNTHETIC cases (cases drawn as ``cspine phantom --site`` draws
+    them, tumour-free ones skipped), each rendered in a window around it (``_site_lesion``). Cached."""
+    path = cache / "site-lesions" / f"{site}-{get_site(site).fingerprint()}-seed{seed}-{count}.npz"
+    if not path.exists():
+        found: list[tuple[np.ndarray, np.ndarray, int, int, float]] = []
+        index = 0
+        share = get_site(site).population.tumor_free_share  # cases without a lesion are skipped, unrendered
+        while len(found) < count:
+            batch = int(np.ceil((count - len(found)) / max(1.0 - share, 0.05) * 1.05)) + 2
+            jobs = [(site, seed, i) for i in range(index, index + batch)]
+            index += len(jobs)
+            if workers > 1:
+                from concurrent.futures import ProcessPoolExecutor
+
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    made = list(pool.map(_site_lesion, jobs))
+            else:
+                made = [_site_lesion(job) for job in jobs]
+            found += [m for m in made if m is not None]
+        found = found[:count]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez_compressed(
+            partial,
+            rois=np.stack([f[0] for f in found]),
+            default_rois=np.stack([f[1] for f in found]),
+            classes=np.array([f[2] for f in found]),
+            subtypes=np.array([f[3] for f in found]),
+            diameters=np.array([f[4] for f in found]),
+        )
+        partial.rename(path)
+    with np.load(path) as npz:
+        return SiteLesions(
+            npz["rois"].astype(np.float32),
+            npz["default_rois"].astype(np.float32),
+            npz["classes"],
+            npz["subtypes"],
+            npz["diameters"],
+        )
+
+
+def prototype_accuracy(
+    rois: np.ndarray,
+    classes: np.ndarray,
+    embed: EmbedModel,
+    classify: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    labels: tuple[str, ...],
+    prototypes: dict[Modality, np.ndarray],
+) -> dict:
+    """Accuracy (95 % Wilson interval) and balanced accuracy (mean recall over the classes present) of the
+    prototype classifier on lesion ROIs, per modality and fused (probabilities multiplied, equal weights), with
+    each lesion's ``correct`` flag. ``labels`` orders the prototypes' classes; ``classes`` index CLASSES."""
+    order = np.array([CLASSES.index(label) for label in labels])
+    onehots = np.eye(len(MODALITY_ORDER), dtype=np.float32)
+    log_p = np.zeros((len(rois), len(labels)))
+    out: dict[str, dict] = {}
+
+    def score(predicted: np.ndarray) -> dict:
+        correct = predicted == classes
+        recalls = [float(correct[classes == c].mean()) for c in np.unique(classes)]
+        return {
+            "accuracy": round(float(correct.mean()), 4),
+            "ci95": _wilson(int(correct.sum()), len(correct)),
+            "balanced_accuracy": round(float(np.mean(recalls)), 4),
+            "correct": correct.tolist(),
+        }
+
+    for m, modality in enumerate(MODALITY_ORDER):
+        if modality not in prototypes:
+            continue
+        emb = embed(rois[:, m].astype(np.float32), np.tile(onehots[m], (len(rois), 1)))
+        probs = classify(emb.astype(np.float32), prototypes[modality].astype(np.float32))
+        out[modality.value.lower()] = score(order[probs.argmax(1)])
+        log_p += np.log(np.clip(probs, 1e-9, None))
+    out["fused"] = score(order[log_p.argmax(1)])
+    return out
+
+
+def _wilson(successes: int, total: int) -> list[float]:
+    """95 % Wilson interval of a proportion."""
+    if not total:
+        return [0.0, 1.0]
+    z, p = 1.96, successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [round(float(centre - half), 4), round(float(centre + half), 4)]
+
+
+def _drop(reference: np.ndarray, shifted: np.ndarray) -> dict:
+    """Mean of ``reference`` minus mean of ``shifted`` (independent samples) with a 95 % normal interval."""
+    diff = float(reference.mean() - shifted.mean())
+    se = float(
+        np.sqrt(reference.var(ddof=1) / len(reference) + shifted.var(ddof=1) / len(shifted))
+        if min(len(reference), len(shifted)) > 1
+        else 0.0
+    )
+    return {"value": round(diff, 4), "ci95": [round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)]}
+
+
+def _paired_drop(reference: np.ndarray, shifted: np.ndarray) -> dict:
+    """Mean of ``reference − shifted`` over paired samples with a 95 % normal interval."""
+    diff = reference - shifted
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    value = float(diff.mean())
+    return {"value": round(value, 4), "ci95": [round(value - 1.96 * se, 4), round(value + 1.96 * se, 4)]}
+
+
+def site_segmentation(cases: list[Path], models: dict[Modality, SegModel]) -> tuple[dict, dict[str, np.ndarray]]:
+    """``seg_metrics`` case by case: Dice per structure (mean over the cases holding it), per modality the mean
+    over cases of each case's mean Dice over SITE_DICE_STRUCTURES (with a 95 % interval over cases), lesion
+    Dice (box-supervised models) per modality over the cases with a lesion; and the per-case means."""
+    per_case = [seg_metrics([case], models, None) for case in cases]
+    structures: dict[str, dict[str, list[float]]] = {}
+    case_means: dict[str, list[float]] = {}
+    lesion: dict[str, list[float]] = {}
+    for metrics in per_case:
+        for modality, scores in metrics["seg_dice"].items():
+            for name, value in scores.items():
+                structures.setdefault(modality, {}).setdefault(name, []).append(value)
+            chosen = [v for k, v in scores.items() if k in SITE_DICE_STRUCTURES[modality]]
+            if chosen:
+                case_means.setdefault(modality, []).append(float(np.mean(chosen)))
+        for modality, value in metrics["lesion_dice_box_by_modality"].items():
+            if value is not None:
+                lesion.setdefault(modality, []).append(value)
+    means = {m: np.array(v) for m, v in case_means.items()}
+    summary = {
+        "seg_dice": {m: {k: _mean(v) for k, v in s.items()} for m, s in structures.items()},
+        "mean_dice": {m: {"mean": _mean(list(v)), "ci95": _ci95(v)} for m, v in means.items()},
+        "lesion_dice_box_by_modality": {m: _mean(v) for m, v in lesion.items()},
+        "cases": len(cases),
+        "cases_with_tumor": max((len(v) for v in lesion.values()), default=0),
+    }
+    return summary, means
+
+
+def site_metrics(
+    repository: Path,
+    cache: Path,
+    sites: list[str],
+    seed: int,
+    cases: int,
+    lesions: int,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Per SYNTHETIC site: segmentation Dice of the shipped CT/MR/XR models on ``cases`` whole studies
+    (``site_segmentation``), and the lesion classification of the shipped embedding with the shipped default
+    support set (prototype classifier, ground-truth ROIs) on ``lesions`` lesions of the site's population;
+    with the default site among ``sites``, each other site's drop from it (95 % intervals, independent samples)."""
+    from cspine.fewshot.prototypes import default_prototypes
+    from cspine.modeling.export import model_path
+    from cspine.modeling.recipes import SEG_NAMES, proto_classifier
+
+    models = {m: onnx_seg(model_path(repository, n)) for n, m in SEG_NAMES.items()}
+    embed = onnx_embed(model_path(repository, "lesion_embed"))
+    classify = proto_classifier(repository)
+    prototypes = default_prototypes()
+    result: dict[str, dict] = {}
+    samples: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+    for site in sites:
+        profile = get_site(site)
+        seg, dice_means = site_segmentation(site_cohort(cache, site, seed, cases, workers, progress), models)
+        found = site_lesions(cache, site, seed + 1, lesions, workers)
+        accuracy = prototype_accuracy(
+            found.rois, found.classes, embed, classify, prototypes.labels, prototypes.prototypes
+        )
+        correct = {k: np.asarray(v.pop("correct"), dtype=float) for k, v in accuracy.items()}
+        samples[site] = (dice_means, correct)
+        result[site] = {
+            "description": profile.description,
+            "fingerprint": profile.fingerprint(),
+            "segmentation": seg,
+            "classification": accuracy,
+            "lesions": len(found.classes),
+            "lesion_classes": {c: int((found.classes == i).sum()) for i, c in enumerate(CLASSES)},
+            "lesion_median_diameter_mm": round(float(np.median(found.diameters)), 1),
+        }
+        if site != DEFAULT_SITE:
+            # the same lesions by the default site's scanners: what the population alone does, and (paired)
+            # what the site's scanners do to them
+            by_default = prototype_accuracy(
+                found.default_rois, found.classes, embed, classify, prototypes.labels, prototypes.prototypes
+            )
+            result[site]["classification_default_scanners"] = {
+                k: {"accuracy": v["accuracy"], "ci95": v["ci95"], "balanced_accuracy": v["balanced_accuracy"]}
+                for k, v in by_default.items()
+            }
+            result[site]["scanner_drop_paired"] = {
+                k: _paired_drop(np.asarray(by_default[k]["correct"], dtype=float), correct[k]) for k in correct
+            }
+        logger.info("site %s done", site)
+    if DEFAULT_SITE in samples:
+        dice_ref, correct_ref = samples[DEFAULT_SITE]
+        for site, (dice_means, correct) in samples.items():
+            if site != DEFAULT_SITE:
+                result[site]["drop_from_default"] = {
+                    "mean_dice": {m: _drop(dice_ref[m], v) for m, v in dice_means.items() if m in dice_ref},
+                    "accuracy": {k: _drop(correct_ref[k], v) for k, v in correct.items() if k in correct_ref},
+                }
+    return {
+        "synthetic": True,
+        "note": "SYNTHETIC phantom sites; classification on ground-truth ROIs with the default support set",
+        "seed": seed,
+        "lesion_seed": seed + 1,
+        "cases": cases,
+        "support_prototypes": prototypes.version,
+        "sites": result,
+    }

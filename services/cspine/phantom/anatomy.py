@@ -254,8 +254,10 @@ def sample_spine(
     rng: np.random.Generator,
     collapse: dict[str, float] | None = None,
     opll_probability: float = 0.12,
+    degeneration_rate: float = 1.0,
 ) -> Spine:
-    """Draw a SYNTHETIC adult cervical spine; ``collapse`` maps a level to its body height factor."""
+    """Draw a SYNTHETIC adult cervical spine; ``collapse`` maps a level to its body height factor;
+    ``degeneration_rate`` multiplies each disc's probability of degeneration (an older population's)."""
     collapse = collapse or {}
     scale = float(np.clip(rng.normal(1.0, 0.06), 0.85, 1.15))
     names = list(LEVELS)
@@ -276,7 +278,7 @@ def sample_spine(
 
     degeneration = {}
     for name in names[1:7]:
-        p = 0.35 if name in ("C5", "C6") else 0.12
+        p = min(1.0, (0.35 if name in ("C5", "C6") else 0.12) * degeneration_rate)
         degeneration[name] = float(rng.uniform(0.3, 1.0)) if rng.random() < p else float(rng.uniform(0.0, 0.15))
 
     # Stack T1 … C2 bottom-up; then hang C1 on the dens.

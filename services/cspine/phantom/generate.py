@@ -6,6 +6,9 @@ it. The same (seed, case index) always gives the same case, whatever modalities 
 ``--tumor random`` draws no tumor for 25 % of cases and otherwise a subtype with the relative
 frequencies of ``tumors.SUBTYPES`` (hemangioma 14, osteoid osteoma 8, schwannoma 10, osteochondroma 6,
 giant cell tumor 10, aneurysmal bone cyst 8, osteoblastoma 7, metastasis 18, myeloma 10, chordoma 9).
+
+``--site NAME`` (``sites.SITES``) shifts scanner, protocol and population away from this default; a case is
+first planned (anatomy, lesion, patient: ``plan_case``, no image) and then rendered (``render_case``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +27,23 @@ from tqdm import tqdm
 
 import cspine
 from cspine.domain import SeriesRole
-from cspine.phantom.anatomy import LEVELS, Label, sample_spine
+from cspine.phantom.anatomy import LEVELS, Label, Spine, sample_spine
 from cspine.phantom.scanner import (
     MATRICES,
     RenderedSeries,
+    Roi,
     Scene,
     Shift,
     acquire_ct,
     acquire_mr,
     acquire_xr,
 )
+from cspine.phantom.sites import DEFAULT_OPLL, DEFAULT_SITE, DEFAULT_TUMOR_FREE_SHARE, Population, get_site
 from cspine.phantom.truth import spine_truth, tumor_truth
 from cspine.phantom.tumors import (
     SUBTYPES,
     TumorClass,
+    TumorPlan,
     TumorSubtype,
     place_tumor,
     plan_tumor,
@@ -48,9 +54,9 @@ from cspine.phantom.writer import CT_STORAGE, StudyInfo, write_ct, write_mr, wri
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("ct", "mr", "xr")
-TUMOR_FREE_SHARE = 0.25
+TUMOR_FREE_SHARE = DEFAULT_TUMOR_FREE_SHARE
 DIFFICULTIES = {"easy": 0.2, "normal": 0.5, "hard": 0.8}
-OPLL_PROBABILITY = {"random": 0.12, "yes": 1.0, "no": 0.0}
+OPLL_PROBABILITY = {"random": DEFAULT_OPLL, "yes": 1.0, "no": 0.0}
 MIN_LESION_ML = 0.05
 TRUTH_FILE = "truth.json"
 REFERENCE_FILE = "reference.json"  # the cohort format `cspine evaluate study` reads (docs/evaluation.md)
@@ -83,6 +89,7 @@ class PhantomOptions:
     shift: Shift = field(default_factory=Shift)
     opll: str = "random"  # random (12 % of cases) | yes | no
     matrix: str = "phantom"  # phantom (256² CT/MR, ~0.55 mm radiograph) | real (scanner.MATRICES)
+    site: str = DEFAULT_SITE  # a name of sites.SITES: scanner, protocol and population
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -95,6 +102,7 @@ class PhantomOptions:
             raise ValueError(f"opll must be one of {', '.join(OPLL_PROBABILITY)}; got {self.opll!r}")
         if self.matrix not in MATRICES:
             raise ValueError(f"matrix must be one of {', '.join(MATRICES)}; got {self.matrix!r}")
+        get_site(self.site)  # an unknown site is a ValueError naming the known ones
 
     def as_dict(self) -> dict:
         return {
@@ -105,16 +113,20 @@ class PhantomOptions:
             "opll": self.opll,
             # only when not the default, so phantom-size truth.json and cohort.json stay as they were
             **({"matrix": self.matrix} if self.matrix != "phantom" else {}),
+            # likewise the site: absent means the default site, whose cases are byte-for-byte as before sites
+            **({"site": get_site(self.site).as_dict()} if self.site != DEFAULT_SITE else {}),
         }
 
 
-def draw_subtype(rng: np.random.Generator, tumor: str) -> TumorSubtype | None:
-    if tumor == "none" or (tumor == "random" and rng.random() < TUMOR_FREE_SHARE):
+def draw_subtype(rng: np.random.Generator, tumor: str, population: Population | None = None) -> TumorSubtype | None:
+    """The subtype of a case (None: no tumor); ``population`` (a site's) sets the tumor-free share and mix."""
+    population = population or Population()
+    if tumor == "none" or (tumor == "random" and rng.random() < population.tumor_free_share):
         return None
     if tumor in {s.value for s in TumorSubtype}:
         return TumorSubtype(tumor)
     pool = subtypes_of(TumorClass(tumor)) if tumor != "random" else list(SUBTYPES)
-    weights = np.array([SUBTYPES[s].frequency for s in pool])
+    weights = np.array([population.subtype_frequency(s) for s in pool])
     return pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
 
 
@@ -157,13 +169,52 @@ class Case:
     mr_bits: dict[SeriesRole, int]
 
 
-def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> Case:
-    """Draw and render one SYNTHETIC case. Anatomy and each modality have their own random stream."""
+@dataclass
+class CasePlan:
+    """A SYNTHETIC case before any image: scene, lesion truth, patient, and each modality's random stream."""
+
+    case_id: str
+    seed: int
+    index: int
+    options: PhantomOptions
+    scene: Scene
+    study: StudyInfo
+    lesion: dict | None
+    streams: dict[str, np.random.SeedSequence]  # "ct", "mr", "xr"
+
+
+def draw_anatomy(rng: np.random.Generator, options: PhantomOptions) -> tuple[TumorPlan | None, Spine]:
+    """The lesion plan (subtype, level, size, collapse; None: no tumor) and the spine of one case, drawn from
+    the site's population with the case's anatomy stream: the first draws of ``plan_case``, before the
+    lesion is placed."""
+    population = get_site(options.site).population
+    subtype = draw_subtype(rng, options.tumor, population)
+    plan = plan_tumor(rng, subtype, options.difficulty) if subtype else None
+    if plan is not None and population.lesion_size != 1.0:
+        median, log_sd = plan.spec.diameter_mm
+        plan = replace(plan, spec=replace(plan.spec, diameter_mm=(median * population.lesion_size, log_sd)))
+    opll = population.opll if options.opll == "random" else OPLL_PROBABILITY[options.opll]
+    return plan, sample_spine(rng, plan.collapse if plan else None, opll, population.degeneration)
+
+
+def draw_study(rng: np.random.Generator, case_id: str, seed: int, index: int, options: PhantomOptions) -> StudyInfo:
+    """Patient and study of one case (sex, age from the site's age range, date) from the case's info stream."""
+    age_lo, age_hi = get_site(options.site).population.age_years
+    return StudyInfo(
+        case_id=case_id,
+        seed_key=f"cspine-phantom:{seed}:{index}",
+        sex=str(rng.choice(["F", "M"])),
+        age_years=int(rng.integers(age_lo, age_hi + 1)),
+        date=dt.date(2026, 1, 1) + dt.timedelta(days=int(rng.integers(0, 300))),
+        site="" if options.site == DEFAULT_SITE else options.site,
+    )
+
+
+def plan_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> CasePlan:
+    """Draw one SYNTHETIC case's anatomy, lesion and patient from the site's population (no rendering)."""
     anatomy_ss, ct_ss, mr_ss, xr_ss, info_ss = np.random.SeedSequence([seed, index]).spawn(5)
     rng = np.random.default_rng(anatomy_ss)
-    subtype = draw_subtype(rng, options.tumor)
-    plan = plan_tumor(rng, subtype, options.difficulty) if subtype else None
-    spine = sample_spine(rng, plan.collapse if plan else None, OPLL_PROBABILITY[options.opll])
+    plan, spine = draw_anatomy(rng, options)
     for _ in range(20):  # a lesion must cover tissue it may grow in; redraw its place if not
         tumor = place_tumor(rng, plan, spine, options.difficulty) if plan else None
         scene = Scene(spine, tumor)
@@ -171,31 +222,42 @@ def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> 
         if plan is None or (lesion is not None and lesion["volume_ml"] >= MIN_LESION_ML):
             break
     else:
-        assert subtype is not None  # without a planned lesion the loop breaks on its first pass
-        raise RuntimeError(f"could not place a {subtype.value} lesion in case {case_id} (seed {seed})")
+        assert plan is not None  # without a planned lesion the loop breaks on its first pass
+        raise RuntimeError(f"could not place a {plan.subtype.value} lesion in case {case_id} (seed {seed})")
+    study = draw_study(np.random.default_rng(info_ss), case_id, seed, index, options)
+    return CasePlan(case_id, seed, index, options, scene, study, lesion, {"ct": ct_ss, "mr": mr_ss, "xr": xr_ss})
 
-    info_rng = np.random.default_rng(info_ss)
-    study = StudyInfo(
-        case_id=case_id,
-        seed_key=f"cspine-phantom:{seed}:{index}",
-        sex=str(info_rng.choice(["F", "M"])),
-        age_years=int(info_rng.integers(18, 51)),
-        date=dt.date(2026, 1, 1) + dt.timedelta(days=int(info_rng.integers(0, 300))),
-    )
+
+def render_case(plan: CasePlan, roi: Roi | None = None) -> Case:
+    """Render a planned case with its site's scanners; with ``roi`` only that window of each series (as the
+    lesion bank does: a cheap look at one lesion)."""
+    options, scene = plan.options, plan.scene
+    site = get_site(options.site)
+    scanner = None if site.name == DEFAULT_SITE else site.scanner
     series: dict[SeriesRole, RenderedSeries] = {}
     shift, difficulty, real = options.shift, options.difficulty, options.matrix == "real"
     ct_storage, mr_bits = "", {}
     if "ct" in options.modalities:
-        ct_rng = np.random.default_rng(ct_ss)
-        series[SeriesRole.CT] = acquire_ct(scene, ct_rng, shift, difficulty, real=real)
+        ct_rng = np.random.default_rng(plan.streams["ct"])
+        series[SeriesRole.CT] = acquire_ct(scene, ct_rng, shift, difficulty, roi=roi, real=real, scanner=scanner)
         ct_storage = str(ct_rng.choice(list(CT_STORAGE)))
     if "mr" in options.modalities:
-        mr_rng = np.random.default_rng(mr_ss)
-        series[SeriesRole.MR_T1], series[SeriesRole.MR_T2] = acquire_mr(scene, mr_rng, shift, difficulty, real=real)
+        mr_rng = np.random.default_rng(plan.streams["mr"])
+        series[SeriesRole.MR_T1], series[SeriesRole.MR_T2] = acquire_mr(
+            scene, mr_rng, shift, difficulty, roi=roi, real=real, scanner=scanner
+        )
         mr_bits = {role: int(mr_rng.choice([12, 16])) for role in (SeriesRole.MR_T1, SeriesRole.MR_T2)}
     if "xr" in options.modalities:
-        series[SeriesRole.XR] = acquire_xr(scene, np.random.default_rng(xr_ss), shift, difficulty, real=real)
-    return Case(case_id, seed, index, options, scene, study, lesion, series, ct_storage, mr_bits)
+        xr_rng = np.random.default_rng(plan.streams["xr"])
+        series[SeriesRole.XR] = acquire_xr(scene, xr_rng, shift, difficulty, roi=roi, real=real, scanner=scanner)
+    return Case(
+        plan.case_id, plan.seed, plan.index, options, scene, plan.study, plan.lesion, series, ct_storage, mr_bits
+    )
+
+
+def build_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> Case:
+    """Draw and render one SYNTHETIC case. Anatomy and each modality have their own random stream."""
+    return render_case(plan_case(case_id, seed, index, options))
 
 
 _WRITERS = {SeriesRole.CT: "ct", SeriesRole.MR_T1: "mr", SeriesRole.MR_T2: "mr", SeriesRole.XR: "xr"}  # role → folder

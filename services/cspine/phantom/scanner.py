@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from cspine.domain import SeriesRole, Volume
 from cspine.phantom.anatomy import (
@@ -84,6 +85,104 @@ class Shift:
             "contrast": self.contrast,
             "thickness": self.thickness,
         }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One modality's acquisition at a site (``sites.SiteProfile``); the defaults change nothing.
+
+    ``noise``, ``resolution``, ``contrast`` and ``thickness_mm`` act like the ``Shift`` knobs of the same
+    names and compose with a ``Shift`` by multiplication (a ``Shift`` thickness wins); ``blur_mm`` and
+    ``sharpen`` are the reconstruction kernel or image processing, applied in-plane to the finished image
+    (its noise included): a soft kernel is a Gaussian of that sigma, a sharp one an unsharp mask (image +
+    ``sharpen`` × (image − its Gaussian blur of ``sharpen_mm``)). ``kernel_name`` is what a CT records as
+    ConvolutionKernel instead of the drawn one."""
+
+    noise: float = 1.0
+    resolution: float = 1.0
+    contrast: float = 1.0
+    thickness_mm: float | None = None
+    blur_mm: float = 0.0
+    sharpen: float = 0.0
+    sharpen_mm: float = 1.0
+    kernel_name: str | None = None
+
+    def __post_init__(self) -> None:
+        Shift(self.noise, self.resolution, self.contrast, self.thickness_mm)  # same ranges as a Shift
+        if not 0.0 <= self.blur_mm <= 5.0 or not 0.0 <= self.sharpen <= 5.0 or not 0.2 <= self.sharpen_mm <= 5.0:
+            raise ValueError(
+                f"kernel out of range: blur_mm {self.blur_mm} (0-5), sharpen {self.sharpen} (0-5), "
+                f"sharpen_mm {self.sharpen_mm} (0.2-5)"
+            )
+
+    def compose(self, shift: Shift) -> Shift:
+        """The Shift this protocol amounts to on top of ``shift`` (``shift``'s thickness, if any, wins)."""
+        return Shift(
+            noise=shift.noise * self.noise,
+            resolution=shift.resolution * self.resolution,
+            contrast=shift.contrast * self.contrast,
+            thickness=shift.thickness if shift.thickness is not None else self.thickness_mm,
+        )
+
+    def filter(self, values: np.ndarray, spacing_mm: float) -> np.ndarray:
+        """``values`` ([K, R, C] or [R, C]) through the kernel, in-plane; unchanged without one."""
+        return apply_kernel(values, spacing_mm, self.blur_mm, self.sharpen, self.sharpen_mm)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """A site's scanners and protocols: one ``Protocol`` per modality and the MR field strength effects.
+
+    ``mr_field_t`` is recorded as MagneticFieldStrength (None: drawn, 1.5 or 3 T, as without a site); its
+    lower SNR at 1.5 T is in ``mr.noise``. ``mr_weighting`` mixes that share of the other weighting's tissue
+    signal into each MR series (T1 ← T2 and T2 ← T1: what a longer TR / shorter TE does to the contrast)."""
+
+    ct: Protocol = field(default_factory=Protocol)
+    mr: Protocol = field(default_factory=Protocol)
+    xr: Protocol = field(default_factory=Protocol)
+    mr_field_t: float | None = None
+    mr_weighting: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mr_field_t is not None and not 0.2 <= self.mr_field_t <= 7.0:
+            raise ValueError(f"mr_field_t must be between 0.2 and 7 T, got {self.mr_field_t}")
+        if not 0.0 <= self.mr_weighting <= 0.5:
+            raise ValueError(f"mr_weighting must be between 0 and 0.5, got {self.mr_weighting}")
+
+    def mr_tissue_values(self, tissue_values: dict) -> dict:
+        """Tissue (CT, T1, T2) values with ``mr_weighting`` of each weighting mixed into the other."""
+        w = self.mr_weighting
+        if w == 0.0:
+            return tissue_values
+        return {t: (ct, (1 - w) * t1 + w * t2, (1 - w) * t2 + w * t1) for t, (ct, t1, t2) in tissue_values.items()}
+
+    def as_dict(self) -> dict:
+        return {
+            "ct": self.ct.as_dict(),
+            "mr": self.mr.as_dict(),
+            "xr": self.xr.as_dict(),
+            "mr_field_t": self.mr_field_t,
+            "mr_weighting": self.mr_weighting,
+        }
+
+
+def apply_kernel(
+    values: np.ndarray, spacing_mm: float, blur_mm: float, sharpen: float, sharpen_mm: float
+) -> np.ndarray:
+    """A soft (Gaussian ``blur_mm``) and/or sharp (unsharp mask) kernel over the last two axes."""
+    if blur_mm <= 0.0 and sharpen <= 0.0:
+        return values
+    sigma = [0.0] * (values.ndim - 2)
+    out = values.astype(np.float32)
+    if blur_mm > 0.0:
+        out = ndimage.gaussian_filter(out, [*sigma, blur_mm / spacing_mm, blur_mm / spacing_mm])
+    if sharpen > 0.0:
+        smooth = ndimage.gaussian_filter(out, [*sigma, sharpen_mm / spacing_mm, sharpen_mm / spacing_mm])
+        out = out + np.float32(sharpen) * (out - smooth)
+    return out.astype(np.float32)
 
 
 @dataclass
@@ -202,10 +301,15 @@ def acquire_ct(
     difficulty: float,
     roi: Roi | None = None,
     real: bool = False,
+    scanner: ScannerProfile | None = None,
 ) -> RenderedSeries:
     """An axial CT; with ``roi`` only the part of the same acquisition inside the window is rendered; with
-    ``real`` a 512² matrix of 0.5 mm slices over the same field of view (and at least 152 mm of neck)."""
+    ``real`` a 512² matrix of 0.5 mm slices over the same field of view (and at least 152 mm of neck). A site's
+    ``scanner`` composes its CT protocol with ``shift`` and applies its kernel."""
     _check_real(real, roi)
+    protocol = scanner.ct if scanner is not None else None
+    if protocol is not None:
+        shift = protocol.compose(shift)
     spine = scene.spine
     spacing = float(rng.uniform(0.55, 0.75)) * shift.resolution
     matrix = int(round(256 / shift.resolution / 2)) * 2
@@ -237,6 +341,9 @@ def acquire_ct(
         "kernel": str(rng.choice(["B30f", "STANDARD", "FC08"])),
         "noise": noise,
     }
+    if protocol is not None:
+        hu = protocol.filter(hu, spacing)
+        acquisition["kernel"] = protocol.kernel_name or acquisition["kernel"]
     if real:
         fine = _finer(grid, REAL_CT_SIZE, REAL_CT_STEP_MM)
         hu, labels, levels = _onto(grid, fine, hu, labels, levels)
@@ -264,10 +371,15 @@ def acquire_mr(
     difficulty: float,
     roi: Roi | None = None,
     real: bool = False,
+    scanner: ScannerProfile | None = None,
 ) -> tuple[RenderedSeries, RenderedSeries]:
     """Sagittal T1- and T2-weighted series on one grid (same slices, same frame of reference); with
-    ``real`` a 512² matrix over the same field of view."""
+    ``real`` a 512² matrix over the same field of view. A site's ``scanner`` composes its MR protocol with
+    ``shift``, sets the field strength, mixes the weightings and applies its kernel."""
     _check_real(real, roi)
+    protocol = scanner.mr if scanner is not None else None
+    if protocol is not None:
+        shift = protocol.compose(shift)
     spine = scene.spine
     spacing = float(rng.uniform(0.7, 0.9)) * shift.resolution
     matrix = int(round(256 / shift.resolution / 2)) * 2
@@ -295,6 +407,10 @@ def acquire_mr(
     levels = canvas.level[1::sub].copy()
     noise = float(rng.uniform(10, 20)) * shift.noise * _noise_factor(difficulty)
     field_strength = float(rng.choice([1.5, 3.0]))
+    tissue_values = scene.tissue_values()
+    if scanner is not None:
+        field_strength = scanner.mr_field_t or field_strength
+        tissue_values = scanner.mr_tissue_values(tissue_values)
     out = []
     weightings = {
         SeriesRole.MR_T1: (1, {"tr": float(rng.uniform(450, 700)), "te": float(rng.uniform(8, 14)), "etl": 3}),
@@ -310,7 +426,7 @@ def acquire_mr(
             canvas.tissue,
             canvas.level,
             spine,
-            scene.tissue_values(),
+            tissue_values,
             rng,
             channel,
             sub,
@@ -318,6 +434,8 @@ def acquire_mr(
             gain=gains[-1],
             contrast=shift.contrast,
         )
+        if protocol is not None:
+            signal = protocol.filter(signal, spacing)
         out.append(
             RenderedSeries(
                 role=role,
@@ -377,13 +495,18 @@ def acquire_xr(
     difficulty: float,
     roi: Roi | None = None,
     real: bool = False,
+    scanner: ScannerProfile | None = None,
 ) -> RenderedSeries:
     """A lateral radiograph: parallel projection along x, soft tissue integrated analytically. With
     ``roi`` only the window (in y and z) of the same radiograph is rendered. With ``real`` a 3072 × 2614
     detector at a fifth of the phantom's pixel spacing, centred where the phantom's image is: the spine's
     rays are summed at the phantom's spacing and interpolated, the soft tissue is exact on the fine grid,
-    and quantum noise is that of the smaller pixels."""
+    and quantum noise is that of the smaller pixels. A site's ``scanner`` composes its radiograph protocol
+    with ``shift`` and applies its kernel (detector blur or edge enhancement)."""
     _check_real(real, roi)
+    protocol = scanner.xr if scanner is not None else None
+    if protocol is not None:
+        shift = protocol.compose(shift)
     spine = scene.spine
     spacing = float(rng.uniform(0.5, 0.6)) * shift.resolution
     magnification = float(rng.uniform(1.08, 1.15))
@@ -456,6 +579,8 @@ def acquire_xr(
         scatter_px=scatter_px,
         broad_factor=factor,
     )
+    if protocol is not None:
+        image = protocol.filter(image, pixel)
     labels[(labels == Label.BACKGROUND) & ((fat + muscle) > 0)] = Label.SOFT_TISSUE
     return RenderedSeries(
         role=SeriesRole.XR,

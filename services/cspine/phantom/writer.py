@@ -52,6 +52,7 @@ class StudyInfo:
     sex: str
     age_years: int
     date: dt.date
+    site: str = ""  # a SYNTHETIC site's name (sites.SITES) other than the default: InstitutionName says it
 
     def uid(self, *parts: object) -> str:
         return generate_uid(entropy_srcs=[self.seed_key, *map(str, parts)])
@@ -119,7 +120,7 @@ def _common(
     ds.Manufacturer = "cspine (synthetic phantom)"
     ds.ManufacturerModelName = "cspine-phantom"
     ds.SoftwareVersions = cspine.__version__
-    ds.InstitutionName = "SYNTHETIC"
+    ds.InstitutionName = f"SYNTHETIC site {study.site}" if study.site else "SYNTHETIC"
     # Image
     ds.InstanceNumber = instance
     ds.ContentDate = date
