@@ -174,7 +174,7 @@ SITES: dict[str, SiteProfile] = {
         "patients 30-75 with more primary bone tumours (giant cell tumour, aneurysmal bone cyst, osteoblastoma, "
         "chordoma), fewer incidental hemangiomas and metastases, larger at referral",
         ScannerProfile(
-            ct=Protocol(noise=1.2, resolution=0.8, thickness_mm=1.0, sharpen=1.2, sharpen_mm=0.8, kernel_name="B70s"),
+            ct=Protocol(noise=1.2, resolution=0.8, thickness_mm=1.0, sharpen=1.5, sharpen_mm=0.8, kernel_name="B70s"),
             mr=Protocol(noise=0.7, resolution=0.8, sharpen=0.8, sharpen_mm=0.8),
             xr=Protocol(sharpen=1.5, sharpen_mm=1.0, contrast=1.2),
             mr_field_t=3.0,
@@ -185,13 +185,13 @@ SITES: dict[str, SiteProfile] = {
             opll=0.15,
             tumor_free_share=0.15,
             subtype_weights={
-                "giant_cell_tumor": 3.0,
+                "giant_cell_tumor": 4.0,
                 "aneurysmal_bone_cyst": 2.5,
                 "osteoblastoma": 1.5,
-                "chordoma": 2.0,
+                "chordoma": 1.5,
                 "hemangioma": 0.4,
                 "osteochondroma": 0.5,
-                "metastasis": 0.8,
+                "metastasis": 0.6,
             },
             lesion_size=1.3,
         ),
