@@ -20,9 +20,7 @@ def cmd_k8s_status(args: argparse.Namespace) -> int:
     # KUBECONFIG and KUBERNETES_SERVICE_HOST are the kubernetes client's own variables, read as kubectl does.
     api, namespace = k8s.connect(k8s.ClusterAccess.choose(args.kubeconfig, args.context, os.environ))
     with api:
-        status = k8s.gather_status(
-            api, args.namespace or namespace, args.release, tuple(SERVED), datetime.now(UTC)
-        )
+        status = k8s.gather_status(api, args.namespace or namespace, args.release, tuple(SERVED), datetime.now(UTC))
     verdict = k8s.judge(status)
     print(json.dumps(k8s.status_json(status, verdict), indent=2) if args.json else k8s.format_status(status, verdict))
     for problem in verdict.problems:

@@ -11,39 +11,55 @@ for the shipped ``proto_classify``:
 - ``baseline``: the conventionally trained encoder with its last block and a new linear head fine-tuned on
   the site's cases (modeling/evaluate.py), for k ≥ 1.
 
-The query lesions are the same at every k; support draws are repeated. Per method and k: accuracy, balanced
-accuracy and ECE of the modalities fused (summed log-probabilities), with a bootstrap 95 % CI over the query
-lesions of their repeat-averaged correctness. A new-class row adds one subtype as a fourth class with 5 site
-cases and reports its recall.
+Each site gives a class-balanced pool of its lesions (``site_lesions(per_class=…)``: its subtype mix within
+each class); the query lesions are the same at every k, support draws are repeated. The modalities are fused
+as the service fuses them (log-linear pooling with the classification weights of calibration.json). Per
+method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the queries are balanced, so
+the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of
+the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases:
+its recall, and the share of the other classes' lesions it takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from cspine.fewshot.adapt import balanced_accuracy, expected_calibration_error, fitted, transductive
-from cspine.fewshot.prototypes import PrototypeSet, SupportSet
-from cspine.inference.specs import EMBEDDING_DIM, MODALITY_ORDER
+from cspine.fewshot.adapt import balanced_accuracy, classifier_scale, expected_calibration_error, transductive
+from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet
+from cspine.inference.specs import MODALITY_ORDER
 from cspine.modeling.data import CLASSES, LesionBank
-from cspine.modeling.evaluate import EmbedModel, finetune_baseline
+from cspine.modeling.evaluate import EmbedModel, finetune_baseline, onnx_embed, site_lesions
 from cspine.modeling.networks import BaselineClassifier
+from cspine.phantom.sites import DEFAULT_SITE
 
 METHODS = ("plain", "fitted", "transductive", "baseline")
 SHOTS = (0, 1, 5, 10, 20)
+QUERIES_PER_CLASS = 15
+NEW_CLASS_CASES = 5
+# The subtype each site adds as a class of its own in the new-class row: one its population has more of than
+# the default site's (phantom/sites.py), so a site would want it told apart.
+NEW_CLASS_SUBTYPE = {
+    "default": "chordoma",
+    "community-ct": "hemangioma",
+    "mr-1p5t": "osteoid_osteoma",
+    "high-res-sharp": "giant_cell_tumor",
+}
 Classify = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def classifier_scale(classify: Classify) -> float:
-    """The scale ``s`` of the exported classifier ``softmax(-s · d²)``, read from one call: with prototypes at
-    squared distances 0 and 1, the log-ratio of the two probabilities is ``s``."""
-    embedding = np.zeros((1, EMBEDDING_DIM), np.float32)
-    prototypes = np.zeros((2, EMBEDDING_DIM), np.float32)
-    prototypes[1, 0] = 1.0
-    p = classify(embedding, prototypes)[0]
-    return float(np.log(p[0] / p[1]))
+@dataclass(frozen=True)
+class SitePools:
+    """One site's lesions for the evaluation: a class-balanced pool (queries and support candidates) and
+    lesions of the subtype it adds as a new class."""
+
+    pool: LesionBank
+    new_class: LesionBank
+    new_class_name: str
 
 
 def _embeddings(pool: LesionBank, embed: EmbedModel) -> np.ndarray:
@@ -58,27 +74,48 @@ def _embeddings(pool: LesionBank, embed: EmbedModel) -> np.ndarray:
     )
 
 
-def _rule_prototypes(default: SupportSet, site: np.ndarray, site_labels: np.ndarray, names) -> np.ndarray:
-    """[modalities, K, D] prototypes of the support rule from the default set and the site's cases, classes in
-    the order of ``names``."""
+def _rule_prototypes(
+    default: SupportSet, site: np.ndarray, site_labels: np.ndarray, names, adaptation: Adaptation | None = None
+) -> np.ndarray:
+    """[modalities, K, D] prototypes the service makes of the default set and the site's cases (the support rule,
+    then ``adaptation``), classes in the order of ``names``."""
     labels = default.labels + tuple(names[c] for c in site_labels)
     combined = SupportSet(np.concatenate([default.embeddings, site]) if len(site) else default.embeddings, labels)
     flags = np.array([True] * len(default.labels) + [False] * len(site))
-    prototypes = PrototypeSet.from_cases(combined, flags)
+    prototypes = PrototypeSet.from_cases(combined, flags, adaptation=adaptation)
     order = [prototypes.labels.index(name) for name in names]
     return np.stack([prototypes.prototypes[modality][order] for modality in MODALITY_ORDER])
 
 
-def _fused(log_probabilities: list[np.ndarray]) -> np.ndarray:
-    total = np.sum(log_probabilities, axis=0)
+def _fused(log_probabilities: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Log-linear pooling, as the service fuses modalities: softmax of the weighted sum of log-probabilities."""
+    total = np.tensordot(weights, np.stack(log_probabilities), axes=1)
     total -= total.max(1, keepdims=True)
-    weights = np.exp(total)
-    return weights / weights.sum(1, keepdims=True)
+    pooled = np.exp(total)
+    return pooled / pooled.sum(1, keepdims=True)
+
+
+def _log(probabilities: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probabilities, 1e-9, None))
 
 
 def _bootstrap(correct: np.ndarray, rng: np.random.Generator, draws: int = 1000) -> list[float]:
     means = [correct[rng.integers(0, len(correct), len(correct))].mean() for _ in range(draws)]
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def _method_prototypes(
+    method: str, default: SupportSet, support: np.ndarray, labels: np.ndarray, queries: np.ndarray, names, scale: float
+) -> np.ndarray:
+    """[modalities, K, D] prototypes of ``method`` from the default set, the site's support embeddings [n, M, D]
+    (classes ``labels``, indices into ``names``) and, for ``transductive``, the queries' [q, M, D]: ``plain`` and
+    ``fitted`` through ``PrototypeSet.from_cases`` as the service makes them."""
+    if method in ("plain", "fitted"):
+        return _rule_prototypes(default, support, labels, names, Adaptation(method, scale))
+    rule = _rule_prototypes(default, support, labels, names)
+    return np.stack(
+        [transductive(rule[m], support[:, m], labels, queries[:, m], scale) for m in range(len(MODALITY_ORDER))]
+    )
 
 
 def compare(
@@ -87,13 +124,15 @@ def compare(
     embed: EmbedModel,
     classify: Classify,
     baseline: BaselineClassifier | None,
+    weights: np.ndarray,
     shots: tuple[int, ...] = SHOTS,
     repeats: int = 10,
-    queries_per_class: int = 10,
+    queries_per_class: int = QUERIES_PER_CLASS,
     finetune_steps: int = 40,
     seed: int = 0,
 ) -> dict:
-    """Per method and k: accuracy, balanced accuracy, ECE (means over repeats) and the accuracy's CI."""
+    """Per method and k: accuracy, balanced accuracy and ECE of the fused answer (modalities pooled with
+    ``weights``), the accuracy's CI, and each modality's accuracy alone."""
     names = CLASSES
     scale = classifier_scale(classify)
     embeddings = _embeddings(pool, embed)
@@ -108,58 +147,52 @@ def compare(
     candidates = [m[queries_per_class:] for m in shuffled]
     features = _baseline_features(pool, baseline) if baseline is not None else {}
     results: dict[str, dict[str, dict]] = {method: {} for method in METHODS}
-    single: dict[str, dict[str, list[float]]] = {m.value.lower(): {} for m in MODALITY_ORDER}  # plain, per modality
     for k in shots:
         runs: dict[str, list[np.ndarray]] = {method: [] for method in METHODS}
+        single: dict[str, list[list[np.ndarray]]] = {method: [] for method in METHODS}
         for repeat in range(repeats if k else 1):
             draw = np.random.default_rng([seed, k, repeat])
             support = np.concatenate([draw.choice(c, size=k, replace=False) for c in candidates]).astype(int)
             labels = np.repeat(np.arange(len(names)), k)
-            rule = _rule_prototypes(default, embeddings[support], labels, names)
             for method in ("plain", "fitted", "transductive"):
-                log_p = []
-                for m, modality in enumerate(MODALITY_ORDER):
-                    prototypes = rule[m]
-                    if method == "fitted" and k:
-                        prototypes = fitted(embeddings[support, m], labels, prototypes, scale)
-                    elif method == "transductive":
-                        prototypes = transductive(
-                            prototypes, embeddings[support, m], labels, embeddings[queries, m], scale
-                        )
-                    log_p.append(np.log(np.clip(classify(embeddings[queries, m], prototypes), 1e-9, None)))
-                    if method == "plain":
-                        single[modality.value.lower()].setdefault(str(k), []).append(
-                            float((log_p[-1].argmax(1) == truth).mean())
-                        )
-                runs[method].append(_fused(log_p))
+                prototypes = _method_prototypes(
+                    method, default, embeddings[support], labels, embeddings[queries], names, scale
+                )
+                log_p = [_log(classify(embeddings[queries, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
+                single[method].append(log_p)
+                runs[method].append(_fused(log_p, weights))
             if baseline is not None and k:
                 model = finetune_baseline(baseline, features, support, labels, finetune_steps, seed + repeat)
-                runs["baseline"].append(_baseline_probabilities(model, features, queries))
+                log_p = _baseline_log_probabilities(model, features, queries)
+                single["baseline"].append(log_p)
+                runs["baseline"].append(_fused(log_p, weights))
         for method, probabilities in runs.items():
             if probabilities:
                 results[method][str(k)] = _figures(probabilities, truth, len(names), rng)
+                results[method][str(k)]["by_modality"] = {
+                    modality.value.lower(): round(
+                        float(np.mean([(run[m].argmax(1) == truth).mean() for run in single[method]])), 4
+                    )
+                    for m, modality in enumerate(MODALITY_ORDER)
+                }
     return {
         "measured_on": "SYNTHETIC phantom lesions, ground-truth ROIs (not the full pipeline)",
         "lesions": len(pool),
         "queries": len(queries),
         "repeats": repeats,
         "methods": {method: values for method, values in results.items() if values},
-        "plain_by_modality": {
-            modality: {k: round(float(np.mean(v)), 4) for k, v in values.items()} for modality, values in single.items()
-        },
     }
 
 
 def _figures(probabilities: list[np.ndarray], truth: np.ndarray, classes: int, rng: np.random.Generator) -> dict:
     accuracy = [float((p.argmax(1) == truth).mean()) for p in probabilities]
     balanced = [balanced_accuracy(p.argmax(1), truth, classes) for p in probabilities]
-    ece = [expected_calibration_error(p, truth) for p in probabilities]
     correct = np.mean([p.argmax(1) == truth for p in probabilities], axis=0)
     return {
         "accuracy": round(float(np.mean(accuracy)), 4),
         "accuracy_ci95": _bootstrap(correct, rng),
         "balanced_accuracy": round(float(np.mean(balanced)), 4),
-        "ece": round(float(np.mean(ece)), 4),
+        "ece": round(expected_calibration_error(np.concatenate(probabilities), np.tile(truth, len(probabilities))), 4),
     }
 
 
@@ -176,82 +209,176 @@ def _baseline_features(pool: LesionBank, baseline: BaselineClassifier) -> dict[i
         }
 
 
-def _baseline_probabilities(
+def _baseline_log_probabilities(
     model: BaselineClassifier, features: dict[int, torch.Tensor], queries: np.ndarray
-) -> np.ndarray:
+) -> list[np.ndarray]:
     onehots = np.eye(len(MODALITY_ORDER), dtype=np.float32)
     log_p = []
     with torch.no_grad():
         for m in features:
             onehot = torch.from_numpy(np.tile(onehots[m], (len(queries), 1)))
             log_p.append(torch.log_softmax(model.forward_features(features[m][queries], onehot), 1).numpy())
-    return _fused(log_p)
+    return log_p
 
 
-def new_class_recall(
+def new_class(
     default: SupportSet,
-    pool: LesionBank,
+    pools: SitePools,
     embed: EmbedModel,
     classify: Classify,
-    subtype: int,
-    cases: int = 5,
+    weights: np.ndarray,
+    method: str,
+    cases: int = NEW_CLASS_CASES,
     repeats: int = 10,
+    queries_per_class: int = QUERIES_PER_CLASS,
     seed: int = 0,
-) -> float:
-    """Recall of a subtype added as a new (fourth) class with ``cases`` site cases, the other classes keeping
-    the default's prototypes; the subtype's other lesions are the queries, with as many of the other classes'."""
-    embeddings = _embeddings(pool, embed)
-    names = (*CLASSES, "new-class")
-    mine = np.nonzero(pool.subtypes == subtype)[0]
+) -> dict:
+    """A subtype added as a new (fourth) class with ``cases`` site cases by ``method``, the other classes keeping
+    the default's prototypes: its recall on its other lesions, and the share of the pool's query lesions (of
+    the other classes) it takes."""
+    mine, others = _embeddings(pools.new_class, embed), _embeddings(pools.pool, embed)
     if len(mine) < cases + 5:
-        raise ValueError(f"the pool has {len(mine)} lesions of the new subtype; {cases + 5} are needed")
-    recalls = []
+        raise ValueError(f"{len(mine)} lesions of the new subtype; {cases + 5} are needed")
+    names = (*CLASSES, pools.new_class_name)
+    rng = np.random.default_rng(seed)
+    other = np.concatenate(
+        [rng.permutation(np.nonzero(pools.pool.classes == c)[0])[:queries_per_class] for c in range(len(CLASSES))]
+    )
+    scale = classifier_scale(classify)
+    recalls, taken = [], []
     for repeat in range(repeats):
-        draw = np.random.default_rng([seed, subtype, repeat])
-        picked = draw.permutation(mine)
-        support, queries = picked[:cases], picked[cases:]
-        rule = _rule_prototypes(default, embeddings[support], np.full(cases, len(CLASSES)), names)
-        log_p = [
-            np.log(np.clip(classify(embeddings[queries, m], rule[m]), 1e-9, None)) for m in range(len(MODALITY_ORDER))
-        ]
-        recalls.append(float((_fused(log_p).argmax(1) == len(CLASSES)).mean()))
-    return round(float(np.mean(recalls)), 4)
+        picked = np.random.default_rng([seed, repeat]).permutation(len(mine))
+        support, queries = mine[picked[:cases]], mine[picked[cases:]]
+        labels = np.full(cases, len(CLASSES))
+        both = np.concatenate([queries, others[other]])
+        prototypes = _method_prototypes(method, default, support, labels, both, names, scale)
+        log_p = [_log(classify(both[:, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
+        predicted = _fused(log_p, weights).argmax(1)
+        recalls.append(float((predicted[: len(queries)] == len(CLASSES)).mean()))
+        taken.append(float((predicted[len(queries) :] == len(CLASSES)).mean()))
+    return {
+        "subtype": pools.new_class_name,
+        "cases": cases,
+        "recall": round(float(np.mean(recalls)), 4),
+        "others_taken": round(float(np.mean(taken)), 4),
+    }
 
 
 def evaluate_adaptation(
-    sites: dict[str, LesionBank],
+    sites: dict[str, SitePools],
     default: SupportSet,
     embed: EmbedModel,
     classify: Classify,
     baseline: BaselineClassifier | None,
-    new_subtype: dict[str, int],
+    weights: np.ndarray,
+    shipped_method: str,
     repeats: int = 10,
-    queries_per_class: int = 10,
+    queries_per_class: int = QUERIES_PER_CLASS,
     finetune_steps: int = 40,
     seed: int = 0,
 ) -> dict:
     """The issue's JSON: per site, method and k (as text) the figures; the shipped method; the new-class recall
-    per site; the fused accuracy beside the best single modality at 5 site cases (plain)."""
-    out: dict = {"sites": {}, "shipped_method": "plain", "new_class_recall": {}, "fused_vs_best_single": {}}
+    per site (shipped method); the fused accuracy beside the best single modality at 5 site cases (shipped
+    method); and, under ``details``, everything measured."""
+    out: dict = {"sites": {}, "shipped_method": shipped_method, "new_class_recall": {}, "fused_vs_best_single": {}}
     details = {}
-    for site, pool in sites.items():
+    for site, pools in sites.items():
         measured = compare(
-            default, pool, embed, classify, baseline, SHOTS, repeats, queries_per_class, finetune_steps, seed
+            default,
+            pools.pool,
+            embed,
+            classify,
+            baseline,
+            weights,
+            SHOTS,
+            repeats,
+            queries_per_class,
+            finetune_steps,
+            seed,
         )
+        added = new_class(default, pools, embed, classify, weights, shipped_method, repeats=repeats, seed=seed)
+        measured["new_class"] = added
         details[site] = measured
         out["sites"][site] = {
             method: {k: {key: v[key] for key in ("accuracy", "balanced_accuracy", "ece")} for k, v in values.items()}
             for method, values in measured["methods"].items()
         }
-        if site in new_subtype:
-            out["new_class_recall"][site] = new_class_recall(
-                default, pool, embed, classify, new_subtype[site], repeats=repeats, seed=seed
-            )
-        single = {m: values.get("5") for m, values in measured["plain_by_modality"].items()}
-        out["fused_vs_best_single"][site] = {
-            "fused": measured["methods"]["plain"]["5"]["accuracy"],
-            "best_single": max(v for v in single.values() if v is not None),
-        }
+        out["new_class_recall"][site] = added["recall"]
+        at5 = measured["methods"][shipped_method]["5"]
+        out["fused_vs_best_single"][site] = {"fused": at5["accuracy"], "best_single": max(at5["by_modality"].values())}
     out["measured_on"] = "SYNTHETIC phantom lesions of each site, ground-truth ROIs (not the full pipeline)"
+    out["fusion_weights"] = {m.value: round(float(w), 4) for m, w in zip(MODALITY_ORDER, weights, strict=True)}
     out["details"] = details
     return out
+
+
+PER_CLASS = QUERIES_PER_CLASS + 30  # lesions per class a site's pool holds: the queries and 30 support candidates
+NEW_CLASS_LESIONS = 15
+
+
+def site_pools(cache: Path, site: str, seed: int, workers: int = 1, per_class: int = PER_CLASS) -> SitePools:
+    """A site's class-balanced pool (``seed``) and the lesions of its new-class subtype (``seed + 1``), rendered
+    once and cached (modeling/evaluate.py ``site_lesions``)."""
+    subtype = NEW_CLASS_SUBTYPE.get(site, NEW_CLASS_SUBTYPE[DEFAULT_SITE])
+    pool = site_lesions(cache, site, seed, workers=workers, per_class=per_class).bank()
+    added = site_lesions(cache, site, seed + 1, workers=workers, per_class=NEW_CLASS_LESIONS, tumor=subtype).bank()
+    return SitePools(pool, added, subtype)
+
+
+def run_adaptation(
+    repository: Path,
+    cache: Path,
+    sites: list[str],
+    seed: int,
+    repeats: int = 10,
+    baseline: bool = True,
+    workers: int = 1,
+) -> dict:
+    """``evaluate_adaptation`` with the shipped models, the shipped default support set, the service's fusion
+    weights and method, on each site's pools."""
+    from cspine.analysis.fusion import Calibration
+    from cspine.fewshot.prototypes import SHIPPED_METHOD
+    from cspine.modeling.recipes import ARTIFACTS, load_baseline_artifact, model_path, proto_classifier
+
+    calibration = Calibration.load(repository)
+    weights = np.array([calibration.classification_weights[m] for m in MODALITY_ORDER])
+    result = evaluate_adaptation(
+        {site: site_pools(cache, site, seed, workers) for site in sites},
+        SupportSet.load(),
+        onnx_embed(model_path(repository, "lesion_embed")),
+        proto_classifier(repository),
+        load_baseline_artifact(ARTIFACTS / "baseline.pt") if baseline else None,
+        weights,
+        SHIPPED_METHOD,
+        repeats=repeats,
+        seed=seed,
+    )
+    result["seed"] = seed
+    return result
+
+
+def format_adaptation(result: dict) -> str:
+    """One table per site: balanced accuracy / ECE per method and number of site cases per class; then the
+    new-class row and the fused accuracy beside the best single modality."""
+    lines = [f"{result['measured_on']}; shipped method: {result['shipped_method']}"]
+    for site, methods in result["sites"].items():
+        details = result["details"][site]
+        lines.append(
+            f"\n{site}: {details['lesions']} lesions, {details['queries']} queries, {details['repeats']} support "
+            "draws per k; balanced accuracy / ECE"
+        )
+        lines.append(f"{'site cases per class':<22}" + "".join(f"{k:>14}" for k in map(str, SHOTS)))
+        for method, values in methods.items():
+            cells = [
+                f"{values[k]['balanced_accuracy']:.3f} / {values[k]['ece']:.3f}" if k in values else "-"
+                for k in map(str, SHOTS)
+            ]
+            lines.append(f"{method:<22}" + "".join(f"{c:>14}" for c in cells))
+        added = details["new_class"]
+        versus = result["fused_vs_best_single"][site]
+        lines.append(
+            f"new class {added['subtype']} ({added['cases']} cases): recall {added['recall']:.3f}, "
+            f"other lesions taken {added['others_taken']:.3f}; at 5 cases fused accuracy {versus['fused']:.3f}, "
+            f"best single modality {versus['best_single']:.3f}"
+        )
+    return "\n".join(lines)

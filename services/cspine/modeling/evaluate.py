@@ -36,6 +36,7 @@ from cspine.phantom.generate import (
     COHORT_FILE,
     Case,
     PhantomOptions,
+    case_subtype,
     generate_case,
     generate_cohort,
     plan_case,
@@ -385,16 +386,16 @@ def _ground_truth_rois(case: Case, lesion: dict) -> np.ndarray:
     )
 
 
-def _site_lesion(args: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, int, int, float] | None:
+def _site_lesion(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray, int, int, float] | None:
     """Case ``index`` of ``site``'s population (None: it has no lesion), its lesion rendered in a window twice
     with the same random streams: by the site's scanners and by the default site's. Returns both ground-truth
     ROI stacks, the class and subtype indices and the maximum diameter (mm)."""
-    site, seed, index = args
-    plan = plan_case(f"lesion-{index:04d}", seed, index, PhantomOptions(site=site))
-    tumor, lesion = plan.scene.tumor, plan.lesion
-    if tumor is None or lesion is None:
+    site, seed, index, tumor = args
+    plan = plan_case(f"lesion-{index:04d}", seed, index, PhantomOptions(site=site, tumor=tumor))
+    tumor_plan, lesion = plan.scene.tumor, plan.lesion
+    if tumor_plan is None or lesion is None:
         return None
-    window = (tumor.blobs[0].centre, ROI_WINDOW_MM)
+    window = (tumor_plan.blobs[0].centre, ROI_WINDOW_MM)
     rois = _ground_truth_rois(render_case(plan, roi=window), lesion)
     if site == DEFAULT_SITE:
         default_rois = rois
@@ -423,28 +424,63 @@ class SiteLesions:
     subtypes: np.ndarray
     diameters: np.ndarray
 
+    def bank(self) -> LesionBank:
+        return LesionBank(self.rois, subtypes=self.subtypes, classes=self.classes)
 
-def site_lesions(cache: Path, site: str, seed: int, count: int, workers: int = 1) -> SiteLesions:
-    """The first ``count`` lesions of a site's SYNTHETIC cases (cases drawn as ``cspine phantom --site`` draws
-    them, tumour-free ones skipped), each rendered in a window around it (``_site_lesion``). Cached."""
-    path = cache / "site-lesions" / f"{site}-{get_site(site).fingerprint()}-seed{seed}-{count}.npz"
+
+MAX_CASES_SEARCHED = 100_000  # a class the site's population (almost) never has stops the search here
+
+
+def _pick_cases(site: str, seed: int, count: int, per_class: int, tumor: str) -> list[int]:
+    """Indices of the site's cases (as ``cspine phantom --site`` draws them) with a lesion: the first ``count``,
+    or with ``per_class`` the first ``per_class`` of each class the cases can have. Only each case's subtype is
+    drawn (``case_subtype``), nothing is planned or rendered."""
+    options = PhantomOptions(site=site, tumor=tumor)
+    wanted = {c: per_class for c in range(len(CLASSES))}
+    if tumor != "random":
+        classes = {
+            SUBTYPES[s].tumor_class.value for s in TumorSubtype if tumor in (s.value, SUBTYPES[s].tumor_class.value)
+        }
+        wanted = {CLASSES.index(c): per_class for c in classes}
+    picked: list[int] = []
+    for index in range(MAX_CASES_SEARCHED):
+        subtype = case_subtype(seed, index, options)
+        if subtype is None:
+            continue
+        label = CLASSES.index(SUBTYPES[subtype].tumor_class.value)
+        if not per_class:
+            picked.append(index)
+            if len(picked) == count:
+                return picked
+        elif wanted.get(label, 0) > 0:
+            wanted[label] -= 1
+            picked.append(index)
+            if not any(wanted.values()):
+                return picked
+    short = {CLASSES[c]: n for c, n in wanted.items() if n} if per_class else {"lesions": count - len(picked)}
+    raise ValueError(f"site {site} has too few lesions in its first {MAX_CASES_SEARCHED} cases; missing {short}")
+
+
+def site_lesions(
+    cache: Path, site: str, seed: int, count: int = 0, workers: int = 1, per_class: int = 0, tumor: str = "random"
+) -> SiteLesions:
+    """Lesions of a site's SYNTHETIC cases (cases drawn as ``cspine phantom --site`` draws them, tumour-free ones
+    skipped): the first ``count``, or with ``per_class`` the first ``per_class`` of each class (a class-balanced
+    set in the site's subtype mix within each class); ``tumor`` forces a class or subtype as ``cspine phantom
+    --tumor`` does. Each lesion is rendered in a window around it (``_site_lesion``). Cached."""
+    name = f"{site}-{get_site(site).fingerprint()}-seed{seed}"
+    name += f"-{tumor}-{per_class}perclass" if per_class else f"-{count}"
+    path = cache / "site-lesions" / f"{name}.npz"
     if not path.exists():
-        found: list[tuple[np.ndarray, np.ndarray, int, int, float]] = []
-        index = 0
-        share = get_site(site).population.tumor_free_share  # cases without a lesion are skipped, unrendered
-        while len(found) < count:
-            batch = int(np.ceil((count - len(found)) / max(1.0 - share, 0.05) * 1.05)) + 2
-            jobs = [(site, seed, i) for i in range(index, index + batch)]
-            index += len(jobs)
-            if workers > 1:
-                from concurrent.futures import ProcessPoolExecutor
+        jobs = [(site, seed, index, tumor) for index in _pick_cases(site, seed, count, per_class, tumor)]
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
 
-                with ProcessPoolExecutor(max_workers=workers) as pool:
-                    made = list(pool.map(_site_lesion, jobs))
-            else:
-                made = [_site_lesion(job) for job in jobs]
-            found += [m for m in made if m is not None]
-        found = found[:count]
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                made = list(pool.map(_site_lesion, jobs))
+        else:
+            made = [_site_lesion(job) for job in jobs]
+        found = [m for m in made if m is not None]
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npz")
         np.savez_compressed(

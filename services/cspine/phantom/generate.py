@@ -210,9 +210,21 @@ def draw_study(rng: np.random.Generator, case_id: str, seed: int, index: int, op
     )
 
 
+def _case_streams(seed: int, index: int) -> list[np.random.SeedSequence]:
+    """The anatomy, CT, MR, radiograph and patient streams of case ``index`` of a cohort drawn with ``seed``."""
+    return np.random.SeedSequence([seed, index]).spawn(5)
+
+
+def case_subtype(seed: int, index: int, options: PhantomOptions) -> TumorSubtype | None:
+    """The subtype ``plan_case`` will draw for this case (None: tumour-free), from its first draw alone: cheap,
+    so a caller can pick cases by their lesion before planning and rendering them."""
+    population = get_site(options.site).population
+    return draw_subtype(np.random.default_rng(_case_streams(seed, index)[0]), options.tumor, population)
+
+
 def plan_case(case_id: str, seed: int, index: int, options: PhantomOptions) -> CasePlan:
     """Draw one SYNTHETIC case's anatomy, lesion and patient from the site's population (no rendering)."""
-    anatomy_ss, ct_ss, mr_ss, xr_ss, info_ss = np.random.SeedSequence([seed, index]).spawn(5)
+    anatomy_ss, ct_ss, mr_ss, xr_ss, info_ss = _case_streams(seed, index)
     rng = np.random.default_rng(anatomy_ss)
     plan, spine = draw_anatomy(rng, options)
     for _ in range(20):  # a lesion must cover tissue it may grow in; redraw its place if not
