@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from cspine.domain import Modality
+from cspine.fewshot.adapt import classifier_scale, exported_scale, softmax_probabilities
 from cspine.fewshot.prototypes import (
     SITE_CASES_TO_REPLACE,
+    Adaptation,
     PrototypeSet,
     SupportSet,
     default_prototypes,
@@ -179,6 +181,60 @@ def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_b
     assert np.median(after[np.arange(60), truth]) - np.median(before[np.arange(60), truth]) > 0.5
 
 
+# -- the fitted adaptation -----------------------------------------------------------------------------------
+
+PROTO_CLASSIFY = default_repository() / "proto_classify" / "1" / "model.onnx"
+
+
+def test_the_exported_classifier_s_scale_is_read_from_its_onnx_model():
+    session = onnx_session(PROTO_CLASSIFY)
+    scale = exported_scale(PROTO_CLASSIFY)
+    assert scale == pytest.approx(
+        classifier_scale(lambda e, p: session.run(None, {"embedding": e, "prototypes": p})[0])
+    )
+    assert 1.0 < scale < 100.0  # trained from 10; a softmax of -scale · d²
+    embeddings = np.random.default_rng(3).normal(size=(4, EMBEDDING_DIM)).astype(np.float32) * 0.1
+    prototypes = np.random.default_rng(4).normal(size=(3, EMBEDDING_DIM)).astype(np.float32) * 0.1
+    np.testing.assert_allclose(
+        softmax_probabilities(embeddings, prototypes, scale),
+        session.run(None, {"embedding": embeddings, "prototypes": prototypes})[0],
+        atol=1e-5,
+    )
+
+
+def test_the_fitted_adaptation_moves_the_prototypes_to_classify_the_site_cases_and_leaves_a_default_set_alone():
+    default = SupportSet.load()
+    fitted = Adaptation("fitted", exported_scale(PROTO_CLASSIFY))
+    alone = PrototypeSet.from_support(default)
+    same = PrototypeSet.from_cases(default, [True] * len(default.labels), adaptation=fitted)
+    assert same.version == alone.version and same.adaptation == alone.adaptation == "plain"
+    for modality in MODALITY_ORDER:
+        np.testing.assert_array_equal(same.prototypes[modality], alone.prototypes[modality])
+    base = default_prototypes()
+    rng = np.random.default_rng(21)
+    # the site's lesions of class c lie between the default's c and c + 1: the rule's means misplace some
+    centres = np.stack([0.5 * (base.prototypes[m] + base.prototypes[m][[1, 2, 0]]) for m in MODALITY_ORDER], axis=1)
+    noise = 0.08 * rng.normal(size=(15, len(MODALITY_ORDER), EMBEDDING_DIM))
+    site = SupportSet((np.repeat(centres, 5, axis=0) + noise).astype(np.float32), tuple(np.repeat(base.labels, 5)))
+    plain, adapted = site_prototypes(default, site), site_prototypes(default, site, adaptation=fitted)
+    assert plain.adaptation == "plain" and adapted.adaptation == "fitted to 15 site cases"
+    assert adapted.version != plain.version and adapted.composition == plain.composition
+    truth = np.repeat(np.arange(3), 5)
+
+    def loss(prototypes: np.ndarray, m: int) -> float:
+        p = softmax_probabilities(site.embeddings[:, m], prototypes, fitted.scale)
+        return float(-np.log(p[np.arange(15), truth]).mean())
+
+    for m, modality in enumerate(MODALITY_ORDER):
+        moved = np.linalg.norm(adapted.prototypes[modality] - plain.prototypes[modality], axis=1)
+        assert (moved > 1e-4).all()
+        assert loss(adapted.prototypes[modality], m) < loss(plain.prototypes[modality], m)
+    with pytest.raises(ValueError, match="needs the classifier's scale"):
+        Adaptation("fitted")
+    with pytest.raises(ValueError, match="one of plain, fitted"):
+        Adaptation("meta")
+
+
 # -- the store and the gateway --------------------------------------------------------------------------------
 
 
@@ -249,11 +305,13 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
     add_site_cases(seeded, cases("benign", 5, 0.05, seed=13))
     add_site_cases(seeded, cases("borderline", 1, 0.05, modalities=(CT, MR), seed=14))
     add_site_cases(seeded, cases("chordoma", 5, 0.3, modalities=(CT, MR), seed=15), create_class=True)
+    seeded.adaptation = Adaptation("fitted", exported_scale(PROTO_CLASSIFY))  # as `cspine serve` makes its store
     server = GatewayThread(triton.grpc_url, store=seeded)
     try:
         analyst = spb_grpc.SupportSetStub(server.channel)
         info = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
         assert info.site_cases_to_replace == 5 and info.cases == 131
+        assert info.adaptation == "fitted to 11 site cases"
         summary = {
             c.label: (
                 c.cases,
@@ -293,5 +351,7 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
             ["chordoma", "5", "0", "100%", "100%", "—"],
         ]
         assert "w = min(n, 5)/5" in shown[7] and "5 site cases replace the default" in shown[8]
+        assert "then fitted to 11 site cases" in shown[9]
+        assert old.adaptation == "plain"
     finally:
         server.close()

@@ -328,6 +328,7 @@ class ServeConfig:
     triton_url: str | None = setting(None, "CSPINE_TRITON_URL")  # an external Triton; None: start the local one
     store_url: str | None = setting(None, "CSPINE_STORE_URL", secret=True)  # None: sqlite:///DATA_DIR/support.db
     store_poll_s: float = setting(5.0, "CSPINE_STORE_POLL_SECONDS")
+    prototype_adaptation: str = setting("fitted", "CSPINE_PROTOTYPE_ADAPTATION")  # plain | fitted (docs/support.md)
     tokens: Path | None = setting(None, "CSPINE_TOKENS")  # None: generated ones in DATA_DIR, loopback only
     tls_cert: Path | None = setting(None, "CSPINE_TLS_CERT")
     tls_key: Path | None = setting(None, "CSPINE_TLS_KEY")
@@ -336,6 +337,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.store_poll_s <= 0:
             raise ValueError(f"store_poll_s must be > 0, got {self.store_poll_s}")
+        if self.prototype_adaptation not in ("plain", "fitted"):
+            raise ValueError(f"prototype_adaptation must be plain or fitted, got {self.prototype_adaptation!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("a TLS certificate needs its private key and the other way round (--tls-cert, --tls-key)")
         if self.dicom.tls and self.tls_cert is None:

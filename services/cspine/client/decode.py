@@ -221,6 +221,8 @@ def format_weights(info: spb.PrototypeSetInfo) -> str:
     lines.append(
         f"  for n site cases (w = 1 without default cases): {k} site cases replace the default (docs/support.md)"
     )
+    if info.adaptation and info.adaptation != "plain":
+        lines.append(f"  then {info.adaptation}: the prototypes moved to classify them better (docs/support.md)")
     return "\n".join(lines)
 
 

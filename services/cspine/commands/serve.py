@@ -66,6 +66,7 @@ def serve_config(args: argparse.Namespace, limits: IngestLimits) -> ServeConfig:
         dicom=dicom_config(args),
         store_url=args.store_url or None,
         store_poll_s=args.store_poll,
+        prototype_adaptation=args.prototype_adaptation,
         tokens=_path(args.tokens),
         tls_cert=_path(args.tls_cert),
         tls_key=_path(args.tls_key),
@@ -98,6 +99,16 @@ def dicom_node(config: ServeConfig, service, metrics, tokens):
     return DicomNode(service, config.dicom, config.gateway.host, config.data_dir, metrics, tokens, tls)
 
 
+def prototype_adaptation(method: str, repository: Path):
+    """The support store's adaptation: ``fitted`` needs the scale of the repository's exported classifier."""
+    from cspine.fewshot.adapt import exported_scale
+    from cspine.fewshot.prototypes import Adaptation
+
+    if method == "plain":
+        return Adaptation("plain")
+    return Adaptation(method, exported_scale(repository / "proto_classify" / "1" / "model.onnx"))
+
+
 def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     import asyncio
     from contextlib import AsyncExitStack, ExitStack
@@ -127,7 +138,8 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     credentials = None
     if config.tls_cert and config.tls_key:
         credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-    store = SupportStore(config.store)
+    repository = config.triton.repository or default_repository()
+    store = SupportStore(config.store, adaptation=prototype_adaptation(config.prototype_adaptation, repository))
     store.migrate()
     if store.seed_defaults(SupportSet.load()):
         print("support set: seeded with cspine's SYNTHETIC default cases (version 1)", flush=True)
@@ -135,7 +147,6 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
 
     async def run(url: str) -> None:
         async with TritonClient(url, config.triton_client, observer=metrics.observe_triton) as client:
-            repository = config.triton.repository or default_repository()
             service = AnalysisService(client, repository, config.analysis, store=store)
             watcher = asyncio.create_task(service.watch_store(config.store_poll_s))
             try:
@@ -318,6 +329,14 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         type=float,
         default=serve.store_poll_s,
         help="seconds between checks for changes made by other replicas (env CSPINE_STORE_POLL_SECONDS, default 5)",
+    )
+    p.add_argument(
+        "--prototype-adaptation",
+        choices=["plain", "fitted"],
+        default=serve.prototype_adaptation,
+        help="what a site's support cases do beyond the support rule: fitted (fit the prototypes to them, about "
+        "1 ms per change; measured best, docs/evaluation.md) or plain (the rule alone) (env "
+        "CSPINE_PROTOTYPE_ADAPTATION, default fitted)",
     )
     p.add_argument(
         "--tokens",

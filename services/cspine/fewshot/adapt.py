@@ -14,7 +14,12 @@ returns new prototypes ``w`` [K, D] for it, so serving is unchanged whichever is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
+
+from cspine.inference.specs import EMBEDDING_DIM
 
 
 def softmax_probabilities(embeddings: np.ndarray, prototypes: np.ndarray, scale: float) -> np.ndarray:
@@ -90,3 +95,21 @@ def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray, classes: int) ->
     """Mean per-class recall over the classes present in ``truth``."""
     recalls = [float((predicted[truth == c] == c).mean()) for c in range(classes) if (truth == c).any()]
     return float(np.mean(recalls))
+
+
+def classifier_scale(classify: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> float:
+    """The scale ``s`` of a classifier ``softmax(-s · d²)``, read from one call: with prototypes at squared
+    distances 0 and 1, the log-ratio of the two probabilities is ``s``."""
+    embedding = np.zeros((1, EMBEDDING_DIM), np.float32)
+    prototypes = np.zeros((2, EMBEDDING_DIM), np.float32)
+    prototypes[1, 0] = 1.0
+    p = classify(embedding, prototypes)[0]
+    return float(np.log(p[0] / p[1]))
+
+
+def exported_scale(model: Path) -> float:
+    """The learned scale of the exported ``proto_classify`` ONNX model (model_repository/proto_classify/1)."""
+    from cspine.inference.runner import onnx_session
+
+    session = onnx_session(model)
+    return classifier_scale(lambda e, p: session.run(None, {"embedding": e, "prototypes": p})[0])

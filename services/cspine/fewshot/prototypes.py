@@ -11,6 +11,11 @@ docs/support.md): per class and modality, with n site cases and d SYNTHETIC defa
 so the default's class mean counts as K − n pseudo-cases: 1 site case weighs 20 %, 4 weigh 80 %, 5 or more
 replace the default. A class (or a modality of it) with no default cases uses its site cases alone (w = 1), so
 a class new to the site stands on its own cases; one with no site cases keeps the default's mean (w = 0).
+
+Then, with the ``fitted`` adaptation (what the service ships, ``Adaptation``), the rule's prototypes of each
+modality are fitted to the site's cases of that modality by a few gradient steps of the classifier's
+cross-entropy, held near the rule's by an L2 pull (fewshot/adapt.py ``fitted``; about 1 ms). ``plain`` keeps
+the rule's. A set without site cases is the same under both.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from cspine.domain import Modality
+from cspine.fewshot.adapt import fitted
 from cspine.inference.specs import EMBEDDING_DIM, MAX_PROTOTYPES, MODALITY_ORDER
 
 DEFAULT_SUPPORT = Path(__file__).parent / "data" / "default_support.npz"
+# The adaptation the service applies to a site's cases (evaluation/adaptation.py measures it beside the others)
+ADAPTATIONS = ("plain", "fitted")
+SHIPPED_METHOD = "fitted"
 # K of the rule: this many site cases of a class (per modality) replace the SYNTHETIC default's cases; fewer are
 # shrunk toward the default's class mean, which counts as K − n pseudo-cases.
 SITE_CASES_TO_REPLACE = 5
@@ -92,6 +101,21 @@ class ClassSupport:
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """What is done to the rule's prototypes once a set has site cases: ``plain`` (nothing) or ``fitted``
+    (fitted to the site's cases for the exported classifier's ``scale``, ``fewshot.adapt.exported_scale``)."""
+
+    method: str = "plain"
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTATIONS:
+            raise ValueError(f"the prototype adaptation must be one of {', '.join(ADAPTATIONS)}; got {self.method!r}")
+        if self.method == "fitted" and not self.scale > 0:
+            raise ValueError(f"the fitted adaptation needs the classifier's scale (> 0), got {self.scale}")
+
+
+@dataclass(frozen=True)
 class PrototypeSet:
     """One immutable prototype set: class labels (in probability order) and, per modality, [K, D] prototypes
     (absent for a modality some class has no case of); ``composition``, per class in the same order, says
@@ -102,6 +126,7 @@ class PrototypeSet:
     prototypes: dict[Modality, np.ndarray]
     composition: tuple[ClassSupport, ...] = ()
     site_cases_to_replace: int = SITE_CASES_TO_REPLACE
+    adaptation: str = "plain"  # what was done to the rule's prototypes: "plain", or "fitted to N site cases"
 
     @staticmethod
     def from_cases(
@@ -109,12 +134,14 @@ class PrototypeSet:
         synthetic: Sequence[bool] | np.ndarray,
         version: str | None = None,
         k: int = SITE_CASES_TO_REPLACE,
+        adaptation: Adaptation | None = None,
     ) -> PrototypeSet:
         """Prototypes by the rule (module docstring, docs/support.md) from cases of which ``synthetic[i]`` says
-        whether case i is one of the SYNTHETIC default cases (else a site case). Classes are in the order of
-        their first case. Without ``version`` the set is named by a digest of its cases: ``default-<hex>``
-        while every case is of one kind (then every prototype is a plain mean, as it always was),
-        ``site-<hex>`` when site cases are mixed with default ones."""
+        whether case i is one of the SYNTHETIC default cases (else a site case), then adapted to the site's
+        cases by ``adaptation`` (default: plain). Classes are in the order of their first case. Without
+        ``version`` the set is named by a digest of its cases: ``default-<hex>`` while every case is of one kind
+        (then every prototype is a plain mean, as it always was), ``site-<hex>`` when site cases are mixed with
+        default ones."""
         flags = np.asarray(synthetic, dtype=bool)
         if flags.shape != (len(support.labels),):
             raise ValueError(f"{flags.shape[0] if flags.ndim else 0} synthetic flags for {len(support.labels)} cases")
@@ -150,13 +177,27 @@ class PrototypeSet:
             for modality, found in rows.items()
             if labels and len(found) == len(labels)  # every class has a prototype of this modality
         }
+        method = adaptation.method if adaptation is not None else "plain"
+        described = "plain"
+        if method == "fitted" and (~flags).any():
+            assert adaptation is not None
+            classes = np.array([labels.index(label) for label in support.labels])
+            for m, modality in enumerate(MODALITY_ORDER):
+                rows_m = ~flags & present[:, m]
+                if modality in prototypes and rows_m.any():
+                    prototypes[modality] = fitted(
+                        support.embeddings[rows_m, m], classes[rows_m], prototypes[modality], adaptation.scale
+                    )
+            described = f"fitted to {int((~flags).sum())} site cases"
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
         digest.update("\n".join(support.labels).encode())
         mixed = flags.any() and not flags.all()
         if mixed:  # the same cases as site or default ones make other prototypes: the name tells them apart
             digest.update(np.packbits(flags).tobytes() + f"\nK={k}".encode())
+        if described != "plain":
+            digest.update(f"\n{method} {adaptation.scale if adaptation else 0:.6g}".encode())
         name = version or f"{'site' if mixed else 'default'}-{digest.hexdigest()[:12]}"
-        return PrototypeSet(name, labels, prototypes, tuple(composition), k)
+        return PrototypeSet(name, labels, prototypes, tuple(composition), k, described)
 
     @staticmethod
     def from_support(support: SupportSet, version: str | None = None) -> PrototypeSet:
@@ -173,12 +214,17 @@ class PrototypeSet:
 
 
 def site_prototypes(
-    default: SupportSet, site: SupportSet, version: str | None = None, k: int = SITE_CASES_TO_REPLACE
+    default: SupportSet,
+    site: SupportSet,
+    version: str | None = None,
+    k: int = SITE_CASES_TO_REPLACE,
+    adaptation: Adaptation | None = None,
 ) -> PrototypeSet:
     """A site's cases on top of a default set (every case of ``default`` counts as SYNTHETIC default, every one
     of ``site`` as the site's), by the same rule the support store applies to a version's cases."""
     both = SupportSet(np.concatenate([default.embeddings, site.embeddings]), default.labels + site.labels)
-    return PrototypeSet.from_cases(both, [True] * len(default.labels) + [False] * len(site.labels), version, k)
+    flags = [True] * len(default.labels) + [False] * len(site.labels)
+    return PrototypeSet.from_cases(both, flags, version, k, adaptation)
 
 
 def default_prototypes() -> PrototypeSet:

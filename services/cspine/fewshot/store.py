@@ -70,7 +70,7 @@ from cspine.errors import (
     StoreUnavailableError,
     UnknownClassError,
 )
-from cspine.fewshot.prototypes import PrototypeSet, SupportSet
+from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet
 from cspine.inference.specs import EMBEDDING_DIM, MAX_PROTOTYPES, MODALITY_ORDER
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,9 @@ class SupportStore:
     once before use and ``close()`` at the end. A PostgreSQL statement not answered within ``timeout_s`` is
     given up (``StoreUnavailableError``)."""
 
-    def __init__(self, url: str | URL, *, timeout_s: float = STORE_TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str | URL, *, timeout_s: float = STORE_TIMEOUT_S, adaptation: Adaptation | None = None
+    ) -> None:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -177,6 +179,7 @@ class SupportStore:
         self.name = parsed.render_as_string(hide_password=True)
         backend = parsed.get_backend_name()
         self.timeout_s = timeout_s
+        self.adaptation = adaptation  # what prototype_set does to the rule's prototypes (None: plain)
         self._watchdog: _Watchdog | None = None
         if backend == "sqlite":
             if parsed.database in (None, "", ":memory:"):
@@ -236,7 +239,8 @@ class SupportStore:
     def prototype_set(self, version: int | None = None) -> PrototypeSet:
         """The prototypes of one version (the current one by default), named ``v<number>``: its site cases
         and its SYNTHETIC default cases (the ``synthetic`` flag) combined by the rule of
-        ``PrototypeSet.from_cases`` (docs/support.md), which also says per class which cases weigh how much."""
+        ``PrototypeSet.from_cases`` (docs/support.md), which also says per class which cases weigh how much,
+        then adapted to the site's cases by the store's ``adaptation``."""
         with self._translate(), self._engine.connect() as conn:
             number = self._resolve(conn, version)
             rows = _member_rows(conn, number)
@@ -249,7 +253,8 @@ class SupportStore:
         for case_id, modality, vector in vectors:
             embeddings[index[case_id], slot[Modality(modality)]] = _decode(vector)
         support = SupportSet(embeddings, tuple(row.label for row in rows))
-        return PrototypeSet.from_cases(support, [bool(row.synthetic) for row in rows], f"v{number}")
+        flags = [bool(row.synthetic) for row in rows]
+        return PrototypeSet.from_cases(support, flags, f"v{number}", adaptation=self.adaptation)
 
     def list_cases(self, version: int | None = None) -> list[Case]:
         """The cases of one version (the current one by default), oldest first."""

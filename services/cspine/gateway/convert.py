@@ -196,6 +196,7 @@ def version_to_pb(
         modalities=[MODALITY_TO_PB[m] for m in prototypes.prototypes],
         cases=info.case_count,
         site_cases_to_replace=prototypes.site_cases_to_replace,
+        adaptation=prototypes.adaptation,
     )
 
 
