@@ -16,8 +16,9 @@ each class); the query lesions are the same at every k, support draws are repeat
 as the service fuses them (log-linear pooling with the classification weights of calibration.json). Per
 method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the queries are balanced, so
 the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of
-the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases:
-its recall, and the share of the other classes' lesions it takes.
+the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases,
+beside 5 site cases of each other class: its recall, and the share of the other classes' lesions (of other
+subtypes) it takes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ NEW_CLASS_CASES = 5
 # the default site's (phantom/sites.py), so a site would want it told apart.
 NEW_CLASS_SUBTYPE = {
     "default": "chordoma",
-    "community-ct": "hemangioma",
+    "community-ct": "myeloma",
     "mr-1p5t": "osteoid_osteoma",
     "high-res-sharp": "giant_cell_tumor",
 }
@@ -233,24 +234,33 @@ def new_class(
     queries_per_class: int = QUERIES_PER_CLASS,
     seed: int = 0,
 ) -> dict:
-    """A subtype added as a new (fourth) class with ``cases`` site cases by ``method``, the other classes keeping
-    the default's prototypes: its recall on its other lesions, and the share of the pool's query lesions (of
-    the other classes) it takes."""
-    mine, others = _embeddings(pools.new_class, embed), _embeddings(pools.pool, embed)
+    """A subtype added as a new (fourth) class with ``cases`` site cases by ``method``, beside as many site cases
+    of each other class (a site that has adapted its classes, then adds its own): the new class's recall on the
+    subtype's other lesions, and the share of the other classes' query lesions (of other subtypes) it takes."""
+    mine, pool = _embeddings(pools.new_class, embed), _embeddings(pools.pool, embed)
     if len(mine) < cases + 5:
         raise ValueError(f"{len(mine)} lesions of the new subtype; {cases + 5} are needed")
     names = (*CLASSES, pools.new_class_name)
     rng = np.random.default_rng(seed)
-    other = np.concatenate(
-        [rng.permutation(np.nonzero(pools.pool.classes == c)[0])[:queries_per_class] for c in range(len(CLASSES))]
-    )
+    elsewhere = pools.pool.subtypes != pools.new_class.subtypes[0]
+    shuffled = [rng.permutation(np.nonzero((pools.pool.classes == c) & elsewhere)[0]) for c in range(len(CLASSES))]
+    # as many queries per class as the pool leaves beside the support cases (a site dominated by the new
+    # subtype has few lesions of its class's other subtypes)
+    per_class = min(queries_per_class, *(len(m) - cases for m in shuffled))
+    if per_class < 3:
+        raise ValueError(f"the pool has {[len(m) for m in shuffled]} lesions of the other subtypes per class")
+    other = np.concatenate([m[:per_class] for m in shuffled])
+    candidates = [m[per_class:] for m in shuffled]
     scale = classifier_scale(classify)
     recalls, taken = [], []
     for repeat in range(repeats):
-        picked = np.random.default_rng([seed, repeat]).permutation(len(mine))
-        support, queries = mine[picked[:cases]], mine[picked[cases:]]
-        labels = np.full(cases, len(CLASSES))
-        both = np.concatenate([queries, others[other]])
+        draw = np.random.default_rng([seed, repeat])
+        picked = draw.permutation(len(mine))
+        theirs = np.concatenate([draw.choice(c, size=cases, replace=False) for c in candidates])
+        support = np.concatenate([pool[theirs], mine[picked[:cases]]])
+        labels = np.repeat(np.arange(len(names)), cases)
+        queries = mine[picked[cases:]]
+        both = np.concatenate([queries, pool[other]])
         prototypes = _method_prototypes(method, default, support, labels, both, names, scale)
         log_p = [_log(classify(both[:, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
         predicted = _fused(log_p, weights).argmax(1)
@@ -260,7 +270,9 @@ def new_class(
         "subtype": pools.new_class_name,
         "cases": cases,
         "recall": round(float(np.mean(recalls)), 4),
+        "recall_queries": len(mine) - cases,
         "others_taken": round(float(np.mean(taken)), 4),
+        "other_queries": len(other),
     }
 
 
