@@ -51,9 +51,10 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         help="generate SYNTHETIC cervical spine studies as DICOM with ground truth",
         description=(
             "Write DIR/<case>/{ct,mr,xr}/*.dcm, DIR/<case>/truth.json, DIR/<case>/labels.npz and DIR/cohort.json. "
-            "With --tumor random, 25%% of cases have no tumor; the others get a subtype drawn with relative "
-            "frequencies hemangioma 14, osteoid_osteoma 8, schwannoma 10, osteochondroma 6, giant_cell_tumor 10, "
-            "aneurysmal_bone_cyst 8, osteoblastoma 7, metastasis 18, myeloma 10, chordoma 9."
+            "With --tumor random, 25% of cases (at the default site) have no tumor; the others get a subtype drawn "
+            "with relative frequencies hemangioma 14, osteoid_osteoma 8, schwannoma 10, osteochondroma 6, "
+            "giant_cell_tumor 10, aneurysmal_bone_cyst 8, osteoblastoma 7, metastasis 18, myeloma 10, chordoma 9; "
+            "--site changes them (docs/phantom.md)."
         ),
     )
     p.add_argument("--out", required=True, help="output folder (created)")
