@@ -11,9 +11,11 @@ import itertools
 import numpy as np
 import pytest
 
+from cspine.config import ServeConfig
 from cspine.domain import Modality
 from cspine.fewshot.adapt import classifier_scale, exported_scale, softmax_probabilities
 from cspine.fewshot.prototypes import (
+    SHIPPED_METHOD,
     SITE_CASES_TO_REPLACE,
     Adaptation,
     PrototypeSet,
@@ -193,6 +195,10 @@ def test_the_exported_classifier_s_scale_is_read_from_its_onnx_model():
         classifier_scale(lambda e, p: session.run(None, {"embedding": e, "prototypes": p})[0])
     )
     assert 1.0 < scale < 100.0  # trained from 10; a softmax of -scale · d²
+    # what `cspine serve` gives its store: the shipped method, by default
+    assert ServeConfig().prototype_adaptation == SHIPPED_METHOD == "fitted"
+    assert Adaptation.of_repository("fitted", default_repository()) == Adaptation("fitted", scale)
+    assert Adaptation.of_repository("plain", default_repository()) == Adaptation("plain")
     embeddings = np.random.default_rng(3).normal(size=(4, EMBEDDING_DIM)).astype(np.float32) * 0.1
     prototypes = np.random.default_rng(4).normal(size=(3, EMBEDDING_DIM)).astype(np.float32) * 0.1
     np.testing.assert_allclose(

@@ -306,7 +306,7 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
     from cspine.config import GatewayConfig
     from cspine.dicom.selection import select_series
     from cspine.domain import Modality
-    from cspine.fewshot.prototypes import SupportSet
+    from cspine.fewshot.prototypes import SHIPPED_METHOD, Adaptation, SupportSet
     from cspine.fewshot.store import SupportStore
     from cspine.gateway.metrics import Metrics
     from cspine.gateway.server import start_gateway
@@ -328,7 +328,10 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
         generate_case(case_dir, f"adapt-{label}", BENCH_SEED + 1, index, PhantomOptions(tumor=label))
         cases.append((label, sorted(p for f in ("ct", "mr", "xr") for p in (case_dir / f).glob("*.dcm"))))
     query = sorted(p for f in ("ct", "mr", "xr") for p in (scratch / "study" / f).glob("*.dcm"))
-    store = SupportStore(f"sqlite:///{scratch / 'support.db'}")
+    # as `cspine serve` makes its store: the shipped adaptation
+    store = SupportStore(
+        f"sqlite:///{scratch / 'support.db'}", adaptation=Adaptation.of_repository(SHIPPED_METHOD, default_repository())
+    )
     store.migrate()
     store.seed_defaults(SupportSet.load())
     token = secrets.token_urlsafe(32)

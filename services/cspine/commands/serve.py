@@ -99,21 +99,11 @@ def dicom_node(config: ServeConfig, service, metrics, tokens):
     return DicomNode(service, config.dicom, config.gateway.host, config.data_dir, metrics, tokens, tls)
 
 
-def prototype_adaptation(method: str, repository: Path):
-    """The support store's adaptation: ``fitted`` needs the scale of the repository's exported classifier."""
-    from cspine.fewshot.adapt import exported_scale
-    from cspine.fewshot.prototypes import Adaptation
-
-    if method == "plain":
-        return Adaptation("plain")
-    return Adaptation(method, exported_scale(repository / "proto_classify" / "1" / "model.onnx"))
-
-
 def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     import asyncio
     from contextlib import AsyncExitStack, ExitStack
 
-    from cspine.fewshot.prototypes import SupportSet
+    from cspine.fewshot.prototypes import Adaptation, SupportSet
     from cspine.fewshot.store import SupportStore
     from cspine.gateway import auth, logs
     from cspine.gateway.metrics import Metrics
@@ -139,7 +129,7 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     if config.tls_cert and config.tls_key:
         credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     repository = config.triton.repository or default_repository()
-    store = SupportStore(config.store, adaptation=prototype_adaptation(config.prototype_adaptation, repository))
+    store = SupportStore(config.store, adaptation=Adaptation.of_repository(config.prototype_adaptation, repository))
     store.migrate()
     if store.seed_defaults(SupportSet.load()):
         print("support set: seeded with cspine's SYNTHETIC default cases (version 1)", flush=True)

@@ -108,6 +108,15 @@ class Adaptation:
     method: str = "plain"
     scale: float = 0.0
 
+    @staticmethod
+    def of_repository(method: str, repository: Path) -> Adaptation:
+        """``method`` for the models of ``repository``: ``fitted`` reads the scale of its exported classifier."""
+        if method != "fitted":
+            return Adaptation(method)
+        from cspine.fewshot.adapt import exported_scale
+
+        return Adaptation(method, exported_scale(repository / "proto_classify" / "1" / "model.onnx"))
+
     def __post_init__(self) -> None:
         if self.method not in ADAPTATIONS:
             raise ValueError(f"the prototype adaptation must be one of {', '.join(ADAPTATIONS)}; got {self.method!r}")
