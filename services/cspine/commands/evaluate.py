@@ -30,49 +30,53 @@ def cmd_evaluate_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate_sites(args: argparse.Namespace) -> int:
-    from cspine.modeling.evaluate import site_metrics
+def _site_names(text: str) -> list[str]:
+    """Comma-separated site names (empty: every site); an unknown name is a ValueError listing the known ones."""
     from cspine.phantom.sites import SITES, get_site
 
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else list(SITES)
+    sites = [s.strip() for s in text.split(",") if s.strip()] or list(SITES)
     for site in sites:
-        get_site(site)  # an unknown name is a ValueError listing the known ones (exit 2)
+        get_site(site)
+    return sites
+
+
+def _write_json(out: str | None, name: str, result: dict) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_evaluate_sites(args: argparse.Namespace) -> int:
+    from cspine.modeling.evaluate import site_metrics
+
     result = site_metrics(
         Path(args.repository),
         Path(args.cache),
-        sites,
+        _site_names(args.sites),
         args.seed,
         args.cases,
         args.lesions,
         workers=args.workers,
         progress=not args.quiet,
     )
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "sites.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.out, "sites.json", result)
     print(json.dumps(result, indent=2) if args.json else format_sites(result))
     return 0
 
 
 def cmd_evaluate_adaptation(args: argparse.Namespace) -> int:
     from cspine.evaluation.adaptation import format_adaptation, run_adaptation
-    from cspine.phantom.sites import SITES, get_site
 
-    sites = [s.strip() for s in ",".join(args.site).split(",") if s.strip()] if args.site else list(SITES)
-    for site in sites:
-        get_site(site)  # an unknown name is a ValueError listing the known ones (exit 2)
     result = run_adaptation(
         Path(args.repository),
         Path(args.cache),
-        sites,
+        _site_names(",".join(args.site)),
         args.seed,
         repeats=args.repeats,
         baseline=not args.no_baseline,
         workers=args.workers,
     )
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "adaptation.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.out, "adaptation.json", result)
     print(json.dumps(result, indent=2) if args.json else format_adaptation(result))
     return 0
 
