@@ -42,8 +42,8 @@ METHODS = ("plain", "fitted", "transductive", "baseline")
 SHOTS = (0, 1, 5, 10, 20)
 QUERIES_PER_CLASS = 15
 NEW_CLASS_CASES = 5
-# The subtype each site adds as a class of its own in the new-class row: one its population has more of than
-# the default site's (phantom/sites.py), so a site would want it told apart.
+# The subtype each shifted site adds as a class of its own in the new-class row: one its population has more of
+# than the default site's (phantom/sites.py), so a site would want it told apart; the default site adds chordoma.
 NEW_CLASS_SUBTYPE = {
     "default": "chordoma",
     "community-ct": "myeloma",
