@@ -162,3 +162,19 @@ def test_peers_clean_up_and_a_failed_start_names_orthanc_s_log():
         with pytest.raises(RuntimeError, match="(?s)Orthanc exited.*orthanc.log"), pacs:
             pass
         assert not pacs.root.exists() and pacs.process.poll() is not None
+
+
+def test_the_receive_bench_measures_every_way_in_on_the_same_study(phantom_cases, tmp_path, monkeypatch):
+    """`cspine bench dicomnet`'s receiving half, one round on one SYNTHETIC series: each path ran and kept every
+    instance (the bench checks what each one stored), and the ratios are the rates' ratios."""
+    from cspine.bench.dicomnet import bench_receive
+
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    files = next(iter(phantom_cases.values())).files("ct")[:10]
+    result = bench_receive(files, tmp_path, repeats=1)
+    rate = result["instances_per_s"]
+    paths = {"dcmtk", "cspine_c_store", "cspine_stow", "pynetdicom_keeping_nothing", "spool_alone", "orthanc"}
+    assert set(rate) == paths
+    assert all(value > 0 for value in rate.values())
+    assert result["c_store_vs_dcmtk"] == round(rate["cspine_c_store"] / rate["dcmtk"], 2)
+    assert result["spool_ms_per_instance"] == pytest.approx(1000 / rate["spool_alone"], rel=0.05)
