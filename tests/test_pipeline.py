@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import highdicom as hd
@@ -46,6 +47,21 @@ def test_full_study_finds_the_tumor_at_its_level_and_fuses_probabilities(full):
     assert analysis.prototype_set_version == default_prototypes().version
     assert {m.name for m in analysis.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
     assert set(STAGES) <= set(analysis.stage_seconds) and analysis.stage_seconds["segment"] > 0
+
+
+def test_a_prototype_set_s_refitted_fusion_weights_are_the_ones_the_study_is_fused_with(triton, full):
+    """A set whose fusion weights were refitted to a site's cases (fewshot/prototypes.py) is fused with them, not
+    with the calibration's: all weight on CT makes the fused probabilities CT's own."""
+    case, analysis = full
+    study = ingest_paths([case.path / f for f in ("ct", "mr", "xr")])
+    ct_only = dataclasses.replace(
+        default_prototypes(), fusion_weights={Modality.CT: 1.0, Modality.MR: 0.0, Modality.XR: 0.0}
+    )
+    refitted = run(triton, study, prototypes=ct_only)
+    ct = next(r for r in refitted.modalities if r.modality == Modality.CT)
+    fused = [p.probability for p in refitted.fused.probabilities]
+    assert fused == pytest.approx([p.probability for p in ct.assessment.probabilities], abs=1e-6)
+    assert fused != pytest.approx([p.probability for p in analysis.fused.probabilities], abs=1e-3)
 
 
 def test_full_study_spine_measurements_match_the_phantom_truth(full):

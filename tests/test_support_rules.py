@@ -11,11 +11,13 @@ import itertools
 import numpy as np
 import pytest
 
+from cspine.analysis.fusion import Calibration
 from cspine.config import ServeConfig
 from cspine.domain import Modality
-from cspine.fewshot.adapt import classifier_scale, exported_scale, softmax_probabilities
+from cspine.fewshot.adapt import classifier_scale, exported_scale, pooling_weights, softmax_probabilities
 from cspine.fewshot.prototypes import (
     SHIPPED_METHOD,
+    SITE_CASES_TO_FIT_FUSION,
     SITE_CASES_TO_REPLACE,
     Adaptation,
     PrototypeSet,
@@ -197,7 +199,10 @@ def test_the_exported_classifier_s_scale_is_read_from_its_onnx_model():
     assert 1.0 < scale < 100.0  # trained from 10; a softmax of -scale · d²
     # what `cspine serve` gives its store: the shipped method, by default
     assert ServeConfig().prototype_adaptation == SHIPPED_METHOD == "fitted"
-    assert Adaptation.of_repository("fitted", default_repository()) == Adaptation("fitted", scale)
+    calibration = Calibration.load(default_repository()).classification_weights
+    assert Adaptation.of_repository("fitted", default_repository()) == Adaptation(
+        "fitted", scale, tuple(calibration[m] for m in MODALITY_ORDER)
+    )
     assert Adaptation.of_repository("plain", default_repository()) == Adaptation("plain")
     embeddings = np.random.default_rng(3).normal(size=(4, EMBEDDING_DIM)).astype(np.float32) * 0.1
     prototypes = np.random.default_rng(4).normal(size=(3, EMBEDDING_DIM)).astype(np.float32) * 0.1
@@ -239,6 +244,75 @@ def test_the_fitted_adaptation_moves_the_prototypes_to_classify_the_site_cases_a
         Adaptation("fitted")
     with pytest.raises(ValueError, match="one of plain, fitted"):
         Adaptation("meta")
+
+
+def _pooled_nll(held_out: np.ndarray, truth: np.ndarray, w: np.ndarray) -> float:
+    z = np.tensordot(held_out, w, axes=([1], [0]))
+    z = z - z.max(1, keepdims=True)
+    return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(truth)), truth]).mean())
+
+
+def test_pooling_weights_raise_an_informative_modality_and_drop_a_misleading_one():
+    rng = np.random.default_rng(5)
+    truth = np.repeat(np.arange(3), 20)
+    onehot = np.eye(3)[truth]
+    informative = np.log(0.15 + 0.7 * onehot + 0.02 * rng.random((60, 3)))  # right 85 % of the mass, every case
+    misleading = np.log(0.15 + 0.7 * onehot[:, [1, 2, 0]])  # the same confidence, always on a wrong class
+    held_out = np.stack([informative, misleading, np.zeros((60, 3))], axis=1)  # no case has the third modality
+    start = np.array([0.2, 0.2, 0.1])
+    w = pooling_weights(held_out, truth, start)
+    assert w[0] > 1.0 and w[1] < 0.05 and w[2] == pytest.approx(0.1, abs=1e-3)  # the absent one stays put
+    assert _pooled_nll(held_out, truth, w) < _pooled_nll(held_out, truth, start) - 0.3
+
+
+def test_fitted_refits_the_fusion_weights_once_every_class_has_10_site_cases_on_held_out_folds():
+    default = SupportSet.load()
+    base = default_prototypes()
+    weights = (0.19, 0.23, 0.07)
+    fitted = Adaptation("fitted", exported_scale(PROTO_CLASSIFY), weights)
+    rng = np.random.default_rng(1)
+
+    def site(per_class: int) -> SupportSet:
+        """CT and MR lesions near their class's default prototype; radiographs that say nothing of the class."""
+        rows = []
+        for c in range(3):
+            x = np.stack([base.prototypes[m][c] + 0.05 * rng.normal(size=(per_class, EMBEDDING_DIM)) for m in (CT, MR)])
+            xr = base.prototypes[XR].mean(0) + 0.05 * rng.normal(size=(per_class, EMBEDDING_DIM))
+            rows.append(np.concatenate([x, xr[None]]).transpose(1, 0, 2))
+        return SupportSet(np.concatenate(rows).astype(np.float32), tuple(np.repeat(base.labels, per_class)))
+
+    enough = site(SITE_CASES_TO_FIT_FUSION)
+    refitted = site_prototypes(default, enough, adaptation=fitted)
+    assert set(refitted.fusion_weights) == {CT, MR, XR}
+    assert refitted.fusion_weights[CT] > weights[0] and refitted.fusion_weights[MR] > weights[1]
+    assert refitted.fusion_weights[XR] < weights[2]
+    assert refitted.adaptation == "fitted to 30 site cases"
+    # the same cases by the plain rule, or fitted without the calibration's weights to start from: none refitted
+    assert site_prototypes(default, enough, adaptation=Adaptation("plain")).fusion_weights == {}
+    assert site_prototypes(default, enough, adaptation=Adaptation("fitted", fitted.scale)).fusion_weights == {}
+    fewer = SupportSet(enough.embeddings[np.arange(30) % 10 != 9], tuple(np.repeat(base.labels, 9)))
+    assert site_prototypes(default, fewer, adaptation=fitted).fusion_weights == {}
+    with pytest.raises(ValueError, match="2 fusion weights for 3 modalities"):
+        Adaptation("fitted", 1.0, (0.1, 0.2))
+
+
+def test_the_store_serves_the_refitted_fusion_weights_and_support_show_prints_them(seeded):
+    from cspine.client.decode import format_weights
+    from cspine.gateway.convert import version_to_pb
+
+    seeded.adaptation = Adaptation.of_repository("fitted", default_repository())  # as `cspine serve` makes it
+    for label, centre in (("benign", 0.05), ("borderline", -0.05), ("malignant", 0.15)):
+        number = add_site_cases(seeded, cases(label, 10, centre, seed=int(100 * centre) + 40))
+    prototypes = seeded.prototype_set()
+    assert set(prototypes.fusion_weights) == {CT, MR, XR}
+    info = version_to_pb(seeded.version_info(number), prototypes)
+    assert [(w.modality, round(w.weight, 4)) for w in info.fusion_weights] == [
+        (pb.CT, prototypes.fusion_weights[CT]),
+        (pb.MR, prototypes.fusion_weights[MR]),
+        (pb.XR, prototypes.fusion_weights[XR]),
+    ]
+    assert "fusion weights refitted to the site's cases (held out, 5 folds): CT " in format_weights(info)
+    assert not version_to_pb(seeded.version_info(1), seeded.prototype_set(1)).fusion_weights
 
 
 # -- the store and the gateway --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -194,6 +194,8 @@ async def analyze(
     with timer.stage("fuse"):
         sizes = {m: r.size for m, r in measured.items()}
         probabilities = {m: r.probabilities for m, r in measured.items() if r.probabilities is not None}
+        if prototypes.fusion_weights:  # refitted to the site's cases (fewshot/prototypes.py)
+            calibration = replace(calibration, classification_weights=prototypes.fusion_weights)
         fused = study_assessment(sizes, probabilities, prototypes.labels, calibration, results)
         spines = {m: r.spine for m, r in measured.items()}
         spine = combine(spines)

@@ -13,9 +13,9 @@ from cspine.inference.model_config import model_versions
 from cspine.pipeline import AnalysisOptions, analyze
 
 
-def analyse(triton, study, options=None):
+def analyse(triton, study, options=None, prototypes=None):
     """The pipeline on ``study`` through the ``triton`` fixture's server, with everything the service ships: the
-    default prototypes, the calibration, the model versions and the competence reference."""
+    default prototypes (or ``prototypes``), the calibration, the model versions and the competence reference."""
     repository = default_repository()
 
     async def go():
@@ -23,7 +23,7 @@ def analyse(triton, study, options=None):
             return await analyze(
                 study,
                 client,
-                default_prototypes(),
+                prototypes or default_prototypes(),
                 Calibration.load(repository),
                 options or AnalysisOptions(),
                 model_versions(repository),

@@ -223,6 +223,9 @@ def format_weights(info: spb.PrototypeSetInfo) -> str:
     )
     if info.adaptation and info.adaptation != "plain":
         lines.append(f"  then {info.adaptation}: the prototypes moved to classify them better (docs/support.md)")
+    if info.fusion_weights:
+        pooled = ", ".join(f"{MODALITY_NAMES.get(w.modality, '?')} {w.weight:.3g}" for w in info.fusion_weights)
+        lines.append(f"  fusion weights refitted to the site's cases (held out, 5 folds): {pooled}")
     return "\n".join(lines)
 
 

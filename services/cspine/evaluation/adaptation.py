@@ -6,16 +6,17 @@ for the shipped ``proto_classify``:
 
 - ``plain``: the support rule of the service (fewshot/prototypes.py): per class, site cases weigh min(k, 5)/5
   against the default class mean;
-- ``fitted``: ``plain``, then fitted to the site's cases by a few gradient steps (fewshot/adapt.py, ~1 ms);
+- ``fitted``: ``plain``, then fitted to the site's cases by a few gradient steps (fewshot/adapt.py, ~1 ms),
+  and with 10 or more site cases per class the fusion weights refitted to them (fewshot/prototypes.py);
 - ``transductive``: ``plain``, then refined with the unlabelled query lesions (soft k-means);
 - ``baseline``: the conventionally trained encoder with its last block and a new linear head fine-tuned on
   the site's cases (modeling/evaluate.py), for k ≥ 1.
 
 Each site gives a class-balanced pool of its lesions (``site_lesions(per_class=…)``: its subtype mix within
 each class); the query lesions are the same at every k, support draws are repeated. The modalities are fused
-as the service fuses them (log-linear pooling with the classification weights of calibration.json). Per
-method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the queries are balanced, so
-the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of
+as the service fuses them (log-linear pooling with the classification weights of calibration.json, or those
+``fitted`` refitted). Per method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the
+queries are balanced, so the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of
 the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases,
 beside 5 site cases of each other class: its recall, and the share of the other classes' lesions (of other
 subtypes) it takes.
@@ -77,13 +78,17 @@ def _embeddings(pool: LesionBank, embed: EmbedModel) -> np.ndarray:
 
 def _rule_prototypes(
     default: SupportSet, site: np.ndarray, site_labels: np.ndarray, names, adaptation: Adaptation | None = None
-) -> np.ndarray:
-    """[modalities, K, D] prototypes the service makes of the default set and the site's cases (the support rule,
-    then ``adaptation``), classes in the order of ``names``."""
+) -> PrototypeSet:
+    """The prototype set the service makes of the default set and the site's cases (the support rule, then
+    ``adaptation``)."""
     labels = default.labels + tuple(names[c] for c in site_labels)
     combined = SupportSet(np.concatenate([default.embeddings, site]) if len(site) else default.embeddings, labels)
     flags = np.array([True] * len(default.labels) + [False] * len(site))
-    prototypes = PrototypeSet.from_cases(combined, flags, adaptation=adaptation)
+    return PrototypeSet.from_cases(combined, flags, adaptation=adaptation)
+
+
+def _stacked(prototypes: PrototypeSet, names) -> np.ndarray:
+    """[modalities, K, D] prototypes of a set, classes in the order of ``names``."""
     order = [prototypes.labels.index(name) for name in names]
     return np.stack([prototypes.prototypes[modality][order] for modality in MODALITY_ORDER])
 
@@ -106,17 +111,26 @@ def _bootstrap(correct: np.ndarray, rng: np.random.Generator, draws: int = 1000)
 
 
 def _method_prototypes(
-    method: str, default: SupportSet, support: np.ndarray, labels: np.ndarray, queries: np.ndarray, names, scale: float
-) -> np.ndarray:
+    method: str,
+    default: SupportSet,
+    support: np.ndarray,
+    labels: np.ndarray,
+    queries: np.ndarray,
+    names,
+    scale: float,
+    weights: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """[modalities, K, D] prototypes of ``method`` from the default set, the site's support embeddings [n, M, D]
-    (classes ``labels``, indices into ``names``) and, for ``transductive``, the queries' [q, M, D]: ``plain`` and
-    ``fitted`` through ``PrototypeSet.from_cases`` as the service makes them."""
+    (classes ``labels``, indices into ``names``) and, for ``transductive``, the queries' [q, M, D], and the
+    fusion weights to pool their modalities with: ``plain`` and ``fitted`` through ``PrototypeSet.from_cases``
+    as the service makes them (``fitted`` refits the calibration's ``weights`` once the site has enough cases)."""
     if method in ("plain", "fitted"):
-        return _rule_prototypes(default, support, labels, names, Adaptation(method, scale))
-    rule = _rule_prototypes(default, support, labels, names)
-    return np.stack(
-        [transductive(rule[m], support[:, m], labels, queries[:, m], scale) for m in range(len(MODALITY_ORDER))]
-    )
+        made = _rule_prototypes(default, support, labels, names, Adaptation(method, scale, tuple(weights)))
+        pooled = np.array([made.fusion_weights[m] for m in MODALITY_ORDER]) if made.fusion_weights else weights
+        return _stacked(made, names), pooled
+    rule = _stacked(_rule_prototypes(default, support, labels, names), names)
+    refined = [transductive(rule[m], support[:, m], labels, queries[:, m], scale) for m in range(len(MODALITY_ORDER))]
+    return np.stack(refined), weights
 
 
 def compare(
@@ -156,12 +170,12 @@ def compare(
             support = np.concatenate([draw.choice(c, size=k, replace=False) for c in candidates]).astype(int)
             labels = np.repeat(np.arange(len(names)), k)
             for method in ("plain", "fitted", "transductive"):
-                prototypes = _method_prototypes(
-                    method, default, embeddings[support], labels, embeddings[queries], names, scale
+                prototypes, pooled = _method_prototypes(
+                    method, default, embeddings[support], labels, embeddings[queries], names, scale, weights
                 )
                 log_p = [_log(classify(embeddings[queries, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
                 single[method].append(log_p)
-                runs[method].append(_fused(log_p, weights))
+                runs[method].append(_fused(log_p, pooled))
             if baseline is not None and k:
                 model = finetune_baseline(baseline, features, support, labels, finetune_steps, seed + repeat)
                 log_p = _baseline_log_probabilities(model, features, queries)
@@ -261,9 +275,9 @@ def new_class(
         labels = np.repeat(np.arange(len(names)), cases)
         queries = mine[picked[cases:]]
         both = np.concatenate([queries, pool[other]])
-        prototypes = _method_prototypes(method, default, support, labels, both, names, scale)
+        prototypes, pooled = _method_prototypes(method, default, support, labels, both, names, scale, weights)
         log_p = [_log(classify(both[:, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
-        predicted = _fused(log_p, weights).argmax(1)
+        predicted = _fused(log_p, pooled).argmax(1)
         recalls.append(float((predicted[: len(queries)] == len(CLASSES)).mean()))
         taken.append(float((predicted[len(queries) :] == len(CLASSES)).mean()))
     return {

@@ -10,6 +10,10 @@ returns new prototypes ``w`` [K, D] for it, so serving is unchanged whichever is
   change time, no query needed.
 - ``transductive``: soft k-means refinement with the unlabelled queries (their class probabilities as
   weights), a few iterations; for batch evaluation of a site's studies, not for one study at a time.
+
+``pooling_weights`` fits, beside the prototypes, the weight each modality's class evidence gets when the
+modalities are fused (log-linear pooling, analysis/fusion.py), on the site's cases held out of the prototypes
+that classify them.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize
 
 from cspine.inference.specs import EMBEDDING_DIM
+
+POOLING_PULL = 0.01  # the L2 pull of pooling_weights toward the weights it starts from
 
 
 def softmax_probabilities(embeddings: np.ndarray, prototypes: np.ndarray, scale: float) -> np.ndarray:
@@ -76,6 +83,24 @@ def transductive(
         total = onehot.T @ support + p.T @ queries
         w = total / (onehot.sum(0) + p.sum(0))[:, None]
     return w.astype(np.float32)
+
+
+def pooling_weights(
+    held_out: np.ndarray, labels: np.ndarray, start: np.ndarray, pull: float = POOLING_PULL
+) -> np.ndarray:
+    """Per-modality weights ``w`` ≥ 0 of log-linear pooling, ``softmax(Σ_m w_m · log p_m)``, that minimise the
+    cross-entropy of cases whose [n, modalities, K] log-probabilities ``held_out`` came from prototypes made
+    without them (0 where a case lacks a modality), plus ``pull`` · ||w − start||² (L-BFGS-B, weights ≤ 5)."""
+    rows = np.arange(len(labels))
+
+    def loss(w: np.ndarray) -> float:
+        z = np.tensordot(held_out, w, axes=([1], [0]))
+        z = z - z.max(1, keepdims=True)
+        nll = np.log(np.exp(z).sum(1)) - z[rows, labels]
+        return float(nll.mean() + pull * np.sum((w - start) ** 2))
+
+    result = minimize(loss, start, method="L-BFGS-B", bounds=[(0.0, 5.0)] * len(start))
+    return np.asarray(result.x)
 
 
 def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:

@@ -16,19 +16,24 @@ Then, with the ``fitted`` adaptation (what the service ships, ``Adaptation``), t
 modality are fitted to the site's cases of that modality by a few gradient steps of the classifier's
 cross-entropy, held near the rule's by an L2 pull (fewshot/adapt.py ``fitted``; about 1 ms). ``plain`` keeps
 the rule's. A set without site cases is the same under both.
+
+Once every class has at least SITE_CASES_TO_FIT_FUSION site cases, ``fitted`` also fits the weights the fusion
+of modalities gives each modality's class evidence (fewshot/adapt.py ``pooling_weights``, starting from and
+pulled toward the shipped calibration's): on the site's cases, each classified by the prototypes of the other
+folds of a FUSION_FOLDS-fold split. Fewer site cases keep the calibration's weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from cspine.domain import Modality
-from cspine.fewshot.adapt import fitted
+from cspine.fewshot.adapt import fitted, pooling_weights, softmax_probabilities
 from cspine.inference.specs import EMBEDDING_DIM, MAX_PROTOTYPES, MODALITY_ORDER
 
 DEFAULT_SUPPORT = Path(__file__).parent / "data" / "default_support.npz"
@@ -38,6 +43,10 @@ SHIPPED_METHOD = "fitted"
 # K of the rule: this many site cases of a class (per modality) replace the SYNTHETIC default's cases; fewer are
 # shrunk toward the default's class mean, which counts as K − n pseudo-cases.
 SITE_CASES_TO_REPLACE = 5
+# Site cases every class needs before the fitted adaptation refits the fusion weights, and the folds it uses:
+# with fewer, the refitted weights cost accuracy on the SYNTHETIC sites (docs/evaluation.md).
+SITE_CASES_TO_FIT_FUSION = 10
+FUSION_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -103,25 +112,37 @@ class ClassSupport:
 @dataclass(frozen=True)
 class Adaptation:
     """What is done to the rule's prototypes once a set has site cases: ``plain`` (nothing) or ``fitted``
-    (fitted to the site's cases for the exported classifier's ``scale``, ``fewshot.adapt.exported_scale``)."""
+    (fitted to the site's cases for the exported classifier's ``scale``, ``fewshot.adapt.exported_scale``; and,
+    given the calibration's classification ``fusion_weights`` in MODALITY_ORDER, the fusion weights refitted
+    from them once every class has SITE_CASES_TO_FIT_FUSION site cases)."""
 
     method: str = "plain"
     scale: float = 0.0
+    fusion_weights: tuple[float, ...] = ()
 
     @staticmethod
     def of_repository(method: str, repository: Path) -> Adaptation:
-        """``method`` for the models of ``repository``: ``fitted`` reads the scale of its exported classifier."""
+        """``method`` for the models of ``repository``: ``fitted`` reads the scale of its exported classifier
+        and the classification weights of its calibration."""
         if method != "fitted":
             return Adaptation(method)
+        from cspine.analysis.fusion import Calibration
         from cspine.fewshot.adapt import exported_scale
 
-        return Adaptation(method, exported_scale(repository / "proto_classify" / "1" / "model.onnx"))
+        weights = Calibration.load(repository).classification_weights
+        return Adaptation(
+            method,
+            exported_scale(repository / "proto_classify" / "1" / "model.onnx"),
+            tuple(weights[m] for m in MODALITY_ORDER),
+        )
 
     def __post_init__(self) -> None:
         if self.method not in ADAPTATIONS:
             raise ValueError(f"the prototype adaptation must be one of {', '.join(ADAPTATIONS)}; got {self.method!r}")
         if self.method == "fitted" and not self.scale > 0:
             raise ValueError(f"the fitted adaptation needs the classifier's scale (> 0), got {self.scale}")
+        if self.fusion_weights and len(self.fusion_weights) != len(MODALITY_ORDER):
+            raise ValueError(f"{len(self.fusion_weights)} fusion weights for {len(MODALITY_ORDER)} modalities")
 
 
 @dataclass(frozen=True)
@@ -136,6 +157,9 @@ class PrototypeSet:
     composition: tuple[ClassSupport, ...] = ()
     site_cases_to_replace: int = SITE_CASES_TO_REPLACE
     adaptation: str = "plain"  # what was done to the rule's prototypes: "plain", or "fitted to N site cases"
+    # per modality, the weight of its class evidence in the fusion, refitted to the site's cases (empty: the
+    # calibration's; module docstring)
+    fusion_weights: dict[Modality, float] = field(default_factory=dict)
 
     @staticmethod
     def from_cases(
@@ -198,15 +222,22 @@ class PrototypeSet:
                         support.embeddings[rows_m, m], classes[rows_m], prototypes[modality], adaptation.scale
                     )
             described = f"fitted to {int((~flags).sum())} site cases"
+        fusion: dict[Modality, float] = {}
+        if method == "fitted" and adaptation is not None and adaptation.fusion_weights:
+            site_labels = owner[~flags]
+            if all((site_labels == label).sum() >= SITE_CASES_TO_FIT_FUSION for label in labels):
+                held_out, truth = _held_out(support, flags, labels, replace(adaptation, fusion_weights=()))
+                pooled = pooling_weights(held_out, truth, np.array(adaptation.fusion_weights))
+                fusion = {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, pooled, strict=True)}
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
         digest.update("\n".join(support.labels).encode())
         mixed = flags.any() and not flags.all()
         if mixed:  # the same cases as site or default ones make other prototypes: the name tells them apart
             digest.update(np.packbits(flags).tobytes() + f"\nK={k}".encode())
         if described != "plain":
-            digest.update(f"\n{method} {adaptation.scale if adaptation else 0:.6g}".encode())
+            digest.update(f"\n{method} {adaptation.scale if adaptation else 0:.6g} {fusion}".encode())
         name = version or f"{'site' if mixed else 'default'}-{digest.hexdigest()[:12]}"
-        return PrototypeSet(name, labels, prototypes, tuple(composition), k, described)
+        return PrototypeSet(name, labels, prototypes, tuple(composition), k, described, fusion)
 
     @staticmethod
     def from_support(support: SupportSet, version: str | None = None) -> PrototypeSet:
@@ -220,6 +251,35 @@ class PrototypeSet:
             if cls.label == label:
                 return next((w.site_weight for w in cls.modalities if w.modality == modality), 0.0)
         raise KeyError(label)
+
+
+def _held_out(
+    support: SupportSet, flags: np.ndarray, labels: tuple[str, ...], adaptation: Adaptation
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each site case's [modalities, K] log-probabilities from the prototypes (by the rule, then ``adaptation``)
+    of the cases outside its fold (FUSION_FOLDS folds, each class's site cases dealt round-robin; 0 for a
+    modality the case lacks), and its class index in ``labels``."""
+    owner = np.array(support.labels)
+    site = np.nonzero(~flags)[0]
+    fold = np.zeros(len(site), dtype=int)
+    for label in labels:
+        mine = np.nonzero(owner[site] == label)[0]
+        fold[mine] = np.arange(len(mine)) % FUSION_FOLDS
+    held_out = np.zeros((len(site), len(MODALITY_ORDER), len(labels)))
+    for f in range(FUSION_FOLDS):
+        out = site[fold == f]
+        keep = np.ones(len(flags), dtype=bool)
+        keep[out] = False
+        rest = SupportSet(support.embeddings[keep], tuple(owner[keep]))
+        others = PrototypeSet.from_cases(rest, flags[keep], "held-out", adaptation=adaptation)
+        order = [others.labels.index(label) for label in labels]
+        for m, modality in enumerate(MODALITY_ORDER):
+            embeddings = support.embeddings[out, m]
+            present = ~np.isnan(embeddings).any(axis=1)
+            if modality in others.prototypes and present.any():
+                p = softmax_probabilities(embeddings[present], others.prototypes[modality][order], adaptation.scale)
+                held_out[np.nonzero(fold == f)[0][present], m] = np.log(np.clip(p, 1e-9, None))
+    return held_out, np.array([labels.index(label) for label in owner[site]])
 
 
 def site_prototypes(

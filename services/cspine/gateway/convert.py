@@ -197,6 +197,9 @@ def version_to_pb(
         cases=info.case_count,
         site_cases_to_replace=prototypes.site_cases_to_replace,
         adaptation=prototypes.adaptation,
+        fusion_weights=[
+            spb.FusionWeight(modality=MODALITY_TO_PB[m], weight=w) for m, w in prototypes.fusion_weights.items()
+        ],
     )
 
 
