@@ -306,7 +306,7 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
     from cspine.config import GatewayConfig
     from cspine.dicom.selection import select_series
     from cspine.domain import Modality
-    from cspine.fewshot.prototypes import SHIPPED_METHOD, Adaptation, SupportSet
+    from cspine.fewshot.prototypes import SHIPPED_METHOD, SITE_CASES_TO_FIT_FUSION, Adaptation, SupportSet
     from cspine.fewshot.store import SupportStore
     from cspine.gateway.metrics import Metrics
     from cspine.gateway.server import start_gateway
@@ -385,6 +385,19 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
                 await service.refresh_prototypes()
                 store_s.append(time.perf_counter() - start)
                 assert service.version_number == number
+            # the same once every class has SITE_CASES_TO_FIT_FUSION site cases: the fusion weights are refitted too
+            refit_s = []
+            rng = np.random.default_rng(7)
+            for i in range(len(CLASSES) * SITE_CASES_TO_FIT_FUSION + repeats):
+                label = CLASSES[i % len(CLASSES)]
+                every: dict[Modality | str, np.ndarray] = {m: rng.normal(size=64).astype(np.float32) for m in Modality}
+                start = time.perf_counter()
+                uid = f"1.2.826.0.1.3680043.10.424243.{i}"
+                await asyncio.to_thread(store.add_case, uid, label, every, pathology_reference="bench", curator="bench")
+                await service.refresh_prototypes()
+                if service.prototypes.fusion_weights:
+                    refit_s.append(time.perf_counter() - start)
+            assert len(refit_s) >= repeats
         finally:
             await channel.close()
             await gateway.stop(1.0)
@@ -407,6 +420,7 @@ async def _adapt_run(url: str, scratch: Path, repeats: int) -> dict:
         "next_analysis_used_new_set": all(live),
         "add_to_next_analysis_s": round(max(a, 0.0), 4),
         "store_write_and_reload_s": round(s, 4),
+        "store_write_and_reload_refit_s": round(float(np.median(refit_s)), 4),
         "finetune_s": round(t, 4),
         "speedup": round(t / max(s, 1e-6), 1),
     }
@@ -423,5 +437,7 @@ def format_adapt_bench(result: dict) -> str:
         f"returning to that analysis starting: {result['add_to_next_analysis_s']:.3f} s\n"
         f"  store write + reload of the prototype set: {result['store_write_and_reload_s'] * 1000:.1f} ms "
         f"(goal < 1 s) vs fine-tuning the baseline on the same cases: {result['finetune_s']:.2f} s: "
-        f"{result['speedup']:.0f}× faster (goal ≥ 100×)"
+        f"{result['speedup']:.0f}× faster (goal ≥ 100×)\n"
+        f"  with 10 or more site cases per class (fusion weights refitted too): store write + reload "
+        f"{result['store_write_and_reload_refit_s'] * 1000:.1f} ms (goal ≤ 1 s)"
     )
