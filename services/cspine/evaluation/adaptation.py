@@ -12,12 +12,12 @@ for the shipped ``proto_classify``:
 - ``baseline``: the conventionally trained encoder with its last block and a new linear head fine-tuned on
   the site's cases (modeling/evaluate.py), for k ≥ 1.
 
-Each site gives a class-balanced pool of its lesions (``site_lesions(per_class=…)``: its subtype mix within
-each class); the query lesions are the same at every k, support draws are repeated. The modalities are fused
-as the service fuses them (log-linear pooling with the classification weights of calibration.json, or those
-``fitted`` refitted). Per method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the
-queries are balanced, so the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of
-the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases,
+Each site gives a class-balanced pool of its lesions (``site_lesions(per_class=…)``: its subtype mix within each
+class); the query lesions are the same at every k, support draws are repeated. The modalities are fused as the
+service fuses them (log-linear pooling with the classification weights of calibration.json, or those ``fitted``
+refitted). Per method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the queries are
+balanced, so the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 %
+CI of the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases,
 beside 5 site cases of each other class: its recall, and the share of the other classes' lesions (of other
 subtypes) it takes.
 """
