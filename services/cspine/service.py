@@ -84,6 +84,8 @@ class AnalysisService:
         self._slot_freed = asyncio.Condition()
         # With a store, the prototype set is the store's current version (see refresh_prototypes); without
         # one, the shipped SYNTHETIC default, fixed.
+        if store is not None and prototypes is not None:
+            raise ValueError("a service with a support store serves the store's prototype sets: give one or the other")
         self.store = store
         self.prototypes = prototypes or (store.prototype_set() if store is not None else default_prototypes())
         self.version_number = store.current_version() if store is not None else 0
@@ -235,6 +237,8 @@ class AnalysisService:
         store = self._store()
         info = await asyncio.to_thread(store.version_info, version)
         found = await asyncio.to_thread(store.list_cases, info.number)
+        if info.number == self.version_number:  # the set in use: made (fitting included) when it was loaded
+            return found, info, self.prototypes
         return found, info, await asyncio.to_thread(store.prototype_set, info.number)
 
     async def ready(self) -> Readiness:
