@@ -1,6 +1,7 @@
 """Shared fixtures, and the markers that split the suite into what needs which service.
 
-Fixtures: ``phantom_cases`` (a small SYNTHETIC cohort made once per session by the real generator), ``triton``
+Fixtures: ``phantom_cases`` (a small SYNTHETIC cohort made once per session by the real generator;
+``mismatched_study`` mixes two of its cases into one study whose radiograph lesion lies elsewhere), ``triton``
 (a real local tritonserver), ``gateway`` (a real in-process gateway on it, one per module) and ``postgres`` (a
 throwaway PostgreSQL 15 cluster). The harnesses behind them, and those tests import (DICOM builders, tokens,
 channels, helm), are in tests/support/.
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
-from support.phantom import PhantomCase, write_cohort
+from support.phantom import PhantomCase, mixed_study, write_cohort
 from support.postgres import PostgresCluster
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PhantomCase]:
     """The SYNTHETIC cohort of support.phantom, one case of each class and one tumor-free, by case id."""
     return write_cohort(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="session")
+def mismatched_study(phantom_cases, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The benign case's CT and MR (its lesion at C3) with the malignant case's radiograph (at C4), as one study."""
+    return mixed_study(phantom_cases["benign"], phantom_cases["malignant"], tmp_path_factory.mktemp("mismatched"))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from cspine.analysis.fusion import (
     Calibration,
     DetectionCurve,
     assess,
+    matched_lesions,
+    matched_probabilities,
     modality_assessment,
     normalised_entropy,
     pool,
@@ -30,10 +32,15 @@ from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import (
     MEASURED_LEVELS,
+    Assessment,
+    Lesion,
     LevelMeasurement,
     Modality,
+    ModalityResult,
     NoticeCode,
     OpllMeasurement,
+    Reason,
+    ReasonCode,
     SeriesRole,
     Volume,
 )
@@ -269,6 +276,51 @@ def test_calibration_round_trips_through_json(tmp_path):
 def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
     assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
     assert normalised_entropy(np.ones(4) / 4) == pytest.approx(1.0)
+
+
+def _lesion(modality: Modality, levels: str, probabilities) -> Lesion:
+    """A classified lesion at ``levels`` (space-separated, the first holding most of it)."""
+    named = tuple(levels.split())
+    assessment = assess({modality: 1.0}, {modality: np.array(probabilities)}, LABELS, _calibration())
+    box = (0.0, 0.0, 0.0)
+    return Lesion(named[0], named, 10.0, 0.5, None, box, box, box, f"1.2.3.{modality.value}", assessment)
+
+
+def _result(modality: Modality, *lesions: Lesion, assessed: bool = True) -> ModalityResult:
+    reasons = (Reason(ReasonCode.OUT_OF_DISTRIBUTION, "test"),)
+    assessment = Assessment(True, 0.9) if assessed else Assessment.not_assessable(reasons)
+    return ModalityResult(modality, (), list(lesions) if assessed else [], assessment)
+
+
+def test_lesions_are_matched_to_the_main_lesion_by_level():
+    ct = _lesion(Modality.CT, "C4 C5", PROBS[Modality.CT])
+    mr_elsewhere = _lesion(Modality.MR, "C2", [0.8, 0.1, 0.1])  # MR's largest lies elsewhere: its next one matches
+    mr_same = _lesion(Modality.MR, "C5", PROBS[Modality.MR])
+    xr_elsewhere = _lesion(Modality.XR, "C7", PROBS[Modality.XR])
+    results = {
+        Modality.CT: _result(Modality.CT, ct),
+        Modality.MR: _result(Modality.MR, mr_elsewhere, mr_same),
+        Modality.XR: _result(Modality.XR, xr_elsewhere),
+    }
+    matched, notices = matched_lesions(results)
+    assert matched == {Modality.CT: ct, Modality.MR: mr_same}
+    assert [(n.code, n.series_instance_uid) for n in notices] == [(NoticeCode.LESION_NOT_MATCHED, "1.2.3.XR")]
+    assert "C4, C5" in notices[0].message and "at C7" in notices[0].message
+    probabilities = matched_probabilities(matched)
+    assert set(probabilities) == {Modality.CT, Modality.MR}
+    np.testing.assert_allclose(probabilities[Modality.MR], PROBS[Modality.MR])
+
+
+def test_without_a_ct_lesion_the_mr_lesion_is_the_main_one_and_unassessed_modalities_take_no_part():
+    mr = _lesion(Modality.MR, "C3", PROBS[Modality.MR])
+    xr = _lesion(Modality.XR, "C3 C4", PROBS[Modality.XR])
+    results = {
+        Modality.CT: _result(Modality.CT, _lesion(Modality.CT, "C6", PROBS[Modality.CT]), assessed=False),
+        Modality.MR: _result(Modality.MR, mr),
+        Modality.XR: _result(Modality.XR, xr),
+    }
+    assert matched_lesions(results) == ({Modality.MR: mr, Modality.XR: xr}, [])
+    assert matched_lesions({Modality.CT: _result(Modality.CT)}) == ({}, [])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -10,12 +10,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from cspine.analysis.fusion import Calibration, matched_lesions, matched_probabilities, pool
 from cspine.cli import main
 from cspine.dicom.ingest import ingest, ingest_paths
 from cspine.dicom.outputs import read_sr_measurements
 from cspine.domain import MEASURED_LEVELS, Modality, NoticeCode, ReasonCode
 from cspine.errors import DeadlineExceededError
 from cspine.fewshot.prototypes import default_prototypes
+from cspine.inference.local_triton import default_repository
 from cspine.pipeline import STAGES, AnalysisOptions
 from support.dicom import radiograph
 from support.pipeline import analyse as run
@@ -47,6 +49,37 @@ def test_full_study_finds_the_tumor_at_its_level_and_fuses_probabilities(full):
     assert analysis.prototype_set_version == default_prototypes().version
     assert {m.name for m in analysis.models} == {"seg_ct", "seg_mr", "seg_xr", "lesion_embed", "proto_classify"}
     assert set(STAGES) <= set(analysis.stage_seconds) and analysis.stage_seconds["segment"] > 0
+
+
+def test_the_fused_classification_pools_the_lesions_matched_to_the_main_one(full):
+    _, analysis = full
+    matched, unmatched = matched_lesions({r.modality: r for r in analysis.modalities})
+    assert matched[Modality.CT] is analysis.primary_lesion()
+    assert all(n in analysis.notices for n in unmatched)
+    expected = pool(matched_probabilities(matched), Calibration.load(default_repository()).classification_weights)
+    assert [p.probability for p in analysis.fused.probabilities] == pytest.approx(list(expected), abs=1e-9)
+
+
+def test_a_radiograph_whose_lesions_lie_at_other_levels_is_left_out_of_the_fused_classification(
+    triton, mismatched_study
+):
+    """The benign case's CT and MR (lesion at C3) with the malignant case's radiograph: the radiograph's lesions
+    are at C4 and C5, so its probabilities are not pooled with the C3 lesion's, and a notice says so."""
+    analysis = run(triton, ingest_paths(mismatched_study))
+    ct, mr, xr = (analysis.modality(m) for m in (Modality.CT, Modality.MR, Modality.XR))
+    assert analysis.primary_lesion() is ct.lesions[0] and ct.lesions[0].vertebral_level == "C3"
+    assert xr.assessment.assessed and xr.assessment.probabilities and xr.lesions
+    assert all("C3" not in {lesion.vertebral_level, *lesion.levels} for lesion in xr.lesions)
+    (notice,) = [n for n in analysis.notices if n.code is NoticeCode.LESION_NOT_MATCHED]
+    assert notice.series_instance_uid == xr.lesions[0].series_instance_uid
+    assert "XR is left out of the fused classification" in notice.message
+    weights = Calibration.load(default_repository()).classification_weights
+    mr_lesion = next(x for x in mr.lesions if "C3" in {x.vertebral_level, *x.levels})
+    probabilities = matched_probabilities({Modality.CT: ct.lesions[0], Modality.MR: mr_lesion})
+    fused = [p.probability for p in analysis.fused.probabilities]
+    assert fused == pytest.approx(list(pool(probabilities, weights)), abs=1e-9)
+    with_xr = {**probabilities, Modality.XR: np.array([p.probability for p in xr.assessment.probabilities])}
+    assert fused != pytest.approx(list(pool(with_xr, weights)), abs=1e-6)
 
 
 def test_a_prototype_set_s_refitted_fusion_weights_are_the_ones_the_study_is_fused_with(triton, full):

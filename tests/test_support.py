@@ -124,6 +124,17 @@ def test_a_new_class_appears_in_probabilities_and_goes_with_its_last_case(served
     assert (special.site_cases, special.default_cases) == (1, 0) and {w.site_weight for w in special.weights} == {1.0}
 
 
+def test_a_case_keeps_no_embedding_of_a_modality_whose_lesions_lie_at_other_levels(served, mismatched_study):
+    """CT and MR show the lesion at C3, the radiograph (another case's) at C4 and C5: the case learns from CT and
+    MR only, as the analysis fuses only them."""
+    server, _, curator, _ = served
+    result = server.stub.AnalyzeStudy(upload(mismatched_study), timeout=120)
+    assert [n.code for n in result.notices].count("lesion_not_matched") == 1
+    case = curator.AddCase(case_upload(mismatched_study, "benign"), timeout=120)
+    assert list(case.modalities) == [pb.CT, pb.MR]
+    curator.RemoveCase(spb.RemoveCaseRequest(case_id=case.case_id), timeout=10)
+
+
 def test_add_case_refuses_a_case_without_lesion_and_a_study_already_in_the_set(served, phantom_cases):
     _, _, curator, _ = served
     with pytest.raises(grpc.RpcError) as caught:

@@ -22,6 +22,10 @@ class Modality(str, enum.Enum):
     XR = "XR"  # projection radiograph: DICOM DX or CR
 
 
+# The order in which the modalities measure a lesion best: the main lesion is the first one's largest.
+MEASURING_ORDER: tuple[Modality, ...] = (Modality.CT, Modality.MR, Modality.XR)
+
+
 class Orientation(str, enum.Enum):
     """How a series' slices lie in the patient."""
 
@@ -70,6 +74,7 @@ class NoticeCode(str, enum.Enum):
     NOT_ASSESSABLE = "not_assessable"  # a modality gave no tumor call; its result says why
     OUTPUT_UNAVAILABLE = "output_unavailable"  # a requested DICOM SEG or SR could not be written; the analysis stands
     OUTPUT_VALUE_OMITTED = "output_value_omitted"  # a SEG or SR written with an invalid source value left empty
+    LESION_NOT_MATCHED = "lesion_not_matched"  # a modality's lesions lie at none of the main lesion's levels
 
 
 @dataclass(frozen=True)
@@ -437,8 +442,8 @@ class StudyAnalysis:
         return next((m for m in self.modalities if m.modality is modality), None)
 
     def primary_lesion(self) -> Lesion | None:
-        """The largest lesion of the modality that measures best (CT, then MR, then the radiograph)."""
-        for modality in (Modality.CT, Modality.MR, Modality.XR):
+        """The largest lesion of the modality that measures best (``MEASURING_ORDER``)."""
+        for modality in MEASURING_ORDER:
             result = self.modality(modality)
             if result is not None and result.assessment.assessed and result.lesions:
                 return result.lesions[0]

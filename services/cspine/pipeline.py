@@ -36,7 +36,14 @@ from cspine.analysis.competence import (
     not_assessable_result,
     segmentation_reasons,
 )
-from cspine.analysis.fusion import Calibration, classified, largest_lesion_assessment, study_assessment
+from cspine.analysis.fusion import (
+    Calibration,
+    classified,
+    largest_lesion_assessment,
+    matched_lesions,
+    matched_probabilities,
+    study_assessment,
+)
 from cspine.analysis.lesions import classify_inputs, clean_grid_labels, find_lesions
 from cspine.analysis.spine import ModalitySpine, combine, measure_spine, unavailable_notices
 from cspine.budget import plan_study
@@ -111,7 +118,6 @@ class _Measured:
 
     result: ModalityResult
     size: float  # largest lesion: mL (CT, MR) or cm² (radiograph); 0 when none
-    probabilities: np.ndarray | None
     spine: ModalitySpine = field(default_factory=ModalitySpine)
     notices: list[Notice] = field(default_factory=list)
 
@@ -193,7 +199,9 @@ async def analyze(
 
     with timer.stage("fuse"):
         sizes = {m: r.size for m, r in measured.items()}
-        probabilities = {m: r.probabilities for m, r in measured.items() if r.probabilities is not None}
+        matched, unmatched = matched_lesions(results)
+        notices.extend(unmatched)
+        probabilities = matched_probabilities(matched)
         if prototypes.fusion_weights:  # refitted to the site's cases (fewshot/prototypes.py)
             calibration = replace(calibration, classification_weights=prototypes.fusion_weights)
         fused = study_assessment(sizes, probabilities, prototypes.labels, calibration, results)
@@ -258,19 +266,16 @@ async def _analyse_modality(
         frame = spine.frame
         reasons = await asyncio.to_thread(segmentation_reasons, modality, label_maps[main], on_grid[main], frame, ood)
     if reasons:
-        return _Measured(not_assessable_result(verdict, ood, tuple(reasons)), 0.0, None)
+        return _Measured(not_assessable_result(verdict, ood, tuple(reasons)), 0.0)
     with timer.stage("measure"):
         uid = chosen[main].series_instance_uid
         lesions, notices = await asyncio.to_thread(find_lesions, modality, label_maps, on_grid, frame, uid)
-    probabilities = None
     if lesions:  # embedded even without prototypes: AddCase builds the first ones from these embeddings
-        lesions, probabilities = await _classify(
-            modality, lesions, volumes, triton, prototypes, calibration, deadline, timer
-        )
+        lesions = await _classify(modality, lesions, volumes, triton, prototypes, calibration, deadline, timer)
     size, assessment = largest_lesion_assessment(modality, lesions, calibration)
     source_maps = SourceLabelMaps({r: (label_maps[r], grids[r]) for r in roles})  # made when SEG/overlays read them
     result = assessed_result(verdict, lesions, assessment, source_maps, ood)
-    return _Measured(result, size, probabilities, spine, notices)
+    return _Measured(result, size, spine, notices)
 
 
 async def _classify(
@@ -282,11 +287,11 @@ async def _classify(
     calibration: Calibration,
     deadline: Deadline,
     timer: _Timer,
-) -> tuple[list[Lesion], np.ndarray | None]:
+) -> list[Lesion]:
     """Embed the lesions (largest first; beyond MAX_EMBEDDINGS they stay unclassified) and classify them
     against the modality's prototypes in one ``lesion_classify`` call; returns the lesions with their
-    assessments and the probabilities of the largest. Without prototypes for the modality (an emptied
-    support set) only ``lesion_embed`` runs: the lesions get embeddings, no class probabilities (None)."""
+    embeddings and assessments. Without prototypes for the modality (an emptied support set) only
+    ``lesion_embed`` runs: the lesions get embeddings, no class probabilities."""
     lesions, rest = lesions[:MAX_EMBEDDINGS], lesions[MAX_EMBEDDINGS:]
     classes = prototypes.prototypes.get(modality)
     with timer.stage("preprocess"):
@@ -296,4 +301,4 @@ async def _classify(
         out = await triton.infer(model, inputs, deadline_s=deadline.left())
     probabilities = out[PROBABILITIES_TENSOR] if classes is not None else None
     embedded = classified(modality, lesions, out[EMBEDDING_TENSOR], calibration, prototypes.labels, probabilities)
-    return embedded + rest, None if probabilities is None else probabilities[0].astype(np.float64)
+    return embedded + rest

@@ -23,7 +23,7 @@ import numpy as np
 
 import cspine
 from cspine.analysis.competence import CompetenceReference
-from cspine.analysis.fusion import Calibration
+from cspine.analysis.fusion import Calibration, matched_lesions
 from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
@@ -181,8 +181,9 @@ class AnalysisService:
         create_class: bool,
         curator: str,
     ) -> tuple[Case, VersionInfo]:
-        """Analyse a pathology-confirmed case up to its lesion embeddings and add it to the support set; the
-        next analysis uses the new prototype set."""
+        """Analyse a pathology-confirmed case up to its lesion embeddings and add it to the support set: per
+        modality the embedding of the lesion matched to the main one by level (``matched_lesions``; a modality
+        whose lesions lie elsewhere gives none). The next analysis uses the new prototype set."""
         store = self._store()
         study = await asyncio.to_thread(ingest, instances, self.limits)
         analysis = await analyze(
@@ -197,10 +198,9 @@ class AnalysisService:
         )
         if not analysis.fused.assessed:
             raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")
+        matched, _ = matched_lesions({result.modality: result for result in analysis.modalities})
         embeddings: dict[Modality | str, np.ndarray] = {
-            result.modality: result.lesions[0].embedding
-            for result in analysis.modalities
-            if result.lesions and result.lesions[0].embedding is not None
+            modality: lesion.embedding for modality, lesion in matched.items() if lesion.embedding is not None
         }
         if not analysis.fused.tumor_detected:
             raise InvalidInputError(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
 
 from cspine.phantom.generate import Case, PhantomOptions, build_case, write_case
 
@@ -46,3 +48,20 @@ def write_cohort(root: Path) -> dict[str, PhantomCase]:
         assert json.loads((root / name / "truth.json").read_text()) == truth
         cases[name] = PhantomCase(root / name, truth, labels, case)
     return cases
+
+
+def mixed_study(main: PhantomCase, radiograph_of: PhantomCase, folder: Path) -> list[Path]:
+    """``main``'s CT and MR with ``radiograph_of``'s radiograph, written to ``folder`` as one new study (a new
+    StudyInstanceUID, ``main``'s patient): its radiograph shows a lesion at another level than its CT and MR."""
+    study_uid = generate_uid()
+    patient = pydicom.dcmread(main.files("ct")[0], stop_before_pixels=True)
+    sources = [f for role in main.truth["series"] if role != "xr" for f in main.files(role)]
+    paths = []
+    for index, source in enumerate([*sources, *radiograph_of.files("xr")]):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID = study_uid
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"):
+            setattr(ds, keyword, patient.get(keyword, ""))
+        paths.append(folder / f"{index:04d}.dcm")
+        ds.save_as(paths[-1])
+    return paths

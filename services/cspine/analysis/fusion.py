@@ -5,8 +5,10 @@ weighting each modality by its measured reliability. A tumor is detected when a 
 
 Both detection and classification use weighted log-linear pooling: the fused log-odds (or
 log-probabilities) are the weighted sum of each available modality's, so any subset of modalities works and
-fewer modalities give a less confident answer. The weights, and each modality's detection curve, are fitted
-on held-out SYNTHETIC phantom studies by ``cspine calibrate`` and stored beside the models
+fewer modalities give a less confident answer. Detection pools each modality's largest lesion; classification
+pools the lesions matched across modalities (``matched_lesions``): the main lesion and, from each other
+modality, its largest lesion at one of the main lesion's levels. The weights, and each modality's detection
+curve, are fitted on held-out SYNTHETIC phantom studies by ``cspine calibrate`` and stored beside the models
 (``model_repository/calibration.json``), never written into the code.
 """
 
@@ -20,7 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from cspine.analysis.competence import no_assessable_modality
-from cspine.domain import Assessment, ClassProbability, Lesion, Modality, ModalityResult
+from cspine.domain import (
+    MEASURING_ORDER,
+    Assessment,
+    ClassProbability,
+    Lesion,
+    Modality,
+    ModalityResult,
+    Notice,
+    NoticeCode,
+)
 
 CALIBRATION_FILE = "calibration.json"
 DETECTION_THRESHOLD = 0.5  # a detection score at or above this reports a tumor detected
@@ -155,6 +166,52 @@ def largest_lesion_assessment(
     if lesions and lesions[0].assessment is not None:
         return size, lesions[0].assessment
     return size, modality_assessment(modality, size, calibration)
+
+
+def _levels(lesion: Lesion) -> set[str]:
+    return {lesion.vertebral_level, *lesion.levels}
+
+
+def matched_lesions(results: Mapping[Modality, ModalityResult]) -> tuple[dict[Modality, Lesion], list[Notice]]:
+    """The lesion each assessed modality contributes to the fused classification (and a support case's
+    embeddings), matched by vertebral level: the main lesion, the largest of the first assessed modality with
+    one in ``MEASURING_ORDER`` (CT, MR, radiograph), and from each other modality its largest lesion whose
+    levels overlap the main lesion's. Levels, not positions, because the modalities' frames of reference
+    differ in a real study. A modality whose lesions all lie at other levels found something else (on the
+    radiograph, often a misplaced lesion): it is left out, with a ``lesion_not_matched`` notice."""
+    found = {m: r for m, r in results.items() if r.assessment.assessed and r.lesions}
+    main = next((m for m in MEASURING_ORDER if m in found), None)
+    if main is None:
+        return {}, []
+    anchor = found[main].lesions[0]
+    matched, notices = {main: anchor}, []
+    for modality, result in found.items():
+        if modality is main:
+            continue
+        lesion = next((x for x in result.lesions if _levels(x) & _levels(anchor)), None)
+        if lesion is not None:
+            matched[modality] = lesion
+            continue
+        largest = result.lesions[0]
+        notices.append(
+            Notice(
+                NoticeCode.LESION_NOT_MATCHED,
+                f"no {modality.value} lesion lies at the level of the {main.value} lesion "
+                f"({', '.join(sorted(_levels(anchor)))}); the largest is at {largest.vertebral_level}: "
+                f"{modality.value} is left out of the fused classification",
+                largest.series_instance_uid,
+            )
+        )
+    return matched, notices
+
+
+def matched_probabilities(matched: Mapping[Modality, Lesion]) -> dict[Modality, np.ndarray]:
+    """The class probabilities of the matched lesions that were classified."""
+    return {
+        m: np.array([p.probability for p in lesion.assessment.probabilities])
+        for m, lesion in matched.items()
+        if lesion.assessment is not None and lesion.assessment.probabilities
+    }
 
 
 def _assessment(score: float, labels: tuple[str, ...], probabilities: np.ndarray | None) -> Assessment:

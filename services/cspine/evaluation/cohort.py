@@ -1,9 +1,11 @@
 """``cspine evaluate pipeline`` and ``cspine calibrate``: the whole pipeline on a held-out SYNTHETIC
 phantom cohort (DICOM → ingest → Triton → measurements → fusion), compared with each case's truth.json.
 
-Each case gives one record (JSON-able): per modality the largest lesion's size and level and its class
-probabilities, the fused assessment, the spine measurements, and stage times; ``metrics`` reduces the
-records to the figures the issue asks for.
+Each case gives one record (JSON-able): per modality the largest lesion's size, level and class
+probabilities and the class probabilities of the lesion matched to the main one (what the fused
+classification pools), the fused assessment beside the fusion of each modality's largest lesion (the rule
+before lesions were matched), the spine measurements, and stage times; ``metrics`` reduces the records to the
+figures the issue asks for.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cspine.analysis.competence import CompetenceReference
-from cspine.analysis.fusion import Calibration
+from cspine.analysis.fusion import Calibration, matched_lesions, pool
 from cspine.dicom.ingest import ingest_paths
-from cspine.domain import MEASURED_LEVELS, StudyAnalysis
+from cspine.domain import MEASURED_LEVELS, Modality, StudyAnalysis
 from cspine.fewshot.prototypes import PrototypeSet, default_prototypes
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
@@ -51,13 +53,25 @@ def ensure_cohort(folder: Path, cases: int, seed: int, workers: int, progress: b
     return [folder / f"case-{i + 1:04d}" for i in range(cases)]
 
 
-def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dict:
+def _probabilities(lesion) -> list[float] | None:
+    if lesion is None or lesion.assessment is None or not lesion.assessment.probabilities:
+        return None
+    return [p.probability for p in lesion.assessment.probabilities]
+
+
+def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float, weights: dict[Modality, float]) -> dict:
+    """One case's record; ``weights`` are the classification weights the analysis fused with, to fuse each
+    modality's largest lesion beside it."""
     truth = json.loads((case_dir / "truth.json").read_text())
     tumor = truth["tumor"]
+    matched, _ = matched_lesions({r.modality: r for r in analysis.modalities})
+    largest = {}
     modalities = {}
     for modality in MODALITY_ORDER:
         result = analysis.modality(modality)
-        lesion = result.lesions[0] if result and result.lesions else None
+        lesion = result.lesions[0] if result and result.lesions and result.assessment.assessed else None
+        if _probabilities(lesion) is not None:
+            largest[modality] = np.array(_probabilities(lesion))
         size = 0.0
         if lesion is not None:
             size = lesion.volume_ml if lesion.volume_ml is not None else (lesion.area_mm2 or 0.0) / 100.0
@@ -70,10 +84,11 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dic
             "lesions": len(result.lesions) if result else 0,
             "level": lesion.vertebral_level if lesion else None,
             "diameter_mm": lesion.max_diameter_mm if lesion else None,
-            "probabilities": [p.probability for p in lesion.assessment.probabilities]
-            if lesion is not None and lesion.assessment is not None
-            else None,
+            "largest_probabilities": _probabilities(lesion),
+            "matched": modality in matched,
+            "probabilities": _probabilities(matched.get(modality)),  # the matched lesion's: what fusion pools
         }
+    fused_largest = pool(largest, weights) if largest else None
     primary = analysis.primary_lesion()
     spine = analysis.spine
     return {
@@ -99,6 +114,7 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float) -> dic
             "probabilities": [p.probability for p in analysis.fused.probabilities],
             "labels": [p.label for p in analysis.fused.probabilities],
             "uncertainty": analysis.fused.uncertainty,
+            "largest_probabilities": fused_largest.tolist() if fused_largest is not None else None,
         },
         "primary": {
             "level": primary.vertebral_level if primary else None,
@@ -128,6 +144,7 @@ async def run_cohort(
     competence: CompetenceReference | None = None,
 ) -> list[dict]:
     records = []
+    weights = prototypes.fusion_weights or calibration.classification_weights  # what the pipeline fuses with
     async with TritonClient(triton_url) as client:
         await client.check_ready()
         for case_dir in tqdm(cases, desc="pipeline", unit="study", disable=not progress):
@@ -137,7 +154,7 @@ async def run_cohort(
             )
             ingest_s = time.perf_counter() - start
             analysis = await analyze(study, client, prototypes, calibration, AnalysisOptions(), models, competence)
-            records.append(case_record(case_dir, analysis, round(ingest_s, 4)))
+            records.append(case_record(case_dir, analysis, round(ingest_s, 4), weights))
     return records
 
 
@@ -195,19 +212,28 @@ def metrics(records: list[dict]) -> dict:
     opll = [r for r in records if r["spine"]["opll"] is not None]
     opll_true = [r for r in opll if r["truth"]["opll"]]
     classified = [r for r in detected if r["fused"]["probabilities"] and r["truth"]["class"]]
-    class_hits = [
-        r["fused"]["labels"][int(np.argmax(r["fused"]["probabilities"]))] == r["truth"]["class"] for r in classified
-    ]
+
+    def class_accuracy(answer) -> dict:
+        """Class accuracy of ``answer`` (a record's probabilities, or None) over the classified detected tumors
+        it answers for, and how many those are."""
+        answered = [(r, answer(r)) for r in classified if answer(r)]
+        right = [r["fused"]["labels"][int(np.argmax(p))] == r["truth"]["class"] for r, p in answered]
+        return {"value": _mean(right), "studies": len(answered)}
+
     per_modality = {}
     for m in MODALITY_ORDER:
         key = m.value
         found = [r["modalities"][key]["size"] > 0 for r in tumor]
         false = [r["modalities"][key]["size"] > 0 for r in free]
         hits = [r["modalities"][key]["level"] == r["truth"]["level"] for r in tumor if r["modalities"][key]["level"]]
+        unmatched = [r for r in tumor if r["modalities"][key]["level"] and not r["modalities"][key]["matched"]]
         per_modality[key.lower()] = {
             "lesion_found_in_tumor_studies": _mean(found),
             "lesion_found_in_tumor_free_studies": _mean(false),
             "level_accuracy": _mean(hits),
+            "class_accuracy": class_accuracy(lambda r, key=key: r["modalities"][key]["largest_probabilities"]),
+            "unmatched_in_tumor_studies": len(unmatched),  # its lesions at none of the main lesion's levels
+            "unmatched_at_true_level": sum(r["modalities"][key]["level"] == r["truth"]["level"] for r in unmatched),
         }
     scores = np.array([r["fused"]["score"] or 0.0 for r in records])  # not assessable: no score, counts as 0
     has_tumor = np.array([r["truth"]["tumor"] for r in records])
@@ -229,7 +255,8 @@ def metrics(records: list[dict]) -> dict:
             [r["primary"]["diameter_mm"] - r["truth"]["diameter_mm"] for r in detected if r["primary"]["diameter_mm"]]
         ),
         "level_accuracy": _mean(level_hits),
-        "classification_accuracy": _mean(class_hits),
+        "classification_accuracy": class_accuracy(lambda r: r["fused"]["probabilities"])["value"],
+        "classification_accuracy_largest_lesions": class_accuracy(lambda r: r["fused"]["largest_probabilities"]),
         "cobb_mae_deg": _mean(cobb),
         "cobb_measured": len(cobb),
         "canal_area_error_pct": _mean(canal),
@@ -289,17 +316,24 @@ def format_metrics(m: dict) -> str:
         f"  lesion size MAE {f(m['size_mae_mm'], ' mm', 2)} (goal ≤ 2 mm; bias {f(m['size_bias_mm'], ' mm', 2)})"
         f"   level accuracy {f(m['level_accuracy'])}"
         f"   class accuracy {f(m['classification_accuracy'])}",
+        f"  class accuracy, the largest lesion of each modality fused (before lesions were matched) "
+        f"{f(m['classification_accuracy_largest_lesions']['value'])}; one modality's largest lesion alone: "
+        + ", ".join(
+            f"{k} {f(v['class_accuracy']['value'])} ({v['class_accuracy']['studies']} studies)"
+            for k, v in m["per_modality"].items()
+        ),
         f"  Cobb C2–C7 MAE {f(m['cobb_mae_deg'], '°', 2)} on {m['cobb_measured']} studies (goal ≤ 2.5°)",
         f"  canal area error {f(m['canal_area_error_pct'], ' %', 1)}   cord area error "
         f"{f(m['cord_area_error_pct'], ' %', 1)}   disc height MAE {f(m['disc_height_mae_mm'], ' mm', 2)}",
         f"  OPLL accuracy {f(m['opll_accuracy'])}  sensitivity {f(m['opll_sensitivity'])} on {m['opll_studies']} "
         f"OPLL studies, occupying-ratio MAE {f(m['opll_ratio_mae'])}",
-        "  per modality (lesion found in tumor / tumor-free studies, level accuracy):",
+        "  per modality (lesion found in tumor / tumor-free studies, level accuracy; tumor studies whose lesions"
+        " matched no level of the main lesion, of them at the true level):",
     ]
     for key, v in m["per_modality"].items():
         lines.append(
             f"    {key}: {f(v['lesion_found_in_tumor_studies'])} / {f(v['lesion_found_in_tumor_free_studies'])}, "
-            f"{f(v['level_accuracy'])}"
+            f"{f(v['level_accuracy'])}; {v['unmatched_in_tumor_studies']}, {v['unmatched_at_true_level']}"
         )
     stages = ", ".join(f"{k} {v:.3f}" for k, v in m["stage_seconds"].items() if v is not None)
     lines.append(f"  mean seconds per stage: {stages}")
