@@ -273,6 +273,41 @@ def test_calibration_round_trips_through_json(tmp_path):
     assert Calibration.load(tmp_path) == calibration
 
 
+def _record(truth: int | None, ct, mr, xr, sizes=(1.0, 1.0, 1.0)) -> dict:
+    """A pipeline record (evaluation.cohort.case_record) with each modality's matched lesion's probabilities."""
+    modalities = {
+        m.value: {"size": size, "probabilities": p} for m, size, p in zip(Modality, sizes, (ct, mr, xr), strict=True)
+    }
+    tumor = None if truth is None else {"class": LABELS[truth]}
+    return {"truth": {"tumor": tumor is not None, **(tumor or {"class": None})}, "modalities": modalities}
+
+
+def test_classification_weights_are_fitted_on_matched_lesions_with_bootstrap_intervals(tmp_path):
+    """CT's evidence is right, MR's points at a random class, the radiograph's lesion is matched in half of the
+    studies and says nothing: CT gets the largest weight, every weight lies in its interval, and studies without
+    a matched radiograph lesion still count."""
+    from cspine.evaluation.calibrate import fit_calibration
+
+    rng = np.random.default_rng(1)
+    records = [_record(None, None, None, None, sizes=(0.0, 0.0, 0.0)) for _ in range(10)]
+    for i in range(40):
+        truth = i % 3
+        ct = np.full(3, 0.1)
+        ct[truth] = 0.8
+        mr = np.full(3, 0.1)
+        mr[rng.integers(3)] = 0.8
+        records.append(_record(truth, ct.tolist(), mr.tolist(), [1 / 3] * 3 if i % 2 else None))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not a model: only its hash is kept")
+    calibration = fit_calibration(records, model, "test records")
+    weights, intervals = calibration.classification_weights, calibration.classification_weights_ci95
+    assert weights[Modality.CT] > 1.0 > weights[Modality.MR]
+    assert all(intervals[m][0] <= weights[m] <= intervals[m][1] for m in Modality)
+    assert "40 with a tumor" in calibration.fitted_on and "CT 40, MR 40, XR 20" in calibration.fitted_on
+    calibration.save(tmp_path)
+    assert Calibration.load(tmp_path) == calibration
+
+
 def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
     assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
     assert normalised_entropy(np.ones(4) / 4) == pytest.approx(1.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,8 @@ class Calibration:
     classification_weights: dict[Modality, float]
     fitted_on: str = ""  # what the figures were measured on
     embed_model_sha256: str = ""  # lesion_embed model the classification weights belong to
+    # 95 % bootstrap interval of each classification weight (empty: not measured)
+    classification_weights_ci95: dict[Modality, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def detection_threshold(self) -> float:
@@ -82,6 +84,7 @@ class Calibration:
             "detection": {m.value: {"intercept": c.intercept, "slope": c.slope} for m, c in self.detection.items()},
             "detection_weights": {m.value: w for m, w in self.detection_weights.items()},
             "classification_weights": {m.value: w for m, w in self.classification_weights.items()},
+            "classification_weights_ci95": {m.value: list(ci) for m, ci in self.classification_weights_ci95.items()},
         }
 
     @staticmethod
@@ -95,6 +98,9 @@ class Calibration:
             classification_weights={Modality(k): float(v) for k, v in data["classification_weights"].items()},
             fitted_on=str(data.get("fitted_on", "")),
             embed_model_sha256=str(data.get("embed_model_sha256", "")),
+            classification_weights_ci95={
+                Modality(k): (float(v[0]), float(v[1])) for k, v in data.get("classification_weights_ci95", {}).items()
+            },
         )
 
     @staticmethod

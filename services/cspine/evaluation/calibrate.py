@@ -6,7 +6,10 @@ disjoint from training and evaluation.
 2. Fusion reliability (``model_repository/calibration.json``): the pipeline runs on a calibration cohort
    with equal weights; each modality's detection curve is a logistic fit of tumor presence on its largest
    lesion's size, and the modality weights of detection and classification are fitted (non-negative,
-   by maximum likelihood) on the per-modality answers.
+   by maximum likelihood) on the per-modality answers: for classification, those of the lesions matched
+   across modalities (``analysis.fusion.matched_lesions``), pooled as the service pools them, whichever
+   modalities a study has. The classification weights' 95 % intervals come from refitting on bootstrap
+   resamples of the studies.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORT_SEED = 9200
 L2 = 1e-2  # a little ridge: with few cases the curves would otherwise grow without bound
+WEIGHT_RESAMPLES = 200  # bootstrap refits behind the classification weights' intervals
 
 
 def build_default_support(cache: Path, embed_model: Path, per_subtype: int = 12, workers: int = 1) -> SupportSet:
@@ -85,32 +89,50 @@ def fit_calibration(records: list[dict], embed_model: Path, fitted_on: str) -> C
 
     detection_weights = _fit_weights(det_logits, y, detection_nll)
 
-    # classification: cases with a tumor that every modality found and classified
-    classified = [
-        r
-        for r in records
-        if r["truth"]["tumor"] and all(r["modalities"][m.value]["probabilities"] for m in MODALITY_ORDER)
-    ]
+    # classification: the studies with a tumor and a classified main lesion, each modality's matched lesion
+    classified = [r for r in records if r["truth"]["tumor"] and any(_class_evidence(r, m) for m in MODALITY_ORDER)]
+    classification_weights = {m: 1.0 for m in MODALITY_ORDER}
+    intervals: dict[Modality, tuple[float, float]] = {}
     if classified:
-        truth = np.array([CLASSES.index(r["truth"]["class"]) for r in classified])
-        log_p = {
-            m: np.log(np.clip(np.array([r["modalities"][m.value]["probabilities"] for r in classified]), 1e-9, 1))
-            for m in MODALITY_ORDER
-        }
-
-        def class_nll(w: dict[Modality, float]) -> float:
-            z = sum(w[m] * log_p[m] for m in log_p)
-            z = z - z.max(axis=1, keepdims=True)
-            log_norm = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            return float(-np.mean(log_norm[np.arange(len(truth)), truth]))
-
-        classification_weights = _fit_weights(log_p, truth, class_nll)
-    else:
-        classification_weights = {m: 1.0 for m in MODALITY_ORDER}
+        classification_weights = _fit_classification(classified)
+        rng = np.random.default_rng(0)
+        refits = [
+            _fit_classification([classified[i] for i in rng.integers(len(classified), size=len(classified))])
+            for _ in range(WEIGHT_RESAMPLES)
+        ]
+        for m in MODALITY_ORDER:
+            low, high = np.percentile([w[m] for w in refits], [2.5, 97.5])
+            intervals[m] = (round(float(low), 4), round(float(high), 4))
+    lesions = {m: sum(bool(_class_evidence(r, m)) for r in classified) for m in MODALITY_ORDER}
     return Calibration(
         detection=detection,
         detection_weights=detection_weights,
         classification_weights=classification_weights,
-        fitted_on=f"{fitted_on}; {len(records)} studies, {len(classified)} with a lesion classified in every modality",
+        fitted_on=f"{fitted_on}; {len(records)} studies; classification on the {len(classified)} with a tumor and a "
+        "classified main lesion, matched lesions: " + ", ".join(f"{m.value} {n}" for m, n in lesions.items()),
         embed_model_sha256=hashlib.sha256(embed_model.read_bytes()).hexdigest(),
+        classification_weights_ci95=intervals,
     )
+
+
+def _class_evidence(record: dict, modality: Modality) -> list[float] | None:
+    """The class probabilities of the modality's lesion matched to the main one (None: none matched)."""
+    return record["modalities"][modality.value]["probabilities"]
+
+
+def _fit_classification(records: list[dict]) -> dict[Modality, float]:
+    """Classification weights maximising the likelihood of the true classes under log-linear pooling of the
+    matched lesions each study has (a modality without one adds nothing to that study's sum)."""
+    truth = np.array([CLASSES.index(r["truth"]["class"]) for r in records])
+    log_p = {
+        m: np.array([np.log(np.clip(_class_evidence(r, m) or [1.0] * len(CLASSES), 1e-9, 1)) for r in records])
+        for m in MODALITY_ORDER
+    }
+
+    def class_nll(w: dict[Modality, float]) -> float:
+        z = np.sum([w[m] * log_p[m] for m in log_p], axis=0)
+        z = z - z.max(axis=1, keepdims=True)
+        log_norm = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-np.mean(log_norm[np.arange(len(truth)), truth]))
+
+    return _fit_weights(log_p, truth, class_nll)

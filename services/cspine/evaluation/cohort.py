@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cspine.analysis.competence import CompetenceReference
-from cspine.analysis.fusion import Calibration, matched_lesions, pool
+from cspine.analysis.fusion import Calibration, lesion_size, matched_lesions, pool
 from cspine.dicom.ingest import ingest_paths
 from cspine.domain import MEASURED_LEVELS, Modality, StudyAnalysis
 from cspine.fewshot.prototypes import PrototypeSet, default_prototypes
@@ -72,21 +72,22 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float, weight
         lesion = result.lesions[0] if result and result.lesions and result.assessment.assessed else None
         if _probabilities(lesion) is not None:
             largest[modality] = np.array(_probabilities(lesion))
-        size = 0.0
-        if lesion is not None:
-            size = lesion.volume_ml if lesion.volume_ml is not None else (lesion.area_mm2 or 0.0) / 100.0
         modalities[modality.value] = {
             "analysed": result is not None,
             "assessed": result is not None and result.assessment.assessed,
             "reasons": [r.code.value for r in result.assessment.reasons] if result else [],
             "ood_score": result.ood.score if result is not None and result.ood is not None else None,
-            "size": float(size),
+            "size": lesion_size(lesion) if lesion is not None else 0.0,
             "lesions": len(result.lesions) if result else 0,
             "level": lesion.vertebral_level if lesion else None,
             "diameter_mm": lesion.max_diameter_mm if lesion else None,
             "largest_probabilities": _probabilities(lesion),
             "matched": modality in matched,
             "probabilities": _probabilities(matched.get(modality)),  # the matched lesion's: what fusion pools
+            "all_lesions": [  # largest first
+                {"levels": [x.vertebral_level, *x.levels], "size": lesion_size(x), "probabilities": _probabilities(x)}
+                for x in (result.lesions if result is not None and result.assessment.assessed else [])
+            ],
         }
     fused_largest = pool(largest, weights) if largest else None
     primary = analysis.primary_lesion()
