@@ -303,7 +303,9 @@ def test_classification_weights_are_fitted_on_matched_lesions_with_bootstrap_int
     weights, intervals = calibration.classification_weights, calibration.classification_weights_ci95
     assert weights[Modality.CT] > 1.0 > weights[Modality.MR]
     assert all(intervals[m][0] <= weights[m] <= intervals[m][1] for m in Modality)
-    assert "40 with a tumor" in calibration.fitted_on and "CT 40, MR 40, XR 20" in calibration.fitted_on
+    assert calibration.fitted_on == "test records; 50 studies"
+    assert "the 40 studies with a tumor" in calibration.classification_fitted_on
+    assert "CT 40, MR 40, XR 20" in calibration.classification_fitted_on
     calibration.save(tmp_path)
     assert Calibration.load(tmp_path) == calibration
 

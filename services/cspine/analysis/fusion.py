@@ -57,6 +57,7 @@ class Calibration:
     detection_weights: dict[Modality, float]
     classification_weights: dict[Modality, float]
     fitted_on: str = ""  # what the figures were measured on
+    classification_fitted_on: str = ""  # what the classification weights were (empty: as fitted_on)
     embed_model_sha256: str = ""  # lesion_embed model the classification weights belong to
     # 95 % bootstrap interval of each classification weight (empty: not measured)
     classification_weights_ci95: dict[Modality, tuple[float, float]] = field(default_factory=dict)
@@ -80,6 +81,7 @@ class Calibration:
         return {
             "note": "fitted by `cspine calibrate` on SYNTHETIC phantom studies; see docs/pipeline.md",
             "fitted_on": self.fitted_on,
+            "classification_fitted_on": self.classification_fitted_on,
             "embed_model_sha256": self.embed_model_sha256,
             "detection": {m.value: {"intercept": c.intercept, "slope": c.slope} for m, c in self.detection.items()},
             "detection_weights": {m.value: w for m, w in self.detection_weights.items()},
@@ -97,6 +99,7 @@ class Calibration:
             detection_weights={Modality(k): float(v) for k, v in data["detection_weights"].items()},
             classification_weights={Modality(k): float(v) for k, v in data["classification_weights"].items()},
             fitted_on=str(data.get("fitted_on", "")),
+            classification_fitted_on=str(data.get("classification_fitted_on", "")),
             embed_model_sha256=str(data.get("embed_model_sha256", "")),
             classification_weights_ci95={
                 Modality(k): (float(v[0]), float(v[1])) for k, v in data.get("classification_weights_ci95", {}).items()

@@ -208,10 +208,12 @@ def format_study_headline(m: dict) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from cspine.analysis.fusion import Calibration
     from cspine.evaluation.calibrate import build_default_support, fit_calibration
     from cspine.evaluation.cohort import evaluate
-    from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet
+    from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet, default_prototypes
 
     repository = Path(args.repository)
     if args.competence_only:
@@ -225,11 +227,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     embed = repository / "lesion_embed" / "1" / "model.onnx"
+    run = _cohort_run(args, f".cache/cspine/pipeline-calibration/seed{args.seed}-{args.cases}")
+    if args.classification_only:
+        current = Calibration.load(repository)
+        records = evaluate(run, Calibration.uniform(), default_prototypes())
+        refit = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
+        fitted = replace(
+            current,
+            classification_weights=refit.classification_weights,
+            classification_weights_ci95=refit.classification_weights_ci95,
+            classification_fitted_on=refit.classification_fitted_on,
+            embed_model_sha256=refit.embed_model_sha256,
+        )
+        print(f"wrote {fitted.save(repository)}:\n{json.dumps(fitted.to_json(), indent=2)}")
+        return 0
     support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers)
     support.save(DEFAULT_SUPPORT)
     prototypes = PrototypeSet.from_support(support)
     print(f"default support set: {len(support.labels)} SYNTHETIC lesions, prototype set {prototypes.version}")
-    run = _cohort_run(args, f".cache/cspine/pipeline-calibration/seed{args.seed}-{args.cases}")
     records = evaluate(run, Calibration.uniform(), prototypes)
     fitted = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
     path = fitted.save(repository)
@@ -385,6 +400,12 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         action="store_true",
         help="only fit the competence reference (model_repository/competence.json): the segmentation models' "
         "feature statistics and out-of-distribution thresholds, on a SYNTHETIC reference cohort",
+    )
+    p.add_argument(
+        "--classification-only",
+        action="store_true",
+        help="only refit the classification weights and their intervals on the calibration cohort, with the shipped "
+        "default support set; the detection curves and weights stay as they are",
     )
     p.add_argument("--reference-cases", type=int, default=30, help="studies of that reference cohort (default 30)")
     p.add_argument("--reference-seed", type=int, default=9500, help="its phantom seed (default 9500)")

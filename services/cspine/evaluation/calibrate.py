@@ -108,8 +108,9 @@ def fit_calibration(records: list[dict], embed_model: Path, fitted_on: str) -> C
         detection=detection,
         detection_weights=detection_weights,
         classification_weights=classification_weights,
-        fitted_on=f"{fitted_on}; {len(records)} studies; classification on the {len(classified)} with a tumor and a "
-        "classified main lesion, matched lesions: " + ", ".join(f"{m.value} {n}" for m, n in lesions.items()),
+        fitted_on=f"{fitted_on}; {len(records)} studies",
+        classification_fitted_on=f"{fitted_on}; the {len(classified)} studies with a tumor and a classified main "
+        "lesion; matched lesions: " + ", ".join(f"{m.value} {n}" for m, n in lesions.items()),
         embed_model_sha256=hashlib.sha256(embed_model.read_bytes()).hexdigest(),
         classification_weights_ci95=intervals,
     )
