@@ -104,3 +104,17 @@ def test_a_site_pool_is_class_balanced_and_picked_without_rendering():
     forced = _pick_cases("mr-1p5t", 9701, 0, 3, "hemangioma")
     options = PhantomOptions(site="mr-1p5t", tumor="hemangioma")
     assert len(forced) == 3 and {case_subtype(9701, i, options) for i in forced} == {TumorSubtype.HEMANGIOMA}
+
+
+def test_where_the_calibration_chose_one_modality_the_evaluation_answers_with_that_modality():
+    """``service_answer``: the calibration's weights without an order; with one, all weight on its first
+    modality, and pooling with that gives the modality's own probabilities, as the service answers."""
+    from cspine.domain import Modality
+    from cspine.evaluation.adaptation import _fused, service_answer
+
+    weights = np.array([0.2, 0.3, 0.1])
+    assert service_answer(weights, ()) is weights
+    answer = service_answer(weights, (Modality.MR, Modality.CT, Modality.XR))
+    assert answer.tolist() == [0.0, 1.0, 0.0]
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(3), size=(3, 5))  # [modality, lesion, class]
+    assert np.allclose(_fused(list(np.log(probabilities)), answer), probabilities[1])

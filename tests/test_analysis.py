@@ -3,6 +3,7 @@ of modalities. No Triton here: label maps are drawn by code or come from the pha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -310,6 +311,93 @@ def test_classification_weights_are_fitted_on_matched_lesions_with_bootstrap_int
     assert Calibration.load(tmp_path) == calibration
 
 
+def test_a_calibration_that_chose_one_modality_classifies_with_the_first_of_its_order_the_study_has(tmp_path):
+    """With ``classification_order`` (MR, CT) the study's probabilities are MR's when MR classified a lesion, else
+    CT's, else pooled; detection is pooled all the same, and the assessment names where its probabilities came
+    from."""
+    calibration = dataclasses.replace(_calibration(), classification_order=(Modality.MR, Modality.CT))
+    sizes = {m: 2.0 for m in Modality}
+    pooled = assess(sizes, PROBS, LABELS, _calibration())
+    for present, source in [
+        ((Modality.CT, Modality.MR, Modality.XR), Modality.MR),
+        ((Modality.CT, Modality.XR), Modality.CT),
+    ]:
+        chosen = assess(sizes, {m: PROBS[m] for m in present}, LABELS, calibration)
+        assert [p.probability for p in chosen.probabilities] == pytest.approx(list(PROBS[source]))
+        assert chosen.classified_from == (source,)
+        assert chosen.detection_score == pooled.detection_score
+    only_xr = assess(sizes, {Modality.XR: PROBS[Modality.XR]}, LABELS, calibration)
+    assert only_xr.classified_from == (Modality.XR,)  # no modality of the order: the XR lesion pooled alone
+    assert pooled.classified_from == (Modality.CT, Modality.MR, Modality.XR)
+    assert modality_assessment(Modality.MR, 2.0, calibration, LABELS, PROBS[Modality.MR]).classified_from == (
+        Modality.MR,
+    )
+    assert assess(sizes, {}, LABELS, calibration).classified_from == ()
+    calibration = dataclasses.replace(calibration, classification_choice={"chosen": "single", "studies": 3})
+    calibration.save(tmp_path)
+    assert Calibration.load(tmp_path) == calibration
+
+
+# a lesion's class evidence: the probabilities of the true class, of the next one and of the last
+EVIDENCE = {
+    "sure": (0.9, 0.05, 0.05),
+    "unsure": (0.45, 0.275, 0.275),
+    "sure wrong": (0.05, 0.9, 0.05),
+    "unsure wrong": (0.35, 0.45, 0.2),
+}
+
+
+def _two_modality_records(ct: list[str], mr: list[str]) -> list[dict]:
+    """Tumor records whose CT and MR lesions give the EVIDENCE named, study by study."""
+
+    def evidence(truth: int, kind: str) -> list[float]:
+        return [EVIDENCE[kind][(c - truth) % 3] for c in range(3)]
+
+    return [
+        _record(i % 3, evidence(i % 3, a), evidence(i % 3, b), None)
+        for i, (a, b) in enumerate(zip(ct, mr, strict=True))
+    ]
+
+
+def test_the_calibration_chooses_one_modality_only_where_it_classifies_better_than_pooling():
+    """CT right but unsure in 90 % of the studies, MR sure and wrong in 70 %: pooling follows MR, CT alone is
+    better, so the order starts with CT. CT and MR sure where right and unsure where wrong, each right in the other
+    half of the studies: pooling is right everywhere and is kept."""
+    from cspine.evaluation.calibrate import choose_classification
+
+    weights = {m: 1.0 for m in Modality}
+    ct = ["unsure wrong" if i % 10 == 0 else "unsure" for i in range(40)]
+    mr = ["sure" if i % 10 < 3 else "sure wrong" for i in range(40)]
+    order, choice = choose_classification(_two_modality_records(ct, mr), weights)
+    assert order == (Modality.CT, Modality.MR) and choice["chosen"] == "single"
+    assert choice["single_accuracy"] == 0.9 and choice["alone"]["MR"] == {"accuracy": 0.3, "studies": 40}
+    assert choice["pooled_accuracy"] < 0.5 and choice["single_gain_ci95"][0] > 0
+    ct = ["sure" if i % 2 == 0 else "unsure wrong" for i in range(40)]
+    mr = ["unsure wrong" if i % 2 == 0 else "sure" for i in range(40)]
+    order, choice = choose_classification(_two_modality_records(ct, mr), weights)
+    assert order == () and choice["chosen"] == "pooled"
+    assert choice["pooled_accuracy"] == 1.0 and choice["single_accuracy"] == 0.5 and choice["studies"] == 40
+
+
+def test_a_bank_s_embeddings_are_nan_where_a_modality_has_no_roi():
+    """``embed_bank`` (the default support sets' embeddings): each ROI through the shipped lesion_embed with its
+    modality, NaN rows where the bank has no ROI of a modality (no lesion matched there)."""
+    from cspine.inference.runner import onnx_session
+    from cspine.modeling.data import LesionBank, embed_bank
+
+    rois = np.random.default_rng(3).normal(size=(3, 3, 3, 64, 64)).astype(np.float32)
+    rois[0, 2] = np.nan
+    rois[2, 1:] = np.nan
+    model = default_repository() / "lesion_embed" / "1" / "model.onnx"
+    embeddings = embed_bank(LesionBank(rois, np.zeros(3, int), np.zeros(3, int)), model)
+    present = ~np.isnan(embeddings).any(axis=2)
+    assert present.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    assert np.isnan(embeddings[~present]).all()
+    (direct,) = onnx_session(model).run(None, {"roi": rois[1, 2:], "modality": np.eye(3, dtype=np.float32)[2:]})
+    assert np.allclose(embeddings[1, 2], direct[0], atol=1e-6)
+    assert np.linalg.norm(embeddings[present], axis=1) == pytest.approx(np.ones(present.sum()), abs=1e-4)
+
+
 def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
     assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
     assert normalised_entropy(np.ones(4) / 4) == pytest.approx(1.0)
@@ -513,7 +601,9 @@ def test_shipped_calibration_and_support_set_belong_to_the_shipped_embedding_mod
     assert calibration != Calibration.uniform()
     support = SupportSet.load()
     assert support.synthetic and set(support.labels) == {"benign", "borderline", "malignant"}
-    assert np.allclose(np.linalg.norm(support.embeddings, axis=-1), 1.0, atol=1e-3)  # lesion_embed is L2-normalised
+    norms = np.linalg.norm(support.embeddings, axis=-1)  # NaN where a case has no lesion matched in a modality
+    assert np.allclose(norms[~np.isnan(norms)], 1.0, atol=1e-3)  # lesion_embed is L2-normalised
+    assert (~np.isnan(norms)).any(axis=1).all()  # every case has a lesion of some modality, as AddCase requires
     prototypes = PrototypeSet.from_support(support)
     assert set(prototypes.prototypes) == set(Modality)
     assert all(p.shape == (3, 64) for p in prototypes.prototypes.values())

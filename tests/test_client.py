@@ -210,6 +210,7 @@ def _reply() -> pb.StudyAnalysis:
             pb.ClassProbability(label="malignant", probability=0.724),
         ],
         uncertainty=0.618,
+        classified_from=[pb.CT, pb.MR],
     )
     ct = pb.ModalityResult(
         modality=pb.CT,
@@ -308,6 +309,7 @@ def test_to_domain_converts_every_field_and_the_report_shows_the_values():
     assert small.assessment is None
     assert (xr.lesions[0].volume_ml, xr.lesions[0].area_mm2) == (None, 412.5)
     assert analysis.fused.detection_score == 0.913 and analysis.fused.uncertainty == 0.618
+    assert analysis.fused.classified_from == (Modality.CT, Modality.MR)
 
     c4, c5 = analysis.spine.levels
     assert (c4.cord_area_mm2, c4.cord_compression_ratio, c4.cord_source, c4.disc_source) == (None, None, None, None)
@@ -332,7 +334,8 @@ def test_to_domain_converts_every_field_and_the_report_shows_the_values():
         "lesion 2: C3 (C3), 6.1 mm, 0.08 mL; not classified",
         "xr: 1.2.3.3 (1)",
         "lesion 1: C5 (C5), 21.0 mm, 412 mm²",
-        "FUSED  tumor detected (score 0.91)",
+        "FUSED  tumor detected (score 0.91); benign 0.07, borderline 0.20, malignant 0.72 (uncertainty 0.62) "
+        "from CT + MR",
         "C2–C7 Cobb -7.5° (from XR)",
         "OPLL present at C4, C5, occupying ratio 0.37",
         "notice missing_modality: no MR series",

@@ -74,6 +74,8 @@ def test_a_full_study_round_trip_matches_the_phantom_truth(full_round_trip):
     assert result.study_instance_uid == case.truth["study_instance_uid"]
     assert [m.modality for m in result.modalities] == [pb.CT, pb.MR, pb.XR]
     assert sum(p.probability for p in result.fused.probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert set(result.fused.classified_from) <= {pb.CT, pb.MR, pb.XR} and len(result.fused.classified_from) >= 1
+    assert all(list(m.assessment.classified_from) == [m.modality] for m in result.modalities)
     assert result.fused.status == pb.ASSESSED and all(m.assessment.status == pb.ASSESSED for m in result.modalities)
     assert all(0 < m.ood.score < m.ood.threshold for m in result.modalities) and result.disclosure.trained_on
     assert result.fused.tumor_detected

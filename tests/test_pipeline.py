@@ -51,12 +51,32 @@ def test_full_study_finds_the_tumor_at_its_level_and_fuses_probabilities(full):
     assert set(STAGES) <= set(analysis.stage_seconds) and analysis.stage_seconds["segment"] > 0
 
 
-def test_the_fused_classification_pools_the_lesions_matched_to_the_main_one(full):
-    _, analysis = full
+def _pooling() -> Calibration:
+    """The shipped calibration, pooling the matched lesions whatever modality order it may have chosen."""
+    return dataclasses.replace(Calibration.load(default_repository()), classification_order=())
+
+
+def test_the_fused_classification_pools_the_lesions_matched_to_the_main_one(triton, full):
+    case, _ = full
+    analysis = run(triton, ingest_paths([case.path / f for f in ("ct", "mr", "xr")]), calibration=_pooling())
     matched, unmatched = matched_lesions({r.modality: r for r in analysis.modalities})
     assert matched[Modality.CT] is analysis.primary_lesion()
     assert all(n in analysis.notices for n in unmatched)
-    expected = pool(matched_probabilities(matched), Calibration.load(default_repository()).classification_weights)
+    expected = pool(matched_probabilities(matched), _pooling().classification_weights)
+    assert [p.probability for p in analysis.fused.probabilities] == pytest.approx(list(expected), abs=1e-9)
+    assert analysis.fused.classified_from == tuple(m for m in Modality if m in matched)
+
+
+def test_a_calibration_that_chose_one_modality_gives_that_modality_s_matched_lesion_s_probabilities(
+    triton, mismatched_study
+):
+    """With the order (XR, MR, CT) the mixed study is classified by its MR lesion at C3: the radiograph's lesions
+    lie at other levels, so they are not matched and cannot be the answer."""
+    order = dataclasses.replace(_pooling(), classification_order=(Modality.XR, Modality.MR, Modality.CT))
+    analysis = run(triton, ingest_paths(mismatched_study), calibration=order)
+    matched, _ = matched_lesions({r.modality: r for r in analysis.modalities})
+    assert set(matched) == {Modality.CT, Modality.MR} and analysis.fused.classified_from == (Modality.MR,)
+    expected = matched_probabilities(matched)[Modality.MR]
     assert [p.probability for p in analysis.fused.probabilities] == pytest.approx(list(expected), abs=1e-9)
 
 
@@ -65,7 +85,7 @@ def test_a_radiograph_whose_lesions_lie_at_other_levels_is_left_out_of_the_fused
 ):
     """The benign case's CT and MR (lesion at C3) with the malignant case's radiograph: the radiograph's lesions
     are at C4 and C5, so its probabilities are not pooled with the C3 lesion's, and a notice says so."""
-    analysis = run(triton, ingest_paths(mismatched_study))
+    analysis = run(triton, ingest_paths(mismatched_study), calibration=_pooling())
     ct, mr, xr = (analysis.modality(m) for m in (Modality.CT, Modality.MR, Modality.XR))
     assert analysis.primary_lesion() is ct.lesions[0] and ct.lesions[0].vertebral_level == "C3"
     assert xr.assessment.assessed and xr.assessment.probabilities and xr.lesions
@@ -85,16 +105,22 @@ def test_a_radiograph_whose_lesions_lie_at_other_levels_is_left_out_of_the_fused
 def test_a_prototype_set_s_refitted_fusion_weights_are_the_ones_the_study_is_fused_with(triton, full):
     """A set whose fusion weights were refitted to a site's cases (fewshot/prototypes.py) is fused with them, not
     with the calibration's: all weight on CT makes the fused probabilities CT's own."""
-    case, analysis = full
+    case, _ = full
     study = ingest_paths([case.path / f for f in ("ct", "mr", "xr")])
     ct_only = dataclasses.replace(
         default_prototypes(), fusion_weights={Modality.CT: 1.0, Modality.MR: 0.0, Modality.XR: 0.0}
     )
-    refitted = run(triton, study, prototypes=ct_only)
+    refitted = run(triton, study, prototypes=ct_only, calibration=_pooling())
     ct = next(r for r in refitted.modalities if r.modality == Modality.CT)
     fused = [p.probability for p in refitted.fused.probabilities]
     assert fused == pytest.approx([p.probability for p in ct.assessment.probabilities], abs=1e-6)
-    assert fused != pytest.approx([p.probability for p in analysis.fused.probabilities], abs=1e-3)
+    pooled = run(triton, study, calibration=_pooling())
+    assert fused != pytest.approx([p.probability for p in pooled.fused.probabilities], abs=1e-3)
+    # the site's refitted weights pool the matched lesions, whatever single modality the calibration chose
+    chosen = dataclasses.replace(_pooling(), classification_order=(Modality.XR,))
+    assert run(triton, study, prototypes=ct_only, calibration=chosen).fused.classified_from == tuple(
+        m for m in Modality if m in matched_lesions({r.modality: r for r in refitted.modalities})[0]
+    )
 
 
 def test_full_study_spine_measurements_match_the_phantom_truth(full):
@@ -193,3 +219,42 @@ def test_evaluate_competence_command_prints_pass_and_catch_rates(triton, capsys,
     assert synthetic["no_tumor_call"] == 1.0 and synthetic["caught_by_layer"]["anatomy"] > 0
     assert real["caught_by_layer"]["input"] > 0.5 and real["caught_by_layer"]["distribution"] > 0
     assert result["ood_auroc"]["XR"] == 1.0 and result["ood_auroc_every_series"]["CT"] >= 0.85
+
+
+def test_service_cut_rois_are_the_ones_the_pipeline_embedded_its_matched_lesions_from(triton, mismatched_study):
+    """The bank cut the way the service cuts (evaluation/service_cut.py) takes each modality's ROI about its matched
+    lesion: embedded again (lesion_embed in ONNX Runtime) they give the embeddings the pipeline gave those lesions.
+    The radiograph, whose lesions lie at other levels than the CT lesion, gives none."""
+    from cspine.evaluation.service_cut import matched_rois
+    from cspine.inference.runner import onnx_session
+
+    study = ingest_paths(mismatched_study)
+    analysis = run(triton, study)
+    rois = matched_rois(study, analysis)
+    assert np.isnan(rois[2]).all() and np.isfinite(rois[:2]).all()
+    matched, _ = matched_lesions({r.modality: r for r in analysis.modalities})
+    session = onnx_session(default_repository() / "lesion_embed" / "1" / "model.onnx")
+    onehots = np.eye(3, dtype=np.float32)
+    for index, modality in enumerate((Modality.CT, Modality.MR)):
+        (embedding,) = session.run(None, {"roi": rois[index : index + 1], "modality": onehots[index : index + 1]})[0]
+        assert np.allclose(embedding, matched[modality].embedding, atol=1e-4)
+
+
+def test_a_service_cut_bank_is_cut_from_studies_of_its_subtype_and_cached(triton, tmp_path):
+    """Two SYNTHETIC chordoma studies through the pipeline: a malignant row each, with a CT ROI where a tumor was
+    detected; asked again, the bank comes from its cache without generating or analysing anything."""
+    from cspine.evaluation.service_cut import service_cut_bank
+    from cspine.modeling.data import CLASSES
+    from cspine.phantom.tumors import TumorSubtype
+
+    made = service_cut_bank(tmp_path, 7, [TumorSubtype.CHORDOMA], 2, progress=False, triton_url=triton.grpc_url)
+    assert made.bank.rois.shape == (2, 3, 3, 64, 64)
+    assert list(made.bank.classes) == [CLASSES.index("malignant")] * 2
+    assert made.detected.all() and made.at_true_level.all()
+    assert np.isfinite(made.usable().rois[:, 0]).all() and len(made.usable(true_level_only=True)) == 2
+    (cached,) = tmp_path.glob("service-cut/seed7-models-*/chordoma-2.npz")
+    cohort = tmp_path / "service-cut" / "cohorts" / "seed7" / "chordoma-2"
+    written = {p: p.stat().st_mtime_ns for p in [cached, *cohort.rglob("*")]}
+    again = service_cut_bank(tmp_path, 7, [TumorSubtype.CHORDOMA], 2, progress=False, triton_url="127.0.0.1:9")
+    assert np.array_equal(again.bank.rois, made.bank.rois, equal_nan=True)
+    assert {p: p.stat().st_mtime_ns for p in written} == written

@@ -142,6 +142,7 @@ def test_a_set_of_one_kind_keeps_its_plain_means_and_its_name_and_the_set_is_imm
     for modality in MODALITY_ORDER:
         for c, label in enumerate(prototypes.labels):
             rows = default.embeddings[np.array(default.labels) == label, MODALITY_ORDER.index(modality)]
+            rows = rows[~np.isnan(rows).any(axis=1)]  # the cases with a lesion of this modality
             np.testing.assert_array_equal(prototypes.prototypes[modality][c], rows.mean(axis=0))
         np.testing.assert_array_equal(as_site.prototypes[modality], prototypes.prototypes[modality])
     assert as_site.version == prototypes.version  # the same prototypes, the same name
@@ -343,7 +344,8 @@ def seeded(tmp_path):
 def test_the_store_makes_each_version_by_the_rule(seeded):
     default = SupportSet.load()
     base = default_prototypes()
-    benign_default = SupportSet(default.embeddings[np.array(default.labels) == "benign"], ("benign",) * 48)
+    benign_cases = default.labels.count("benign")
+    benign_default = SupportSet(default.embeddings[np.array(default.labels) == "benign"], ("benign",) * benign_cases)
     site = cases("benign", 8, 0.05, seed=9)
     one = add_site_cases(seeded, SupportSet(site.embeddings[:1], site.labels[:1]))
     four = add_site_cases(seeded, SupportSet(site.embeddings[1:4], site.labels[1:4]))
@@ -360,7 +362,7 @@ def test_the_store_makes_each_version_by_the_rule(seeded):
             np.testing.assert_allclose(prototypes.prototypes[modality][0], expected, rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(prototypes.prototypes[modality][1:], base.prototypes[modality][1:])
         benign = prototypes.composition[0]
-        assert (benign.site_cases, benign.default_cases) == (n, 48)
+        assert (benign.site_cases, benign.default_cases) == (n, benign_cases)
         assert [x.site_weight for x in benign.modalities] == pytest.approx([w] * 3)
     chordoma = cases("chordoma", 5, 0.3, seed=10)
     number = add_site_cases(seeded, chordoma, create_class=True)
@@ -390,8 +392,16 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
     try:
         analyst = spb_grpc.SupportSetStub(server.channel)
         info = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
-        assert info.site_cases_to_replace == 5 and info.cases == 131
+        default = SupportSet.load()
+        assert info.site_cases_to_replace == 5 and info.cases == len(default.labels) + 11
         assert info.adaptation == "fitted to 11 site cases"
+        # the SYNTHETIC default's cases of each class, in all and with an embedding of each modality
+        d = {c: default.labels.count(c) for c in ("benign", "borderline", "malignant")}
+        dm = {
+            (c, m): int((~np.isnan(default.embeddings[np.array(default.labels) == c, i, 0])).sum())
+            for c in d
+            for i, m in enumerate((pb.CT, pb.MR, pb.XR))
+        }
         summary = {
             c.label: (
                 c.cases,
@@ -403,9 +413,18 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
         }
         every = [pb.CT, pb.MR, pb.XR]
         assert summary == {
-            "benign": (53, 5, 48, [(m, 5, 48) for m in every]),
-            "borderline": (37, 1, 36, [(pb.CT, 1, 36), (pb.MR, 1, 36), (pb.XR, 0, 36)]),
-            "malignant": (36, 0, 36, [(m, 0, 36) for m in every]),
+            "benign": (d["benign"] + 5, 5, d["benign"], [(m, 5, dm["benign", m]) for m in every]),
+            "borderline": (
+                d["borderline"] + 1,
+                1,
+                d["borderline"],
+                [
+                    (pb.CT, 1, dm["borderline", pb.CT]),
+                    (pb.MR, 1, dm["borderline", pb.MR]),
+                    (pb.XR, 0, dm["borderline", pb.XR]),
+                ],
+            ),
+            "malignant": (d["malignant"], 0, d["malignant"], [(m, 0, dm["malignant", m]) for m in every]),
             "chordoma": (5, 5, 0, [(pb.CT, 5, 0), (pb.MR, 5, 0)]),
         }
         weights = {c.label: [round(w.site_weight, 6) for w in c.weights] for c in info.classes}
@@ -419,15 +438,15 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
         listed = analyst.ListCases(spb.ListCasesRequest(), timeout=10).prototype_set
         assert listed == info
         old = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(version=1), timeout=10)
-        assert [(c.site_cases, c.default_cases) for c in old.classes] == [(0, 48), (0, 36), (0, 36)]
+        assert [(c.site_cases, c.default_cases) for c in old.classes] == [(0, n) for n in d.values()]
 
         assert main(["support", "--server", server.address, "--token", ANALYST_TOKEN, "show"]) == 0
         shown = capsys.readouterr().out.splitlines()
         assert shown[2].split()[:6] == ["class", "site", "default", "CT", "MR", "XR"]
         assert [line.split() for line in shown[3:7]] == [
-            ["benign", "5", "48", "100%", "100%", "100%"],
-            ["borderline", "1", "36", "20%", "20%", "0%"],
-            ["malignant", "0", "36", "0%", "0%", "0%"],
+            ["benign", "5", str(d["benign"]), "100%", "100%", "100%"],
+            ["borderline", "1", str(d["borderline"]), "20%", "20%", "0%"],
+            ["malignant", "0", str(d["malignant"]), "0%", "0%", "0%"],
             ["chordoma", "5", "0", "100%", "100%", "—"],
         ]
         assert "w = min(n, 5)/5" in shown[7] and "5 site cases replace the default" in shown[8]

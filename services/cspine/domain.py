@@ -310,6 +310,8 @@ class Assessment:
     uncertainty: float = 1.0  # normalised entropy of the probabilities: 0 certain, 1 uniform (or none)
     status: AssessmentStatus = AssessmentStatus.ASSESSED
     reasons: tuple[Reason, ...] = ()  # why not assessable; empty when assessed
+    # the modalities whose lesions the probabilities come from, in Modality order; empty when none were classified
+    classified_from: tuple[Modality, ...] = ()
 
     @classmethod
     def not_assessable(cls, reasons: tuple[Reason, ...]) -> Assessment:

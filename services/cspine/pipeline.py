@@ -202,8 +202,10 @@ async def analyze(
         matched, unmatched = matched_lesions(results)
         notices.extend(unmatched)
         probabilities = matched_probabilities(matched)
-        if prototypes.fusion_weights:  # refitted to the site's cases (fewshot/prototypes.py)
-            calibration = replace(calibration, classification_weights=prototypes.fusion_weights)
+        if prototypes.fusion_weights:  # refitted to the site's cases (fewshot/prototypes.py): pooled with them
+            calibration = replace(
+                calibration, classification_weights=prototypes.fusion_weights, classification_order=()
+            )
         fused = study_assessment(sizes, probabilities, prototypes.labels, calibration, results)
         spines = {m: r.spine for m, r in measured.items()}
         spine = combine(spines)

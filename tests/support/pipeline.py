@@ -13,9 +13,10 @@ from cspine.inference.model_config import model_versions
 from cspine.pipeline import AnalysisOptions, analyze
 
 
-def analyse(triton, study, options=None, prototypes=None):
+def analyse(triton, study, options=None, prototypes=None, calibration=None):
     """The pipeline on ``study`` through the ``triton`` fixture's server, with everything the service ships: the
-    default prototypes (or ``prototypes``), the calibration, the model versions and the competence reference."""
+    default prototypes (or ``prototypes``), the calibration (or ``calibration``), the model versions and the
+    competence reference."""
     repository = default_repository()
 
     async def go():
@@ -24,7 +25,7 @@ def analyse(triton, study, options=None, prototypes=None):
                 study,
                 client,
                 prototypes or default_prototypes(),
-                Calibration.load(repository),
+                calibration or Calibration.load(repository),
                 options or AnalysisOptions(),
                 model_versions(repository),
                 CompetenceReference.load(repository),

@@ -10,6 +10,11 @@ pools the lesions matched across modalities (``matched_lesions``): the main lesi
 modality, its largest lesion at one of the main lesion's levels. The weights, and each modality's detection
 curve, are fitted on held-out SYNTHETIC phantom studies by ``cspine calibrate`` and stored beside the models
 (``model_repository/calibration.json``), never written into the code.
+
+Where one modality alone classified better than pooling on the calibration cohort beyond doubt, the calibration
+names an order of modalities (``classification_order``; the shipped one names none): the study's class
+probabilities are then those of the first modality of that order with a classified matched lesion. Every
+assessment says which modalities its probabilities came from (``classified_from``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ class Calibration:
     embed_model_sha256: str = ""  # lesion_embed model the classification weights belong to
     # 95 % bootstrap interval of each classification weight (empty: not measured)
     classification_weights_ci95: dict[Modality, tuple[float, float]] = field(default_factory=dict)
+    # the study's class probabilities: pooled (``classification_order`` empty) or those of the first modality of
+    # ``classification_order`` with a classified matched lesion, chosen on the calibration cohort
+    # (``classification_choice``: each rule's class accuracy there, and on how many studies)
+    classification_order: tuple[Modality, ...] = ()
+    classification_choice: dict = field(default_factory=dict)
 
     @property
     def detection_threshold(self) -> float:
@@ -87,6 +97,8 @@ class Calibration:
             "detection_weights": {m.value: w for m, w in self.detection_weights.items()},
             "classification_weights": {m.value: w for m, w in self.classification_weights.items()},
             "classification_weights_ci95": {m.value: list(ci) for m, ci in self.classification_weights_ci95.items()},
+            "classification_order": [m.value for m in self.classification_order],
+            "classification_choice": self.classification_choice,
         }
 
     @staticmethod
@@ -104,6 +116,8 @@ class Calibration:
             classification_weights_ci95={
                 Modality(k): (float(v[0]), float(v[1])) for k, v in data.get("classification_weights_ci95", {}).items()
             },
+            classification_order=tuple(Modality(m) for m in data.get("classification_order", [])),
+            classification_choice=dict(data.get("classification_choice", {})),
         )
 
     @staticmethod
@@ -145,7 +159,7 @@ def modality_assessment(
 ) -> Assessment:
     """One modality's assessment of a lesion (or of its largest, ``size`` 0 for none): detection from the
     size alone, with the class ``probabilities`` over ``labels`` when it was classified."""
-    return _assessment(_sigmoid(detection_logit(modality, size, calibration)), labels, probabilities)
+    return _assessment(_sigmoid(detection_logit(modality, size, calibration)), labels, probabilities, (modality,))
 
 
 def classified(
@@ -223,7 +237,9 @@ def matched_probabilities(matched: Mapping[Modality, Lesion]) -> dict[Modality, 
     }
 
 
-def _assessment(score: float, labels: tuple[str, ...], probabilities: np.ndarray | None) -> Assessment:
+def _assessment(
+    score: float, labels: tuple[str, ...], probabilities: np.ndarray | None, sources: tuple[Modality, ...]
+) -> Assessment:
     assessment = Assessment(tumor_detected=score >= DETECTION_THRESHOLD, detection_score=round(score, 4))
     if probabilities is None:
         return assessment
@@ -231,6 +247,7 @@ def _assessment(score: float, labels: tuple[str, ...], probabilities: np.ndarray
         assessment,
         probabilities=tuple(ClassProbability(label, float(p)) for label, p in zip(labels, probabilities, strict=True)),
         uncertainty=round(normalised_entropy(probabilities), 4),
+        classified_from=sources,
     )
 
 
@@ -249,12 +266,19 @@ def assess(
     calibration: Calibration,
 ) -> Assessment:
     """One assessment from the modalities present: ``sizes`` holds each analysed modality's largest lesion
-    size (0 for none found), ``probabilities`` the class distributions of the modalities that found one."""
+    size (0 for none found), ``probabilities`` the class distributions of the modalities that found one. The class
+    probabilities are pooled, unless the calibration chose a single modality (``classification_order``): then
+    they are the first of its order that ``probabilities`` holds (pooled when none is)."""
     if not sizes:
         raise ValueError("no modality to fuse")
     logit = sum(calibration.detection_weights[m] * detection_logit(m, s, calibration) for m, s in sizes.items())
-    fused = pool(probabilities, calibration.classification_weights) if probabilities else None
-    return _assessment(_sigmoid(logit), labels, fused)
+    if not probabilities:
+        return _assessment(_sigmoid(logit), labels, None, ())
+    single = next((m for m in calibration.classification_order if m in probabilities), None)
+    if single is not None:
+        return _assessment(_sigmoid(logit), labels, probabilities[single], (single,))
+    fused = pool(probabilities, calibration.classification_weights)
+    return _assessment(_sigmoid(logit), labels, fused, tuple(m for m in Modality if m in probabilities))
 
 
 def study_assessment(

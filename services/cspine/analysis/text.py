@@ -50,7 +50,8 @@ def format_analysis(analysis: StudyAnalysis) -> str:
     fused = analysis.fused
     if fused.assessed:
         verdict = "tumor detected" if fused.tumor_detected else "no tumor detected"
-        lines.append(f"FUSED  {verdict} (score {fused.detection_score:.2f}); {_probabilities(fused)}")
+        source = f" from {' + '.join(m.value for m in fused.classified_from)}" if fused.classified_from else ""
+        lines.append(f"FUSED  {verdict} (score {fused.detection_score:.2f}); {_probabilities(fused)}{source}")
     else:
         lines.append("FUSED  not assessable: no tumor call")
         lines.extend(f"       [{r.code.value}] {r.message}" for r in fused.reasons)

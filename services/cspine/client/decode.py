@@ -75,6 +75,7 @@ def _assessment(msg: pb.Assessment) -> domain.Assessment:
         uncertainty=_f32(msg.uncertainty),
         status=STATUS_FROM_PB.get(msg.status, domain.AssessmentStatus.ASSESSED),
         reasons=tuple(_reason(r) for r in msg.reasons),
+        classified_from=tuple(m for v in msg.classified_from if (m := MODALITY_FROM_PB.get(v)) is not None),
     )
 
 

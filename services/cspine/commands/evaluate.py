@@ -210,10 +210,13 @@ def format_study_headline(m: dict) -> str:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import numpy as np
+
     from cspine.analysis.fusion import Calibration
     from cspine.evaluation.calibrate import build_default_support, fit_calibration
     from cspine.evaluation.cohort import evaluate
     from cspine.fewshot.prototypes import DEFAULT_SUPPORT, PrototypeSet, default_prototypes
+    from cspine.inference.specs import MODALITY_ORDER
 
     repository = Path(args.repository)
     if args.competence_only:
@@ -228,6 +231,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     embed = repository / "lesion_embed" / "1" / "model.onnx"
     run = _cohort_run(args, f".cache/cspine/pipeline-calibration/seed{args.seed}-{args.cases}")
+    if args.choose_classification:
+        from cspine.evaluation.calibrate import choose_classification
+
+        current = Calibration.load(repository)
+        records = evaluate(run, Calibration.uniform(), default_prototypes())
+        order, choice = choose_classification(records, current.classification_weights)
+        fitted = replace(
+            current,
+            classification_order=order,
+            classification_choice={
+                **choice,
+                "fitted_on": f"SYNTHETIC phantom cohort seed {args.seed}, {args.cases} studies",
+            },
+        )
+        print(f"wrote {fitted.save(repository)}:\n{json.dumps(fitted.to_json(), indent=2)}")
+        return 0
     if args.classification_only:
         current = Calibration.load(repository)
         records = evaluate(run, Calibration.uniform(), default_prototypes())
@@ -238,13 +257,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             classification_weights_ci95=refit.classification_weights_ci95,
             classification_fitted_on=refit.classification_fitted_on,
             embed_model_sha256=refit.embed_model_sha256,
+            classification_order=refit.classification_order,
+            classification_choice=refit.classification_choice,
         )
         print(f"wrote {fitted.save(repository)}:\n{json.dumps(fitted.to_json(), indent=2)}")
         return 0
-    support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers)
+    support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers, args.triton_url)
     support.save(DEFAULT_SUPPORT)
     prototypes = PrototypeSet.from_support(support)
-    print(f"default support set: {len(support.labels)} SYNTHETIC lesions, prototype set {prototypes.version}")
+    counts = (~np.isnan(support.embeddings[:, :, 0])).sum(axis=0)
+    present = ", ".join(f"{m.value} {int(n)}" for m, n in zip(MODALITY_ORDER, counts, strict=True))
+    print(
+        f"default support set: {len(support.labels)} SYNTHETIC cases ({present} lesions), prototype set "
+        f"{prototypes.version}"
+    )
+    if args.support_only:
+        return 0
     records = evaluate(run, Calibration.uniform(), prototypes)
     fitted = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
     path = fitted.save(repository)
@@ -394,7 +422,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     _add_cohort_arguments(p, settings, cases=48, seed=9400)
     p.add_argument("--repository", default=str(default_repository()))
     p.add_argument("--cache", default=".cache/cspine")
-    p.add_argument("--per-subtype", type=int, default=12, help="support lesions per subtype (default 12)")
+    p.add_argument("--per-subtype", type=int, default=12, help="default support studies per subtype (default 12)")
     p.add_argument(
         "--competence-only",
         action="store_true",
@@ -406,6 +434,19 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         action="store_true",
         help="only refit the classification weights and their intervals on the calibration cohort, with the shipped "
         "default support set; the detection curves and weights stay as they are",
+    )
+    p.add_argument(
+        "--support-only",
+        action="store_true",
+        help="only rebuild the default support set (SYNTHETIC studies of every subtype through the pipeline, "
+        "--per-subtype of each); calibration.json stays as it is",
+    )
+    p.add_argument(
+        "--choose-classification",
+        action="store_true",
+        help="only choose, on the calibration cohort with the shipped weights and default support set, between "
+        "pooling the matched lesions and the best-supported single modality, taken only where the 95 %% interval "
+        "of its gain lies above 0 (calibration.json classification_order, classification_choice)",
     )
     p.add_argument("--reference-cases", type=int, default=30, help="studies of that reference cohort (default 30)")
     p.add_argument("--reference-seed", type=int, default=9500, help="its phantom seed (default 9500)")

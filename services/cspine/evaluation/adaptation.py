@@ -1,6 +1,7 @@
 """Few-shot adaptation at a SYNTHETIC site, measured on ground-truth lesion ROIs (not the full pipeline).
 
-The SYNTHETIC default support set (120 lesions of the default site) gives the 0-shot prototypes. A site then
+A SYNTHETIC default support set (120 lesions of the default site, cut about their true centres as the pools'
+lesions are: ``calibrate.ground_truth_support``) gives the 0-shot prototypes. A site then
 adds k of its own lesions per class, and each method turns the default cases and the site's into prototypes
 for the shipped ``proto_classify``:
 
@@ -14,12 +15,13 @@ for the shipped ``proto_classify``:
 
 Each site gives a class-balanced pool of its lesions (``site_lesions(per_class=…)``: its subtype mix within each
 class); the query lesions are the same at every k, support draws are repeated. The modalities are fused as the
-service fuses them (log-linear pooling with the classification weights of calibration.json, or those ``fitted``
-refitted). Per method and k: accuracy, balanced accuracy (the mean of the per-class recalls; the queries are
-balanced, so the two are close), and ECE over every repeat's predictions pooled (10 bins), with a bootstrap 95 %
-CI of the accuracy over the query lesions. A new-class row adds one subtype as a fourth class with 5 site cases,
-beside 5 site cases of each other class: its recall, and the share of the other classes' lesions (of other
-subtypes) it takes.
+service fuses them: where calibration.json chose one modality (``classification_order``), that modality's
+answer (every lesion here has all three), and once ``fitted`` refitted the weights to a site's cases, log-linear
+pooling with them (with the calibration's weights where it chose none). Per method and k: accuracy, balanced
+accuracy (the mean of the per-class recalls; the queries are balanced, so the two are close), and ECE over every
+repeat's predictions pooled (10 bins), with a bootstrap 95 % CI of the accuracy over the query lesions. A
+new-class row adds one subtype as a fourth class with 5 site cases, beside 5 site cases of each other class: its
+recall, and the share of the other classes' lesions (of other subtypes) it takes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspine.domain import Modality
 from cspine.fewshot.adapt import balanced_accuracy, classifier_scale, expected_calibration_error, transductive
 from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet
 from cspine.inference.specs import MODALITY_ORDER
@@ -119,18 +122,29 @@ def _method_prototypes(
     names,
     scale: float,
     weights: np.ndarray,
+    answer: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """[modalities, K, D] prototypes of ``method`` from the default set, the site's support embeddings [n, M, D]
     (classes ``labels``, indices into ``names``) and, for ``transductive``, the queries' [q, M, D], and the
     fusion weights to pool their modalities with: ``plain`` and ``fitted`` through ``PrototypeSet.from_cases``
-    as the service makes them (``fitted`` refits the calibration's ``weights`` once the site has enough cases)."""
+    as the service makes them (``fitted`` refits the calibration's ``weights`` once the site has enough cases);
+    without that refit, ``answer`` (``service_answer``)."""
     if method in ("plain", "fitted"):
         made = _rule_prototypes(default, support, labels, names, Adaptation(method, scale, tuple(weights)))
-        pooled = np.array([made.fusion_weights[m] for m in MODALITY_ORDER]) if made.fusion_weights else weights
+        pooled = np.array([made.fusion_weights[m] for m in MODALITY_ORDER]) if made.fusion_weights else answer
         return _stacked(made, names), pooled
     rule = _stacked(_rule_prototypes(default, support, labels, names), names)
     refined = [transductive(rule[m], support[:, m], labels, queries[:, m], scale) for m in range(len(MODALITY_ORDER))]
-    return np.stack(refined), weights
+    return np.stack(refined), answer
+
+
+def service_answer(weights: np.ndarray, order: tuple[Modality, ...]) -> np.ndarray:
+    """The pooling weights that give the service's answer on lesions of every modality: the calibration's
+    ``weights``, or where it chose one modality (``classification_order``) all weight on the first of its order
+    (pooling one modality with weight 1 gives that modality's probabilities)."""
+    if not order:
+        return weights
+    return np.eye(len(MODALITY_ORDER))[MODALITY_ORDER.index(order[0])]
 
 
 def compare(
@@ -145,9 +159,12 @@ def compare(
     queries_per_class: int = QUERIES_PER_CLASS,
     finetune_steps: int = 40,
     seed: int = 0,
+    answer: np.ndarray | None = None,
 ) -> dict:
     """Per method and k: accuracy, balanced accuracy and ECE of the fused answer (modalities pooled with
-    ``weights``), the accuracy's CI, and each modality's accuracy alone."""
+    ``answer``, by default ``weights``, or with the weights ``fitted`` refitted), the accuracy's CI, and each
+    modality's accuracy alone."""
+    answer = weights if answer is None else answer
     names = CLASSES
     scale = classifier_scale(classify)
     embeddings = _embeddings(pool, embed)
@@ -171,7 +188,7 @@ def compare(
             labels = np.repeat(np.arange(len(names)), k)
             for method in ("plain", "fitted", "transductive"):
                 prototypes, pooled = _method_prototypes(
-                    method, default, embeddings[support], labels, embeddings[queries], names, scale, weights
+                    method, default, embeddings[support], labels, embeddings[queries], names, scale, weights, answer
                 )
                 log_p = [_log(classify(embeddings[queries, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
                 single[method].append(log_p)
@@ -180,7 +197,7 @@ def compare(
                 model = finetune_baseline(baseline, features, support, labels, finetune_steps, seed + repeat)
                 log_p = _baseline_log_probabilities(model, features, queries)
                 single["baseline"].append(log_p)
-                runs["baseline"].append(_fused(log_p, weights))
+                runs["baseline"].append(_fused(log_p, answer))
         for method, probabilities in runs.items():
             if probabilities:
                 results[method][str(k)] = _figures(probabilities, truth, len(names), rng)
@@ -247,6 +264,7 @@ def new_class(
     repeats: int = 10,
     queries_per_class: int = QUERIES_PER_CLASS,
     seed: int = 0,
+    answer: np.ndarray | None = None,
 ) -> dict:
     """A subtype added as a new (fourth) class with ``cases`` site cases by ``method``, beside as many site cases
     of each other class (a site that has adapted its classes, then adds its own): the new class's recall on the
@@ -275,7 +293,8 @@ def new_class(
         labels = np.repeat(np.arange(len(names)), cases)
         queries = mine[picked[cases:]]
         both = np.concatenate([queries, pool[other]])
-        prototypes, pooled = _method_prototypes(method, default, support, labels, both, names, scale, weights)
+        answered = weights if answer is None else answer
+        prototypes, pooled = _method_prototypes(method, default, support, labels, both, names, scale, weights, answered)
         log_p = [_log(classify(both[:, m], prototypes[m])) for m in range(len(MODALITY_ORDER))]
         predicted = _fused(log_p, pooled).argmax(1)
         recalls.append(float((predicted[: len(queries)] == len(CLASSES)).mean()))
@@ -302,10 +321,12 @@ def evaluate_adaptation(
     queries_per_class: int = QUERIES_PER_CLASS,
     finetune_steps: int = 40,
     seed: int = 0,
+    answer: np.ndarray | None = None,
 ) -> dict:
     """The issue's JSON: per site, method and k (as text) the figures; the shipped method; the new-class recall
     per site (shipped method); the fused accuracy beside the best single modality at 5 site cases (shipped
-    method); and, under ``details``, everything measured."""
+    method); and, under ``details``, everything measured. ``answer``: the weights that give the service's answer
+    where no site refit replaced them (``service_answer``; default ``weights``)."""
     out: dict = {"sites": {}, "shipped_method": shipped_method, "new_class_recall": {}, "fused_vs_best_single": {}}
     details = {}
     for site, pools in sites.items():
@@ -321,8 +342,11 @@ def evaluate_adaptation(
             queries_per_class,
             finetune_steps,
             seed,
+            answer,
         )
-        added = new_class(default, pools, embed, classify, weights, shipped_method, repeats=repeats, seed=seed)
+        added = new_class(
+            default, pools, embed, classify, weights, shipped_method, repeats=repeats, seed=seed, answer=answer
+        )
         measured["new_class"] = added
         details[site] = measured
         out["sites"][site] = {
@@ -334,6 +358,8 @@ def evaluate_adaptation(
         out["fused_vs_best_single"][site] = {"fused": at5["accuracy"], "best_single": max(at5["by_modality"].values())}
     out["measured_on"] = "SYNTHETIC phantom lesions of each site, ground-truth ROIs (not the full pipeline)"
     out["fusion_weights"] = {m.value: round(float(w), 4) for m, w in zip(MODALITY_ORDER, weights, strict=True)}
+    if answer is not None:  # the service answers with one modality until a site's cases refit the weights
+        out["answer_weights"] = {m.value: round(float(w), 4) for m, w in zip(MODALITY_ORDER, answer, strict=True)}
     out["details"] = details
     return out
 
@@ -360,17 +386,18 @@ def run_adaptation(
     baseline: bool = True,
     workers: int = 1,
 ) -> dict:
-    """``evaluate_adaptation`` with the shipped models, the shipped default support set, the service's fusion
-    weights and method, on each site's pools."""
+    """``evaluate_adaptation`` with the shipped models, the default support set cut about the true lesion centres
+    as the pools are (``ground_truth_support``), the service's fusion weights and method, on each site's pools."""
     from cspine.analysis.fusion import Calibration
     from cspine.fewshot.prototypes import SHIPPED_METHOD
+    from cspine.modeling.data import ground_truth_support
     from cspine.modeling.recipes import ARTIFACTS, load_baseline_artifact, model_path, proto_classifier
 
     calibration = Calibration.load(repository)
     weights = np.array([calibration.classification_weights[m] for m in MODALITY_ORDER])
     result = evaluate_adaptation(
         {site: site_pools(cache, site, seed, workers) for site in sites},
-        SupportSet.load(),
+        ground_truth_support(cache, model_path(repository, "lesion_embed"), workers=workers),
         onnx_embed(model_path(repository, "lesion_embed")),
         proto_classifier(repository),
         load_baseline_artifact(ARTIFACTS / "baseline.pt") if baseline else None,
@@ -378,6 +405,7 @@ def run_adaptation(
         SHIPPED_METHOD,
         repeats=repeats,
         seed=seed,
+        answer=service_answer(weights, calibration.classification_order),
     )
     result["seed"] = seed
     return result

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cspine.analysis.competence import CompetenceReference
-from cspine.analysis.fusion import Calibration, lesion_size, matched_lesions, pool
+from cspine.analysis.fusion import Calibration, lesion_size, matched_lesions, matched_probabilities, pool
 from cspine.dicom.ingest import ingest_paths
 from cspine.domain import MEASURED_LEVELS, Modality, StudyAnalysis
 from cspine.fewshot.prototypes import PrototypeSet, default_prototypes
@@ -42,14 +42,18 @@ EVALUATION_SEED = 9800  # held out: first used for the figures of docs/pipeline.
 CALIBRATION_SEED = 9400
 
 
-def ensure_cohort(folder: Path, cases: int, seed: int, workers: int, progress: bool) -> list[Path]:
-    """The SYNTHETIC cohort in ``folder`` (generated unless a cohort of this seed and size is there)."""
+def ensure_cohort(
+    folder: Path, cases: int, seed: int, workers: int, progress: bool, options: PhantomOptions | None = None
+) -> list[Path]:
+    """The SYNTHETIC cohort in ``folder`` (generated, with ``options`` or random tumors, unless a cohort of this
+    seed and size is there)."""
     manifest = folder / COHORT_FILE
     if manifest.exists():
         data = json.loads(manifest.read_text())
         if data.get("seed") == seed and len(data.get("cases", [])) == cases:
             return [folder / c["case_id"] for c in data["cases"]]
-    generate_cohort(folder, cases, seed, PhantomOptions(tumor="random"), workers=workers, progress=progress)
+    options = options or PhantomOptions(tumor="random")
+    generate_cohort(folder, cases, seed, options, workers=workers, progress=progress)
     return [folder / f"case-{i + 1:04d}" for i in range(cases)]
 
 
@@ -90,6 +94,7 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float, weight
             ],
         }
     fused_largest = pool(largest, weights) if largest else None
+    pooled = matched_probabilities(matched)
     primary = analysis.primary_lesion()
     spine = analysis.spine
     return {
@@ -116,6 +121,9 @@ def case_record(case_dir: Path, analysis: StudyAnalysis, ingest_s: float, weight
             "labels": [p.label for p in analysis.fused.probabilities],
             "uncertainty": analysis.fused.uncertainty,
             "largest_probabilities": fused_largest.tolist() if fused_largest is not None else None,
+            # the matched lesions pooled with the weights, whether or not the calibration chose one modality
+            "pooled_probabilities": pool(pooled, weights).tolist() if pooled else None,
+            "classified_from": [m.value for m in analysis.fused.classified_from],
         },
         "primary": {
             "level": primary.vertebral_level if primary else None,
@@ -196,7 +204,7 @@ def metrics(records: list[dict]) -> dict:
         100.0 * abs(r["spine"]["canal_area_mm2"][n] - r["truth"]["canal_area_mm2"][n]) / r["truth"]["canal_area_mm2"][n]
         for r in records
         for n in MEASURED_LEVELS
-        if r["spine"]["canal_area_mm2"].get(n) is not None
+        if r["spine"]["canal_area_mm2"].get(n) is not None and r["truth"]["canal_area_mm2"][n] > 0
     ]
     cord = [
         100.0 * abs(r["spine"]["cord_area_mm2"][n] - r["truth"]["cord_area_mm2"][n]) / r["truth"]["cord_area_mm2"][n]
@@ -258,6 +266,11 @@ def metrics(records: list[dict]) -> dict:
         "level_accuracy": _mean(level_hits),
         "classification_accuracy": class_accuracy(lambda r: r["fused"]["probabilities"])["value"],
         "classification_accuracy_largest_lesions": class_accuracy(lambda r: r["fused"]["largest_probabilities"]),
+        "classification_accuracy_pooled": class_accuracy(lambda r: r["fused"].get("pooled_probabilities")),
+        "classified_from": {
+            "+".join(k): sum(r["fused"].get("classified_from") == list(k) for r in classified)
+            for k in sorted({tuple(r["fused"].get("classified_from", [])) for r in classified})
+        },
         "cobb_mae_deg": _mean(cobb),
         "cobb_measured": len(cobb),
         "canal_area_error_pct": _mean(canal),
@@ -317,6 +330,9 @@ def format_metrics(m: dict) -> str:
         f"  lesion size MAE {f(m['size_mae_mm'], ' mm', 2)} (goal ≤ 2 mm; bias {f(m['size_bias_mm'], ' mm', 2)})"
         f"   level accuracy {f(m['level_accuracy'])}"
         f"   class accuracy {f(m['classification_accuracy'])}",
+        "  classified from: "
+        + ", ".join(f"{k or 'none'} {n}" for k, n in m["classified_from"].items())
+        + f"; matched lesions pooled {f(m['classification_accuracy_pooled']['value'])}",
         f"  class accuracy, the largest lesion of each modality fused (before lesions were matched) "
         f"{f(m['classification_accuracy_largest_lesions']['value'])}; one modality's largest lesion alone: "
         + ", ".join(

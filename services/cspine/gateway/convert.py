@@ -52,6 +52,7 @@ def assessment_to_pb(a: Assessment) -> pb.Assessment:
             pb.NotAssessableReason(code=r.code.value, layer=r.code.layer.value, message=r.message) for r in a.reasons
         ],
         status_message=a.status_message,
+        classified_from=[MODALITY_TO_PB[m] for m in a.classified_from],
     )
     if a.detection_score is not None:
         out.detection_score = a.detection_score

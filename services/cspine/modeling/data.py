@@ -27,9 +27,11 @@ from tqdm import tqdm
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import Modality, SeriesRole, Volume
+from cspine.fewshot.prototypes import SupportSet
 from cspine.imaging.roi import lesion_roi
 from cspine.imaging.seg_input import seg_inputs, to_grid
-from cspine.inference.specs import MODALITY_ORDER, SEG_GEOMETRY, SEG_LABELS
+from cspine.inference.runner import onnx_session
+from cspine.inference.specs import EMBEDDING_DIM, MODALITY_ORDER, SEG_GEOMETRY, SEG_LABELS
 from cspine.phantom.anatomy import Label, level_code, sample_spine
 from cspine.phantom.generate import PhantomOptions, generate_case
 from cspine.phantom.scanner import RenderedSeries, Scene, Shift, acquire_ct, acquire_mr, acquire_xr
@@ -315,3 +317,31 @@ def lesion_bank(
         subs.append(np.full(len(arr), all_subtypes.index(subtype)))
         classes.append(np.full(len(arr), CLASSES.index(SUBTYPES[subtype].tumor_class.value)))
     return LesionBank(np.concatenate(rois), np.concatenate(subs), np.concatenate(classes))
+
+
+# Phantom seed of the default support sets (evaluation/calibrate.py): the shipped one, cut the way the service
+# cuts, and the one cut about the true lesion centres that the evaluations on ground-truth ROIs use.
+SUPPORT_SEED = 9200
+
+
+def embed_bank(bank: LesionBank, embed_model: Path) -> np.ndarray:
+    """The embeddings [N, modalities, D] of a bank's ROIs, NaN where a ROI is NaN (no lesion of that modality)."""
+    session = onnx_session(embed_model)
+    onehots = np.eye(len(MODALITY_ORDER), dtype=np.float32)
+    embeddings = np.full((len(bank), len(MODALITY_ORDER), EMBEDDING_DIM), np.nan, dtype=np.float32)
+    for m in range(len(MODALITY_ORDER)):
+        rows = np.flatnonzero(~np.isnan(bank.rois[:, m]).any(axis=(1, 2, 3)))
+        for start in range(0, len(rows), 32):
+            chunk = rows[start : start + 32]
+            embeddings[chunk, m] = session.run(
+                None, {"roi": bank.rois[chunk, m], "modality": np.tile(onehots[m], (len(chunk), 1))}
+            )[0]
+    return embeddings
+
+
+def ground_truth_support(cache: Path, embed_model: Path, per_subtype: int = 12, workers: int = 1) -> SupportSet:
+    """The default support set of the evaluations on ground-truth ROIs (evaluation/adaptation.py, ``cspine evaluate
+    sites``): ``per_subtype`` SYNTHETIC lesions of each subtype with their ROIs about the true lesion centre, the
+    way those evaluations cut their queries (the set cspine shipped until 2026-12-06)."""
+    bank = lesion_bank(cache, SUPPORT_SEED, list(TumorSubtype), per_subtype, workers=workers, progress=False)
+    return SupportSet(embed_bank(bank, embed_model), tuple(CLASSES[c] for c in bank.classes), synthetic=True)

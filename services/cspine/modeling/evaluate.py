@@ -608,17 +608,19 @@ def site_metrics(
     progress: bool = False,
 ) -> dict:
     """Per SYNTHETIC site: segmentation Dice of the shipped CT/MR/XR models on ``cases`` whole studies
-    (``site_segmentation``), and the lesion classification of the shipped embedding with the shipped default
-    support set (prototype classifier, ground-truth ROIs) on ``lesions`` lesions of the site's population;
-    with the default site among ``sites``, each other site's drop from it (95 % intervals, independent samples)."""
-    from cspine.fewshot.prototypes import default_prototypes
+    (``site_segmentation``), and the lesion classification of the shipped embedding (prototype classifier) on
+    ``lesions`` lesions of the site's population, with the default support set cut about the true lesion centres
+    as those lesions are (``ground_truth_support``); with the default site among ``sites``, each other site's drop
+    from it (95 % intervals, independent samples)."""
+    from cspine.fewshot.prototypes import PrototypeSet
+    from cspine.modeling.data import ground_truth_support
     from cspine.modeling.export import model_path
     from cspine.modeling.recipes import SEG_NAMES, proto_classifier
 
     models = {m: onnx_seg(model_path(repository, n)) for n, m in SEG_NAMES.items()}
     embed = onnx_embed(model_path(repository, "lesion_embed"))
     classify = proto_classifier(repository)
-    prototypes = default_prototypes()
+    prototypes = PrototypeSet.from_support(ground_truth_support(cache, model_path(repository, "lesion_embed")))
     result: dict[str, dict] = {}
     samples: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
     for site in sites:
