@@ -333,3 +333,17 @@ def test_an_unreachable_postgresql_is_unavailable_without_its_url_and_logged_wit
     # The server's log names the store by its URL, the password hidden.
     assert f"support store postgresql+psycopg://cspine:***@127.0.0.1:{port}/cspine is unavailable" in caplog.text
     assert "s3cret" not in caplog.text
+
+
+def test_a_sqlite_file_put_back_after_the_store_opened_an_empty_one_in_its_place_is_read_again(tmp_path):
+    # An operator moves the database away and back; a call in between opened an empty file at its path.
+    path = tmp_path / "support.db"
+    with SupportStore(f"sqlite:///{path}") as store:
+        store.migrate()
+        version = add(store, "benign", create_class=True)
+        store.close()  # no pooled connection left: the next call opens the path anew
+        path.rename(tmp_path / "moved.db")
+        with pytest.raises(StoreUnavailableError, match=r"^the support store is unavailable: "):
+            store.current_version()  # SQLite creates an empty file here: no tables
+        (tmp_path / "moved.db").rename(path)  # replaces the empty file; a pooled connection would still hold it
+        assert store.current_version() == version

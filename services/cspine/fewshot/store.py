@@ -401,6 +401,8 @@ class SupportStore:
                 said = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
                 logger.warning("support store %s is unavailable: %s", self.name, said)
                 reason = f"the database driver reports {type(exc.orig).__name__}"
+            if self._sqlite_file is not None:  # the file may have been replaced under the pool: reopen it next call
+                self._engine.dispose()
             # Clients see "the support store", never its URL (self.name, the password hidden, is for the log).
             raise StoreUnavailableError(f"the support store is unavailable: {reason}") from exc
         except PoolTimeoutError as exc:  # every pooled connection is held by a call the store has not answered
