@@ -18,7 +18,7 @@ HELM := .tools/bin/helm
 CRD_NPM_PACKAGES := @kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/keda@2.0.0
 CRD_VALIDATORS := .tools/node_modules/@kubernetes-models/keda/package.json
 
-.PHONY: venv protos sysdeps tools chart demo test test-fast bench train clean loadtest fuzz faults
+.PHONY: venv protos sysdeps tools chart demo test test-fast bench train clean loadtest fuzz faults gpu-carry
 
 venv: $(STAMP) protos
 
@@ -110,6 +110,11 @@ fuzz: venv
 faults: venv sysdeps
 	$(BIN)/python -m pytest tests/faults
 	$(BIN)/python tests/faults/report.py --write docs/reliability.md
+
+# What a GPU machine needs beside the working tree for `scripts/gpu/run.sh OUTDIR` (docs/performance.md, "On a GPU
+# without TensorRT"): .gpu-carry/, checked to fit the 64 MiB a device run takes.
+gpu-carry: venv
+	scripts/gpu/prepare.sh
 
 # Reproduces the shipped models: train on SYNTHETIC phantom data, export ONNX, evaluate (docs/models/).
 train: venv

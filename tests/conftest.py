@@ -41,6 +41,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_triton.py::test_cspine_triton_start_serves_until_sigterm_then_stops_cleanly",
         "test_gateway.py::test_triton_stopped_mid_run_gives_unavailable_flips_health_and_recovers",
         "test_triton_recovery.py",  # `cspine serve` with its own supervised Triton
+        "test_gpu_prep.py::test_prepare_then_run_on_cpu_serves_gpu_torch_and_writes_figures_for_every_setting",
         "faults/test_fault_triton.py",
     ),
     "postgres": (
@@ -67,6 +68,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_phantom.py::test_cli_phantom_writes_a_cohort_with_truth_and_manifest",
         "test_real_size.py",  # a 3072 × 2614 radiograph and a 512² × 305 CT
         "test_pipeline.py::test_a_service_cut_bank_is_cut_from_studies_of_its_subtype_and_cached",
+        "test_gpu_prep.py::reference",  # SYNTHETIC phantom inputs for the GPU run, and the rehearsal of it
     ),
 }
 

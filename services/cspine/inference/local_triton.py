@@ -4,7 +4,8 @@ wheel, run on CPU with the Python backend over ``model_repository/``.
 ``LocalTriton`` finds the binary, prepares a backend directory holding the Python backend stub built for
 the running interpreter, gives the stub this environment's site-packages (and cspine itself), starts the
 server on the requested loopback ports, forwards its log, waits until every model is READY and stops it cleanly.
-When a model does not load it raises ``TritonStartError`` naming the model and Triton's reason.
+When a model does not load it raises ``TritonStartError`` naming the model and Triton's reason. ``dist`` names
+another copy of the server's folders (``scripts/gpu/run.sh`` unpacks one where the wheel is not installed).
 ``cspine triton start`` and ``cspine serve`` both use it.
 
 The server and its Python backend stubs form a process group of their own. One long-lived thread per
@@ -248,8 +249,10 @@ class LocalTriton:
         extra_args: tuple[str, ...] = (),
         supervise: bool = False,
         on_restart: Callable[[], object] | None = None,
+        dist: TritonDist | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.dist = dist  # None: the server of the installed nvidia-pytriton wheel (find_triton)
         self.ports = ports
         self.model_config_name = model_config_name
         self.ort_threads = ort_threads
@@ -283,8 +286,11 @@ class LocalTriton:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.metrics}/metrics"
 
+    def _dist(self) -> TritonDist:
+        return self.dist or find_triton()
+
     def command(self, backends: Path) -> list[str]:
-        dist = find_triton()
+        dist = self._dist()
         args = [
             str(dist.binary),
             f"--model-repository={self.repository}",
@@ -315,11 +321,12 @@ class LocalTriton:
         models = repository_models(self.repository, self.model_config_name)
         if not models:
             raise TritonStartError(f"model repository {self.repository} holds no model")
-        missing = [m for m in models if not _has_model_file(self.repository, m)]
-        if missing and not self.model_config_name:
+        # (only for the default configs: another may name another file, and reading configs needs tritonclient)
+        missing = [] if self.model_config_name else [m for m in models if not _has_model_file(self.repository, m)]
+        if missing:
             raise TritonStartError(f"model {missing[0]}: no 1/model.onnx in {self.repository / missing[0]}")
         self._workdir = tempfile.TemporaryDirectory(prefix="cspine-triton-")
-        self._backends = prepare_backends(find_triton(), Path(self._workdir.name) / "backends")
+        self._backends = prepare_backends(self._dist(), Path(self._workdir.name) / "backends")
         self._stopping.clear()
         first: concurrent.futures.Future[None] = concurrent.futures.Future()
         # The server's PR_SET_PDEATHSIG fires when the thread that spawned it ends: this thread spawns every server
@@ -378,7 +385,7 @@ class LocalTriton:
 
     def _launch(self, models: list[str]) -> None:
         """Spawn the server and wait until every model is READY; on failure nothing of it is left."""
-        dist = find_triton()
+        dist = self._dist()
         assert self._backends is not None  # start() prepared them before the supervisor launches
         command = self.command(self._backends)
         self.log_tail.clear()

@@ -1,6 +1,7 @@
 """The one ONNX Runtime runner: evaluation, benchmarks and every model of the CPU Triton repository
 (its ``1/model.py`` hands over to ``cspine.inference.triton_backend``) run the shipped ONNX files
-through it.
+through it. ``BatchingRunner`` is what it shares with the PyTorch runner of the GPU configuration
+(``torch_runner``): joining the requests Triton hands over into one call.
 
 Thread counts are always set explicitly. ONNX Runtime's default is one intra-op thread per core in every
 session; with five models loaded in one Triton that oversubscribes a small machine several times over.
@@ -27,19 +28,15 @@ def onnx_session(path: Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxRunner:
-    """Runs one model described by ``spec``. ``run_batch`` takes the inputs of several requests and, for
-    a model with a batch axis, concatenates them into one ONNX Runtime call and splits the outputs back;
-    a model without one (``proto_classify``) runs request by request."""
+class BatchingRunner:
+    """What every runner shares: ``run_batch`` takes the inputs of several requests and, for a model with a
+    batch axis, concatenates them into one ``run`` and splits the outputs back; a model without one
+    (``proto_classify``) runs request by request."""
 
-    def __init__(self, spec: ModelSpec, path: Path, threads: int) -> None:
-        self.spec = spec
-        self.session = onnx_session(path, threads)
-        self._outputs = [t.name for t in spec.outputs]
+    spec: ModelSpec
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {t.name: inputs[t.name] for t in self.spec.inputs}
-        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
+        raise NotImplementedError
 
     def run_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         if self.spec.max_batch_size == 0 or len(requests) == 1:
@@ -50,3 +47,16 @@ class OnnxRunner:
         bounds = np.cumsum(sizes)[:-1]
         split = {name: np.split(value, bounds) for name, value in outputs.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(requests))]
+
+
+class OnnxRunner(BatchingRunner):
+    """Runs one model described by ``spec`` in ONNX Runtime (CPU, ``threads`` intra-op threads)."""
+
+    def __init__(self, spec: ModelSpec, path: Path, threads: int) -> None:
+        self.spec = spec
+        self.session = onnx_session(path, threads)
+        self._outputs = [t.name for t in spec.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {t.name: inputs[t.name] for t in self.spec.inputs}
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))

@@ -1,10 +1,14 @@
-"""Triton Python-backend model for the CPU repository: every ``model_repository/<model>/1/model.py``
-imports ``TritonPythonModel`` from here, so the five models share one implementation (the ONNX Runtime
-runner) and the repository holds no logic of its own.
+"""Triton Python-backend model: every ``model_repository/<model>/1/model.py`` imports ``TritonPythonModel``
+from here, so the five models share one implementation and the repository holds no logic of its own.
 
-Triton's dynamic batcher hands ``execute`` several requests at once; the runner joins them into one ONNX
-Runtime call. ONNX Runtime threads come from the model's ``ort_threads`` parameter in ``config.pbtxt``,
-overridden by the ``CSPINE_ORT_THREADS`` environment variable.
+The model configuration's parameters choose the runner (``ENGINES``): ``engine`` ``onnxruntime`` (the default,
+the CPU repository's ``config.pbtxt``) or ``torch`` (``configs/gpu_torch.pbtxt``: the same ONNX file run by
+PyTorch on the instance's device — CUDA for ``KIND_GPU``, else the CPU — in the ``precision`` it names).
+``spec`` names the model contract when the Triton model's name is another (a benchmark's variant).
+
+Triton's dynamic batcher hands ``execute`` several requests at once; the runner joins them into one call.
+ONNX Runtime threads come from the model's ``ort_threads`` parameter in ``config.pbtxt``, overridden by the
+``CSPINE_ORT_THREADS`` environment variable; PyTorch's CPU threads from ``torch_threads``.
 
 Each stub ends itself when the tritonserver that started it is gone (``exit_with_server``): Triton's own check
 asks whether the server's pid exists, which a server that died but was never reaped still passes.
@@ -17,13 +21,13 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cspine.inference.runner import OnnxRunner
-from cspine.inference.specs import MODELS
+from cspine.inference.runner import BatchingRunner, OnnxRunner
+from cspine.inference.specs import MODELS, ModelSpec
 
 STUB = b"triton_python_backend_stub"
 _watching = threading.Lock()
@@ -34,6 +38,41 @@ def ort_threads(config: dict) -> int:
         "string_value", "1"
     )
     return max(1, int(value))
+
+
+def parameter(config: dict, key: str, default: str) -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value") or default
+
+
+def _onnxruntime(spec: ModelSpec, path: Path, config: dict, args: dict) -> BatchingRunner:
+    return OnnxRunner(spec, path, ort_threads(config))
+
+
+def _torch(spec: ModelSpec, path: Path, config: dict, args: dict) -> BatchingRunner:
+    from cspine.inference.torch_runner import TorchRunner
+
+    gpu = args.get("model_instance_kind") == "GPU"
+    device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+    threads = int(parameter(config, "torch_threads", "1"))
+    return TorchRunner(spec, path, device, parameter(config, "precision", "fp32"), threads)
+
+
+# engine parameter → the runner it builds from (spec, ONNX file, model configuration, Triton's initialize args)
+ENGINES: dict[str, Callable[[ModelSpec, Path, dict, dict], BatchingRunner]] = {
+    "onnxruntime": _onnxruntime,
+    "torch": _torch,
+}
+
+
+def make_runner(args: dict) -> BatchingRunner:
+    """The runner Triton's ``initialize`` arguments ask for (see the module docstring)."""
+    config = json.loads(args["model_config"])
+    engine = parameter(config, "engine", "onnxruntime")
+    if engine not in ENGINES:
+        raise ValueError(f"{args['model_name']}: engine {engine!r} is not one of {', '.join(ENGINES)}")
+    spec = MODELS[parameter(config, "spec", args["model_name"])]
+    path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+    return ENGINES[engine](spec, path, config, args)
 
 
 def exit_with_server(interval_s: float = 0.5) -> None:
@@ -69,10 +108,7 @@ def _exit_when_orphaned(server: int, argv: list[bytes], interval_s: float) -> No
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         exit_with_server()
-        config = json.loads(args["model_config"])
-        spec = MODELS[args["model_name"]]
-        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.runner = OnnxRunner(spec, path, ort_threads(config))
+        self.runner = make_runner(args)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
