@@ -17,7 +17,7 @@ import torch
 
 from cspine.domain import Modality
 from cspine.inference.specs import LESION_EMBED, MODELS, PROTO_CLASSIFY, SEG_GEOMETRY, SEG_LABELS, DType, seg_spec
-from cspine.modeling.data import SEEN_SUBTYPES, UNSEEN_SUBTYPES, lesion_bank, lesion_boxes, model_labels
+from cspine.modeling.data import SEEN_SUBTYPES, UNSEEN_SUBTYPES, LesionBank, lesion_bank, lesion_boxes, model_labels
 from cspine.modeling.evaluate import eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics, torch_seg
 from cspine.modeling.export import (
     PARITY,
@@ -32,6 +32,7 @@ from cspine.modeling.export import (
 )
 from cspine.modeling.networks import LesionEncoder, ProtoClassifier, SegExport, UNet2D
 from cspine.modeling.recipes import EVAL_SEED, FEWSHOT_BANK_SEED, PRESETS, proto_classifier, train_models
+from cspine.modeling.train import EmbedConfig, members_by_modality, train_embed
 from cspine.phantom.anatomy import Label
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -99,6 +100,34 @@ def test_episodic_embedding_training_makes_the_loss_fall(cache, tmp_path):
     assert late < 0.75 * np.log(embed["ways"]), late  # below chance for a 3-way episode, not only below the start
     bank = lesion_bank(cache, 2, SEEN_SUBTYPES, SMOKE.embed["per_subtype"], progress=False)
     assert len(bank) == len(SEEN_SUBTYPES) * SMOKE.embed["per_subtype"] and np.isfinite(bank.rois).all()
+
+
+def test_episodes_of_a_modality_draw_only_lesions_with_an_roi_of_it():
+    # Service-cut ROIs are NaN where the pipeline matched no lesion in a modality (evaluation/service_cut.py).
+    rois = np.zeros((6, len(Modality), 3, 4, 4), dtype=np.float32)
+    rois[[1, 4], 2] = np.nan  # no radiograph lesion
+    rois[5, 0] = np.nan  # no CT lesion
+    bank = LesionBank(rois, np.array([0, 0, 0, 3, 3, 3]), np.zeros(6, dtype=int))
+    members = members_by_modality(bank, [0, 3])
+    assert [{code: rows.tolist() for code, rows in m.items()} for m in members] == [
+        {0: [0, 1, 2], 3: [3, 4]},
+        {0: [0, 1, 2], 3: [3, 4, 5]},
+        {0: [0, 2], 3: [3, 5]},
+    ]
+
+
+def test_the_embedding_trains_on_service_cut_rois_exactly_when_its_config_counts_them(cache, tmp_path):
+    config = EmbedConfig(**{**SMOKE.embed, "episodes": 3})
+    cut = lesion_bank(cache, 2, SEEN_SUBTYPES, SMOKE.embed["per_subtype"], progress=False)
+    cut.rois[::2, 2] = np.nan  # as service-cut ROIs are where the pipeline matched no radiograph lesion
+    with pytest.raises(ValueError, match="service-cut bank"):
+        train_embed(config, cache, tmp_path / "a", progress=False, service_cut=cut)
+    counted = dataclasses.replace(config, service_cut_per_subtype=1)
+    with pytest.raises(ValueError, match="service-cut bank"):
+        train_embed(counted, cache, tmp_path / "b", progress=False)
+    state = torch.load(train_embed(counted, cache, tmp_path / "c", progress=False, service_cut=cut), weights_only=False)
+    assert state["step"] == 3 and state["config"]["service_cut_per_subtype"] == 1
+    assert np.isfinite([h["loss"] for h in state["history"]]).all()
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(cache, tmp_path):

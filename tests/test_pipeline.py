@@ -258,3 +258,34 @@ def test_a_service_cut_bank_is_cut_from_studies_of_its_subtype_and_cached(triton
     again = service_cut_bank(tmp_path, 7, [TumorSubtype.CHORDOMA], 2, progress=False, triton_url="127.0.0.1:9")
     assert np.array_equal(again.bank.rois, made.bank.rois, equal_nan=True)
     assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+def test_episode_accuracy_counts_only_lesions_with_an_roi_and_scores_a_separating_embedding_at_1():
+    from cspine.evaluation.service_cut import episode_accuracy
+    from cspine.modeling.data import CLASSES, LesionBank
+
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.arange(3), 6)
+    rois = rng.normal(size=(18, 3, 3, 64, 64)).astype(np.float32)
+    rois[:, :, 0, 0, 0] = classes[:, None]  # the class, written where the embedding below reads it
+    rois[[0, 1, 2, 3, 4], 2] = np.nan  # five benign lesions without a radiograph ROI: one is left
+    bank = LesionBank(rois, np.zeros(18, dtype=int), classes)
+
+    def separating(r: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        return np.eye(3, dtype=np.float32)[r[:, 0, 0, 0].round().astype(int)] * 10
+
+    def nearest(embedding: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+        d2 = ((embedding[:, None] - prototypes[None]) ** 2).sum(-1)
+        return np.exp(-d2) / np.exp(-d2).sum(1, keepdims=True)
+
+    figures = episode_accuracy(bank, separating, nearest, shots=(1, 5), episodes=20)
+    assert figures["CT"]["lesions_per_class"] == dict.fromkeys(CLASSES, 6)
+    assert figures["CT"]["1"] == figures["CT"]["5"] == {"accuracy": 1.0, "balanced_accuracy": 1.0}
+    assert figures["XR"]["lesions_per_class"] == {"benign": 1, "borderline": 6, "malignant": 6}
+    assert set(figures["XR"]) == {"lesions_per_class"}  # one benign lesion: no query left for it at k = 1
+
+    def noise(r: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        return np.random.default_rng(len(r)).normal(size=(len(r), 8)).astype(np.float32)
+
+    chance = episode_accuracy(bank, noise, nearest, shots=(1,), episodes=200)["CT"]["1"]["balanced_accuracy"]
+    assert 0.2 < chance < 0.5

@@ -1,4 +1,4 @@
-"""``cspine evaluate`` (models, sites, adaptation, pipeline, competence, study) and ``cspine calibrate``:
+"""``cspine evaluate`` (models, embedding, sites, adaptation, pipeline, competence, study) and ``cspine calibrate``:
 evaluations that print figures and the fit of the fusion weights and competence reference. The work is the
 library's (modeling/, evaluation/); here are the flags and what is printed and written."""
 
@@ -44,6 +44,79 @@ def _write_json(out: str | None, name: str, result: dict) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _checkpoints(values: list[str]) -> dict[str, Path]:
+    """NAME=PATH pairs; a missing file or a name given twice is a ValueError."""
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--checkpoint wants NAME=PATH, not {value!r}")
+        if name in named or name == "shipped":
+            raise ValueError(f"--checkpoint name {name!r} is used twice (shipped is the repository's)")
+        if not Path(path).is_file():
+            raise ValueError(f"--checkpoint {name}: no file {path}")
+        named[name] = Path(path)
+    return named
+
+
+def cmd_evaluate_embedding(args: argparse.Namespace) -> int:
+    from cspine.evaluation.service_cut import episode_accuracy, service_cut_bank
+    from cspine.modeling.data import UNSEEN_SUBTYPES, lesion_bank
+    from cspine.modeling.evaluate import onnx_embed, torch_embed
+    from cspine.modeling.export import model_path
+    from cspine.modeling.recipes import proto_classifier
+
+    repository, cache = Path(args.repository), Path(args.cache)
+    models = {"shipped": (onnx_embed(model_path(repository, "lesion_embed")), proto_classifier(repository))}
+    models.update({name: torch_embed(path) for name, path in _checkpoints(args.checkpoint).items()})
+    progress = not args.quiet
+    cut = service_cut_bank(cache, args.seed, UNSEEN_SUBTYPES, args.studies, args.workers, progress)
+    banks = {
+        "service_cut": cut.usable(),
+        "ground_truth": lesion_bank(
+            cache, args.seed, UNSEEN_SUBTYPES, args.lesions, workers=args.workers, progress=progress
+        ),
+    }
+    result = {
+        "synthetic": True,
+        "measured_on": {
+            "service_cut": f"SYNTHETIC phantom studies seed {args.seed}, {args.studies} per unseen subtype, through "
+            f"the pipeline (local Triton), ROIs cut about the matched lesions; {len(banks['service_cut'])} studies "
+            "with a tumor detected",
+            "ground_truth": f"SYNTHETIC lesions seed {args.seed}, {args.lesions} per unseen subtype, ROIs cut about "
+            "their true centres",
+            "episodes": args.episodes,
+        },
+        "models": {
+            name: {
+                bank: episode_accuracy(lesions, embed, classify, episodes=args.episodes)
+                for bank, lesions in banks.items()
+            }
+            for name, (embed, classify) in models.items()
+        },
+    }
+    _write_json(args.out, "embedding.json", result)
+    print(json.dumps(result, indent=2) if args.json else format_embedding(result))
+    return 0
+
+
+def format_embedding(result: dict) -> str:
+    lines = [f"{result['measured_on'][bank]}:" for bank in ("service_cut", "ground_truth")]
+    lines.append("balanced accuracy, k = 1 / 5 lesions per class (the rest are queries), per modality")
+    width = max(len(name) for name in result["models"])
+    for bank in ("service_cut", "ground_truth"):
+        lines.append(f"{bank:<13} {'model':<{width}} {'CT':>13} {'MR':>13} {'XR':>13}")
+        for name, banks in result["models"].items():
+            cells = []
+            for modality in ("CT", "MR", "XR"):
+                figures = banks[bank][modality]
+                cells.append(
+                    " / ".join(f"{figures[k]['balanced_accuracy']:.3f}" if k in figures else "—" for k in ("1", "5"))
+                )
+            lines.append(f"{'':<13} {name:<{width}} " + " ".join(f"{c:>13}" for c in cells))
+    return "\n".join(lines)
 
 
 def cmd_evaluate_sites(args: argparse.Namespace) -> int:
@@ -313,6 +386,35 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate_models)
+    e = evaluate.add_parser(
+        "embedding",
+        help="the shipped lesion embedding beside trained checkpoints, on ROIs cut as the service cuts and about true "
+        "centres",
+        description=(
+            "Prototype-classifier balanced accuracy per modality at 1 and 5 lesions per class, on the unseen subtypes "
+            "(never in meta-training): SYNTHETIC studies run through the pipeline on a local Triton with their ROIs "
+            "cut about the lesions it matched (as the service cuts them), and SYNTHETIC lesions cut about their true "
+            "centres. Compares the shipped lesion_embed with checkpoints of `cspine train` (before `cspine export`)."
+        ),
+    )
+    e.add_argument(
+        "--checkpoint", action="append", default=[], metavar="NAME=PATH", help="a lesion_embed.pt to compare (repeat)"
+    )
+    e.add_argument("--seed", type=int, default=9201, help="phantom seed of the studies and lesions (default 9201)")
+    e.add_argument(
+        "--studies", type=int, default=20, help="studies per unseen subtype through the pipeline (default 20)"
+    )
+    e.add_argument(
+        "--lesions", type=int, default=60, help="lesions per unseen subtype cut about their centres (default 60)"
+    )
+    e.add_argument("--episodes", type=int, default=300, help="episodes per modality and k (default 300)")
+    e.add_argument("--repository", default="model_repository")
+    e.add_argument("--cache", default=".cache/cspine")
+    e.add_argument("--out", default=None, help="also write embedding.json here")
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate_embedding)
     e = evaluate.add_parser(
         "sites",
         help="the shipped models on the SYNTHETIC sites (cspine phantom --site): Dice and lesion classification",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from cspine.config import Settings
@@ -18,19 +19,36 @@ def _split_names(text: str, allowed: tuple[str, ...]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cspine.modeling.recipes import MODEL_NAMES, PRESETS, train_models
+    from cspine.modeling.train import EmbedConfig
 
     names = _split_names(args.models, MODEL_NAMES)
     overrides = {"tumor_labels": args.tumor_labels} if args.tumor_labels else {}
     if args.steps:
         overrides["steps"] = args.steps
+    preset = PRESETS[args.preset]
+    if args.embed_seed is not None:
+        preset = dataclasses.replace(preset, embed={**preset.embed, "seed": args.embed_seed})
+    service_cut = None
+    if args.service_cut:
+        from cspine.evaluation.service_cut import service_cut_bank
+        from cspine.modeling.data import SEEN_SUBTYPES
+
+        embed = {**preset.embed, "service_cut_per_subtype": args.service_cut}
+        preset = dataclasses.replace(preset, embed=embed)
+        bank_seed = EmbedConfig(**embed).bank_seed
+        cut = service_cut_bank(
+            Path(args.cache), bank_seed, SEEN_SUBTYPES, args.service_cut, args.workers, not args.quiet
+        )
+        service_cut = cut.usable()
     done = train_models(
         names,
-        PRESETS[args.preset],
+        preset,
         Path(args.cache),
         Path(args.checkpoints),
         args.workers,
         not args.quiet,
         args.stop_after,
+        service_cut=service_cut,
         **overrides,
     )
     for name, path in done.items():
@@ -72,6 +90,22 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         type=int,
         default=None,
         help="checkpoint and stop at this step; the next call resumes (train in slices)",
+    )
+    p.add_argument(
+        "--service-cut",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lesion_embed also trains on N SYNTHETIC studies per seen subtype run through the pipeline (a local "
+        "Triton with the shipped models), their ROIs cut about the lesions it found, as the service cuts them "
+        "(default 0: lesions cut about their true centres only, as shipped)",
+    )
+    p.add_argument(
+        "--embed-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="training seed of lesion_embed and baseline (default: the preset's, 0, as shipped)",
     )
     p.add_argument("--cache", default=".cache/cspine", help="where generated training data is cached")
     p.add_argument("--checkpoints", default=".cache/cspine/checkpoints", help="checkpoint folder")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +149,47 @@ def service_cut_bank(
     classes = np.concatenate([np.full(len(p[1]), CLASSES.index(SUBTYPES[p[0]].tumor_class.value)) for p in parts])
     bank = LesionBank(rois, subs, classes)
     return ServiceCutBank(bank, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+
+
+def episode_accuracy(
+    bank: LesionBank,
+    embed: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    classify: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    shots: Iterable[int] = (1, 5),
+    episodes: int = 300,
+    seed: int = 0,
+) -> dict:
+    """Prototype-classifier accuracy on ``bank``'s lesions, per modality and k: in each episode k lesions per class
+    (of those with an ROI of the modality) make the prototypes and every other one is a query. Mean accuracy and
+    balanced accuracy over the episodes, and the lesions per class the episodes drew from (episodes share
+    lesions: the spread over episodes is not a confidence interval)."""
+    onehots = np.eye(len(MODALITY_ORDER), dtype=np.float32)
+    out: dict[str, dict] = {}
+    for m, modality in enumerate(MODALITY_ORDER):
+        present = ~np.isnan(bank.rois[:, m]).any(axis=(1, 2, 3))
+        embeddings = np.zeros((len(bank), 0), dtype=np.float32)
+        if present.any():
+            found = embed(bank.rois[present, m].astype(np.float32), np.tile(onehots[m], (int(present.sum()), 1)))
+            embeddings = np.zeros((len(bank), found.shape[1]), dtype=np.float32)
+            embeddings[present] = found
+        members = [np.nonzero(present & (bank.classes == c))[0] for c in range(len(CLASSES))]
+        figures: dict[str, object] = {"lesions_per_class": dict(zip(CLASSES, (len(x) for x in members), strict=True))}
+        for k in shots:
+            if min(len(x) for x in members) <= k:
+                continue  # a class without a query left
+            accuracy, balanced = [], []
+            for episode in range(episodes):
+                rng = np.random.default_rng([seed, k, episode, m])
+                drawn = [rng.permutation(x) for x in members]
+                prototypes = np.stack([embeddings[d[:k]].mean(0) for d in drawn])
+                queries = np.concatenate([d[k:] for d in drawn])
+                truth = np.concatenate([np.full(len(d) - k, c) for c, d in enumerate(drawn)])
+                predicted = classify(embeddings[queries], prototypes).argmax(1)
+                accuracy.append(float((predicted == truth).mean()))
+                balanced.append(float(np.mean([(predicted[truth == c] == c).mean() for c in range(len(CLASSES))])))
+            figures[str(k)] = {
+                "accuracy": round(float(np.mean(accuracy)), 4),
+                "balanced_accuracy": round(float(np.mean(balanced)), 4),
+            }
+        out[modality.value] = figures
+    return out

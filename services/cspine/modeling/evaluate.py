@@ -32,6 +32,7 @@ from cspine.inference.runner import onnx_session
 from cspine.inference.specs import MODALITY_ORDER, SEG_LABELS
 from cspine.modeling.data import CLASSES, ROI_WINDOW_MM, SEG_ROLES, LesionBank, _main_centre, model_labels
 from cspine.modeling.networks import BaselineClassifier
+from cspine.modeling.train import load_embed
 from cspine.phantom.generate import (
     COHORT_FILE,
     Case,
@@ -71,6 +72,27 @@ def torch_seg(net: torch.nn.Module) -> SegModel:
         return torch.cat(out).numpy().astype(np.uint8)
 
     return run
+
+
+def torch_embed(checkpoint: Path) -> tuple[EmbedModel, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """A trained lesion_embed checkpoint (``train_embed``) as the embedding and prototype classifier the ONNX
+    files would be once exported."""
+    encoder, proto, _ = load_embed(checkpoint)
+    encoder.eval()
+
+    def embed(rois: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = [
+                encoder(torch.from_numpy(rois[i : i + BATCH]), torch.from_numpy(modality[i : i + BATCH]))
+                for i in range(0, len(rois), BATCH)
+            ]
+        return torch.cat(out).numpy()
+
+    def classify(embedding: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return proto(torch.from_numpy(embedding.astype(np.float32)), torch.from_numpy(prototypes)).numpy()
+
+    return embed, classify
 
 
 def onnx_embed(path: Path) -> EmbedModel:

@@ -16,7 +16,7 @@ import torch
 
 from cspine.domain import Modality
 from cspine.inference.runner import onnx_session
-from cspine.modeling.data import UNSEEN_SUBTYPES, lesion_bank
+from cspine.modeling.data import UNSEEN_SUBTYPES, LesionBank, lesion_bank
 from cspine.modeling.evaluate import eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics
 from cspine.modeling.export import export_embed, export_proto, export_seg, model_path
 from cspine.modeling.train import (
@@ -95,15 +95,16 @@ def train_models(
     workers: int,
     progress: bool,
     stop_after: int | None = None,
+    service_cut: LesionBank | None = None,
     **overrides,
 ) -> dict[str, Path]:
     """Train (or resume) each named model; returns checkpoint paths. ``overrides`` change the
-    segmentation settings of the preset."""
+    segmentation settings of the preset; ``service_cut`` is the embedding's service-cut bank (``train_embed``)."""
     done = {}
     embed = EmbedConfig(**preset.embed)
     for name in names:
         if name == "lesion_embed":
-            done[name] = train_embed(embed, cache, checkpoints, workers, progress, stop_after)
+            done[name] = train_embed(embed, cache, checkpoints, workers, progress, stop_after, service_cut)
         elif name == "baseline":
             done[name] = train_baseline(embed, cache, checkpoints, workers, progress, stop_after)
         else:

@@ -89,6 +89,9 @@ class EmbedConfig:
     lr: float = 1e-3
     widths: tuple[int, ...] = (32, 64, 96, 128)
     seed: int = 0
+    # SYNTHETIC studies per seen subtype run through the pipeline, their ROIs cut about the lesions the service
+    # found (evaluation/service_cut.py), added to the lesions cut about their true centres (0: none)
+    service_cut_per_subtype: int = 0
 
 
 def _config_dict(config) -> dict:
@@ -394,8 +397,26 @@ def _one_hot(modalities: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.eye(len(MODALITY_ORDER), dtype=np.float32)[modalities])
 
 
-def _bank(config: EmbedConfig, cache: Path, workers: int, progress: bool) -> LesionBank:
-    return lesion_bank(cache, config.bank_seed, SEEN_SUBTYPES, config.per_subtype, workers=workers, progress=progress)
+def _bank(config: EmbedConfig, cache: Path, workers: int, progress: bool, service_cut: LesionBank | None) -> LesionBank:
+    """The seen subtypes' lesions cut about their true centres, then those of ``service_cut``: studies the
+    pipeline analysed, cut about the lesions it matched (NaN where a modality had none)."""
+    bank = lesion_bank(cache, config.bank_seed, SEEN_SUBTYPES, config.per_subtype, workers=workers, progress=progress)
+    if service_cut is None:
+        return bank
+    return LesionBank(
+        np.concatenate([bank.rois, service_cut.rois]),
+        np.concatenate([bank.subtypes, service_cut.subtypes]),
+        np.concatenate([bank.classes, service_cut.classes]),
+    )
+
+
+def members_by_modality(bank: LesionBank, codes: list[int]) -> list[dict[int, np.ndarray]]:
+    """Per modality, the rows of each subtype that have an ROI of that modality (not NaN)."""
+    present = ~np.isnan(bank.rois).any(axis=(2, 3, 4))  # [N, modalities]
+    return [
+        {code: np.nonzero((bank.subtypes == code) & present[:, m])[0] for code in codes}
+        for m in range(len(MODALITY_ORDER))
+    ]
 
 
 def train_embed(
@@ -405,13 +426,17 @@ def train_embed(
     workers: int = 1,
     progress: bool = True,
     stop_after: int | None = None,
+    service_cut: LesionBank | None = None,
 ) -> Path:
     """Meta-train the lesion encoder and the prototype temperature on N-way K-shot episodes of the seen
-    subtypes (one modality per episode)."""
+    subtypes (one modality per episode), on ``service_cut`` too when the config asks for service-cut studies
+    (``evaluation.service_cut.service_cut_bank``: the caller builds it, as it runs the pipeline)."""
+    if (service_cut is None) != (config.service_cut_per_subtype == 0):
+        raise ValueError("service_cut_per_subtype > 0 needs the service-cut bank, and only then")
     torch.set_num_threads(TORCH_THREADS)
-    bank = _bank(config, cache, workers, progress)
+    bank = _bank(config, cache, workers, progress, service_cut)
     codes = [list(TumorSubtype).index(s) for s in SEEN_SUBTYPES]
-    by_subtype = {code: np.nonzero(bank.subtypes == code)[0] for code in codes}
+    by_subtype = members_by_modality(bank, codes)
     torch.manual_seed(config.seed)
     encoder, proto = LesionEncoder(config.widths), ProtoClassifier()
     params = list(encoder.parameters()) + list(proto.parameters())
@@ -428,7 +453,7 @@ def train_embed(
         torch.manual_seed(config.seed * 1_000_003 + run.step)
         modality = int(rng.integers(len(MODALITY_ORDER)))
         chosen = rng.choice(codes, size=min(config.ways, len(codes)), replace=False)
-        picks = np.stack([rng.choice(by_subtype[c], size=per_class, replace=False) for c in chosen])
+        picks = np.stack([rng.choice(by_subtype[modality][c], size=per_class, replace=False) for c in chosen])
         support, query = picks[:, : config.shots].ravel(), picks[:, config.shots :].ravel()
         rois = augment_rois(bank.rois[np.concatenate([support, query]), modality], rng)
         emb = encoder(torch.from_numpy(rois), _one_hot(np.full(len(rois), modality)))
@@ -458,9 +483,9 @@ def train_baseline(
     stop_after: int | None = None,
 ) -> Path:
     """The conventional baseline's pre-training: the same encoder with a linear head, trained with
-    cross-entropy on the seen subtypes, on as many ROIs as the embedding sees."""
+    cross-entropy on the seen subtypes, cut about their true centres."""
     torch.set_num_threads(TORCH_THREADS)
-    bank = _bank(config, cache, workers, progress)
+    bank = _bank(config, cache, workers, progress, None)
     codes = [list(TumorSubtype).index(s) for s in SEEN_SUBTYPES]
     targets_of = {code: i for i, code in enumerate(codes)}
     pool = np.nonzero(np.isin(bank.subtypes, codes))[0]
