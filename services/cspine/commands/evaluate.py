@@ -366,6 +366,16 @@ def _add_cohort_arguments(p: argparse.ArgumentParser, settings: Settings, cases:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _lesion_evaluation_arguments(e: argparse.ArgumentParser, written: str) -> None:
+    """The flags ``evaluate embedding`` and ``evaluate sites`` share: where models and data are, what is written."""
+    e.add_argument("--repository", default="model_repository")
+    e.add_argument("--cache", default=".cache/cspine")
+    e.add_argument("--out", default=None, help=f"also write {written} here")
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--quiet", action="store_true")
+
+
 def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
     p = subparsers.add_parser("evaluate", help="evaluations that print figures")
     evaluate = p.add_subparsers(dest="evaluate", required=True)
@@ -408,12 +418,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "--lesions", type=int, default=60, help="lesions per unseen subtype cut about their centres (default 60)"
     )
     e.add_argument("--episodes", type=int, default=300, help="episodes per modality and k (default 300)")
-    e.add_argument("--repository", default="model_repository")
-    e.add_argument("--cache", default=".cache/cspine")
-    e.add_argument("--out", default=None, help="also write embedding.json here")
-    e.add_argument("--json", action="store_true", help="print the figures as JSON")
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--quiet", action="store_true")
+    _lesion_evaluation_arguments(e, "embedding.json")
     e.set_defaults(func=cmd_evaluate_embedding)
     e = evaluate.add_parser(
         "sites",
@@ -430,12 +435,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     e.add_argument("--cases", type=int, default=16, help="SYNTHETIC studies per site (default 16)")
     e.add_argument("--lesions", type=int, default=120, help="SYNTHETIC lesions per site (default 120)")
     e.add_argument("--seed", type=int, default=9600, help="studies' seed; lesions use seed + 1 (default 9600)")
-    e.add_argument("--repository", default="model_repository")
-    e.add_argument("--cache", default=".cache/cspine")
-    e.add_argument("--out", default=None, help="also write sites.json here")
-    e.add_argument("--json", action="store_true", help="print the figures as JSON")
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--quiet", action="store_true")
+    _lesion_evaluation_arguments(e, "sites.json")
     e.set_defaults(func=cmd_evaluate_sites)
     e = evaluate.add_parser(
         "adaptation",
