@@ -9,6 +9,7 @@ session; with five models loaded in one Triton that oversubscribes a small machi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,15 +29,16 @@ def onnx_session(path: Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class BatchingRunner:
+class BatchingRunner(ABC):
     """What every runner shares: ``run_batch`` takes the inputs of several requests and, for a model with a
     batch axis, concatenates them into one ``run`` and splits the outputs back; a model without one
     (``proto_classify``) runs request by request."""
 
     spec: ModelSpec
 
+    @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One call of the model on ``inputs`` (the spec's input names), its outputs by the spec's names."""
 
     def run_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         if self.spec.max_batch_size == 0 or len(requests) == 1:
