@@ -2,7 +2,9 @@
 (``configs/gpu_torch.pbtxt``: the Python backend with ``engine`` = ``torch``).
 
 The graph and its weights are read from ``1/model.onnx`` itself, with a protobuf wire-format reader of the few
-ONNX messages involved (no ``onnx`` package), and each node is run by the PyTorch operation of the table ``OPS``.
+ONNX messages involved, and each node is run by the PyTorch operation of the table ``OPS``. Not the ``onnx``
+package: the GPU machine's is built for its numpy 2 (it imports ml_dtypes, a compiled extension), while Triton's
+Python backend stub there runs with the numpy 1.26 that ``scripts/gpu/run.sh`` puts first.
 So the GPU runs exactly the shipped graph — the fused convolutions, the appended ``features`` output — and
 nothing of ``cspine.modeling`` (which imports this package) is needed where it runs.
 
