@@ -68,6 +68,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_phantom.py::test_cli_phantom_writes_a_cohort_with_truth_and_manifest",
         "test_real_size.py",  # a 3072 × 2614 radiograph and a 512² × 305 CT
         "test_pipeline.py::test_a_service_cut_bank_is_cut_from_studies_of_its_subtype_and_cached",
+        "test_cohort.py::labelled",  # a SYNTHETIC labelled cohort of two cases, SEG and boxes included
         "test_gpu_prep.py::reference",  # SYNTHETIC phantom inputs for the GPU run, and the rehearsal of it
     ),
 }

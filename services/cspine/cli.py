@@ -16,6 +16,7 @@ import sys
 from cspine.commands import (
     analyze,
     bench,
+    cohort,
     demo,
     evaluate,
     fuzz,
@@ -31,7 +32,7 @@ from cspine.config import Settings
 from cspine.errors import CspineError
 
 # In the order `cspine --help` lists them.
-COMMANDS = (phantom, inspect, bench, train, evaluate, analyze, support, serve, k8s, loadtest, fuzz, demo)
+COMMANDS = (phantom, inspect, cohort, bench, train, evaluate, analyze, support, serve, k8s, loadtest, fuzz, demo)
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:

@@ -29,15 +29,25 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     options = _phantom_options(args)
     truths = generate_cohort(
-        Path(args.out), args.cases, args.seed, options, workers=args.workers, progress=not args.quiet
+        Path(args.out),
+        args.cases,
+        args.seed,
+        options,
+        workers=args.workers,
+        progress=not args.quiet,
     )
+    if args.labels == "dicom":
+        from cspine.cohort.phantom import write_cohort_labels
+
+        write_cohort_labels(Path(args.out), truths, workers=args.workers)
     counts: dict[str, int] = {}
     for t in truths:
         key = t["tumor"]["class"] if t["tumor"] else "none"
         counts[key] = counts.get(key, 0) + 1
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     site = "" if options.site == "default" else f" of site {options.site}"
-    print(f"wrote {len(truths)} SYNTHETIC case(s){site} to {args.out} ({summary})")
+    labels = ", labels as DICOM SEG and boxes.json, manifest.csv" if args.labels == "dicom" else ""
+    print(f"wrote {len(truths)} SYNTHETIC case(s){site} to {args.out} ({summary}{labels})")
     return 0
 
 
@@ -95,6 +105,14 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         metavar="NAME",
         help=f"SYNTHETIC site profile: scanner, protocol and population ({', '.join(SITES)}; docs/phantom.md); "
         "default: the phantom as the shipped models were trained on it",
+    )
+    p.add_argument(
+        "--labels",
+        default="npz",
+        choices=("npz", "dicom"),
+        help="npz: the ground truth as labels.npz and truth.json (default); dicom: also as a labelled cohort "
+        "(DIR/<case>/labels/<series role>.dcm DICOM SEG, DIR/<case>/boxes.json, DIR/manifest.csv with every fourth "
+        "case held out as test; docs/cohort.md), what cspine cohort check reads",
     )
     p.add_argument("--workers", type=int, default=1, help="processes generating cases in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

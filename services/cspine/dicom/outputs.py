@@ -253,6 +253,7 @@ SEGMENT_CODES: dict[str, SegmentCode] = {
     "c5_body": _body("C5", (200, 230, 150)),
     "c6_body": _body("C6", (241, 214, 145)),
     "c7_body": _body("C7", (200, 230, 150)),
+    "t1_body": _body("T1", (241, 214, 145)),  # not in a model's table: a cohort's labels (cspine phantom) use it
     "other_body": SegmentCode("Other vertebral body", _ANATOMY, VERTEBRAL_BODY, rgb=(170, 170, 170)),
 }
 
@@ -289,9 +290,9 @@ def _tracking(object_uid: str, identifier: str) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(uid=_derived_uid("tracking", object_uid, identifier), identifier=identifier)
 
 
-def _algorithm_sequence() -> hd.AlgorithmIdentificationSequence:
+def _algorithm_sequence(name: str = "cspine") -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
-        name="cspine", family=codes.DCM.ArtificialIntelligence, version=cspine.__version__, source=MANUFACTURER
+        name=name, family=codes.DCM.ArtificialIntelligence, version=cspine.__version__, source=MANUFACTURER
     )
 
 
@@ -341,33 +342,61 @@ def _writing(kind: str, source: str) -> Iterator[None]:
         ) from exc
 
 
+@dataclass(frozen=True)
+class SegKind:
+    """What a SEG says it is: cspine's analysis output, or labels written as a cohort's ground truth."""
+
+    series_number: int
+    series_description: str
+    content_label: str
+    algorithm: str  # the AlgorithmName of every segment (highdicom's algorithm type AUTOMATIC)
+
+
+RESULT_SEG = SegKind(SEG_SERIES_NUMBER, SEG_SERIES_DESCRIPTION, "CSPINE", "cspine")
+
+
 def _segmentation(
     modality: Modality, series: Series, labels: np.ndarray, uid_sources: Sequence[str]
 ) -> tuple[hd.seg.Segmentation, list[str]]:
-    """The SEG, its UIDs derived from ``uid_sources``, and the keywords of the source attributes whose values it
-    leaves out (invalid for their VR)."""
-    names = SEG_LABELS[modality]
+    """The analysis' SEG, its UIDs derived from ``uid_sources``, and the keywords of the source attributes whose
+    values it leaves out (invalid for their VR)."""
+    return label_map_seg(
+        series, SEG_LABELS[modality], labels, uid_sources, RESULT_SEG, f"cspine {modality.value} segmentation"
+    )
+
+
+def label_map_seg(
+    series: Series,
+    names: Sequence[str],
+    labels: np.ndarray,
+    uid_sources: Sequence[str],
+    kind: SegKind,
+    description: str,
+) -> tuple[hd.seg.Segmentation, list[str]]:
+    """A binary SEG of ``series`` (ingested, with its headers): one segment per structure of ``names`` (index =
+    label value, 0 background, coded by ``SEGMENT_CODES``) present in the [K, R, C] label map ``labels``; its
+    UIDs derived from ``uid_sources``. Also the keywords of the source attributes whose values it leaves out
+    (invalid for their VR)."""
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.shape[0] != len(series.instances):
         raise ValueError(
-            f"a {modality.value} label map of shape {labels.shape} does not fit a series of "
-            f"{len(series.instances)} slices"
+            f"a label map of shape {labels.shape} does not fit a series of {len(series.instances)} slices"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(names):
         raise ValueError(
-            f"a {modality.value} label map must hold integers 0…{len(names) - 1}, got {labels.dtype} "
-            f"{labels.min()}…{labels.max()}"
+            f"a label map must hold integers 0…{len(names) - 1}, got {labels.dtype} {labels.min()}…{labels.max()}"
         )
     present = [int(v) for v in np.unique(labels) if v != 0]
     # highdicom wants segment numbers 1…S without gaps; structures absent from the map get no segment.
     renumber = np.zeros(len(names), dtype=np.uint8)
     renumber[present] = np.arange(1, len(present) + 1)
     sources, frames = _source_frames(series, renumber[labels])
-    sources = _fitted_sources(modality, series, sources)
+    sources = _fitted_sources(series, sources)
     sources[0], omitted = _fitted_patient_and_study(sources[0])  # highdicom reads them from the first source
     sop_instance_uid = _derived_uid("SEG", *uid_sources)
     descriptions = [
-        _segment_description(number, names[value], sop_instance_uid) for number, value in enumerate(present, start=1)
+        _segment_description(number, names[value], sop_instance_uid, kind.algorithm)
+        for number, value in enumerate(present, start=1)
     ]
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -375,22 +404,22 @@ def _segmentation(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=_derived_uid("SEG series", *uid_sources),
-        series_number=SEG_SERIES_NUMBER,
+        series_number=kind.series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="cspine",
         software_versions=cspine.__version__,
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        series_description=SEG_SERIES_DESCRIPTION,
-        content_label="CSPINE",
-        content_description=f"cspine {modality.value} segmentation",
+        series_description=kind.series_description,
+        content_label=kind.content_label,
+        content_description=description,
     )
     if _is_projection(series):
         _fit_projection_source(seg, sources[0])
     omitted += _empty_invalid_values(seg)
     logger.info(
-        "DICOM SEG on the %s series: %d segments, %d frames", modality.value, len(descriptions), seg.NumberOfFrames
+        "DICOM SEG (%s) of a series: %d segments, %d frames", description, len(descriptions), seg.NumberOfFrames
     )
     return seg, omitted
 
@@ -424,7 +453,7 @@ def _is_projection(series: Series) -> bool:
 PROJECTION_GEOMETRY = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
 
 
-def _fitted_sources(modality: Modality, series: Series, headers: list[Dataset]) -> list[Dataset]:
+def _fitted_sources(series: Series, headers: list[Dataset]) -> list[Dataset]:
     """The source headers as highdicom needs them for a valid SEG: copies with the radiograph's nominal
     geometry removed, or a missing slice thickness filled in from the slice spacing; the headers themselves
     when nothing is missing. ``OutputUnavailableError`` when a CT or MR series has no frame of reference."""
@@ -432,18 +461,18 @@ def _fitted_sources(modality: Modality, series: Series, headers: list[Dataset]) 
         return [_without(header, PROJECTION_GEOMETRY) for header in headers]
     if any("FrameOfReferenceUID" not in header for header in headers):
         raise OutputUnavailableError(
-            f"DICOM SEG not written: the {modality.value} series has no FrameOfReferenceUID, which a SEG of "
-            f"{modality.value} images needs to place its frames"
+            f"DICOM SEG not written: the {series.dicom_modality} series has no FrameOfReferenceUID, which a SEG of "
+            f"{series.dicom_modality} images needs to place its frames"
         )
     if all(_pixel_measures(header).get("SliceThickness") not in (None, "") for header in headers):
         return headers
     spacing = series.volume.slice_spacing if series.volume is not None else 0.0
     if spacing <= 0:
         raise OutputUnavailableError(
-            f"DICOM SEG not written: the {modality.value} series has neither a SliceThickness nor a slice "
+            f"DICOM SEG not written: the {series.dicom_modality} series has neither a SliceThickness nor a slice "
             "spacing to take it from"
         )
-    logger.info("the %s series has no SliceThickness: the SEG uses the slice spacing", modality.value)
+    logger.info("the %s series has no SliceThickness: the SEG uses the slice spacing", series.dicom_modality)
     fitted = [copy.deepcopy(header) for header in headers]
     for header in fitted:
         _pixel_measures(header).SliceThickness = DSfloat(spacing, auto_format=True)
@@ -479,7 +508,7 @@ def _fit_projection_source(seg: hd.seg.Segmentation, source: Dataset) -> None:
         del shared.PixelMeasuresSequence
 
 
-def _segment_description(number: int, structure: str, seg_uid: str) -> hd.seg.SegmentDescription:
+def _segment_description(number: int, structure: str, seg_uid: str, algorithm: str) -> hd.seg.SegmentDescription:
     code = SEGMENT_CODES.get(structure) or SegmentCode(
         structure.replace("_", " ").capitalize(), _ANATOMY, codes.SCT.BodyStructure
     )
@@ -489,7 +518,7 @@ def _segment_description(number: int, structure: str, seg_uid: str) -> hd.seg.Se
         segmented_property_category=code.category,
         segmented_property_type=code.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=_algorithm_sequence(),
+        algorithm_identification=_algorithm_sequence(algorithm),
         tracking_id=structure,
         tracking_uid=_derived_uid("segment", seg_uid, structure),
         anatomic_regions=[code.region] if code.region is not None else None,
