@@ -42,6 +42,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_gateway.py::test_triton_stopped_mid_run_gives_unavailable_flips_health_and_recovers",
         "test_triton_recovery.py",  # `cspine serve` with its own supervised Triton
         "test_gpu_prep.py::test_prepare_then_run_on_cpu_serves_gpu_torch_and_writes_figures_for_every_setting",
+        "test_cohort.py::test_an_exported_version_is_served_rolled_back_and_served_again",
         "faults/test_fault_triton.py",
     ),
     "postgres": (

@@ -12,8 +12,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pydicom
 import pytest
+import torch
+import tritonclient.grpc as grpcclient
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pack_bits
 
@@ -21,9 +24,16 @@ from cspine import cli
 from cspine.cohort.check import check_cohort, format_report
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.domain import Modality
-from cspine.inference.specs import SEG_LABELS
+from cspine.inference.local_triton import LocalTriton, TritonPorts
+from cspine.inference.model_config import model_versions, served_set, version_file
+from cspine.inference.runner import onnx_session
+from cspine.inference.specs import SEG_GEOMETRY, SEG_LABELS
 from cspine.modeling.data import model_labels
+from cspine.modeling.export import load_seg_onnx
+from cspine.modeling.networks import SegExport
+from support.server import free_port
 
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 # Seed 1 of the default site: case-0001 has an osteoid osteoma (benign), case-0002 no tumor.
 SEED = 1
 TUMOR_CASE, FREE_CASE = "case-0001", "case-0002"
@@ -242,3 +252,166 @@ def test_real_files_from_pydicom_data_are_checked_not_trusted(cohort: Path):
         ("warning", "missing_labels", "no structure labels for the CT series")
     ]
     assert report.class_counts() == {"train": {"benign": 1, "none": 1}, "test": {"none": 1}}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fine-tuning the served segmentation models on a cohort (cspine train --cohort)
+
+
+@pytest.mark.parametrize("name", ["seg_ct", "seg_mr", "seg_xr"])
+def test_a_served_onnx_model_loads_into_pytorch_and_computes_the_same(name: str):
+    net, config = load_seg_onnx(REPOSITORY / name / "1" / "model.onnx")
+    geometry = SEG_GEOMETRY[Modality(config["modality"])]
+    x = np.random.default_rng(0).normal(size=(3, geometry.channels, geometry.size, geometry.size)).astype(np.float32)
+    labels, features = onnx_session(REPOSITORY / name / "1" / "model.onnx").run(None, {"image": x})
+    with torch.no_grad():
+        want_labels, want_features = SegExport(net)(torch.from_numpy(x))
+    assert np.array_equal(labels, want_labels.numpy())
+    assert np.abs(features - want_features.numpy()).max() < 1e-5
+
+
+def test_training_on_a_cohort_with_label_errors_stops_and_names_them(cohort: Path, tmp_path: Path, capsys):
+    boxes_path = cohort / TUMOR_CASE / "boxes.json"
+    boxes = json.loads(boxes_path.read_text())
+    boxes["boxes"][0]["series_instance_uid"] = "1.2.3.4"
+    boxes_path.write_text(json.dumps(boxes))
+    args = ["train", "--cohort", str(cohort), "--models", "seg_ct", "--steps", "2", "--checkpoints", str(tmp_path)]
+    assert cli.main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "1 label error(s)" in err
+    assert "its series is not among the study's images" in err
+    assert not list(tmp_path.glob("cohort-*/*.pt"))
+
+
+def test_fine_tuning_on_a_cohort_resumes_keeps_batchnorm_frozen_and_reports_served_and_fine_tuned(
+    cohort: Path, tmp_path: Path, capsys
+):
+    manifest = cohort / MANIFEST_FILE
+    manifest.write_text(
+        manifest.read_text().replace(
+            f"{FREE_CASE},none,,,SYNTHETIC phantom truth.json,train",
+            f"{FREE_CASE},none,,,SYNTHETIC phantom truth.json,test",
+        )
+    )
+    args = [
+        "train",
+        "--cohort",
+        str(cohort),
+        "--models",
+        "seg_ct",
+        "--steps",
+        "4",
+        "--checkpoints",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert cli.main([*args, "--stop-after", "2"]) == 0
+    first = capsys.readouterr().out
+    assert "1 train studies, 1 held out" in first and "(step 2 of 4, 1 studies)" in first
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "(step 4 of 4, 1 studies)" in out and "served " in out and "fine-tuned " in out
+    checkpoint = tmp_path / "cohort-cohort" / "seg_ct.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["step"] == 4 and len(state["history"]) == 4
+    assert state["config"]["cases"] == [
+        p.name for p in (tmp_path / "cohort-cohort" / "cases").glob(f"{TUMOR_CASE}-*.npz")
+    ]
+    means = [v for k, v in state["modules"]["net"].items() if k.endswith("running_mean")]
+    assert means and all(float(m.abs().max()) == 0.0 for m in means)  # BatchNorm stayed frozen
+    metrics = json.loads((tmp_path / "cohort-cohort" / "metrics.json").read_text())
+    held = metrics["models"]["seg_ct"]["held_out"]
+    assert held["served"]["images"] == held["candidate"]["images"] == 1
+    for model in ("served", "candidate"):
+        assert 0.0 < held[model]["mean_dice"] <= 1.0
+        assert held[model]["lesion_dice"] is None  # the held-out study is tumor-free
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model versions: cspine export --version N --cohort, cspine models use N, served by a real tritonserver
+
+
+def _served_labels(repository: Path, image: np.ndarray) -> tuple[str, np.ndarray]:
+    """Start a local Triton on ``repository``; the seg_ct version it has ready and its labels for ``image``."""
+    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+    triton = LocalTriton(repository, ports).start()
+    try:
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        versions = client.get_model_metadata("seg_ct").versions
+        inputs = grpcclient.InferInput("image", list(image.shape), "FP32")
+        inputs.set_data_from_numpy(image)
+        result = client.infer("seg_ct", [inputs], outputs=[grpcclient.InferRequestedOutput("labels")])
+        return ",".join(versions), result.as_numpy("labels")
+    finally:
+        triton.stop()
+
+
+def test_an_exported_version_is_served_rolled_back_and_served_again(cohort: Path, tmp_path: Path, capsys):
+    repository = tmp_path / "repository"
+    shutil.copytree(REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    checkpoints = tmp_path / "checkpoints"
+    train = ["train", "--cohort", str(cohort), "--models", "seg_ct", "--steps", "6", "--quiet"]
+    assert cli.main([*train, "--checkpoints", str(checkpoints), "--repository", str(repository)]) == 0
+    export = ["export", "--cohort", str(cohort), "--checkpoints", str(checkpoints), "--repository", str(repository)]
+    assert cli.main([*export, "--version", "2", "--quiet"]) == 0
+    assert "serve it with cspine models use 2" in capsys.readouterr().out
+    assert cli.main([*export, "--version", "2", "--quiet"]) == 2  # a version is written once
+    assert "cannot be written" in capsys.readouterr().err
+
+    v1, v2 = (repository / "seg_ct" / v / "model.onnx" for v in ("1", "2"))
+    assert v1.read_bytes() != v2.read_bytes()
+    for name in ("seg_mr", "seg_xr", "lesion_embed", "proto_classify"):  # not fine-tuned: copied
+        assert (repository / name / "2" / "model.onnx").read_bytes() == (
+            repository / name / "1" / "model.onnx"
+        ).read_bytes()
+        assert (repository / name / "2" / "model.py").exists()
+    card = json.loads((repository / "model_card.v2.json").read_text())
+    assert card["version"] == 2 and card["base_version"] == 1
+    assert card["cohort"] == {
+        "name": "cohort",
+        "synthetic": True,
+        "studies": 2,
+        "classes_per_split": {"train": {"benign": 1, "none": 1}},
+    }
+    assert card["fine_tuned"]["seg_ct"]["steps"] == 6 and card["fine_tuned"]["seg_ct"]["train_studies"] == 2
+    assert card["copied_from_base"] == ["seg_mr", "seg_xr", "lesion_embed", "proto_classify"]
+    assert "not refitted" in card["inherited"]["calibration.json"]
+    assert all("no reference: fewer than 5 train studies" in card["competence"][m] for m in ("CT", "MR", "XR"))
+    assert TUMOR_CASE not in json.dumps(card)  # counts, never which study
+    meta = {p.key: p.value for p in onnx.load(str(v2)).metadata_props}
+    assert meta["base_version"] == "1" and json.loads(meta["fine_tuned_on"])["studies"] == 2
+
+    # written, not served: version 1 stays served until `cspine models use 2`
+    assert served_set(repository) == 1
+    geometry = SEG_GEOMETRY[Modality.CT]
+    image = (
+        np.random.default_rng(3).normal(size=(2, geometry.channels, geometry.size, geometry.size)).astype(np.float32)
+    )
+    want = {
+        v: onnx_session(repository / "seg_ct" / v / "model.onnx").run(None, {"image": image})[0] for v in ("1", "2")
+    }
+    assert not np.array_equal(want["1"], want["2"])
+    assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0
+    assert "seg_ct 2 (sha256:" in capsys.readouterr().out
+    assert [m.version.split()[0] for m in model_versions(repository)] == ["2"] * 5
+    assert version_file(repository, "calibration.json") == repository / "calibration.v2.json"
+    assert sorted(p.name for p in repository.glob("*.v2.*")) == [
+        "calibration.v2.json",
+        "competence.v2.json",
+        "competence.v2.npz",
+        "model_card.v2.json",
+    ]
+    served, labels = _served_labels(repository, image)
+    assert served == "2" and np.array_equal(labels, want["2"])
+    assert cli.main(["models", "use", "1", "--repository", str(repository)]) == 0  # roll back
+    served, labels = _served_labels(repository, image)
+    assert served == "1" and np.array_equal(labels, want["1"])
+    assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0  # and serve it again
+    capsys.readouterr()
+    served, labels = _served_labels(repository, image)
+    assert served == "2" and np.array_equal(labels, want["2"])
+    assert cli.main(["models", "list", "--repository", str(repository), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["served"] == 2 and [v["version"] for v in listed["versions"]] == [1, 2]
+    assert cli.main(["models", "use", "3", "--repository", str(repository)]) == 2
+    assert "no version set 3" in capsys.readouterr().err

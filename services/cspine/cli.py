@@ -23,6 +23,7 @@ from cspine.commands import (
     inspect,
     k8s,
     loadtest,
+    models,
     phantom,
     serve,
     support,
@@ -32,7 +33,22 @@ from cspine.config import Settings
 from cspine.errors import CspineError
 
 # In the order `cspine --help` lists them.
-COMMANDS = (phantom, inspect, cohort, bench, train, evaluate, analyze, support, serve, k8s, loadtest, fuzz, demo)
+COMMANDS = (
+    phantom,
+    inspect,
+    cohort,
+    bench,
+    train,
+    models,
+    evaluate,
+    analyze,
+    support,
+    serve,
+    k8s,
+    loadtest,
+    fuzz,
+    demo,
+)
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ from cspine.domain import (
     Study,
     Volume,
 )
+from cspine.inference.model_config import served_model_file, version_file
 from cspine.inference.specs import MODALITY_ORDER, SEG_LABELS, SEG_MODEL_NAMES
 
 COMPETENCE_FILE = "competence.json"
@@ -441,8 +442,9 @@ class CompetenceReference:
         reference = self.references.get(modality)
         return reference.ood(features) if reference is not None else None
 
-    def save(self, repository: Path) -> Path:
-        path = Path(repository) / COMPETENCE_FILE
+    def save(self, repository: Path, version: int | None = None) -> Path:
+        """Write the reference of version set ``version`` (default: the served one)."""
+        path = version_file(repository, COMPETENCE_FILE, version)
         data = {
             "trained_on": self.disclosure.trained_on,
             "intended_use": self.disclosure.intended_use,
@@ -466,7 +468,8 @@ class CompetenceReference:
 
     @classmethod
     def load(cls, repository: Path) -> CompetenceReference:
-        path = Path(repository) / COMPETENCE_FILE
+        """The reference of the repository's served version set (model_config.version_file)."""
+        path = version_file(repository, COMPETENCE_FILE)
         data = json.loads(path.read_text())
         models = {Modality(k): v for k, v in data["models"].items()}
         with np.load(path.with_suffix(".npz")) as arrays:
@@ -488,4 +491,4 @@ class CompetenceReference:
 
 
 def model_sha256(repository: Path, modality: Modality) -> str:
-    return hashlib.sha256((Path(repository) / SEG_MODEL_NAMES[modality] / "1" / "model.onnx").read_bytes()).hexdigest()
+    return hashlib.sha256(served_model_file(repository, SEG_MODEL_NAMES[modality]).read_bytes()).hexdigest()

@@ -37,6 +37,7 @@ from cspine.domain import (
     Notice,
     NoticeCode,
 )
+from cspine.inference.model_config import version_file
 
 CALIBRATION_FILE = "calibration.json"
 DETECTION_THRESHOLD = 0.5  # a detection score at or above this reports a tumor detected
@@ -122,11 +123,13 @@ class Calibration:
 
     @staticmethod
     def load(repository: Path) -> Calibration:
-        path = repository / CALIBRATION_FILE
+        """The calibration of the repository's served version set (model_config.version_file)."""
+        path = version_file(repository, CALIBRATION_FILE)
         return Calibration.from_json(json.loads(path.read_text())) if path.exists() else Calibration.uniform()
 
-    def save(self, repository: Path) -> Path:
-        path = repository / CALIBRATION_FILE
+    def save(self, repository: Path, version: int | None = None) -> Path:
+        """Write the calibration of version set ``version`` (default: the served one)."""
+        path = version_file(repository, CALIBRATION_FILE, version)
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
 

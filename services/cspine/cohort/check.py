@@ -99,15 +99,24 @@ def _sop_class(path: Path) -> str | None:
     return str(ds.get("SOPClassUID", "")) or None
 
 
+def split_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A study folder's DICOM files: the images (everything but SEG, for ingest) and the SEG objects."""
+    files = [p for p in iter_files([folder]) if is_part10(p)]
+    segs = [p for p in files if _sop_class(p) == SEGMENTATION_STORAGE]
+    return [p for p in files if p not in segs], segs
+
+
+def image_files(folder: Path) -> list[Path]:
+    return split_files(folder)[0]
+
+
 def check_study(
     folder: Path, row: ManifestRow | None, codes: CodeMap, limits: IngestLimits = IngestLimits()
 ) -> StudyReport:
     """One study folder's images and labels, checked."""
     report = StudyReport(folder.name, row)
     problems = report.problems
-    files = [p for p in iter_files([folder]) if is_part10(p)]
-    segs = [p for p in files if _sop_class(p) == SEGMENTATION_STORAGE]
-    images = [p for p in files if p not in segs]
+    images, segs = split_files(folder)
     if not images:
         problems.append(Problem("error", "no_images", "no DICOM image in the study folder"))
         return report

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from functools import partial
 from pathlib import Path
 
-from cspine.config import Settings
+from cspine.config import IngestLimits, Settings
+
+DEFAULT_MODELS = "seg_ct,seg_mr,seg_xr,seg_ct_mask,lesion_embed,baseline"
 
 
 def _split_names(text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -17,7 +20,12 @@ def _split_names(text: str, allowed: tuple[str, ...]) -> list[str]:
     return names
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+COHORT_MODELS = ("seg_ct", "seg_mr", "seg_xr")
+
+
+def cmd_train(args: argparse.Namespace, limits: IngestLimits) -> int:
+    if args.cohort:
+        return _train_on_cohort(args, limits)
     from cspine.modeling.recipes import MODEL_NAMES, PRESETS, train_models
     from cspine.modeling.train import EmbedConfig
 
@@ -56,7 +64,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _train_on_cohort(args: argparse.Namespace, limits: IngestLimits) -> int:
+    from cspine.cohort.training import FINETUNE_STEPS, train_on_cohort
+    from cspine.modeling.recipes import SEG_NAMES
+
+    models = args.models if args.models != DEFAULT_MODELS else ",".join(COHORT_MODELS)
+    names = _split_names(models, COHORT_MODELS)
+    results = train_on_cohort(
+        Path(args.cohort),
+        [SEG_NAMES[n] for n in names],
+        Path(args.repository),
+        Path(args.checkpoints),
+        steps=args.steps or FINETUNE_STEPS,
+        limits=limits,
+        progress=not args.quiet,
+        stop_after=args.stop_after,
+    )
+    print(
+        f"cohort {args.cohort}: {results['train_studies']} train studies, {results['held_out_studies']} held out "
+        "(Dice on the model grid: mean over the structures, lesion)"
+    )
+    for name, entry in results["models"].items():
+        line = (
+            f"{name}: {entry['checkpoint']} (step {entry['steps']} of {entry['of_steps']}, "
+            f"{entry['train_studies']} studies)"
+        )
+        held = entry.get("held_out")
+        if held:
+            served, candidate = held["served"], held["candidate"]
+            line += (
+                f"; held out ({candidate['images']} images): served {served['mean_dice']} / {served['lesion_dice']}, "
+                f"fine-tuned {candidate['mean_dice']} / {candidate['lesion_dice']}"
+            )
+        print(line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, limits: IngestLimits) -> int:
+    if args.version is not None or args.cohort:
+        if args.version is None or not args.cohort:
+            raise ValueError("--version N and --cohort DIR go together")
+        from cspine.cohort.versions import export_version
+
+        folder = export_version(
+            Path(args.repository), Path(args.cohort), Path(args.checkpoints), args.version, limits, not args.quiet
+        )
+        print(
+            f"wrote version {args.version} to {args.repository} and {folder}; "
+            f"serve it with cspine models use {args.version}"
+        )
+        return 0
     from cspine.modeling.recipes import export_models
 
     for path in export_models(Path(args.checkpoints), Path(args.repository)):
@@ -67,16 +124,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train models on SYNTHETIC phantom data (CPU, deterministic, checkpointed)",
+        help="train models on SYNTHETIC phantom data, or fine-tune them on a site's labelled cohort (CPU, "
+        "deterministic, checkpointed)",
         description="Checkpoints go to --checkpoints and runs resume from them. The full preset reproduces "
-        "the shipped models (make train); smoke trains tiny models for seconds.",
+        "the shipped models (make train); smoke trains tiny models for seconds. --cohort DIR fine-tunes the served "
+        "segmentation models on a site's labelled cohort (docs/cohort.md).",
     )
     p.add_argument(
         "--models",
-        default="seg_ct,seg_mr,seg_xr,seg_ct_mask,lesion_embed,baseline",
+        default=DEFAULT_MODELS,
         help="comma-separated: seg_ct, seg_mr, seg_xr, seg_ct_mask (CT with full lesion masks, for "
-        "comparison), lesion_embed (episodic, with the prototype classifier), baseline",
+        "comparison), lesion_embed (episodic, with the prototype classifier), baseline; with --cohort: seg_ct, "
+        "seg_mr, seg_xr (default all three)",
     )
+    p.add_argument(
+        "--cohort",
+        default=None,
+        metavar="DIR",
+        help="fine-tune the served segmentation models (--repository) on a site's labelled cohort instead "
+        "(docs/cohort.md): stops on any error cspine cohort check reports; trains on the manifest's train "
+        "studies with each modality's phantom recipe (400 steps unless --steps, learning rate 1e-3, BatchNorm "
+        "frozen), checkpoints to --checkpoints/cohort-<name>/ and resumes; prints the held-out Dice (validation "
+        "and test studies) of the served and the fine-tuned model",
+    )
+    p.add_argument("--repository", default="model_repository", help="with --cohort: the served models to start from")
     p.add_argument("--preset", default="full", choices=["full", "smoke"])
     p.add_argument(
         "--tumor-labels",
@@ -111,9 +182,20 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     p.add_argument("--checkpoints", default=".cache/cspine/checkpoints", help="checkpoint folder")
     p.add_argument("--workers", type=int, default=2, help="processes generating phantom data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=partial(cmd_train, limits=settings.serve.analysis.limits))
 
-    p = subparsers.add_parser("export", help="export trained checkpoints to ONNX in the model repository")
+    p = subparsers.add_parser(
+        "export",
+        help="export trained checkpoints to ONNX in the model repository",
+        description="Without --version: the phantom-trained checkpoints as version 1 (the shipped models). With "
+        "--version N --cohort DIR: the models cspine train --cohort DIR fine-tuned, as version set N (every "
+        "served model in its N/ folder, the others copied from the served version), with versions/N/model_card.json "
+        "(base version, cohort counts, held-out Dice), the competence reference refitted on the cohort's train "
+        "studies and the base version's calibration. It does not serve it: cspine models use N does.",
+    )
     p.add_argument("--checkpoints", default=".cache/cspine/checkpoints")
     p.add_argument("--repository", default="model_repository")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--version", type=int, default=None, metavar="N", help="the version set to write (above 1)")
+    p.add_argument("--cohort", default=None, metavar="DIR", help="the labelled cohort the models were fine-tuned on")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=partial(cmd_export, limits=settings.serve.analysis.limits))

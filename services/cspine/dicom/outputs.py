@@ -379,9 +379,7 @@ def label_map_seg(
     (invalid for their VR)."""
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.shape[0] != len(series.instances):
-        raise ValueError(
-            f"a label map of shape {labels.shape} does not fit a series of {len(series.instances)} slices"
-        )
+        raise ValueError(f"a label map of shape {labels.shape} does not fit a series of {len(series.instances)} slices")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(names):
         raise ValueError(
             f"a label map must hold integers 0…{len(names) - 1}, got {labels.dtype} {labels.min()}…{labels.max()}"

@@ -42,7 +42,7 @@ from cspine.fewshot.prototypes import default_prototypes
 from cspine.imaging.seg_input import seg_inputs
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
-from cspine.inference.model_config import model_versions
+from cspine.inference.model_config import model_versions, served_model_file
 from cspine.inference.runner import OnnxRunner
 from cspine.inference.specs import FEATURES_TENSOR, IMAGE_TENSOR, MODALITY_ORDER, seg_spec
 from cspine.pipeline import AnalysisOptions, analyze
@@ -61,7 +61,7 @@ DISCLOSURE = Disclosure(
 
 
 def seg_runners(repository: Path) -> dict[Modality, OnnxRunner]:
-    return {m: OnnxRunner(seg_spec(m), repository / seg_spec(m).name / "1" / "model.onnx", 2) for m in MODALITY_ORDER}
+    return {m: OnnxRunner(seg_spec(m), served_model_file(repository, seg_spec(m).name), 2) for m in MODALITY_ORDER}
 
 
 def series_features(modality: Modality, volume: Volume, runner: OnnxRunner) -> np.ndarray:
@@ -72,9 +72,9 @@ def series_features(modality: Modality, volume: Volume, runner: OnnxRunner) -> n
     )
 
 
-def study_features(case_dir: Path, runners: dict[Modality, OnnxRunner]) -> dict[Modality, np.ndarray]:
-    """Per modality, the features of the series the pipeline would score."""
-    study = ingest_paths([p for p in sorted(case_dir.iterdir()) if p.is_dir()])
+def study_features(paths: list[Path], runners: dict[Modality, OnnxRunner]) -> dict[Modality, np.ndarray]:
+    """Per modality, the features of the series the pipeline would score, of the study in ``paths``."""
+    study = ingest_paths(paths)
     selection = select_series(study)
     out = {}
     for modality, verdict in input_verdicts(study, selection).items():
@@ -105,29 +105,47 @@ def fit_competence(
 ) -> CompetenceReference:
     """Fit the feature references and thresholds on a SYNTHETIC reference cohort (generated when absent)."""
     folders = ensure_cohort(cohort, cases, seed, workers, progress=True)
-    runners = seg_runners(repository)
+    studies = [[p for p in sorted(folder.iterdir()) if p.is_dir()] for folder in folders]
+    sha256 = {m: model_sha256(repository, m) for m in MODALITY_ORDER}
+    return fit_references(studies, seg_runners(repository), f"SYNTHETIC phantom cohort seed {seed}", sha256, DISCLOSURE)
+
+
+def fit_references(
+    studies: list[list[Path]],
+    runners: dict[Modality, OnnxRunner],
+    source: str,
+    sha256: dict[Modality, str],
+    disclosure: Disclosure,
+    progress: bool = True,
+) -> CompetenceReference:
+    """Fit the feature references and thresholds on in-domain studies (each given as its files or folders): per
+    modality, the whitening of every slice's features, and a threshold at ``PASS_RATE`` of the scores of studies
+    held out of ``FOLDS`` folds."""
     per_study: dict[Modality, list[np.ndarray]] = {m: [] for m in MODALITY_ORDER}
-    for folder in tqdm(folders, desc="features", unit="study"):
-        for modality, features in study_features(folder, runners).items():
+    for paths in tqdm(studies, desc="features", unit="study", disable=not progress):
+        for modality, features in study_features(paths, runners).items():
             per_study[modality].append(features.astype(np.float64))
     references = {}
-    for modality, studies in per_study.items():
+    for modality, features_per_study in per_study.items():
+        if len(features_per_study) < FOLDS:
+            logger.warning("%s: %d studies, too few for a reference", modality.value, len(features_per_study))
+            continue
         held_out = []
         for fold in range(FOLDS):
-            train = np.concatenate([f for i, f in enumerate(studies) if i % FOLDS != fold])
+            train = np.concatenate([f for i, f in enumerate(features_per_study) if i % FOLDS != fold])
             mean, whiten = whitening(train)
             reference = FeatureReference(mean, whiten, 0.0, PASS_RATE, "")
-            held_out += [reference.score(f) for i, f in enumerate(studies) if i % FOLDS == fold]
-        mean, whiten = whitening(np.concatenate(studies))
+            held_out += [reference.score(f) for i, f in enumerate(features_per_study) if i % FOLDS == fold]
+        mean, whiten = whitening(np.concatenate(features_per_study))
         threshold = lognormal_threshold(held_out, PASS_RATE)
         fitted_on = (
-            f"SYNTHETIC phantom cohort seed {seed}: {len(studies)} studies, "
-            f"{sum(len(f) for f in studies)} slices; held-out scores median {np.median(held_out):.3f}, "
+            f"{source}: {len(features_per_study)} studies, "
+            f"{sum(len(f) for f in features_per_study)} slices; held-out scores median {np.median(held_out):.3f}, "
             f"max {max(held_out):.3f}"
         )
         references[modality] = FeatureReference(mean, whiten, round(threshold, 4), PASS_RATE, fitted_on)
         logger.info("%s: threshold %.3f (%s)", modality.value, threshold, fitted_on)
-    return CompetenceReference(DISCLOSURE, references, {m: model_sha256(repository, m) for m in references})
+    return CompetenceReference(disclosure, references, {m: sha256[m] for m in references})
 
 
 # -- evaluation ------------------------------------------------------------------------------------------

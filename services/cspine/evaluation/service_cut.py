@@ -36,7 +36,7 @@ from cspine.fewshot.prototypes import default_prototypes
 from cspine.imaging.roi import lesion_roi
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts, default_repository
-from cspine.inference.model_config import model_versions
+from cspine.inference.model_config import model_versions, served_model_file
 from cspine.inference.specs import MODALITY_ORDER, ROI_CHANNELS, ROI_SIZE
 from cspine.modeling.data import CLASSES, LesionBank
 from cspine.phantom.generate import PhantomOptions
@@ -68,7 +68,7 @@ def models_key(repository: Path) -> str:
     """A short digest of the segmentation models the ROIs' lesions were found with."""
     digest = hashlib.sha256()
     for model in SEG_MODELS:
-        digest.update((repository / model / "1" / "model.onnx").read_bytes())
+        digest.update(served_model_file(repository, model).read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -128,11 +128,12 @@ class Adaptation:
             return Adaptation(method)
         from cspine.analysis.fusion import Calibration
         from cspine.fewshot.adapt import exported_scale
+        from cspine.inference.model_config import served_model_file
 
         weights = Calibration.load(repository).classification_weights
         return Adaptation(
             method,
-            exported_scale(repository / "proto_classify" / "1" / "model.onnx"),
+            exported_scale(served_model_file(repository, "proto_classify")),
             tuple(weights[m] for m in MODALITY_ORDER),
         )
 

@@ -224,11 +224,11 @@ def _children(pid: int) -> dict[int, str]:
 
 
 def _has_model_file(repository: Path, model: str) -> bool:
-    from cspine.inference.model_config import config_path, load_config
+    from cspine.inference.model_config import config_path, load_config, served_model_file
 
     if load_config(config_path(repository, model)).platform == "ensemble":
         return True
-    return (repository / model / "1" / "model.onnx").is_file()
+    return served_model_file(repository, model).is_file()
 
 
 class LocalTriton:

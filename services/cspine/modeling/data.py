@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +144,20 @@ def _modality_of(images: dict[SeriesRole, np.ndarray]) -> Modality:
     return next(iter(images)).modality
 
 
+def modality_seg_arrays(modality: Modality, volumes: Mapping[SeriesRole, Volume], labels: np.ndarray) -> dict:
+    """One modality's training arrays on the model grid: ``<role>_image`` per volume (centre slices, float16) and
+    ``<modality>_labels``; ``labels`` [K, R, C] in the modality's table, on the voxel grid of the last volume."""
+    out: dict[str, np.ndarray] = {}
+    grid = None
+    for role, volume in volumes.items():
+        inputs, grid = seg_inputs(modality, volume)
+        out[f"{role.value}_image"] = inputs[:, SEG_GEOMETRY[modality].context].astype(np.float16)
+    if grid is None:
+        raise ValueError(f"no {modality.value} volume to put the labels on")
+    out[f"{modality.value.lower()}_labels"] = to_grid(labels, grid, order=0, fill=0).astype(np.uint8)
+    return out
+
+
 def case_seg_arrays(case_dir: Path) -> dict[str, np.ndarray]:
     """Ingest a written phantom case and preprocess every modality: arrays keyed ``<role>_image`` and
     ``<modality>_labels`` (lower case), all on the model grid."""
@@ -156,24 +170,22 @@ def case_seg_arrays(case_dir: Path) -> dict[str, np.ndarray]:
         key = modality.value.lower()
         if f"{key}_labels" not in truth:
             continue
-        grid = None
+        volumes = {}
         for role in roles:
             volume = chosen[role].volume
             assert volume is not None  # select_series chooses only series with a volume
-            inputs, grid = seg_inputs(modality, volume)
-            out[f"{role.value}_image"] = inputs[:, SEG_GEOMETRY[modality].context].astype(np.float16)
+            volumes[role] = volume
         structure, levels = truth[f"{key}_labels"], truth[f"{key}_levels"]
         if modality is Modality.XR:
             structure, levels = structure[None], levels[None]
-        labels = model_labels(modality, structure, levels)
-        assert grid is not None  # every modality has at least one role in SEG_ROLES
-        out[f"{key}_labels"] = to_grid(labels, grid, order=0, fill=0).astype(np.uint8)
+        out.update(modality_seg_arrays(modality, volumes, model_labels(modality, structure, levels)))
     return out
 
 
 def load_seg_case(path: Path, modality: Modality) -> SegCase:
+    """A cached case's arrays for one modality (every role of it the case has images of)."""
     with np.load(path) as npz:
-        images = {role: npz[f"{role.value}_image"] for role in SEG_ROLES[modality]}
+        images = {role: npz[f"{role.value}_image"] for role in SEG_ROLES[modality] if f"{role.value}_image" in npz}
         return SegCase(images, npz[f"{modality.value.lower()}_labels"])
 
 

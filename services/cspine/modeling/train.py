@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,21 +319,61 @@ def train_seg(
     torch.set_num_threads(TORCH_THREADS)
     modality = config.modality
     paths = seg_cases(cache, config.data_seed, config.cases, workers=workers, progress=progress)
-    cases = [load_seg_case(p, modality) for p in paths]
-    boxes = [c.boxes() for c in cases]
     labels = SEG_LABELS[modality]
-    tumor_class = labels.index("tumor")
     torch.manual_seed(config.seed)
     net = UNet2D(SEG_GEOMETRY[modality].channels, len(labels), config.widths, config.coordinates)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
     run = Run(out_dir / f"{config.name}.pt", _config_dict(config))
+    return seg_loop(config, paths, net, run, progress, stop_after)
+
+
+def finetune_seg(
+    config: SegConfig,
+    paths: list[Path],
+    start: Path,
+    checkpoint: Path,
+    identity: dict,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Fine-tune (or resume) an exported segmentation model (``start``: its model.onnx) on the cached cases
+    ``paths`` with ``config``'s recipe, its BatchNorms frozen (``export.load_seg_onnx``); ``identity`` (what
+    the cases are, where the start came from) goes into the checkpoint's configuration, so a run resumes only
+    on the same data and start."""
+    from cspine.modeling.export import freeze_batchnorm, load_seg_onnx
+
+    torch.set_num_threads(TORCH_THREADS)
+    net, _ = load_seg_onnx(start)
+    run = Run(checkpoint, {**_config_dict(config), **identity, "start": str(start)})
+    return seg_loop(config, paths, net, run, progress, stop_after, freeze_batchnorm)
+
+
+def seg_loop(
+    config: SegConfig,
+    paths: list[Path],
+    net: UNet2D,
+    run: Run,
+    progress: bool,
+    stop_after: int | None,
+    prepare: Callable[[UNet2D], None] | None = None,
+) -> Path:
+    """The training loop of a segmentation model on cached cases (``load_seg_case`` arrays): resumes ``run``,
+    checkpoints it, and returns its path. ``prepare`` is called on the net before every step (a fine-tuning run
+    freezes its BatchNorms)."""
+    modality = config.modality
+    cases = [load_seg_case(p, modality) for p in paths]
+    boxes = [c.boxes() for c in cases]
+    tumor_class = SEG_LABELS[modality].index("tumor")
+    out_dir = run.path.parent
+    if prepare is not None:
+        prepare(net)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config.lr, weight_decay=1e-4)
     run.resume({"net": net}, optimizer)
-    bar = tqdm(total=config.steps, initial=run.step, desc=config.name, unit="step", disable=not progress)
-    net.train()
+    name = run.path.stem
+    bar = tqdm(total=config.steps, initial=run.step, desc=name, unit="step", disable=not progress)
     started = time.monotonic()
     end = min(config.steps, stop_after or config.steps)
     pseudo_step = int(config.pseudo_from * config.steps) if config.tumor_labels == "box" else None
-    pseudo_path = out_dir / f"{config.name}.pseudo.npz"
+    pseudo_path = out_dir / f"{name}.pseudo.npz"
     if config.tumor_labels == "box":
         cases = [box_prior_labels(c, b, tumor_class) for c, b in zip(cases, boxes, strict=True)]
     if pseudo_step is not None and run.step >= pseudo_step and pseudo_path.exists():
@@ -340,6 +381,9 @@ def train_seg(
     while run.step < end:
         if run.step == pseudo_step:
             cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
+        net.train()
+        if prepare is not None:
+            prepare(net)
         rng = np.random.default_rng([config.seed, run.step])
         torch.manual_seed(config.seed * 1_000_003 + run.step)
         parts, offset, batch_boxes = [], 0, []
@@ -364,7 +408,7 @@ def train_seg(
         if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
             run.save({"net": net}, optimizer)
     bar.close()
-    logger.info("%s trained to step %d in %.0f s", config.name, run.step, time.monotonic() - started)
+    logger.info("%s trained to step %d in %.0f s", name, run.step, time.monotonic() - started)
     return run.path
 
 

@@ -1,0 +1,199 @@
+"""Model versions made from a site's cohort (``cspine export --version N --cohort DIR``).
+
+A version set N holds every served model with weights in its ``N/`` folder (``model_config`` has the rules): the
+segmentation models fine-tuned on the cohort (``cspine train --cohort``) exported from their checkpoints, the
+others copied from the version they were fine-tuned from. Beside them, in the repository's root with ``.vN`` in
+their names (``model_config.version_file``):
+
+- ``model_card.json``: the base version, the cohort (its name, studies and classes per split: no patient data),
+  each fine-tuned model's run and its held-out Dice beside the base version's, and what was inherited;
+- ``competence.json``/``.npz``: the out-of-distribution reference refitted on the cohort's train studies with
+  version N's segmentation models (their features are not the base version's);
+- ``calibration.json``: the base version's, not refitted (the model card says so).
+
+Writing a version does not serve it: ``cspine models use N`` does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import cspine
+from cspine.analysis.competence import COMPETENCE_FILE
+from cspine.analysis.fusion import CALIBRATION_FILE
+from cspine.cohort.check import CohortReport, check_cohort, image_files
+from cspine.cohort.training import require_clean
+from cspine.config import IngestLimits
+from cspine.domain import Disclosure, Modality
+from cspine.errors import InvalidInputError
+from cspine.inference.model_config import available_sets, served_set, version_file
+from cspine.inference.specs import MODALITY_ORDER, MODELS, SEG_MODEL_NAMES
+
+MODEL_CARD = "model_card.json"
+
+
+def run_folder(checkpoints: Path, cohort: Path) -> Path:
+    """Where ``cspine train --cohort`` keeps a cohort's fine-tuning run."""
+    return checkpoints / f"cohort-{cohort.resolve().name}"
+
+
+def _synthetic(cohort: Path) -> bool:
+    """Whether the cohort is one cspine phantom wrote (its cohort.json says synthetic)."""
+    path = cohort / "cohort.json"
+    try:
+        return bool(json.loads(path.read_text()).get("synthetic")) if path.exists() else False
+    except ValueError:
+        return False
+
+
+def cohort_summary(report: CohortReport) -> dict:
+    """What the model card says of the cohort: counts only, never a study's identity beyond its split."""
+    return {
+        "name": report.folder.resolve().name,
+        "synthetic": _synthetic(report.folder),
+        "studies": len(report.studies),
+        "classes_per_split": report.class_counts(),
+    }
+
+
+def export_version(
+    repository: Path,
+    cohort: Path,
+    checkpoints: Path,
+    version: int,
+    limits: IngestLimits = IngestLimits(),
+    progress: bool = True,
+) -> Path:
+    """Write version set ``version`` from the cohort's fine-tuning run; returns its model card."""
+    import torch
+
+    from cspine.evaluation.competence import FOLDS, fit_references
+    from cspine.inference.runner import OnnxRunner
+    from cspine.inference.specs import seg_spec
+    from cspine.modeling.export import export_seg, load_seg_onnx
+
+    base = served_set(repository)
+    if version <= 1 or version in available_sets(repository) or version_file(repository, MODEL_CARD, version).exists():
+        raise InvalidInputError(
+            f"version {version} cannot be written: versions above 1 that the repository does not hold yet "
+            f"(it holds {', '.join(map(str, available_sets(repository)))})"
+        )
+    run = run_folder(checkpoints, cohort)
+    metrics_path = run / "metrics.json"
+    if not metrics_path.exists():
+        raise InvalidInputError(f"no fine-tuning run of {cohort} in {run}: run cspine train --cohort {cohort} first")
+    metrics = json.loads(metrics_path.read_text())
+    report = check_cohort(cohort, limits=limits, progress=progress)
+    require_clean(report)
+    fine_tuned: dict[str, dict] = {}
+    staging = checkpoints / f".export-{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    written: list[Path] = []
+    try:
+        for name in MODELS:
+            source = repository / name / str(base)
+            target = repository / name / str(version)
+            target.mkdir(parents=True)
+            written.append(target)
+            for path in source.iterdir():
+                if path.is_file() and path.name != "model.onnx":
+                    shutil.copy2(path, target / path.name)
+            checkpoint = run / f"{name}.pt"
+            entry = metrics.get("models", {}).get(name)
+            if entry is None or not checkpoint.exists():
+                shutil.copy2(source / "model.onnx", target / "model.onnx")
+                continue
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            if state["config"].get("start_sha256") != _sha256(source / "model.onnx"):
+                raise InvalidInputError(
+                    f"{checkpoint} was fine-tuned from {state['config']['start']}, not from the served version {base} "
+                    f"of {repository}"
+                )
+            net, _ = load_seg_onnx(source / "model.onnx")
+            net.load_state_dict(state["modules"]["net"])
+            config = {k: v for k, v in state["config"].items() if k not in ("cases", "cohort", "start", "start_sha256")}
+            metadata = {
+                "training_config": config,
+                "training_steps": str(state["step"]),
+                "base_version": str(base),
+                "fine_tuned_on": json.dumps(cohort_summary(report)),
+            }
+            staged = staging / name
+            export_seg(net.eval(), Modality(state["config"]["modality"]), staged, metadata)
+            shutil.move(str(staged / name / "1" / "model.onnx"), target / "model.onnx")
+            fine_tuned[name] = {
+                "steps": state["step"],
+                "train_studies": entry["train_studies"],
+                "held_out_dice_on_model_grid": entry.get("held_out"),
+            }
+        files = {
+            name: version_file(repository, name, version) for name in (CALIBRATION_FILE, COMPETENCE_FILE, MODEL_CARD)
+        }
+        files["competence.npz"] = files[COMPETENCE_FILE].with_suffix(".npz")
+        written += list(files.values())
+        shutil.copy2(version_file(repository, CALIBRATION_FILE, base), files[CALIBRATION_FILE])
+        train_studies = [
+            image_files(report.folder / s.name) for s in report.studies if s.row is not None and s.row.split == "train"
+        ]
+        runners = {
+            m: OnnxRunner(seg_spec(m), repository / SEG_MODEL_NAMES[m] / str(version) / "model.onnx", 2)
+            for m in MODALITY_ORDER
+        }
+        summary = cohort_summary(report)
+        label = "SYNTHETIC " if summary["synthetic"] else ""
+        disclosure = Disclosure(
+            trained_on=f"version {base}'s models, fine-tuned on the {label}labelled cohort {summary['name']} "
+            f"({len(train_studies)} train studies)",
+            intended_use="Research and engineering use only; not for clinical use or diagnosis.",
+        )
+        sha256 = {m: _sha256(repository / SEG_MODEL_NAMES[m] / str(version) / "model.onnx") for m in MODALITY_ORDER}
+        reference = fit_references(
+            train_studies,
+            runners,
+            f"train studies of the {label}cohort {summary['name']}",
+            sha256,
+            disclosure,
+            progress,
+        )
+        reference.save(repository, version)
+        card = {
+            "version": version,
+            "base_version": base,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "cspine_version": cspine.__version__,
+            "cohort": summary,
+            "fine_tuned": fine_tuned,
+            "copied_from_base": [n for n in MODELS if n not in fine_tuned],
+            "competence": {
+                m.value: reference.references[m].fitted_on
+                if m in reference.references
+                else f"no reference: fewer than {FOLDS} train studies with {m.value}; the out-of-distribution "
+                "check is off for it in this version"
+                for m in MODALITY_ORDER
+            },
+            "inherited": {
+                CALIBRATION_FILE: f"version {base}'s, not refitted on version {version}",
+                "default support set": "the shipped SYNTHETIC default support set, not rebuilt",
+            },
+            "files": sorted(p.name for p in files.values()),
+        }
+        files[MODEL_CARD].write_text(json.dumps(card, indent=2) + "\n")
+    except BaseException:
+        for path in written:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return files[MODEL_CARD]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
