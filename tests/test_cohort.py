@@ -320,6 +320,7 @@ def test_fine_tuning_on_a_cohort_resumes_keeps_batchnorm_frozen_and_reports_serv
     means = [v for k, v in state["modules"]["net"].items() if k.endswith("running_mean")]
     assert means and all(float(m.abs().max()) == 0.0 for m in means)  # BatchNorm stayed frozen
     metrics = json.loads((tmp_path / "cohort-cohort" / "metrics.json").read_text())
+    assert metrics["models"]["seg_ct"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     held = metrics["models"]["seg_ct"]["held_out"]
     assert held["served"]["images"] == held["candidate"]["images"] == 1
     for model in ("served", "candidate"):

@@ -205,7 +205,7 @@ def train_on_cohort(
     from cspine.inference.specs import SEG_MODEL_NAMES
     from cspine.modeling.evaluate import onnx_seg, torch_seg
     from cspine.modeling.export import load_seg_onnx
-    from cspine.modeling.train import SegConfig, finetune_seg
+    from cspine.modeling.train import SegConfig, finetune_seg, training_device
 
     report = check_cohort(folder, limits=limits, progress=progress)
     require_clean(report)
@@ -236,7 +236,13 @@ def train_on_cohort(
         net, _ = load_seg_onnx(start)
         net.load_state_dict(state["modules"]["net"])
         net.eval()
-        entry = {"checkpoint": str(checkpoint), "steps": state["step"], "of_steps": steps, "train_studies": len(cases)}
+        entry = {
+            "checkpoint": str(checkpoint),
+            "steps": state["step"],
+            "of_steps": steps,
+            "train_studies": len(cases),
+            "device": training_device().type,
+        }
         evaluated = modality_cases(held_out, modality)
         if evaluated:
             entry["held_out"] = held_out_dice(

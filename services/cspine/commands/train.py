@@ -145,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "(docs/cohort.md): stops on any error cspine cohort check reports; trains on the manifest's train "
         "studies with each modality's phantom recipe (400 steps unless --steps, learning rate 1e-3, BatchNorm "
         "frozen), checkpoints to --checkpoints/cohort-<name>/ and resumes; prints the held-out Dice (validation "
-        "and test studies) of the served and the fine-tuned model",
+        "and test studies) of the served and the fine-tuned model; trains on the GPU when torch sees one (CUDA)",
     )
     p.add_argument("--repository", default="model_repository", help="with --cohort: the served models to start from")
     p.add_argument("--preset", default="full", choices=["full", "smoke"])

@@ -112,7 +112,7 @@ def seg_loss(
     """Class-weighted cross-entropy + soft Dice where labels are known (``IGNORE`` marks pixels inside
     lesion boxes), plus, for each box, the projection and pairwise terms on the tumor probability."""
     valid = target != IGNORE
-    weight = torch.ones(logits.shape[1])
+    weight = torch.ones(logits.shape[1], device=logits.device)
     weight[0] = BACKGROUND_WEIGHT
     loss = F.cross_entropy(logits, target.long(), weight=weight, ignore_index=IGNORE)
     loss = loss + soft_dice_loss(logits, target.long(), valid)

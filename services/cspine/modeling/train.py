@@ -228,6 +228,15 @@ def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConf
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets), stack_boxes
 
 
+def training_device() -> torch.device:
+    """Where segmentation training runs: the GPU when torch sees one (CUDA), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 def _predict_probabilities(net: UNet2D, case: SegCase, modality: Modality) -> np.ndarray:
     """Softmax [K, classes, S, S] of a case, averaged over its series (T1 and T2 for MR)."""
     context = SEG_GEOMETRY[modality].context
@@ -237,8 +246,8 @@ def _predict_probabilities(net: UNet2D, case: SegCase, modality: Modality) -> np
         for volume in case.images.values():
             count = volume.shape[0]
             index = np.clip(np.arange(count)[:, None] + np.arange(-context, context + 1)[None, :], 0, count - 1)
-            x = torch.from_numpy(volume[index].astype(np.float32))
-            probs = torch.cat([torch.softmax(net(x[i : i + 16]), 1) for i in range(0, count, 16)]).numpy()
+            x = torch.from_numpy(volume[index].astype(np.float32)).to(_device_of(net))
+            probs = torch.cat([torch.softmax(net(x[i : i + 16]), 1) for i in range(0, count, 16)]).cpu().numpy()
             total = probs if total is None else total + probs
     net.train()
     if total is None:
@@ -364,12 +373,14 @@ def seg_loop(
     boxes = [c.boxes() for c in cases]
     tumor_class = SEG_LABELS[modality].index("tumor")
     out_dir = run.path.parent
+    device = training_device()
+    net.to(device)
     if prepare is not None:
         prepare(net)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config.lr, weight_decay=1e-4)
     run.resume({"net": net}, optimizer)
     name = run.path.stem
-    bar = tqdm(total=config.steps, initial=run.step, desc=name, unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=run.step, desc=f"{name} ({device.type})", unit="step", disable=not progress)
     started = time.monotonic()
     end = min(config.steps, stop_after or config.steps)
     pseudo_step = int(config.pseudo_from * config.steps) if config.tumor_labels == "box" else None
@@ -393,8 +404,8 @@ def seg_loop(
             parts.append((inputs, targets))
             batch_boxes += [dataclasses.replace(b, k0=b.k0 + offset, k1=b.k1 + offset) for b in stack_boxes]
             offset += len(inputs)
-        x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        y = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64))
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device)
+        y = torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64)).to(device)
         centre = x[:, SEG_GEOMETRY[modality].context]
         _schedule(optimizer, config.lr, run.step, config.steps)
         optimizer.zero_grad(set_to_none=True)
@@ -408,7 +419,7 @@ def seg_loop(
         if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
             run.save({"net": net}, optimizer)
     bar.close()
-    logger.info("%s trained to step %d in %.0f s", name, run.step, time.monotonic() - started)
+    logger.info("%s trained to step %d in %.0f s on %s", name, run.step, time.monotonic() - started, device)
     return run.path
 
 
