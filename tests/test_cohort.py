@@ -192,6 +192,16 @@ def test_a_seg_that_does_not_fit_its_series_is_an_error(cohort: Path, defect: st
     assert words in errors[0][2] and "labels/ct.dcm" in errors[0][2]
 
 
+def test_a_truncated_seg_is_an_error_not_a_crash(cohort: Path):
+    seg = cohort / TUMOR_CASE / "labels" / "mr_t1.dcm"
+    seg.write_bytes(seg.read_bytes()[:3000])
+    errors = _problems(cohort)
+    assert [(s, c) for s, c, _ in errors] == [(TUMOR_CASE, "seg_unreadable")]
+    assert errors[0][2] == (
+        "labels/mr_t1.dcm lacks Rows, Columns, SegmentSequence, PixelData: truncated, or not a whole SEG"
+    )
+
+
 def test_boxes_outside_their_images_and_tumor_labels_against_the_class_are_errors(cohort: Path):
     boxes_path = cohort / TUMOR_CASE / "boxes.json"
     boxes = json.loads(boxes_path.read_text())

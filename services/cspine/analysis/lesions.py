@@ -64,12 +64,13 @@ def tumor_mask(
     roles = list(label_maps)
     mask = label_maps[roles[0]] == tumor
     for role in roles[1:]:
-        if _same_grid(volumes[roles[0]], volumes[role]):
+        if same_grid(volumes[roles[0]], volumes[role]):
             mask = mask | (label_maps[role] == tumor)
     return mask
 
 
-def _same_grid(a: Volume, b: Volume) -> bool:
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Whether two volumes lie on one voxel grid (MR T1 and T2 of one acquisition plan usually do)."""
     return (
         a.shape == b.shape
         and np.allclose(a.origin, b.origin, atol=0.01)

@@ -136,7 +136,16 @@ def check_study(
         try:
             ds = pydicom.dcmread(path)
             labels, found = read_seg(ds, source, study, codes)
-        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        except (
+            InvalidDicomError,
+            OSError,
+            ValueError,
+            AttributeError,
+            KeyError,
+            TypeError,
+            RuntimeError,
+            NotImplementedError,
+        ) as exc:
             problems.append(Problem("error", "seg_unreadable", f"{source} cannot be read: {type(exc).__name__}: {exc}"))
             continue
         problems.extend(found)

@@ -175,6 +175,9 @@ def _frame_segments(ds: Dataset, frames: int) -> list[int]:
 def read_seg(ds: Dataset, source: str, study: Study, codes: CodeMap) -> tuple[SeriesLabels | None, list[Problem]]:
     """The label map a SEG (``ds``, with pixel data) gives its source series in ``study``, and its problems; None
     where an error leaves no label map to trust."""
+    missing = [k for k in ("Rows", "Columns", "SegmentSequence", "PixelData") if k not in ds]
+    if missing:
+        return None, [_error("seg_unreadable", f"{source} lacks {', '.join(missing)}: truncated, or not a whole SEG")]
     problems: list[Problem] = []
     series = _referenced_series(ds, study)
     if series is None or series.volume is None or series.modality is None:

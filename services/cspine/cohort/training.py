@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cspine.analysis.lesions import same_grid
 from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files
 from cspine.cohort.codes import CODES_FILE
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
-from cspine.domain import Modality, Volume
+from cspine.domain import Modality
 from cspine.errors import InvalidInputError
 from cspine.imaging.seg_input import stack_context
 from cspine.inference.specs import SEG_GEOMETRY, SEG_LABELS
@@ -53,17 +54,6 @@ def require_clean(report: CohortReport) -> None:
         )
 
 
-def _same_grid(a: Volume, b: Volume) -> bool:
-    return (
-        a.shape == b.shape
-        and np.allclose(a.origin, b.origin, atol=0.01)
-        and np.allclose(a.row_direction, b.row_direction, atol=1e-3)
-        and np.allclose(a.column_direction, b.column_direction, atol=1e-3)
-        and np.allclose(a.pixel_spacing, b.pixel_spacing, atol=1e-3)
-        and np.allclose(a.slice_offsets, b.slice_offsets, atol=0.01)
-    )
-
-
 def study_arrays(folder: Path, report: StudyReport, limits: IngestLimits = IngestLimits()) -> dict[str, np.ndarray]:
     """A checked study's training arrays on the model grids, for each modality it has labels of. A modality's
     images are those of its roles on the labelled series' grid (MR T1 and T2 usually share one)."""
@@ -81,7 +71,7 @@ def study_arrays(folder: Path, report: StudyReport, limits: IngestLimits = Inges
         volumes: dict = {}
         for role in present:
             volume = chosen[role].volume
-            if role is not labelled[-1] and volume is not None and _same_grid(volume, source.volume):
+            if role is not labelled[-1] and volume is not None and same_grid(volume, source.volume):
                 volumes[role] = volume
         volumes[labelled[-1]] = source.volume  # last: the labels lie on its grid
         labels = by_series[source.series_instance_uid].labels.copy()
