@@ -125,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     p = subparsers.add_parser(
         "train",
         help="train models on SYNTHETIC phantom data, or fine-tune them on a site's labelled cohort (CPU, "
-        "deterministic, checkpointed)",
+        "seeded, checkpointed; segmentation on a CUDA GPU when torch sees one)",
         description="Checkpoints go to --checkpoints and runs resume from them. The full preset reproduces "
         "the shipped models (make train); smoke trains tiny models for seconds. --cohort DIR fine-tunes the served "
         "segmentation models on a site's labelled cohort (docs/cohort.md).",
