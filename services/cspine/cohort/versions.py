@@ -76,7 +76,8 @@ def export_version(
     from cspine.modeling.export import export_seg, load_seg_onnx
 
     base = served_set(repository)
-    if version <= 1 or version in available_sets(repository) or version_file(repository, MODEL_CARD, version).exists():
+    taken = [name for name in MODELS if (repository / name / str(version)).exists()]
+    if version <= 1 or taken or version_file(repository, MODEL_CARD, version).exists():
         raise InvalidInputError(
             f"version {version} cannot be written: versions above 1 that the repository does not hold yet "
             f"(it holds {', '.join(map(str, available_sets(repository)))})"
