@@ -6,6 +6,9 @@ Real files from pydicom's test data (a real liver SEG by dcmqi, a real CT slice)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -16,14 +19,14 @@ import onnx
 import pydicom
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pack_bits
 
 from cspine import cli
-from cspine.cohort.check import check_cohort, format_report
+from cspine.cohort.check import check_cohort, format_report, image_files
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.domain import Modality
+from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
 from cspine.inference.model_config import model_versions, served_set, version_file
 from cspine.inference.runner import onnx_session
@@ -31,7 +34,7 @@ from cspine.inference.specs import SEG_GEOMETRY, SEG_LABELS
 from cspine.modeling.data import model_labels
 from cspine.modeling.export import load_seg_onnx
 from cspine.modeling.networks import SegExport
-from support.server import free_port
+from cspine.service import AnalysisService
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 # Seed 1 of the default site: case-0001 has an osteoid osteoma (benign), case-0002 no tumor.
@@ -70,9 +73,10 @@ def _codes(folder: Path, severity: str = "error") -> set[tuple[str, str]]:
 
 def test_the_phantom_writes_a_cohort_that_checks_clean_and_reads_back_voxel_for_voxel(labelled: Path, capsys):
     rows = (labelled / MANIFEST_FILE).read_text().splitlines()
-    assert rows[0] == "study,class,subtype,level,reference,split"
+    assert rows[0] == "study,class,subtype,level,reference,split,cobb_deg"
     assert rows[1].startswith(f"{TUMOR_CASE},benign,osteoid_osteoma,")
-    assert rows[2] == f"{FREE_CASE},none,,,SYNTHETIC phantom truth.json,train"
+    cobb = json.loads((labelled / FREE_CASE / "truth.json").read_text())["cobb_angle_c2_c7_deg"]
+    assert rows[2] == f"{FREE_CASE},none,,,SYNTHETIC phantom truth.json,train,{cobb:.2f}"
     assert sorted(p.name for p in (labelled / TUMOR_CASE / "labels").iterdir()) == [
         "ct.dcm",
         "mr_t1.dcm",
@@ -230,14 +234,22 @@ def test_manifest_rows_must_match_the_study_folders(cohort: Path):
     manifest = cohort / MANIFEST_FILE
     lines = manifest.read_text().splitlines()
     manifest.write_text(
-        "\n".join([lines[0], lines[1].replace(",benign,", ",maligant,"), "case-0099,none,,,x,train"]) + "\n"
+        "\n".join(
+            [
+                lines[0],
+                lines[1].replace(",benign,", ",maligant,"),
+                "case-0099,none,,,x,train",
+                f"{FREE_CASE},none,,,x,train,120",  # not a Cobb angle: the row is left out
+            ]
+        )
+        + "\n"
     )
     errors = _problems(cohort)
     codes = {(s, c) for s, c, _ in errors}
     assert codes == {("cohort", "manifest"), (TUMOR_CASE, "manifest"), (FREE_CASE, "manifest")}
     messages = " | ".join(m for _, _, m in errors)
     assert "class 'maligant'" in messages and "'case-0099', which is not a folder" in messages
-    assert "not in manifest.csv" in messages
+    assert "not in manifest.csv" in messages and "cobb_deg '120' of 'case-0002' is not an angle" in messages
     (manifest).unlink()
     assert ("cohort", "manifest") in _codes(cohort)
 
@@ -342,30 +354,38 @@ def test_fine_tuning_on_a_cohort_resumes_keeps_batchnorm_frozen_and_reports_serv
 # Model versions: cspine export --version N --cohort, cspine models use N, served by a real tritonserver
 
 
-def _served_labels(repository: Path, image: np.ndarray) -> tuple[str, np.ndarray]:
-    """Start a local Triton on ``repository``; the seg_ct version it has ready and its labels for ``image``."""
-    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
-    triton = LocalTriton(repository, ports).start()
-    try:
-        client = grpcclient.InferenceServerClient(triton.grpc_url)
-        versions = client.get_model_metadata("seg_ct").versions
-        inputs = grpcclient.InferInput("image", list(image.shape), "FP32")
-        inputs.set_data_from_numpy(image)
-        result = client.infer("seg_ct", [inputs], outputs=[grpcclient.InferRequestedOutput("labels")])
-        return ",".join(versions), result.as_numpy("labels")
-    finally:
-        triton.stop()
-
-
-def test_an_exported_version_is_served_rolled_back_and_served_again(cohort: Path, tmp_path: Path, capsys):
-    repository = tmp_path / "repository"
+@pytest.fixture(scope="module")
+def versioned(labelled: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the shipped repository with version set 2 exported: seg_ct fine-tuned for 6 steps on the
+    SYNTHETIC labelled cohort, the other models copied. Its export's output too."""
+    work = tmp_path_factory.mktemp("versioned")
+    repository, checkpoints = work / "repository", work / "checkpoints"
     shutil.copytree(REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
-    checkpoints = tmp_path / "checkpoints"
-    train = ["train", "--cohort", str(cohort), "--models", "seg_ct", "--steps", "6", "--quiet"]
+    train = ["train", "--cohort", str(labelled), "--models", "seg_ct", "--steps", "6", "--quiet"]
     assert cli.main([*train, "--checkpoints", str(checkpoints), "--repository", str(repository)]) == 0
-    export = ["export", "--cohort", str(cohort), "--checkpoints", str(checkpoints), "--repository", str(repository)]
-    assert cli.main([*export, "--version", "2", "--quiet"]) == 0
-    assert "serve it with cspine models use 2" in capsys.readouterr().out
+    export = ["export", "--cohort", str(labelled), "--checkpoints", str(checkpoints), "--repository", str(repository)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main([*export, "--version", "2", "--quiet"]) == 0
+    return repository, out.getvalue()
+
+
+def _copy(repository: Path, tmp_path: Path) -> Path:
+    """A copy a test may switch between version sets."""
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    return copy
+
+
+def _ct_image() -> np.ndarray:
+    geometry = SEG_GEOMETRY[Modality.CT]
+    return np.random.default_rng(3).normal(size=(2, geometry.channels, geometry.size, geometry.size)).astype(np.float32)
+
+
+def test_an_exported_version_holds_every_model_its_card_and_its_files(versioned, capsys):
+    repository, exported = versioned
+    assert "serve it with cspine models use 2" in exported
+    export = ["export", "--cohort", "unused", "--checkpoints", "unused", "--repository", str(repository)]
     assert cli.main([*export, "--version", "2", "--quiet"]) == 2  # a version is written once
     assert "cannot be written" in capsys.readouterr().err
 
@@ -391,38 +411,151 @@ def test_an_exported_version_is_served_rolled_back_and_served_again(cohort: Path
     assert TUMOR_CASE not in json.dumps(card)  # counts, never which study
     meta = {p.key: p.value for p in onnx.load(str(v2)).metadata_props}
     assert meta["base_version"] == "1" and json.loads(meta["fine_tuned_on"])["studies"] == 2
-
-    # written, not served: version 1 stays served until `cspine models use 2`
-    assert served_set(repository) == 1
-    geometry = SEG_GEOMETRY[Modality.CT]
-    image = (
-        np.random.default_rng(3).normal(size=(2, geometry.channels, geometry.size, geometry.size)).astype(np.float32)
-    )
-    want = {
-        v: onnx_session(repository / "seg_ct" / v / "model.onnx").run(None, {"image": image})[0] for v in ("1", "2")
-    }
-    assert not np.array_equal(want["1"], want["2"])
-    assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0
-    assert "seg_ct 2 (sha256:" in capsys.readouterr().out
-    assert [m.version.split()[0] for m in model_versions(repository)] == ["2"] * 5
-    assert version_file(repository, "calibration.json") == repository / "calibration.v2.json"
     assert sorted(p.name for p in repository.glob("*.v2.*")) == [
         "calibration.v2.json",
         "competence.v2.json",
         "competence.v2.npz",
         "model_card.v2.json",
     ]
-    served, labels = _served_labels(repository, image)
-    assert served == "2" and np.array_equal(labels, want["2"])
-    assert cli.main(["models", "use", "1", "--repository", str(repository)]) == 0  # roll back
-    served, labels = _served_labels(repository, image)
-    assert served == "1" and np.array_equal(labels, want["1"])
-    assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0  # and serve it again
-    capsys.readouterr()
-    served, labels = _served_labels(repository, image)
-    assert served == "2" and np.array_equal(labels, want["2"])
+    # written, not served: version 1 stays served until `cspine models use 2`
+    assert served_set(repository) == 1
     assert cli.main(["models", "list", "--repository", str(repository), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed["served"] == 2 and [v["version"] for v in listed["versions"]] == [1, 2]
+    assert listed["served"] == 1 and [v["version"] for v in listed["versions"]] == [1, 2]
     assert cli.main(["models", "use", "3", "--repository", str(repository)]) == 2
     assert "no version set 3" in capsys.readouterr().err
+
+
+def test_a_running_service_switches_version_sets_and_rolls_back_without_a_restart_or_a_failed_request(
+    versioned, labelled: Path, tmp_path: Path, capsys
+):
+    """One tritonserver process throughout: `cspine models use N` is picked up by the service, which has Triton
+    reload the models (a loaded model is replaced without losing availability) while requests keep coming."""
+    repository = _copy(versioned[0], tmp_path)
+    image = _ct_image()
+    want = {
+        v: onnx_session(repository / "seg_ct" / str(v) / "model.onnx").run(None, {"image": image})[0] for v in (1, 2)
+    }
+    assert not np.array_equal(want[1], want[2])
+    instances = [(str(p), p.read_bytes()) for p in image_files(labelled / TUMOR_CASE)]
+
+    async def scenario(triton: LocalTriton) -> dict:
+        async with TritonClient(triton.grpc_url) as client:
+            service = AnalysisService(client, repository)
+            seen: dict = {"before": (service.version_set, [m.version for m in service.models])}
+            answers: list[int] = []
+            errors: list[str] = []
+            stop = asyncio.Event()
+
+            async def requests() -> None:
+                while not stop.is_set():
+                    try:
+                        out = await client.infer("seg_ct", {"image": image})
+                        answers.append(next(v for v in (1, 2) if np.array_equal(out["labels"], want[v])))
+                    except Exception as error:  # noqa: BLE001 - every failure is counted
+                        errors.append(repr(error))
+
+            running = asyncio.create_task(requests())
+            for version in (2, 1, 2):
+                assert cli.main(["models", "use", str(version), "--repository", str(repository)]) == 0
+                assert await service.refresh_models()
+                assert not await service.refresh_models()  # nothing changed since
+                out = await client.infer("seg_ct", {"image": image})
+                seen[version] = {
+                    "set": service.version_set,
+                    "labels": np.array_equal(out["labels"], want[version]),
+                    "reported": {m.version.split()[0] for m in (await service.analyze(instances)).models},
+                    "competence": service.competence.disclosure.trained_on,
+                }
+            stop.set()
+            await running
+            seen["answers"], seen["errors"] = answers, errors
+            return seen
+
+    with LocalTriton(repository, TritonPorts.free()) as triton:
+        pid = triton.process.pid if triton.process else None
+        seen = asyncio.run(scenario(triton))
+        assert triton.process is not None and triton.process.pid == pid and triton.restarts == 0
+    assert "running cspine serve on it switches" in capsys.readouterr().out
+    assert seen["before"] == (1, ["1 (sha256:" + v.split(":", 1)[1] for v in seen["before"][1]])
+    for version in (1, 2):
+        assert seen[version]["set"] == version and seen[version]["labels"]
+        assert seen[version]["reported"] == {str(version)}  # every model of the result, at the set's version
+    assert "fine-tuned on the SYNTHETIC labelled cohort" in seen[2]["competence"]  # competence.v2.json
+    assert "fine-tuned" not in seen[1]["competence"]
+    assert seen["errors"] == [] and {1, 2} <= set(seen["answers"]) and len(seen["answers"]) > 10
+    assert [m.version.split()[0] for m in model_versions(repository)] == ["2"] * 5  # the last switch, to 2
+    assert version_file(repository, "calibration.json") == repository / "calibration.v2.json"
+
+
+def test_a_version_set_triton_cannot_load_is_not_switched_to(versioned, tmp_path: Path, caplog):
+    repository = _copy(versioned[0], tmp_path)
+    (repository / "seg_mr" / "2" / "model.onnx").write_bytes(b"not a model")
+
+    async def scenario(url: str) -> tuple[bool, int, list[str]]:
+        async with TritonClient(url) as client:
+            service = AnalysisService(client, repository)
+            assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0
+            switched = await service.refresh_models()
+            await client.check_ready()  # version 1 still serves every model
+            return switched, service.version_set, [m.version.split()[0] for m in service.models]
+
+    with LocalTriton(repository, TritonPorts.free()) as triton:
+        switched, version_set, reported = asyncio.run(scenario(triton.grpc_url))
+    assert not switched and version_set == 1 and reported == ["1"] * 5
+    assert "did not load seg_mr" in caplog.text and "still serving version set 1" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------
+# cspine evaluate models --cohort: the served version set and a candidate through the pipeline
+
+
+def test_evaluate_models_on_a_cohort_puts_the_candidate_beside_the_served_version(
+    versioned, cohort: Path, tmp_path: Path, capsys
+):
+    """Both SYNTHETIC studies held out here (the candidate was fine-tuned on them: this tests the evaluation, not
+    the candidate)."""
+    repository = _copy(versioned[0], tmp_path)
+    manifest = cohort / MANIFEST_FILE
+    manifest.write_text(manifest.read_text().replace(",train,", ",test,"))
+    args = ["evaluate", "models", "--cohort", str(cohort), "--repository", str(repository), "--quiet"]
+    assert cli.main([*args, "--json", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert served_set(repository) == 1  # evaluated on a copy: the served set is left alone
+    assert result["synthetic"] and result["held_out_studies"] == 2 and result["served"] == 1
+    assert set(result["versions"]) == {"1", "2"}
+    truth = {
+        r["study"]: r["truth"]
+        for r in json.loads((tmp_path / "out" / "cohort-versions.json").read_text())["studies"]["1"]
+    }
+    phantom = {c: json.loads((cohort / c / "truth.json").read_text()) for c in (TUMOR_CASE, FREE_CASE)}
+    for case, t in truth.items():
+        assert t["cobb_source"] == "manifest" and t["cobb_deg"] == pytest.approx(
+            phantom[case]["cobb_angle_c2_c7_deg"], abs=0.005
+        )
+        assert t["tumor"] == (case == TUMOR_CASE) and t["opll"] == phantom[case]["opll"]["present"]
+    for version, m in result["versions"].items():
+        assert m["studies"] == 2 and m["assessable"] == 2, version
+        for modality in ("CT", "MR", "XR"):
+            per = m["modalities"][modality]
+            assert per["labelled"] == (4 if modality == "MR" else 2)  # the MR T1 and T2 series are labelled
+            assert 1 <= per["assessed"] <= per["labelled"], (version, modality)
+            assert 0.8 < per["mean_dice"] <= 1.0, (version, modality, per)
+        for modality in ("CT", "MR"):
+            per = m["modalities"][modality]
+            assert per["lesion_dice_studies"] >= 1 and 0.5 < per["lesion_dice"] <= 1.0, (version, modality)
+            assert per["size_studies"] >= 1 and per["size_mae_mm"] == pytest.approx(abs(per["size_bias_mm"]))
+        assert m["modalities"]["CT"]["dice"].keys() == {"vertebral_body", "posterior_elements", "disc", "canal"}
+        assert m["detection_sensitivity"] == m["detection_specificity"] == 1.0 and m["tumor_studies"] == 1
+        assert m["cobb_studies"] == 2 and m["cobb_mae_deg"] < 6.0 and m["cobb_truth"] == {"manifest": 2}
+        assert m["opll_studies"] == 2 and m["opll_accuracy"] == 1.0 and m["level_studies"] == 1
+    # Version 2 has no competence reference (fewer than 5 train studies): every labelled series is assessed.
+    assert all(p["assessed"] == p["labelled"] for p in result["versions"]["2"]["modalities"].values())
+    assert result["versions"]["1"]["modalities"]["CT"] != result["versions"]["2"]["modalities"]["CT"]  # fine-tuned
+    assert result["versions"]["1"]["modalities"]["MR"] == result["versions"]["2"]["modalities"]["MR"]  # copied
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "SYNTHETIC cohort" in table and "version 1 (served)" in table and "version 2" in table
+    assert "CT lesion size error / bias" in table and "Cobb C2–C7 MAE" in table
+    assert cli.main([*args, "--candidate", "7"]) == 2
+    assert "no version set 7" in capsys.readouterr().err

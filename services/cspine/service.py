@@ -28,10 +28,11 @@ from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, ServiceFullError
-from cspine.fewshot.prototypes import PrototypeSet, SupportSet, default_prototypes
+from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet, default_prototypes
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
-from cspine.inference.model_config import model_versions
+from cspine.inference.model_config import model_versions, served_set
+from cspine.inference.specs import ENSEMBLES, MODELS
 from cspine.pipeline import AnalysisOptions, analyze
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,15 @@ def _all_synthetic(cases: list[Case]) -> bool:
     return bool(cases) and all(c.synthetic for c in cases)
 
 
+def _served_set(repository: Path) -> int | None:
+    """The version set the repository's configs serve; None while they name different versions (being
+    rewritten by ``cspine models use``, or edited by hand: ``served_set`` says which)."""
+    try:
+        return served_set(repository)
+    except CspineError:
+        return None
+
+
 class AnalysisService:
     def __init__(
         self,
@@ -94,9 +104,12 @@ class AnalysisService:
                 _all_synthetic(store.list_cases()) if store is not None else SupportSet.load().synthetic
             )
         self.synthetic_support_set = synthetic_support_set
+        self.repository = repository
         self.calibration = Calibration.load(repository)
         self.competence = CompetenceReference.load(repository)
         self.models = model_versions(repository)
+        self.version_set = _served_set(repository)
+        self._version_problem = ""  # the last reason a version set could not be switched to, logged once
         self.in_flight = 0
         self.on_prototypes: Callable[[str], None] | None = None  # told the version whenever it changes
 
@@ -171,6 +184,71 @@ class AnalysisService:
                 await self.refresh_prototypes()
             except CspineError as error:
                 logger.warning("support store: %s", error)
+
+    # -- the model version set ----------------------------------------------------------------------------
+
+    def _version_warning(self, message: str) -> None:
+        if message != self._version_problem:
+            logger.warning("%s", message)
+            self._version_problem = message
+
+    async def refresh_models(self) -> bool:
+        """Serve the version set the repository's configs name (``cspine models use N``) when it changed: Triton
+        loads every model again from its config (a loaded model is replaced without losing its availability),
+        and once each model has version N ready, N's calibration, competence reference and reported versions
+        are used (and the support set's prototypes refitted with N's calibration). True then. A Triton that
+        refuses (started without model control) keeps the set it serves, and so does the service."""
+        try:
+            number = await asyncio.to_thread(served_set, self.repository)
+        except CspineError as error:
+            self._version_warning(f"{error}; still serving version set {self.version_set}")
+            return False
+        if number == self.version_set:
+            return False
+        try:
+            await self.triton.reload((*MODELS, *ENSEMBLES))
+        except CspineError as error:
+            self._version_warning(
+                f"model version set {number} is named in the repository but was not loaded ({error}); "
+                f"still serving version set {self.version_set}"
+            )
+            return False
+        behind = await self.triton.wait_versions(tuple(MODELS), number)
+        if behind:
+            self._version_warning(
+                f"Triton reloaded the models but does not serve version {number} alone of {', '.join(behind)}; "
+                f"still reporting version set {self.version_set}"
+            )
+            return False
+
+        def version_files():
+            prototypes = None
+            if self.store is not None and self.store.adaptation is not None:
+                self.store.adaptation = Adaptation.of_repository(self.store.adaptation.method, self.repository)
+                prototypes = self.store.prototype_set(self.version_number)
+            return (
+                Calibration.load(self.repository),
+                CompetenceReference.load(self.repository),
+                model_versions(self.repository),
+                prototypes,
+            )
+
+        calibration, competence, models, prototypes = await asyncio.to_thread(version_files)
+        self.calibration, self.competence, self.models = calibration, competence, models
+        if prototypes is not None:
+            self.prototypes = prototypes
+        self.version_set, self._version_problem = number, ""
+        logger.info("model version set %d is now in use", number)
+        return True
+
+    async def watch_models(self, interval_s: float) -> None:
+        """Look at the repository's version set every ``interval_s`` and switch to it (``refresh_models``)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh_models()
+            except CspineError as error:  # Triton went away meanwhile: the next look tries again
+                self._version_warning(f"model versions: {error}")
 
     async def add_case(
         self,

@@ -3,7 +3,8 @@
 Columns (a header row first; docs/cohort.md): ``study`` (the study's folder, relative to the cohort), ``class``
 (``benign``, ``borderline``, ``malignant``, or ``none`` for a study without a tumor), ``subtype`` (optional),
 ``level`` (the tumor's main vertebra, optional), ``reference`` (where the pathology comes from: a report number,
-never a patient identifier) and ``split`` (``train``, ``validation`` or ``test``: held out from training).
+never a patient identifier), ``split`` (``train``, ``validation`` or ``test``: held out from training) and
+``cobb_deg`` (optional: the C2–C7 Cobb angle the site measured, in degrees, lordosis positive).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from cspine.domain import VERTEBRAL_LEVELS
 
 MANIFEST_FILE = "manifest.csv"
-COLUMNS = ("study", "class", "subtype", "level", "reference", "split")
+COLUMNS = ("study", "class", "subtype", "level", "reference", "split", "cobb_deg")
 CLASSES = ("benign", "borderline", "malignant", "none")  # the classifier's classes, and no tumor
 SPLITS = ("train", "validation", "test")
 
@@ -28,6 +29,11 @@ class ManifestRow:
     level: str
     reference: str
     split: str
+    cobb_deg: str = ""  # as written; ``cobb`` reads it
+
+    @property
+    def cobb(self) -> float | None:
+        return float(self.cobb_deg) if self.cobb_deg else None
 
     def as_csv(self) -> dict[str, str]:
         row = asdict(self)
@@ -64,6 +70,7 @@ def read_manifest(path: Path) -> tuple[dict[str, ManifestRow], list[str]]:
                     level=(raw.get("level") or "").strip().upper(),
                     reference=(raw.get("reference") or "").strip(),
                     split=(raw.get("split") or "").strip().lower(),
+                    cobb_deg=(raw.get("cobb_deg") or "").strip(),
                 )
                 problem = _row_problem(row, rows)
                 if problem:
@@ -86,6 +93,13 @@ def _row_problem(row: ManifestRow, seen: dict[str, ManifestRow]) -> str:
         return f"split {row.split!r} of {row.study!r} is not one of {', '.join(SPLITS)}"
     if row.level and row.level not in VERTEBRAL_LEVELS:
         return f"level {row.level!r} of {row.study!r} is not one of {', '.join(VERTEBRAL_LEVELS)}"
+    if row.cobb_deg:
+        try:
+            cobb = float(row.cobb_deg)
+        except ValueError:
+            cobb = float("nan")
+        if not -90.0 <= cobb <= 90.0:
+            return f"cobb_deg {row.cobb_deg!r} of {row.study!r} is not an angle in degrees between -90 and 90"
     if row.tumor_class == "none" and (row.subtype or row.level):
         return f"study {row.study!r} has class none but a tumor subtype or level"
     return ""

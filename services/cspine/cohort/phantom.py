@@ -130,8 +130,9 @@ def write_dicom_labels(case_dir: Path) -> None:
     )
 
 
-def manifest_row(index: int, case_id: str, lesion: dict | None) -> ManifestRow:
-    """A phantom case's manifest row: its truth's class, subtype and level; every fourth case held out."""
+def manifest_row(index: int, case_id: str, lesion: dict | None, cobb_deg: float) -> ManifestRow:
+    """A phantom case's manifest row: its truth's class, subtype, level and Cobb angle; every fourth case held
+    out."""
     return ManifestRow(
         study=case_id,
         tumor_class=lesion["class"] if lesion else "none",
@@ -139,6 +140,7 @@ def manifest_row(index: int, case_id: str, lesion: dict | None) -> ManifestRow:
         level=lesion["primary_level"] if lesion else "",
         reference="SYNTHETIC phantom truth.json",
         split="test" if (index + 1) % TEST_EVERY == 0 else "train",
+        cobb_deg=f"{cobb_deg:.2f}",
     )
 
 
@@ -152,4 +154,7 @@ def write_cohort_labels(out: Path, truths: list[dict], workers: int = 1) -> None
     else:
         for folder in folders:
             write_dicom_labels(folder)
-    write_manifest(out / MANIFEST_FILE, [manifest_row(t["case_index"], t["case_id"], t["tumor"]) for t in truths])
+    write_manifest(
+        out / MANIFEST_FILE,
+        [manifest_row(t["case_index"], t["case_id"], t["tumor"], t["cobb_angle_c2_c7_deg"]) for t in truths],
+    )

@@ -15,6 +15,8 @@ from cspine.inference.local_triton import default_repository
 
 
 def cmd_evaluate_models(args: argparse.Namespace) -> int:
+    if args.cohort:
+        return _evaluate_cohort_versions(args)
     from cspine.modeling.figures import format_metrics, write_figures
     from cspine.modeling.recipes import PRESETS, dump, evaluate_models
 
@@ -27,6 +29,18 @@ def cmd_evaluate_models(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(dump(metrics))
         write_figures(metrics, Path(args.repository), Path(args.cache), PRESETS[args.preset], out)
     print(dump(metrics) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _evaluate_cohort_versions(args: argparse.Namespace) -> int:
+    from cspine.cohort.evaluate import evaluate_versions, format_versions
+
+    result = evaluate_versions(Path(args.cohort), Path(args.repository), args.candidate, progress=not args.quiet)
+    _write_json(args.out, "cohort-versions.json", result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "studies"}, indent=2))
+    else:
+        print(format_versions(result))
     return 0
 
 
@@ -381,7 +395,29 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     evaluate = p.add_subparsers(dest="evaluate", required=True)
     e = evaluate.add_parser(
         "models",
-        help="segmentation Dice, lesion size error and few-shot accuracy on held-out SYNTHETIC data",
+        help="segmentation Dice, lesion size error and few-shot accuracy on held-out SYNTHETIC data; with --cohort, "
+        "a site's version sets through the pipeline on its held-out studies",
+        description=(
+            "Without --cohort: the shipped models on held-out SYNTHETIC phantom data (Dice on the model grid, lesion "
+            "size, few-shot accuracy). With --cohort DIR (a labelled cohort, docs/cohort.md): the cohort is checked, "
+            "then its held-out studies (split validation or test) are analysed through the whole pipeline by a local "
+            "Triton, once with the served version set and once with the candidate, and compared with the site's "
+            "labels: Dice per structure and lesion Dice on each labelled series, lesion size error, detection, level "
+            "accuracy, Cobb angle MAE and OPLL accuracy, side by side."
+        ),
+    )
+    e.add_argument(
+        "--cohort",
+        default=None,
+        metavar="DIR",
+        help="a labelled cohort: compare the served version set with --candidate on its held-out studies",
+    )
+    e.add_argument(
+        "--candidate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cohort: the version set to compare with the served one (default: the highest other set)",
     )
     e.add_argument("--repository", default="model_repository")
     e.add_argument(
@@ -391,7 +427,11 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         help="full: 24 studies, 200 episodes per K; smoke: a tiny run",
     )
     e.add_argument("--cache", default=".cache/cspine")
-    e.add_argument("--out", default=None, help="also write metrics.json and PNG figures here")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="also write metrics.json and PNG figures here (with --cohort: cohort-versions.json, per study too)",
+    )
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--quiet", action="store_true")

@@ -45,7 +45,11 @@ def cmd_models_use(args: argparse.Namespace) -> int:
 
     repository = Path(args.repository)
     changed = use_version(repository, args.version)
-    print(f"version set {args.version} is served from the next start of Triton ({len(changed)} configs changed):")
+    print(
+        f"version set {args.version} is named in the repository ({len(changed)} configs changed): a running cspine "
+        "serve on it switches within its --store-poll seconds, its Triton reloading the models without losing "
+        "availability; otherwise it is served from the next start:"
+    )
     for model in model_versions(repository):
         print(f"  {model.name} {model.version}")
     return 0
@@ -66,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     listing.set_defaults(func=cmd_models_list)
     use = sub.add_parser(
         "use",
-        help="serve version set N (a restart of cspine serve or its Triton serves it); roll back with the old N",
+        help="serve version set N (a running cspine serve switches within seconds, without a restart); roll back "
+        "with the old N",
     )
     use.add_argument("version", type=int)
     use.add_argument("--repository", default="model_repository")

@@ -138,7 +138,10 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     async def run(url: str) -> None:
         async with TritonClient(url, config.triton_client, observer=metrics.observe_triton) as client:
             service = AnalysisService(client, repository, config.analysis, store=store)
-            watcher = asyncio.create_task(service.watch_store(config.store_poll_s))
+            watchers = [
+                asyncio.create_task(service.watch_store(config.store_poll_s)),
+                asyncio.create_task(service.watch_models(config.store_poll_s)),
+            ]
             try:
                 async with AsyncExitStack() as nodes:
                     if config.dicom.enabled:
@@ -146,7 +149,8 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
                         print(node.describe(), flush=True)
                     await run_gateway(service, gateway, metrics, tokens, credentials)
             finally:
-                watcher.cancel()
+                for watcher in watchers:
+                    watcher.cancel()
 
     with ExitStack() as stack:
         stack.callback(store.close)
@@ -318,7 +322,8 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         "--store-poll",
         type=float,
         default=serve.store_poll_s,
-        help="seconds between checks for changes made by other replicas (env CSPINE_STORE_POLL_SECONDS, default 5)",
+        help="seconds between checks for support-set changes made by other replicas and for the model version set "
+        "the repository names (cspine models use N) (env CSPINE_STORE_POLL_SECONDS, default 5)",
     )
     p.add_argument(
         "--prototype-adaptation",

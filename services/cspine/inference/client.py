@@ -114,9 +114,15 @@ class TritonClient:
             return False
 
     async def check_ready(self, models: tuple[str, ...] | None = None, timeout_s: float = 5.0) -> None:
-        """Raise ``TritonUnavailableError`` unless Triton answers and every model in ``models`` is READY."""
+        """Raise ``TritonUnavailableError`` unless Triton is live and every model in ``models`` is READY. (Not
+        Triton's own server readiness: with strict readiness it is false for the seconds a model reload takes,
+        while the loaded version goes on answering.)"""
         names = models if models is not None else tuple(SERVED)
-        if not await self.server_ready(timeout_s):
+        try:
+            live = bool(await self.client.is_server_live(client_timeout=timeout_s))
+        except InferenceServerException:
+            live = False
+        if not live:
             raise TritonUnavailableError(f"Triton at {self.url} does not answer or is not ready")
         for name in names:
             try:
@@ -125,6 +131,43 @@ class TritonClient:
                 raise self._translate(error, name) from None
             if not ready:
                 raise TritonUnavailableError(f"model {name} is not ready on Triton at {self.url}")
+
+    async def reload(self, models: tuple[str, ...], timeout_s: float = 300.0) -> None:
+        """Have Triton load ``models`` again, in order, each from its config in the repository (a changed version
+        policy serves another version): Triton replaces a loaded model without losing its availability. Needs a
+        Triton started with ``--model-control-mode=explicit`` (the local one is); ``InferenceError`` names
+        Triton's refusal otherwise."""
+        for name in models:
+            try:
+                await self.client.load_model(name, client_timeout=timeout_s)
+            except InferenceServerException as error:
+                if error.status() == str(grpc.StatusCode.UNAVAILABLE):
+                    raise TritonUnavailableError(f"Triton at {self.url} does not answer (loading {name})") from None
+                raise InferenceError(f"Triton at {self.url} did not load {name}: {error.message()}") from None
+
+    async def ready_versions(self, timeout_s: float = 5.0) -> dict[str, set[int]]:
+        """The versions of each model Triton has READY (its repository index)."""
+        try:
+            index = await self.client.get_model_repository_index(client_timeout=timeout_s)
+        except InferenceServerException as error:
+            raise TritonUnavailableError(f"Triton at {self.url} does not answer ({error.message()})") from None
+        out: dict[str, set[int]] = {}
+        for model in index.models:
+            if model.state == "READY" and model.version.isdigit():
+                out.setdefault(model.name, set()).add(int(model.version))
+        return out
+
+    async def wait_versions(self, models: tuple[str, ...], version: int, timeout_s: float = 60.0) -> list[str]:
+        """Wait until each of ``models`` has ``version`` ready and no other (after a reload, Triton unloads the
+        version it replaces a moment after the new one is ready, and until then answers with the highest). The
+        models that did not get there within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = await self.ready_versions()
+            behind = [name for name in models if ready.get(name) != {version}]
+            if not behind or time.monotonic() > deadline:
+                return behind
+            await asyncio.sleep(0.1)
 
     async def infer(
         self, model: str | ModelSpec, inputs: dict[str, np.ndarray], *, deadline_s: float | None = None

@@ -61,7 +61,9 @@ RESTART_MAX_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 SHM_DIR = Path("/dev/shm")
 # How often a running server and its stubs are checked. A stub that dies (the OOM killer) leaves Triton ready
-# but failing every request of its model ("Stub process … is not healthy"): the server is then ended too.
+# but failing every request of its model ("Stub process … is not healthy"): the server is then ended too. A model
+# reload (``load_model``) also ends its stubs, after starting new ones: the server is ended only when it has fewer
+# stubs than once every model was loaded.
 CHECK_INTERVAL_S = 0.25
 
 
@@ -268,6 +270,7 @@ class LocalTriton:
         self._backends: Path | None = None
         self._reader: threading.Thread | None = None
         self._stubs: dict[int, str] = {}  # the running server's Python backend stubs, by pid: when each started
+        self._stub_count = 0  # how many it had once every model was loaded
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._spawning = threading.Lock()  # no server is spawned once stop() has begun
@@ -306,6 +309,10 @@ class LocalTriton:
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--disable-auto-complete-config",
+            # Every model loaded at start, and reloadable (``cspine models use N``): a reload of a loaded model
+            # replaces it without losing availability.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_BYTES}",
@@ -409,6 +416,7 @@ class LocalTriton:
             self._end(self.process)
             raise
         self._stubs = _children(self.process.pid)  # every model is loaded: each instance has its stub
+        self._stub_count = len(self._stubs)
 
     def _wait_exit(self) -> int | None:
         """Wait until the server exits, ending it when one of its stubs has died; then end what is left of it
@@ -423,6 +431,10 @@ class LocalTriton:
             except ChildProcessError:  # stop() reaped it already
                 break
             dead = [pid for pid, started in self._stubs.items() if _process_start(pid) != started]
+            if dead:
+                current = _children(process.pid)
+                if len(current) >= self._stub_count:  # a model reload replaced stubs, each with a new one
+                    self._stubs, dead = current, []
             if dead and not self._stopping.is_set():
                 logger.error("a Python backend stub of tritonserver died (pid %d); ending the server", dead[0])
                 self._stubs = {}

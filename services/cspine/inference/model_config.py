@@ -114,8 +114,8 @@ def available_sets(repository: Path) -> list[int]:
 
 def use_version(repository: Path, version: int) -> list[Path]:
     """Serve the version set ``version``: every model's configs get the version policy of that one version (a
-    Triton that polls the repository loads it, and unloads the other, as it reloads any model; otherwise the next
-    start serves it). Returns the configs changed. ``CspineError`` when a model has no such version."""
+    running ``cspine serve`` has its Triton reload the models, ``AnalysisService.refresh_models``; otherwise the
+    next start serves it). Returns the configs changed. ``CspineError`` when a model has no such version."""
     if version not in available_sets(repository):
         raise CspineError(
             f"no version set {version} in {repository}: the sets are {', '.join(map(str, available_sets(repository)))}"
