@@ -44,6 +44,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "test_gpu_prep.py::test_prepare_then_run_on_cpu_serves_gpu_torch_and_writes_figures_for_every_setting",
         "test_cohort.py::test_a_running_service_switches_version_sets_and_rolls_back_without_a_restart_or_a_failed_request",
         "test_cohort.py::test_a_version_set_triton_cannot_load_is_not_switched_to",
+        "test_cohort.py::test_a_version_s_calibration_is_refitted_on_the_cohort_s_train_studies_through_the_pipeline",
         "test_cohort.py::test_evaluate_models_on_a_cohort_puts_the_candidate_beside_the_served_version",
         "faults/test_fault_triton.py",
     ),

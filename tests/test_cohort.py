@@ -23,8 +23,10 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import pack_bits
 
 from cspine import cli
+from cspine.analysis.fusion import Calibration
 from cspine.cohort.check import check_cohort, format_report, image_files
 from cspine.cohort.manifest import MANIFEST_FILE
+from cspine.cohort.versions import refit_calibration
 from cspine.domain import Modality
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
@@ -406,7 +408,12 @@ def test_an_exported_version_holds_every_model_its_card_and_its_files(versioned,
     }
     assert card["fine_tuned"]["seg_ct"]["steps"] == 6 and card["fine_tuned"]["seg_ct"]["train_studies"] == 2
     assert card["copied_from_base"] == ["seg_mr", "seg_xr", "lesion_embed", "proto_classify"]
-    assert "not refitted" in card["inherited"]["calibration.json"]
+    assert card["calibration"] == {  # too few train studies to refit it: version 1's, and the card says why
+        "detection": "version 1's: 1 train studies with a tumor and 1 without; a refit needs 5 of each",
+        "classification": "version 1's: 1 train studies with a tumor; a refit needs 15 with a classified lesion",
+    }
+    assert (repository / "calibration.v2.json").read_bytes() == (repository / "calibration.json").read_bytes()
+    assert "lesion_embed's, which version 2 copies from version 1" in card["inherited"]["default support set"]
     assert all("no reference: fewer than 5 train studies" in card["competence"][m] for m in ("CT", "MR", "XR"))
     assert TUMOR_CASE not in json.dumps(card)  # counts, never which study
     meta = {p.key: p.value for p in onnx.load(str(v2)).metadata_props}
@@ -424,6 +431,26 @@ def test_an_exported_version_holds_every_model_its_card_and_its_files(versioned,
     assert listed["served"] == 1 and [v["version"] for v in listed["versions"]] == [1, 2]
     assert cli.main(["models", "use", "3", "--repository", str(repository)]) == 2
     assert "no version set 3" in capsys.readouterr().err
+
+
+def test_a_version_s_calibration_is_refitted_on_the_cohort_s_train_studies_through_the_pipeline(
+    versioned, labelled: Path, tmp_path: Path
+):
+    """With the minimum study counts lowered to what the 2-case SYNTHETIC cohort has (1 with a tumor, 1 without)."""
+    repository = _copy(versioned[0], tmp_path)
+    base = Calibration.load(repository)
+    calibration, parts = refit_calibration(
+        check_cohort(labelled), repository, 2, 1, progress=False, detection_min=1, classification_min=1
+    )
+    assert parts["detection"].startswith("refitted: train studies of the SYNTHETIC cohort cohort, version 2; 2 studies")
+    assert parts["classification"].startswith("refitted: ") and "the 1 studies with a tumor" in parts["classification"]
+    assert calibration.fitted_on == "train studies of the SYNTHETIC cohort cohort, version 2; 2 studies"
+    assert calibration.detection != base.detection and calibration.detection_weights != base.detection_weights
+    assert set(calibration.classification_weights) == set(Modality)
+    assert all(0.0 <= w <= 5.0 for w in calibration.classification_weights.values())
+    # the same counts under the shipped minimums: nothing is refitted, and no Triton is started for it
+    calibration, parts = refit_calibration(check_cohort(labelled), repository, 2, 1, progress=False)
+    assert calibration == base and all(p.startswith("version 1's") for p in parts.values())
 
 
 def test_a_running_service_switches_version_sets_and_rolls_back_without_a_restart_or_a_failed_request(

@@ -9,7 +9,11 @@ their names (``model_config.version_file``):
   each fine-tuned model's run and its held-out Dice beside the base version's, and what was inherited;
 - ``competence.json``/``.npz``: the out-of-distribution reference refitted on the cohort's train studies with
   version N's segmentation models (their features are not the base version's);
-- ``calibration.json``: the base version's, not refitted (the model card says so).
+- ``calibration.json``: refitted on the cohort's train studies run through the pipeline with version N
+  (``refit_calibration``), each part only where the cohort has enough studies for it: the detection curves and
+  weights with ``DETECTION_MIN_STUDIES`` tumor and tumor-free studies, the classification weights with
+  ``CLASSIFICATION_MIN_STUDIES`` tumor studies with a classified lesion. A part not refitted is the base
+  version's, and the model card says which.
 
 Writing a version does not serve it: ``cspine models use N`` does.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import cspine
 from cspine.analysis.competence import COMPETENCE_FILE
-from cspine.analysis.fusion import CALIBRATION_FILE
+from cspine.analysis.fusion import CALIBRATION_FILE, Calibration
 from cspine.cohort.check import CohortReport, check_cohort, image_files
 from cspine.cohort.training import require_clean
 from cspine.config import IngestLimits
@@ -57,6 +61,115 @@ def cohort_summary(report: CohortReport) -> dict:
         "studies": len(report.studies),
         "classes_per_split": report.class_counts(),
     }
+
+
+DETECTION_MIN_STUDIES = 5  # train studies with a tumor, and without one, to refit the detection curves and weights
+CLASSIFICATION_MIN_STUDIES = 15  # train studies with a tumor and a classified matched lesion, for the weights
+
+
+def _calibration_records(
+    report: CohortReport, repository: Path, version: int, limits: IngestLimits, progress: bool
+) -> list[dict]:
+    """The cohort's train studies through the pipeline with version set ``version`` (a local Triton on a copy of
+    the repository), as ``cspine calibrate`` runs its cohort: equal weights, the default support set."""
+    import asyncio
+    import tempfile
+
+    from tqdm import tqdm
+
+    from cspine.analysis.competence import CompetenceReference
+    from cspine.dicom.ingest import ingest_paths
+    from cspine.evaluation.cohort import calibration_record
+    from cspine.fewshot.prototypes import default_prototypes
+    from cspine.inference.client import TritonClient
+    from cspine.inference.local_triton import LocalTriton, TritonPorts
+    from cspine.inference.model_config import model_versions, use_version
+    from cspine.pipeline import AnalysisOptions, analyze
+
+    train = [s for s in report.studies if s.row is not None and s.row.split == "train"]
+
+    async def run(url: str, copy: Path) -> list[dict]:
+        records = []
+        competence, models, prototypes = CompetenceReference.load(copy), model_versions(copy), default_prototypes()
+        async with TritonClient(url) as client:
+            for study in tqdm(train, desc="calibration", unit="study", disable=not progress):
+                assert study.row is not None
+                ingested = await asyncio.to_thread(ingest_paths, image_files(report.folder / study.name), limits)
+                analysis = await analyze(
+                    ingested, client, prototypes, Calibration.uniform(), AnalysisOptions(), models, competence
+                )
+                records.append(calibration_record(study.row.tumor_class, analysis))
+        return records
+
+    with tempfile.TemporaryDirectory(prefix="cspine-calibration-") as work:
+        copy = Path(work) / "repository"
+        shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        use_version(copy, version)
+        with LocalTriton(copy, TritonPorts.free()) as triton:
+            return asyncio.run(run(triton.grpc_url, copy))
+
+
+def refit_calibration(
+    report: CohortReport,
+    repository: Path,
+    version: int,
+    base: int,
+    limits: IngestLimits = IngestLimits(),
+    progress: bool = True,
+    detection_min: int = DETECTION_MIN_STUDIES,
+    classification_min: int = CLASSIFICATION_MIN_STUDIES,
+) -> tuple[Calibration, dict[str, str]]:
+    """Version ``version``'s calibration: the base version's, with each part refitted on the cohort's train studies
+    where there are enough of them. Returns it and, per part, what it was fitted on or why it was not refitted."""
+    from dataclasses import replace
+
+    from cspine.evaluation.calibrate import fit_calibration
+
+    inherited = Calibration.from_json(json.loads(version_file(repository, CALIBRATION_FILE, base).read_text()))
+    rows = [s.row for s in report.studies if s.row is not None and s.row.split == "train"]
+    tumor = sum(r.tumor_class != "none" for r in rows)
+    free = len(rows) - tumor
+    detection_ok = tumor >= detection_min and free >= detection_min
+    why = {
+        "detection": f"version {base}'s: {tumor} train studies with a tumor and {free} without; a refit needs "
+        f"{detection_min} of each",
+        "classification": f"version {base}'s: {tumor} train studies with a tumor; a refit needs {classification_min} "
+        "with a classified lesion",
+    }
+    if not detection_ok and tumor < classification_min:
+        return inherited, why
+    records = _calibration_records(report, repository, version, limits, progress)
+    classified = sum(r["truth"]["tumor"] and any(m["probabilities"] for m in r["modalities"].values()) for r in records)
+    summary = cohort_summary(report)
+    label = "SYNTHETIC " if summary["synthetic"] else ""
+    embed = repository / "lesion_embed" / str(version) / "model.onnx"
+    fitted = fit_calibration(records, embed, f"train studies of the {label}cohort {summary['name']}, version {version}")
+    calibration = inherited
+    if detection_ok:
+        calibration = replace(
+            calibration,
+            detection=fitted.detection,
+            detection_weights=fitted.detection_weights,
+            fitted_on=fitted.fitted_on,
+        )
+        why["detection"] = f"refitted: {fitted.fitted_on} ({tumor} with a tumor, {free} without)"
+    if classified >= classification_min:
+        calibration = replace(
+            calibration,
+            classification_weights=fitted.classification_weights,
+            classification_weights_ci95=fitted.classification_weights_ci95,
+            classification_fitted_on=fitted.classification_fitted_on,
+            embed_model_sha256=fitted.embed_model_sha256,
+            classification_order=fitted.classification_order,
+            classification_choice=fitted.classification_choice,
+        )
+        why["classification"] = f"refitted: {fitted.classification_fitted_on}"
+    else:
+        why["classification"] = (
+            f"version {base}'s: {classified} train studies with a tumor and a classified lesion; a refit needs "
+            f"{classification_min}"
+        )
+    return calibration, why
 
 
 def export_version(
@@ -135,7 +248,7 @@ def export_version(
         }
         files["competence.npz"] = files[COMPETENCE_FILE].with_suffix(".npz")
         written += list(files.values())
-        shutil.copy2(version_file(repository, CALIBRATION_FILE, base), files[CALIBRATION_FILE])
+        shutil.copy2(version_file(repository, CALIBRATION_FILE, base), files[CALIBRATION_FILE])  # until refitted
         train_studies = [
             image_files(report.folder / s.name) for s in report.studies if s.row is not None and s.row.split == "train"
         ]
@@ -160,6 +273,8 @@ def export_version(
             progress,
         )
         reference.save(repository, version)
+        calibration, calibration_parts = refit_calibration(report, repository, version, base, limits, progress)
+        calibration.save(repository, version)
         card = {
             "version": version,
             "base_version": base,
@@ -175,9 +290,10 @@ def export_version(
                 "check is off for it in this version"
                 for m in MODALITY_ORDER
             },
+            "calibration": calibration_parts,
             "inherited": {
-                CALIBRATION_FILE: f"version {base}'s, not refitted on version {version}",
-                "default support set": "the shipped SYNTHETIC default support set, not rebuilt",
+                "default support set": "the shipped SYNTHETIC default support set, not rebuilt: its embeddings are "
+                f"lesion_embed's, which version {version} copies from version {base}",
             },
             "files": sorted(p.name for p in files.values()),
         }
