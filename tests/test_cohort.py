@@ -32,7 +32,7 @@ from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
 from cspine.inference.model_config import model_versions, served_set, version_file
 from cspine.inference.runner import onnx_session
-from cspine.inference.specs import SEG_GEOMETRY, SEG_LABELS
+from cspine.inference.specs import MODELS, SEG_GEOMETRY, SEG_LABELS
 from cspine.modeling.data import model_labels
 from cspine.modeling.export import load_seg_onnx
 from cspine.modeling.networks import SegExport
@@ -410,7 +410,7 @@ def test_an_exported_version_holds_every_model_its_card_and_its_files(versioned,
     assert card["copied_from_base"] == ["seg_mr", "seg_xr", "lesion_embed", "proto_classify"]
     assert card["calibration"] == {  # too few train studies to refit it: version 1's, and the card says why
         "detection": "version 1's: 1 train studies with a tumor and 1 without; a refit needs 5 of each",
-        "classification": "version 1's: 1 train studies with a tumor; a refit needs 15 with a classified lesion",
+        "classification": "version 1's: 1 train studies with a tumor; a refit needs 15 with a lesion embedding",
     }
     assert (repository / "calibration.v2.json").read_bytes() == (repository / "calibration.json").read_bytes()
     assert "lesion_embed's, which version 2 copies from version 1" in card["inherited"]["default support set"]
@@ -443,7 +443,9 @@ def test_a_version_s_calibration_is_refitted_on_the_cohort_s_train_studies_throu
         check_cohort(labelled), repository, 2, 1, progress=False, detection_min=1, classification_min=1
     )
     assert parts["detection"].startswith("refitted: train studies of the SYNTHETIC cohort cohort, version 2; 2 studies")
-    assert parts["classification"].startswith("refitted: ") and "the 1 studies with a tumor" in parts["classification"]
+    assert parts["classification"].startswith("refitted: ")
+    assert "the pooling weights of the 1 studies with a tumor and a lesion embedding" in parts["classification"]
+    assert calibration.classification_weights != base.classification_weights
     assert calibration.fitted_on == "train studies of the SYNTHETIC cohort cohort, version 2; 2 studies"
     assert calibration.detection != base.detection and calibration.detection_weights != base.detection_weights
     assert set(calibration.classification_weights) == set(Modality)
@@ -516,21 +518,35 @@ def test_a_running_service_switches_version_sets_and_rolls_back_without_a_restar
 
 
 def test_a_version_set_triton_cannot_load_is_not_switched_to(versioned, tmp_path: Path, caplog):
+    """seg_mr's version 2 is broken: Triton loads seg_ct's version 2 before it meets that, so seg_ct is loaded at
+    version 1 again, and Triton serves version set 1 whole, as the service reports."""
     repository = _copy(versioned[0], tmp_path)
     (repository / "seg_mr" / "2" / "model.onnx").write_bytes(b"not a model")
+    image = _ct_image()
+    v1 = onnx_session(repository / "seg_ct" / "1" / "model.onnx").run(None, {"image": image})[0]
 
-    async def scenario(url: str) -> tuple[bool, int, list[str]]:
+    async def scenario(url: str) -> dict:
         async with TritonClient(url) as client:
             service = AnalysisService(client, repository)
             assert cli.main(["models", "use", "2", "--repository", str(repository)]) == 0
             switched = await service.refresh_models()
-            await client.check_ready()  # version 1 still serves every model
-            return switched, service.version_set, [m.version.split()[0] for m in service.models]
+            again = await service.refresh_models()  # within VERSION_RETRY_S: not tried again
+            await client.check_ready()  # every model answers
+            return {
+                "switched": (switched, again),
+                "set": service.version_set,
+                "reported": [m.version.split()[0] for m in service.models],
+                "ready": await client.ready_versions(),
+                "seg_ct_is_v1": np.array_equal((await client.infer("seg_ct", {"image": image}))["labels"], v1),
+            }
 
     with LocalTriton(repository, TritonPorts.free()) as triton:
-        switched, version_set, reported = asyncio.run(scenario(triton.grpc_url))
-    assert not switched and version_set == 1 and reported == ["1"] * 5
-    assert "did not load seg_mr" in caplog.text and "still serving version set 1" in caplog.text
+        seen = asyncio.run(scenario(triton.grpc_url))
+    assert seen["switched"] == (False, False) and seen["set"] == 1 and seen["reported"] == ["1"] * 5
+    assert {name: seen["ready"][name] for name in MODELS} == {name: {1} for name in MODELS}
+    assert seen["seg_ct_is_v1"]
+    assert "did not load seg_mr" in caplog.text and "still serving version set 1, trying again in 60 s" in caplog.text
+    assert caplog.text.count("did not load seg_mr") == 1
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from cspine.inference.specs import ENSEMBLES, MODELS
 from cspine.pipeline import AnalysisOptions, analyze
 
 logger = logging.getLogger(__name__)
+
+VERSION_RETRY_S = 60.0  # a version set Triton did not load is tried again after this long (each try reloads models)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class AnalysisService:
         self.models = model_versions(repository)
         self.version_set = _served_set(repository)
         self._version_problem = ""  # the last reason a version set could not be switched to, logged once
+        self._refused: tuple[int | None, float] = (None, 0.0)  # the last set Triton did not load, and when
         self.in_flight = 0
         self.on_prototypes: Callable[[str], None] | None = None  # told the version whenever it changes
 
@@ -205,12 +209,16 @@ class AnalysisService:
             return False
         if number == self.version_set:
             return False
+        refused, when = self._refused
+        if number == refused and time.monotonic() - when < VERSION_RETRY_S:
+            return False
         try:
-            await self.triton.reload((*MODELS, *ENSEMBLES))
+            await self.triton.reload((*MODELS, *ENSEMBLES), back_to=self.version_set)
         except CspineError as error:
+            self._refused = (number, time.monotonic())
             self._version_warning(
                 f"model version set {number} is named in the repository but was not loaded ({error}); "
-                f"still serving version set {self.version_set}"
+                f"still serving version set {self.version_set}, trying again in {VERSION_RETRY_S:.0f} s"
             )
             return False
         behind = await self.triton.wait_versions(tuple(MODELS), number)

@@ -109,6 +109,42 @@ def _calibration_records(
             return asyncio.run(run(triton.grpc_url, copy))
 
 
+def site_fusion_weights(
+    records: list[dict], repository: Path, version: int, start: dict[Modality, float]
+) -> dict[Modality, float]:
+    """The classification weights of log-linear pooling fitted to tumor studies' records (their class and per
+    modality the matched lesion's embedding), as the service fits them once a site has enough cases of every
+    class (``fewshot.prototypes``): each study classified by the prototypes of the others by the support rule
+    over the default set, fitted with version ``version``'s classifier scale; the weights that minimise the
+    cross-entropy, pulled towards ``start``."""
+    import numpy as np
+
+    from cspine.fewshot.adapt import exported_scale, pooling_weights
+    from cspine.fewshot.prototypes import Adaptation, SupportSet, held_out_log_probabilities
+
+    default = SupportSet.load()
+    rows = [
+        [
+            np.array(r["modalities"][m.value]["embedding"], dtype=np.float32)
+            if r["modalities"][m.value]["embedding"]
+            else np.full(default.embeddings.shape[2], np.nan, dtype=np.float32)
+            for m in MODALITY_ORDER
+        ]
+        for r in records
+    ]
+    both = SupportSet(
+        np.concatenate([default.embeddings, np.array(rows, dtype=np.float32)]),
+        default.labels + tuple(r["truth"]["class"] for r in records),
+    )
+    flags = np.array([True] * len(default.labels) + [False] * len(records))
+    labels = tuple(dict.fromkeys(both.labels))
+    scale = exported_scale(repository / "proto_classify" / str(version) / "model.onnx")
+    held_out, truth = held_out_log_probabilities(both, flags, labels, Adaptation("fitted", scale))
+    begin = np.array([start[m] for m in MODALITY_ORDER])
+    weights = pooling_weights(held_out, truth, begin)
+    return {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, weights, strict=True)}
+
+
 def refit_calibration(
     report: CohortReport,
     repository: Path,
@@ -134,18 +170,19 @@ def refit_calibration(
         "detection": f"version {base}'s: {tumor} train studies with a tumor and {free} without; a refit needs "
         f"{detection_min} of each",
         "classification": f"version {base}'s: {tumor} train studies with a tumor; a refit needs {classification_min} "
-        "with a classified lesion",
+        "with a lesion embedding",
     }
     if not detection_ok and tumor < classification_min:
         return inherited, why
     records = _calibration_records(report, repository, version, limits, progress)
-    classified = sum(r["truth"]["tumor"] and any(m["probabilities"] for m in r["modalities"].values()) for r in records)
     summary = cohort_summary(report)
-    label = "SYNTHETIC " if summary["synthetic"] else ""
-    embed = repository / "lesion_embed" / str(version) / "model.onnx"
-    fitted = fit_calibration(records, embed, f"train studies of the {label}cohort {summary['name']}, version {version}")
+    fitted_on = f"train studies of the {'SYNTHETIC ' if summary['synthetic'] else ''}cohort {summary['name']}, " + (
+        f"version {version}"
+    )
     calibration = inherited
     if detection_ok:
+        embed = repository / "lesion_embed" / str(version) / "model.onnx"
+        fitted = fit_calibration(records, embed, fitted_on)
         calibration = replace(
             calibration,
             detection=fitted.detection,
@@ -153,20 +190,22 @@ def refit_calibration(
             fitted_on=fitted.fitted_on,
         )
         why["detection"] = f"refitted: {fitted.fitted_on} ({tumor} with a tumor, {free} without)"
-    if classified >= classification_min:
+    cases = [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
+    if len(cases) >= classification_min:
+        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights)
         calibration = replace(
             calibration,
-            classification_weights=fitted.classification_weights,
-            classification_weights_ci95=fitted.classification_weights_ci95,
-            classification_fitted_on=fitted.classification_fitted_on,
-            embed_model_sha256=fitted.embed_model_sha256,
-            classification_order=fitted.classification_order,
-            classification_choice=fitted.classification_choice,
+            classification_weights=weights,
+            classification_weights_ci95={},
+            classification_fitted_on=f"{fitted_on}: the pooling weights of the {len(cases)} studies with a tumor and "
+            "a lesion embedding, each classified by the prototypes of the others (5 folds; the support rule over "
+            "the default set, fitted), as the service refits them from a site's cases",
         )
-        why["classification"] = f"refitted: {fitted.classification_fitted_on}"
+        why["classification"] = f"refitted: {calibration.classification_fitted_on}; the choice of pooling or one "
+        why["classification"] += f"modality is version {base}'s"
     else:
         why["classification"] = (
-            f"version {base}'s: {classified} train studies with a tumor and a classified lesion; a refit needs "
+            f"version {base}'s: {len(cases)} train studies with a tumor and a lesion embedding; a refit needs "
             f"{classification_min}"
         )
     return calibration, why

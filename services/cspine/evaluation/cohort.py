@@ -66,15 +66,18 @@ def _probabilities(lesion) -> list[float] | None:
 def calibration_record(tumor_class: str, analysis: StudyAnalysis) -> dict:
     """What ``evaluation.calibrate.fit_calibration`` reads of a study with a known class (``none``: no tumor):
     per modality its largest assessed lesion's size and the class probabilities of its lesion matched to the
-    main one (a site's cohort has no truth.json; ``case_record`` gives the same fields and more)."""
+    main one (a site's cohort has no truth.json; ``case_record`` gives the same fields and more); and that
+    lesion's embedding, for prototypes made of a site's cases."""
     matched, _ = matched_lesions({r.modality: r for r in analysis.modalities})
     modalities = {}
     for modality in MODALITY_ORDER:
         result = analysis.modality(modality)
         lesion = result.lesions[0] if result and result.lesions and result.assessment.assessed else None
+        embedding = matched[modality].embedding if modality in matched else None
         modalities[modality.value] = {
             "size": lesion_size(lesion) if lesion is not None else 0.0,
             "probabilities": _probabilities(matched.get(modality)),
+            "embedding": embedding.tolist() if embedding is not None else None,
         }
     tumor = tumor_class != "none"
     return {"truth": {"tumor": tumor, "class": tumor_class if tumor else None}, "modalities": modalities}

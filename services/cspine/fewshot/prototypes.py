@@ -227,7 +227,8 @@ class PrototypeSet:
         if method == "fitted" and adaptation is not None and adaptation.fusion_weights:
             site_labels = owner[~flags]
             if all((site_labels == label).sum() >= SITE_CASES_TO_FIT_FUSION for label in labels):
-                held_out, truth = _held_out(support, flags, labels, replace(adaptation, fusion_weights=()))
+                plain_fusion = replace(adaptation, fusion_weights=())
+                held_out, truth = held_out_log_probabilities(support, flags, labels, plain_fusion)
                 pooled = pooling_weights(held_out, truth, np.array(adaptation.fusion_weights))
                 fusion = {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, pooled, strict=True)}
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
@@ -254,7 +255,7 @@ class PrototypeSet:
         raise KeyError(label)
 
 
-def _held_out(
+def held_out_log_probabilities(
     support: SupportSet, flags: np.ndarray, labels: tuple[str, ...], adaptation: Adaptation
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each site case's [modalities, K] log-probabilities from the prototypes (by the rule, then ``adaptation``)

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
@@ -132,18 +133,32 @@ class TritonClient:
             if not ready:
                 raise TritonUnavailableError(f"model {name} is not ready on Triton at {self.url}")
 
-    async def reload(self, models: tuple[str, ...], timeout_s: float = 300.0) -> None:
+    async def reload(self, models: tuple[str, ...], back_to: int | None = None, timeout_s: float = 300.0) -> None:
         """Have Triton load ``models`` again, in order, each from its config in the repository (a changed version
         policy serves another version): Triton replaces a loaded model without losing its availability. Needs a
         Triton started with ``--model-control-mode=explicit`` (the local one is); ``InferenceError`` names
-        Triton's refusal otherwise."""
+        Triton's refusal otherwise. When one model fails to load, the ones already loaded again are loaded once
+        more at version ``back_to`` (their loaded config with that version policy), so Triton does not serve
+        a mix of two version sets."""
+        done: list[str] = []
         for name in models:
             try:
                 await self.client.load_model(name, client_timeout=timeout_s)
             except InferenceServerException as error:
+                if back_to is not None:
+                    await self._load_at(done, back_to, timeout_s)
                 if error.status() == str(grpc.StatusCode.UNAVAILABLE):
                     raise TritonUnavailableError(f"Triton at {self.url} does not answer (loading {name})") from None
                 raise InferenceError(f"Triton at {self.url} did not load {name}: {error.message()}") from None
+            done.append(name)
+
+    async def _load_at(self, models: list[str], version: int, timeout_s: float) -> None:
+        for name in models:
+            config = await self.client.get_model_config(name, as_json=True, client_timeout=timeout_s)
+            config = config.get("config", config)
+            if "ensemble_scheduling" not in config:
+                config["version_policy"] = {"specific": {"versions": [str(version)]}}
+            await self.client.load_model(name, config=json.dumps(config), client_timeout=timeout_s)
 
     async def ready_versions(self, timeout_s: float = 5.0) -> dict[str, set[int]]:
         """The versions of each model Triton has READY (its repository index)."""
