@@ -24,7 +24,7 @@ from pydicom.pixels import pack_bits
 
 from cspine import cli
 from cspine.analysis.fusion import Calibration
-from cspine.cohort.check import check_cohort, format_report, image_files
+from cspine.cohort.check import check_cohort, format_report, image_files, labelled_study
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.cohort.versions import refit_calibration
 from cspine.domain import Modality
@@ -85,9 +85,14 @@ def test_the_phantom_writes_a_cohort_that_checks_clean_and_reads_back_voxel_for_
         "mr_t2.dcm",
         "xr.dcm",
     ]
-    report = check_cohort(labelled)
+    report = check_cohort(labelled, keep_labels=True)
     assert report.count("error") == 0, format_report(report)
     assert report.class_counts() == {"train": {"benign": 1, "none": 1}}
+    dropped = check_cohort(labelled)  # the default: each study's label maps dropped once it is checked
+    assert all(lab.labels is None for s in dropped.studies for lab in s.labels)
+    again = labelled_study(dropped, dropped.studies[0])
+    assert [lab.source for lab in again.labels] == [lab.source for lab in report.studies[0].labels]
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(again.labels, report.studies[0].labels, strict=True))
     for study in report.studies:
         assert len(study.labels) == 4  # CT, MR T1 and T2, the radiograph: every series cspine chooses
         with np.load(labelled / study.name / "labels.npz") as npz:
@@ -134,7 +139,7 @@ def _edit_seg(path: Path, edit) -> None:
 
 def test_an_unknown_segment_code_is_an_error_until_codes_csv_maps_it(cohort: Path, capsys):
     seg = cohort / TUMOR_CASE / "labels" / "ct.dcm"
-    before = {lab.source: lab.labels for lab in check_cohort(cohort).studies[0].labels}
+    before = {lab.source: lab.labels for lab in check_cohort(cohort, keep_labels=True).studies[0].labels}
 
     def local_code(ds):
         for segment in ds.SegmentSequence:
@@ -150,7 +155,7 @@ def test_an_unknown_segment_code_is_an_error_until_codes_csv_maps_it(cohort: Pat
     assert "unmapped_code" in capsys.readouterr().out
 
     (cohort / "codes.csv").write_text("scheme,code,structure,level\n99LOCAL,VB,vertebral_body,\n")
-    report = check_cohort(cohort)
+    report = check_cohort(cohort, keep_labels=True)
     assert report.count("error") == 0
     after = {lab.source: lab.labels for lab in report.studies[0].labels}
     assert all(np.array_equal(before[k], after[k]) for k in before)

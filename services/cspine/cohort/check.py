@@ -203,8 +203,12 @@ def study_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def check_cohort(folder: Path, limits: IngestLimits = IngestLimits(), progress: bool = False) -> CohortReport:
-    """Check every study of a cohort folder against its manifest and code map."""
+def check_cohort(
+    folder: Path, limits: IngestLimits = IngestLimits(), progress: bool = False, keep_labels: bool = False
+) -> CohortReport:
+    """Check every study of a cohort folder against its manifest and code map. Each study's label maps are
+    dropped once it is checked (a cohort of hundreds of CTs would not fit in memory), unless ``keep_labels``:
+    ``labelled_study`` reads one study's again."""
     from tqdm import tqdm
 
     problems: list[Problem] = []
@@ -224,8 +228,16 @@ def check_cohort(folder: Path, limits: IngestLimits = IngestLimits(), progress: 
         report = check_study(path, rows.get(path.name), codes, limits)
         if path.name not in rows:
             report.problems.insert(0, Problem("error", "manifest", f"not in {MANIFEST_FILE}"))
+        if not keep_labels:
+            for labels in report.labels:
+                labels.labels = None
         studies.append(report)
     return CohortReport(folder, studies, problems)
+
+
+def labelled_study(report: CohortReport, study: StudyReport, limits: IngestLimits = IngestLimits()) -> StudyReport:
+    """A study of a checked cohort with its label maps (read again: ``check_cohort`` drops them)."""
+    return check_study(report.folder / study.name, study.row, CodeMap.load(report.folder), limits)
 
 
 def format_report(report: CohortReport) -> str:

@@ -35,7 +35,7 @@ from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration
 from cspine.analysis.lesions import measure_lesions
 from cspine.analysis.spine import measure_spine
-from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files
+from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files, labelled_study
 from cspine.cohort.training import HELD_OUT, require_clean
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest_paths
@@ -102,7 +102,7 @@ def study_truth(folder: Path, report: StudyReport, limits: IngestLimits) -> Stud
         if role is None:
             continue
         volume = chosen[role].volume
-        assert volume is not None
+        assert volume is not None and lab.labels is not None  # a study's report with its label maps
         names = SEG_LABELS[lab.modality]
         tumor = lab.labels == names.index("tumor")
         diameter = _largest_diameter(tumor, volume, lab.series_instance_uid) if tumor.any() else None
@@ -288,7 +288,7 @@ def evaluate_versions(
         raise InvalidInputError(f"the cohort {folder} has no held-out study (split validation or test in its manifest)")
     versions = _versions(repository, candidate)
     shown = tqdm(studies, desc="labels", unit="study", disable=not progress)
-    truths = [study_truth(folder / s.name, s, limits) for s in shown]
+    truths = [study_truth(folder / s.name, labelled_study(report, s, limits), limits) for s in shown]
     with tempfile.TemporaryDirectory(prefix="cspine-versions-") as work:
         copy = Path(work) / "repository"
         shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -44,7 +44,7 @@ class SeriesLabels:
     series_instance_uid: str
     modality: Modality
     source: str  # the SEG's file, relative to the study
-    labels: np.ndarray  # [K, R, C] uint8 in SEG_LABELS[modality]
+    labels: np.ndarray | None  # [K, R, C] uint8 in SEG_LABELS[modality]; None once a cohort check dropped it
     voxels: dict[str, int] = field(default_factory=dict)  # per label of the table, labelled voxels
 
 

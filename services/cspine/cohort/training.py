@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cspine.analysis.lesions import same_grid
-from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files
+from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files, labelled_study
 from cspine.cohort.codes import CODES_FILE
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest_paths
@@ -74,7 +74,9 @@ def study_arrays(folder: Path, report: StudyReport, limits: IngestLimits = Inges
             if role is not labelled[-1] and volume is not None and same_grid(volume, source.volume):
                 volumes[role] = volume
         volumes[labelled[-1]] = source.volume  # last: the labels lie on its grid
-        labels = by_series[source.series_instance_uid].labels.copy()
+        found = by_series[source.series_instance_uid].labels
+        assert found is not None  # a study's report with its label maps (labelled_study)
+        labels = found.copy()
         tumor = SEG_LABELS[modality].index("tumor")
         if not (labels == tumor).any():
             grids = {chosen[r].series_instance_uid for r in volumes}
@@ -113,7 +115,7 @@ def cohort_cases(
         path = cache / f"{study.name}-{_digest(folder, report.folder)}.npz"
         if not path.exists():
             partial = path.with_suffix(".partial.npz")
-            np.savez(partial, **study_arrays(folder, study, limits))
+            np.savez(partial, **study_arrays(folder, labelled_study(report, study, limits), limits))
             partial.rename(path)
         paths.append(path)
     return paths
