@@ -37,6 +37,7 @@ from cspine.analysis.lesions import measure_lesions
 from cspine.analysis.spine import measure_spine
 from cspine.cohort.check import CohortReport, StudyReport, check_cohort, image_files, labelled_study
 from cspine.cohort.training import HELD_OUT, require_clean
+from cspine.cohort.versions import is_synthetic
 from cspine.config import IngestLimits
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
@@ -296,20 +297,12 @@ def evaluate_versions(
             records = asyncio.run(_run(folder, truths, copy, triton.grpc_url, versions, limits, progress))
     return {
         "cohort": str(folder),
-        "synthetic": _synthetic(folder),
+        "synthetic": is_synthetic(folder),
         "held_out_studies": len(studies),
         "served": versions[0],
         "versions": {str(v): version_metrics(records[v]) for v in versions},
         "studies": {str(v): records[v] for v in versions},
     }
-
-
-def _synthetic(folder: Path) -> bool:
-    """Whether the cohort's manifest says its pathology is SYNTHETIC phantom truth (``cspine phantom``)."""
-    from cspine.cohort.manifest import MANIFEST_FILE, read_manifest
-
-    rows, _ = read_manifest(folder / MANIFEST_FILE)
-    return bool(rows) and all("SYNTHETIC" in r.reference for r in rows.values())
 
 
 def format_versions(result: dict) -> str:

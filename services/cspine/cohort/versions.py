@@ -44,7 +44,7 @@ def run_folder(checkpoints: Path, cohort: Path) -> Path:
     return checkpoints / f"cohort-{cohort.resolve().name}"
 
 
-def _synthetic(cohort: Path) -> bool:
+def is_synthetic(cohort: Path) -> bool:
     """Whether the cohort is one cspine phantom wrote (its cohort.json says synthetic)."""
     path = cohort / "cohort.json"
     try:
@@ -57,7 +57,7 @@ def cohort_summary(report: CohortReport) -> dict:
     """What the model card says of the cohort: counts only, never a study's identity beyond its split."""
     return {
         "name": report.folder.resolve().name,
-        "synthetic": _synthetic(report.folder),
+        "synthetic": is_synthetic(report.folder),
         "studies": len(report.studies),
         "classes_per_split": report.class_counts(),
     }
