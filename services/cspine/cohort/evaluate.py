@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +59,28 @@ MEAN_OVER = {m: SITE_DICE_STRUCTURES[m.value.lower()] for m in MODALITY_ORDER}
 
 @dataclass
 class SeriesTruth:
-    """One labelled series of a held-out study: the site's label map and its largest lesion's size."""
+    """One labelled series of a held-out study: the site's label map and its largest lesion's size. The map is
+    kept compressed (every held-out study's is needed by each version set in turn): 61 times smaller on the
+    SYNTHETIC community-ct cohort's maps (docs/cohort.md)."""
 
     role: SeriesRole
     modality: Modality
-    labels: np.ndarray | None  # None: only boxes
+    packed: bytes | None  # the uint8 label map, zlib-compressed; None: only boxes
+    shape: tuple[int, ...]
     diameter_mm: float | None  # the largest labelled lesion; None: no tumor label
     diameter_source: str = ""  # "segment" or "box"
+
+    @staticmethod
+    def of(role: SeriesRole, labels: np.ndarray, diameter_mm: float | None) -> SeriesTruth:
+        packed = zlib.compress(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), 1)
+        source = "segment" if diameter_mm is not None else ""
+        return SeriesTruth(role, role.modality, packed, labels.shape, diameter_mm, source)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self.packed is None:
+            return None
+        return np.frombuffer(zlib.decompress(self.packed), dtype=np.uint8).reshape(self.shape)
 
 
 @dataclass
@@ -107,9 +123,7 @@ def study_truth(folder: Path, report: StudyReport, limits: IngestLimits) -> Stud
         names = SEG_LABELS[lab.modality]
         tumor = lab.labels == names.index("tumor")
         diameter = _largest_diameter(tumor, volume, lab.series_instance_uid) if tumor.any() else None
-        truth.series[lab.series_instance_uid] = SeriesTruth(
-            role, lab.modality, lab.labels, diameter, "segment" if diameter is not None else ""
-        )
+        truth.series[lab.series_instance_uid] = SeriesTruth.of(role, lab.labels, diameter)
         if lab.modality is Modality.CT:
             truth.opll = bool((lab.labels == names.index("opll")).any())
         if truth.cobb_deg is None and lab.modality is Modality.XR:
@@ -126,7 +140,7 @@ def study_truth(folder: Path, report: StudyReport, limits: IngestLimits) -> Stud
         side = float((extent * spacing).max())
         entry = truth.series.get(box.series_instance_uid)
         if entry is None:
-            truth.series[box.series_instance_uid] = SeriesTruth(role, role.modality, None, side, "box")
+            truth.series[box.series_instance_uid] = SeriesTruth(role, role.modality, None, (), side, "box")
         elif entry.diameter_source != "segment" and side > (entry.diameter_mm or 0.0):
             entry.diameter_mm, entry.diameter_source = side, "box"
     return truth
@@ -143,10 +157,11 @@ def study_record(truth: StudyTruth, analysis: StudyAnalysis) -> dict:
         entry["size"] = None
         if assessed and result is not None:
             names = SEG_LABELS[series.modality]
-            if series.labels is not None and series.role in result.labels:
+            truth_labels = series.labels
+            if truth_labels is not None and series.role in result.labels:
                 predicted = result.labels[series.role]
                 for index, name in enumerate(names[1:], start=1):
-                    want = series.labels == index
+                    want = truth_labels == index
                     if name == "tumor":
                         entry["lesion_dice"] = _dice(predicted == index, want) if want.any() else None
                     elif want.any():
