@@ -32,9 +32,9 @@ from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
 from cspine.inference.model_config import model_versions, served_set, version_file
 from cspine.inference.runner import onnx_session
-from cspine.inference.specs import MODELS, SEG_GEOMETRY, SEG_LABELS
+from cspine.inference.specs import LESION_EMBED, MODELS, SEG_GEOMETRY, SEG_LABELS
 from cspine.modeling.data import model_labels
-from cspine.modeling.export import load_seg_onnx
+from cspine.modeling.export import EmbedExport, load_embed_onnx, load_seg_onnx
 from cspine.modeling.networks import SegExport
 from cspine.service import AnalysisService
 
@@ -355,6 +355,99 @@ def test_fine_tuning_on_a_cohort_resumes_keeps_batchnorm_frozen_and_reports_serv
     for model in ("served", "candidate"):
         assert 0.0 < held[model]["mean_dice"] <= 1.0
         assert held[model]["lesion_dice"] is None  # the held-out study is tumor-free
+
+
+def test_the_served_lesion_embedding_loads_into_pytorch_and_computes_the_same():
+    path = REPOSITORY / "lesion_embed" / "1" / "model.onnx"
+    encoder, config = load_embed_onnx(path)
+    assert config["widths"] == [32, 64, 96, 128]
+    rng = np.random.default_rng(0)
+    rois = rng.normal(size=(5, 3, 64, 64)).astype(np.float32)
+    onehot = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]
+    (want,) = onnx_session(path).run(None, {"roi": rois, "modality": onehot})
+    with torch.no_grad():
+        got = EmbedExport(encoder)(torch.from_numpy(rois), torch.from_numpy(onehot)).numpy()
+    assert got.shape == (5, LESION_EMBED.outputs[0].shape[-1]) and np.abs(got - want).max() < 1e-5
+
+
+# Classes given to the 5 radiograph-only tumor studies of the embedding test (the manifest is rewritten: the
+# fine-tuning run needs lesions of two classes in its train split, and the held-out one must have one of them).
+EMBED_SPLITS = {
+    "case-0001": ("benign", "train"),
+    "case-0002": ("malignant", "train"),
+    "case-0003": ("benign", "train"),
+    "case-0004": ("malignant", "train"),
+    "case-0005": ("benign", "test"),
+}
+
+
+@pytest.fixture(scope="module")
+def tumor_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 SYNTHETIC radiograph-only tumor studies, their classes and splits rewritten (EMBED_SPLITS)."""
+    out = tmp_path_factory.mktemp("tumors") / "tumors"
+    args = ["phantom", "--out", str(out), "--cases", "5", "--seed", "3", "--modalities", "xr", "--tumor", "malignant"]
+    assert cli.main([*args, "--labels", "dicom", "--quiet"]) == 0
+    lines = (out / MANIFEST_FILE).read_text().splitlines()
+    rows = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(",")
+        cells[1], cells[5] = EMBED_SPLITS[cells[0]]
+        rows.append(",".join(cells))
+    (out / MANIFEST_FILE).write_text("\n".join(rows) + "\n")
+    return out
+
+
+def test_fine_tuning_the_lesion_embedding_on_a_cohort_trains_the_head_keeps_the_trunk_and_reports_few_shot(
+    tumor_cohort: Path, tmp_path: Path, capsys
+):
+    from cspine.cohort.embedding import study_rois
+
+    report = check_cohort(tumor_cohort)
+    assert [s.row.tumor_class for s in report.studies if s.row] == [c for c, _ in EMBED_SPLITS.values()]
+    # the ROI is cut about the labelled lesion: the tumor label's centre is the ROI's centre
+    study = next(s for s in report.studies if s.name == "case-0001")
+    rois = study_rois(tumor_cohort / "case-0001", labelled_study(report, study))
+    assert np.isnan(rois[0]).all() and np.isnan(rois[1]).all() and np.isfinite(rois[2]).all()
+    assert float(np.abs(rois[2, 0]).max()) > 0.0 and not rois[2, 1:].any()  # a radiograph fills the first plane
+
+    args = ["train", "--cohort", str(tumor_cohort), "--models", "lesion_embed", "--checkpoints", str(tmp_path)]
+    assert cli.main([*args, "--quiet", "--stop-after", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "5 train studies" not in out and "4 train studies, 1 held out" in out
+    assert "lesion_embed: " in out and "(episode 3 of 300, 4 train lesions)" in out
+    assert "held-out accuracy, served -> fine-tuned: XR (1) " in out
+    run = tmp_path / "cohort-tumors"
+    state = torch.load(run / "lesion_embed.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 3 and len(state["history"]) == 3
+    assert state["config"]["lesions"]["XR"] == {"benign": 2, "borderline": 0, "malignant": 2}
+    served, _ = load_embed_onnx(REPOSITORY / "lesion_embed" / "1" / "model.onnx")
+    tuned = state["modules"]["encoder"]
+    for key, value in served.state_dict().items():
+        same = torch.equal(value, tuned[key])
+        if key.startswith("trunk.") or "running_" in key or key.endswith("num_batches_tracked"):
+            assert same, key  # the trunk and every BatchNorm's statistics stay the served ones
+    assert not torch.equal(served.state_dict()["project.2.weight"], tuned["project.2.weight"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    entry = metrics["models"]["lesion_embed"]
+    assert entry["held_out_lesions"]["XR"] == {"benign": 1, "borderline": 0, "malignant": 0}
+    for model in ("served", "candidate"):
+        figures = entry["held_out"][model]["XR"]
+        assert figures["queries"] == 1 and figures["classes"] == ["benign", "malignant"]
+        assert figures["all"]["accuracy"] in (0.0, 1.0) and 0.0 <= figures["1"]["accuracy"] <= 1.0
+        assert "5" not in figures  # 2 train lesions per class: no 5-case draws
+    # resumed to the end, the same run goes on from step 3
+    assert cli.main([*args, "--quiet", "--stop-after", "5"]) == 0
+    assert "(episode 5 of 300" in capsys.readouterr().out
+    resumed = torch.load(run / "lesion_embed.pt", map_location="cpu", weights_only=False)
+    assert resumed["history"][:3] == state["history"]
+
+
+def test_a_cohort_without_lesions_of_two_classes_leaves_the_embedding_out_or_stops_when_it_is_named(
+    labelled: Path, tmp_path: Path, capsys
+):
+    args = ["train", "--cohort", str(labelled), "--models", "lesion_embed", "--checkpoints", str(tmp_path), "--quiet"]
+    assert cli.main(args) == 2
+    assert "need lesions of at least 2 classes to fine-tune lesion_embed" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def study_arrays(folder: Path, report: StudyReport, limits: IngestLimits = Inges
     return out
 
 
-def _digest(folder: Path, cohort: Path) -> str:
+def study_digest(folder: Path, cohort: Path) -> str:
     """What a study's cached arrays depend on: its files (names, sizes, times) and the cohort's code map."""
     h = hashlib.sha256()
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -112,7 +112,7 @@ def cohort_cases(
     paths = []
     for study in tqdm(chosen, desc="cohort studies", unit="study", disable=not progress):
         folder = report.folder / study.name
-        path = cache / f"{study.name}-{_digest(folder, report.folder)}.npz"
+        path = cache / f"{study.name}-{study_digest(folder, report.folder)}.npz"
         if not path.exists():
             partial = path.with_suffix(".partial.npz")
             np.savez(partial, **study_arrays(folder, labelled_study(report, study, limits), limits))
@@ -189,9 +189,13 @@ def train_on_cohort(
     limits: IngestLimits = IngestLimits(),
     progress: bool = True,
     stop_after: int | None = None,
+    embedding: bool = False,
+    embedding_optional: bool = False,
 ) -> dict:
-    """Check the cohort (stop on errors), fine-tune each modality's served model on its ``train`` studies, and
-    compare the candidate with the served model on the held-out studies. Returns the figures (also written to
+    """Check the cohort (stop on errors), fine-tune each modality's served segmentation model on its ``train``
+    studies (and, with ``embedding``, the served lesion embedding: ``train_embedding``; with ``embedding_optional``
+    a cohort without the lesions for it is noted, not an error), and compare each candidate with the served model
+    on the held-out studies. Returns the figures (also written to
     ``checkpoints/cohort-<name>/metrics.json``) and the checkpoints."""
     from cspine.inference.model_config import served_model_file
     from cspine.inference.specs import SEG_MODEL_NAMES
@@ -203,12 +207,13 @@ def train_on_cohort(
     require_clean(report)
     work = checkpoints / f"cohort-{folder.resolve().name}"
     cache = work / "cases"
-    train = cohort_cases(report, ("train",), cache, limits, progress)
-    held_out = cohort_cases(report, HELD_OUT, cache, limits, progress)
+    train = cohort_cases(report, ("train",), cache, limits, progress) if modalities else []
+    held_out = cohort_cases(report, HELD_OUT, cache, limits, progress) if modalities else []
+    splits = [s.row.split for s in report.studies if s.row is not None]
     results: dict = {
         "cohort": str(folder),
-        "train_studies": len(train),
-        "held_out_studies": len(held_out),
+        "train_studies": splits.count("train"),
+        "held_out_studies": sum(splits.count(s) for s in HELD_OUT),
         "models": {},
     }
     for modality in modalities:
@@ -241,5 +246,78 @@ def train_on_cohort(
                 evaluated, modality, {"served": onnx_seg(start), "candidate": torch_seg(net)}
             )
         results["models"][name] = entry
+    if embedding:
+        try:
+            entry = train_embedding(report, repository, work, limits, progress, stop_after)
+        except InvalidInputError as error:
+            if not embedding_optional:
+                raise
+            entry = {"skipped": str(error)}
+        results["models"]["lesion_embed"] = entry
     (work / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def train_embedding(
+    report: CohortReport,
+    repository: Path,
+    work: Path,
+    limits: IngestLimits = IngestLimits(),
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Fine-tune the served lesion embedding on the lesions of the cohort's train studies (``cohort.embedding``)
+    and compare it with the served one on the held-out studies' lesions."""
+    from cspine.cohort.embedding import cohort_lesions, embed_all, few_shot_figures
+    from cspine.fewshot.adapt import exported_scale
+    from cspine.inference.model_config import served_model_file
+    from cspine.modeling.evaluate import onnx_embed
+    from cspine.modeling.export import load_embed_onnx
+    from cspine.modeling.train import EmbedFinetune, finetune_embed, training_device
+
+    train = cohort_lesions(report, ("train",), work / "lesions", limits, progress)
+    held_out = cohort_lesions(report, HELD_OUT, work / "lesions", limits, progress)
+    if len(set(train.classes.tolist())) < 2:
+        raise InvalidInputError(
+            "the cohort's train studies need lesions of at least 2 classes to fine-tune lesion_embed"
+        )
+    start = served_model_file(repository, "lesion_embed")
+    scale = exported_scale(served_model_file(repository, "proto_classify"))
+    config = EmbedFinetune()
+    identity = {
+        "cohort": str(report.folder.resolve()),
+        "lesions": train.counts(),
+        "start_sha256": hashlib.sha256(start.read_bytes()).hexdigest(),
+    }
+    try:
+        checkpoint = finetune_embed(
+            config, train.rois, train.classes, start, scale, work / "lesion_embed.pt", identity, progress, stop_after
+        )
+    except ValueError as error:
+        raise InvalidInputError(f"lesion_embed: {error}") from error
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    encoder, _ = load_embed_onnx(start)
+    encoder.load_state_dict(state["modules"]["encoder"])
+    encoder.eval()
+
+    def candidate(rois: np.ndarray, modality: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return encoder(torch.from_numpy(rois), torch.from_numpy(modality)).numpy()
+
+    entry: dict = {
+        "checkpoint": str(checkpoint),
+        "steps": state["step"],
+        "of_steps": config.episodes,
+        "train_studies": len(train.classes),
+        "train_lesions": train.counts(),
+        "device": training_device().type,
+    }
+    if len(held_out.classes):
+        entry["held_out"] = {
+            name: few_shot_figures(
+                embed_all(train, embed), train.classes, embed_all(held_out, embed), held_out.classes, scale
+            )
+            for name, embed in (("served", onnx_embed(start)), ("candidate", candidate))
+        }
+        entry["held_out_lesions"] = held_out.counts()
+    return entry

@@ -20,7 +20,7 @@ def _split_names(text: str, allowed: tuple[str, ...]) -> list[str]:
     return names
 
 
-COHORT_MODELS = ("seg_ct", "seg_mr", "seg_xr")
+COHORT_MODELS = ("seg_ct", "seg_mr", "seg_xr", "lesion_embed")
 
 
 def cmd_train(args: argparse.Namespace, limits: IngestLimits) -> int:
@@ -68,23 +68,28 @@ def _train_on_cohort(args: argparse.Namespace, limits: IngestLimits) -> int:
     from cspine.cohort.training import FINETUNE_STEPS, train_on_cohort
     from cspine.modeling.recipes import SEG_NAMES
 
-    models = args.models if args.models != DEFAULT_MODELS else ",".join(COHORT_MODELS)
-    names = _split_names(models, COHORT_MODELS)
+    named = args.models != DEFAULT_MODELS
+    names = _split_names(args.models if named else ",".join(COHORT_MODELS), COHORT_MODELS)
     results = train_on_cohort(
         Path(args.cohort),
-        [SEG_NAMES[n] for n in names],
+        [SEG_NAMES[n] for n in names if n in SEG_NAMES],
         Path(args.repository),
         Path(args.checkpoints),
         steps=args.steps or FINETUNE_STEPS,
         limits=limits,
         progress=not args.quiet,
         stop_after=args.stop_after,
+        embedding="lesion_embed" in names,
+        embedding_optional=not named,
     )
     print(
         f"cohort {args.cohort}: {results['train_studies']} train studies, {results['held_out_studies']} held out "
         "(Dice on the model grid: mean over the structures, lesion)"
     )
     for name, entry in results["models"].items():
+        if name == "lesion_embed":
+            print(_embedding_line(entry))
+            continue
         line = (
             f"{name}: {entry['checkpoint']} (step {entry['steps']} of {entry['of_steps']}, "
             f"{entry['train_studies']} studies)"
@@ -98,6 +103,24 @@ def _train_on_cohort(args: argparse.Namespace, limits: IngestLimits) -> int:
             )
         print(line)
     return 0
+
+
+def _embedding_line(entry: dict) -> str:
+    """lesion_embed's run and its held-out few-shot accuracy, served and fine-tuned (all train lesions as the
+    support set; per modality)."""
+    if "skipped" in entry:
+        return f"lesion_embed: not fine-tuned: {entry['skipped']}"
+    line = f"lesion_embed: {entry['checkpoint']} (episode {entry['steps']} of {entry['of_steps']}, "
+    line += f"{entry['train_studies']} train lesions)"
+    held = entry.get("held_out")
+    if held:
+        cells = []
+        for modality, served in held["served"].items():
+            candidate = held["candidate"][modality]
+            before, after = served["all"]["accuracy"], candidate["all"]["accuracy"]
+            cells.append(f"{modality} ({served['queries']}) {before:.3f} -> {after:.3f}")
+        line += "; held-out accuracy, served -> fine-tuned: " + ", ".join(cells)
+    return line
 
 
 def cmd_export(args: argparse.Namespace, limits: IngestLimits) -> int:
@@ -135,7 +158,8 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         default=DEFAULT_MODELS,
         help="comma-separated: seg_ct, seg_mr, seg_xr, seg_ct_mask (CT with full lesion masks, for "
         "comparison), lesion_embed (episodic, with the prototype classifier), baseline; with --cohort: seg_ct, "
-        "seg_mr, seg_xr (default all three)",
+        "seg_mr, seg_xr, lesion_embed (default all four; lesion_embed is left out, with the reason printed, when "
+        "the cohort's train studies lack lesions of two classes)",
     )
     p.add_argument(
         "--cohort",

@@ -137,20 +137,54 @@ def one_hot_batch(batch: int, seed: int = 1) -> np.ndarray:
     return np.eye(len(MODALITY_ORDER), dtype=np.float32)[rng.integers(len(MODALITY_ORDER), size=batch)]
 
 
-def load_seg_onnx(path: Path) -> tuple[UNet2D, dict]:
-    """The PyTorch U-Net of an exported segmentation model (``model.onnx`` of a Triton model version) and its
-    training configuration (the ``training_config`` metadata), to fine-tune it.
+def _onnx_model(path: Path) -> tuple[onnx.ModelProto, dict]:
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "training_config" not in meta:
+        raise ValueError(f"{path} has no training_config metadata: not a cspine export")
+    return model, json.loads(meta["training_config"])
+
+
+def _load_folded(net: torch.nn.Module, model: onnx.ModelProto, prefix: str, path: Path) -> None:
+    """Load an export's weights into ``net`` (whose ONNX initializers are named ``<prefix>.<parameter>``).
 
     Export folds each BatchNorm into the convolution before it (initializers ``<conv>.weight`` and
     ``<conv>.weight_bias``). The net gets the folded weights, and each BatchNorm becomes the identity that adds
     the folded bias (weight 1, running mean 0, running variance 1 - eps). In eval mode the net then computes
     exactly what the ONNX model does. A fine-tuning run must keep its BatchNorms in eval mode
     (``freeze_batchnorm``): the batch statistics the original scale came from are gone."""
-    model = onnx.load(str(path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "training_config" not in meta:
-        raise ValueError(f"{path} has no training_config metadata: not a cspine segmentation export")
-    config = json.loads(meta["training_config"])
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    state = net.state_dict()
+    loaded = set()
+    for name, module in net.named_modules():
+        if not isinstance(module, torch.nn.BatchNorm2d):
+            continue
+        # the convolution just before it in the same Sequential
+        parent, index = name.rsplit(".", 1)
+        conv = f"{parent}.{int(index) - 1}"
+        state[f"{conv}.weight"] = torch.from_numpy(weights[f"{prefix}.{conv}.weight"].copy())
+        state[f"{name}.bias"] = torch.from_numpy(weights[f"{prefix}.{conv}.weight_bias"].copy())
+        state[f"{name}.weight"] = torch.ones_like(state[f"{name}.weight"])
+        state[f"{name}.running_mean"] = torch.zeros_like(state[f"{name}.running_mean"])
+        state[f"{name}.running_var"] = torch.full_like(state[f"{name}.running_var"], 1.0 - module.eps)
+        loaded |= {f"{conv}.weight", f"{name}.bias", f"{name}.weight", f"{name}.running_mean", f"{name}.running_var"}
+    for key in state:
+        if key not in loaded and f"{prefix}.{key}" in weights:
+            state[key] = torch.from_numpy(weights[f"{prefix}.{key}"].copy())
+            loaded.add(key)
+    missing = [k for k in state if k not in loaded and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: no weights for {', '.join(missing[:5])}")
+    net.load_state_dict(state)
+    net.eval()
+
+
+def load_seg_onnx(path: Path) -> tuple[UNet2D, dict]:
+    """The PyTorch U-Net of an exported segmentation model (``model.onnx`` of a Triton model version) and its
+    training configuration (the ``training_config`` metadata), to fine-tune it (``_load_folded``)."""
+    model, config = _onnx_model(path)
+    if "modality" not in config:
+        raise ValueError(f"{path} is not a cspine segmentation export")
     modality = Modality(config["modality"])
     net = UNet2D(
         SEG_GEOMETRY[modality].channels,
@@ -158,31 +192,17 @@ def load_seg_onnx(path: Path) -> tuple[UNet2D, dict]:
         tuple(config["widths"]),
         bool(config["coordinates"]),
     )
-    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    state = net.state_dict()
-    loaded = set()
-    modules = dict(net.named_modules())
-    for name, module in modules.items():
-        if not isinstance(module, torch.nn.BatchNorm2d):
-            continue
-        # the convolution just before it in the same Sequential
-        parent, index = name.rsplit(".", 1)
-        conv = f"{parent}.{int(index) - 1}"
-        state[f"{conv}.weight"] = torch.from_numpy(weights[f"net.{conv}.weight"].copy())
-        state[f"{name}.bias"] = torch.from_numpy(weights[f"net.{conv}.weight_bias"].copy())
-        state[f"{name}.weight"] = torch.ones_like(state[f"{name}.weight"])
-        state[f"{name}.running_mean"] = torch.zeros_like(state[f"{name}.running_mean"])
-        state[f"{name}.running_var"] = torch.full_like(state[f"{name}.running_var"], 1.0 - module.eps)
-        loaded |= {f"{conv}.weight", f"{name}.bias", f"{name}.weight", f"{name}.running_mean", f"{name}.running_var"}
-    for key in state:
-        if key not in loaded and f"net.{key}" in weights:
-            state[key] = torch.from_numpy(weights[f"net.{key}"].copy())
-            loaded.add(key)
-    missing = [k for k in state if k not in loaded and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"{path}: no weights for {', '.join(missing[:5])}")
-    net.load_state_dict(state)
-    return net.eval(), config
+    _load_folded(net, model, "net", path)
+    return net, config
+
+
+def load_embed_onnx(path: Path) -> tuple[LesionEncoder, dict]:
+    """The PyTorch lesion encoder of an exported ``lesion_embed`` model and its training configuration, to
+    fine-tune it (``_load_folded``)."""
+    model, config = _onnx_model(path)
+    encoder = LesionEncoder(tuple(config["widths"]))
+    _load_folded(encoder, model, "encoder", path)
+    return encoder, config
 
 
 def freeze_batchnorm(net: torch.nn.Module) -> None:

@@ -529,6 +529,84 @@ def train_embed(
     return run.path
 
 
+@dataclass(frozen=True)
+class EmbedFinetune:
+    """Fine-tuning the served lesion embedding on a site's lesions (``finetune_embed``): class episodes of
+    ``shots`` support and ``queries`` query lesions per class, fewer where a modality has fewer lesions."""
+
+    episodes: int = 300
+    shots: int = 5
+    queries: int = 5
+    lr: float = 3e-4
+    seed: int = 0
+
+
+def finetune_embed(
+    config: EmbedFinetune,
+    rois: np.ndarray,
+    classes: np.ndarray,
+    start: Path,
+    scale: float,
+    checkpoint: Path,
+    identity: dict,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Fine-tune (or resume) an exported lesion embedding (``start``: its model.onnx) on a site's lesions
+    (``rois`` [N, modalities, 3, 64, 64], NaN where a lesion lacks a modality; ``classes`` [N]): the trunk and the
+    BatchNorms frozen, the last block and the projection trained on episodes over the classes, one modality per
+    episode, with the prototype classifier's ``scale`` fixed (the served ``proto_classify`` stays as it is)."""
+    from cspine.modeling.export import freeze_batchnorm, load_embed_onnx
+
+    torch.set_num_threads(TORCH_THREADS)
+    encoder, _ = load_embed_onnx(start)
+    for parameter in encoder.trunk.parameters():
+        parameter.requires_grad_(False)
+    proto = ProtoClassifier(scale)
+    proto.log_scale.requires_grad_(False)
+    kinds = sorted(set(int(c) for c in classes))
+    present = ~np.isnan(rois).any(axis=(2, 3, 4))  # [N, modalities]
+    members = [{c: np.nonzero(present[:, m] & (classes == c))[0] for c in kinds} for m in range(len(MODALITY_ORDER))]
+    usable = [m for m in range(len(MODALITY_ORDER)) if len(kinds) > 1 and min(map(len, members[m].values())) >= 2]
+    if not usable:
+        raise ValueError("fine-tuning the embedding needs at least 2 lesions of each of 2 classes in one modality")
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
+    run = Run(checkpoint, {**_config_dict(config), **identity, "start": str(start), "scale": scale})
+    modules: dict[str, torch.nn.Module] = {"encoder": encoder}
+    run.resume(modules, optimizer)
+    bar = tqdm(total=config.episodes, initial=run.step, desc="lesion_embed", unit="episode", disable=not progress)
+    encoder.train()
+    freeze_batchnorm(encoder)
+    end = min(config.episodes, stop_after or config.episodes)
+    while run.step < end:
+        rng = np.random.default_rng([config.seed, run.step])
+        torch.manual_seed(config.seed * 1_000_003 + run.step)
+        m = int(rng.choice(usable))
+        fewest = min(map(len, members[m].values()))
+        shots = min(config.shots, fewest // 2)
+        queries = min(config.queries, fewest - shots)
+        picks = np.stack([rng.choice(members[m][c], size=shots + queries, replace=False) for c in kinds])
+        support, query = picks[:, :shots].ravel(), picks[:, shots:].ravel()
+        batch = augment_rois(rois[np.concatenate([support, query]), m].astype(np.float32), rng)
+        emb = encoder(torch.from_numpy(batch), _one_hot(np.full(len(batch), m)))
+        labels = torch.arange(len(kinds)).repeat_interleave(shots)
+        query_labels = torch.arange(len(kinds)).repeat_interleave(queries)
+        _schedule(optimizer, config.lr, run.step, config.episodes)
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = prototypical_loss(proto.logits, emb[: len(support)], labels, emb[len(support) :], query_labels)
+        loss.backward()
+        optimizer.step()
+        run.step += 1
+        run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": float(accuracy)})
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(accuracy):.2f}")
+        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
+            run.save(modules, optimizer)
+    bar.close()
+    return run.path
+
+
 def train_baseline(
     config: EmbedConfig,
     cache: Path,
