@@ -28,9 +28,11 @@ from cspine.cohort.check import check_cohort, format_report, image_files, labell
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.cohort.versions import refit_calibration
 from cspine.domain import Modality
+from cspine.fewshot.prototypes import Adaptation, SupportSet, default_support, embedding_key
+from cspine.fewshot.store import SupportStore
 from cspine.inference.client import TritonClient
 from cspine.inference.local_triton import LocalTriton, TritonPorts
-from cspine.inference.model_config import model_versions, served_set, version_file
+from cspine.inference.model_config import model_versions, served_set, use_version, version_file
 from cspine.inference.runner import onnx_session
 from cspine.inference.specs import LESION_EMBED, MODELS, SEG_GEOMETRY, SEG_LABELS
 from cspine.modeling.data import model_labels
@@ -511,7 +513,7 @@ def test_an_exported_version_holds_every_model_its_card_and_its_files(versioned,
         "classification": "version 1's: 1 train studies with a tumor; a refit needs 15 with a lesion embedding",
     }
     assert (repository / "calibration.v2.json").read_bytes() == (repository / "calibration.json").read_bytes()
-    assert "lesion_embed's, which version 2 copies from version 1" in card["inherited"]["default support set"]
+    assert card["default support set"] == "version 1's, not rebuilt: version 2 copies lesion_embed from it"
     assert all("no reference: fewer than 5 train studies" in card["competence"][m] for m in ("CT", "MR", "XR"))
     assert TUMOR_CASE not in json.dumps(card)  # counts, never which study
     meta = {p.key: p.value for p in onnx.load(str(v2)).metadata_props}
@@ -645,6 +647,103 @@ def test_a_version_set_triton_cannot_load_is_not_switched_to(versioned, tmp_path
     assert seen["seg_ct_is_v1"]
     assert "did not load seg_mr" in caplog.text and "still serving version set 1, trying again in 60 s" in caplog.text
     assert caplog.text.count("did not load seg_mr") == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# A version set with its own lesion embedding: its own default support set, and the support store's cases per
+# embedding
+
+
+@pytest.fixture(scope="module")
+def embedded(tumor_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shipped repository with version set 2: lesion_embed fine-tuned for 3 episodes on the 4 train
+    studies of the SYNTHETIC tumor cohort, the other models copied."""
+    work = tmp_path_factory.mktemp("embedded")
+    repository, checkpoints = work / "repository", work / "checkpoints"
+    shutil.copytree(REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    places = ["--checkpoints", str(checkpoints), "--repository", str(repository), "--quiet"]
+    train = ["train", "--cohort", str(tumor_cohort), "--models", "lesion_embed", "--stop-after", "3"]
+    assert cli.main([*train, *places]) == 0
+    assert cli.main(["export", "--cohort", str(tumor_cohort), "--version", "2", *places]) == 0
+    return repository
+
+
+def test_a_version_with_its_own_lesion_embedding_gets_a_default_support_set_it_embedded(embedded: Path):
+    card = json.loads((embedded / "model_card.v2.json").read_text())
+    assert card["fine_tuned"]["lesion_embed"]["steps"] == 3
+    assert card["fine_tuned"]["lesion_embed"]["train_lesions"]["XR"] == {"benign": 2, "borderline": 0, "malignant": 2}
+    assert card["copied_from_base"] == ["seg_ct", "seg_mr", "seg_xr", "proto_classify"]
+    v1, v2 = (embedded / "lesion_embed" / v / "model.onnx" for v in ("1", "2"))
+    assert v1.read_bytes() != v2.read_bytes()
+    meta = {p.key: p.value for p in onnx.load(str(v2)).metadata_props}
+    assert meta["base_version"] == "1" and json.loads(meta["fine_tune"])["episodes"] == 300
+    load_embed_onnx(v2)  # it can be fine-tuned in turn
+    support = SupportSet.load(embedded / "default_support.v2.npz")
+    assert card["default support set"].startswith(f"rebuilt: the {len(support.labels)} train studies with a tumor")
+    assert "default_support.v2.npz" in card["files"]
+    assert set(support.labels) == {"benign", "malignant"} and len(support.labels) <= 4
+    assert support.synthetic and support.source.startswith("SYNTHETIC train study of the cohort tumors: its lesion")
+    assert np.isnan(support.embeddings[:, :2]).all() and np.isfinite(support.embeddings[:, 2]).all()  # radiographs
+    assert np.allclose(np.linalg.norm(support.embeddings[:, 2], axis=1), 1.0, atol=1e-4)  # the embedding's output
+    # served: version 1's embedding is the shipped one (key ""), version 2's its own, with its own default set
+    repository = embedded.parent / "keyed"
+    shutil.copytree(embedded, repository)
+    assert embedding_key(repository) == "" and default_support(repository).labels[0] == "benign"
+    use_version(repository, 2)
+    assert len(embedding_key(repository)) == 16 and default_support(repository).labels == support.labels
+
+
+def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_embedding_s_cases_and_back(
+    embedded: Path, tumor_cohort: Path, tmp_path: Path
+):
+    repository = _copy(embedded, tmp_path)
+    store = SupportStore(
+        f"sqlite:///{tmp_path / 'support.db'}",
+        adaptation=Adaptation.of_repository("fitted", repository),
+        embedding=embedding_key(repository),
+    )
+    store.migrate()
+    assert store.seed_defaults(default_support(repository)) and store.current_version() == 1
+    files = sorted(p for p in (tumor_cohort / "case-0005" / "xr").glob("*.dcm"))
+    instances = [(p.name, p.read_bytes()) for p in files]
+
+    async def scenario(url: str) -> dict:
+        seen: dict = {}
+        async with TritonClient(url) as client:
+            service = AnalysisService(client, repository, store=store)
+            seen["before"] = service.prototypes
+            use_version(repository, 2)
+            assert await service.refresh_models()
+            seen["v2"] = (service.prototypes, service.version_number, service.synthetic_support_set, store.embedding)
+            case, info = await service.add_case(instances, "benign", "biopsy 5", "", False, "dr test")
+            seen["added"] = (case, info, service.prototypes)
+            seen["cases"] = store.list_cases()
+            use_version(repository, 1)
+            assert await service.refresh_models()
+            seen["back"] = (service.prototypes, store.embedding)
+        return seen
+
+    with LocalTriton(repository, TritonPorts.free()) as triton:
+        seen = asyncio.run(scenario(triton.grpc_url))
+    store.close()
+    own = default_support(repository)  # served version 1 again: the shipped set
+    v2_support = SupportSet.load(repository / "default_support.v2.npz")
+    prototypes, number, synthetic, key = seen["v2"]
+    assert len(key) == 16 and number == 2 and synthetic  # version 2's default cases, seeded as store version 2
+    assert prototypes.labels == tuple(dict.fromkeys(v2_support.labels)) and set(prototypes.prototypes) == {Modality.XR}
+    assert [c.default_cases for c in prototypes.composition] == [
+        v2_support.labels.count(label) for label in prototypes.labels
+    ]
+    case, info, after = seen["added"]
+    assert info.number == 3 and case.embedding == key and case.in_use and case.modalities == (Modality.XR,)
+    assert after.composition[prototypes.labels.index("benign")].site_cases == 1
+    listed = seen["cases"]
+    assert sum(c.in_use for c in listed) == len(v2_support.labels) + 1
+    assert sum(not c.in_use and c.embedding == "" for c in listed) == len(own.labels)
+    back, key = seen["back"]
+    assert key == "" and back.labels == seen["before"].labels
+    for modality, array in seen["before"].prototypes.items():
+        assert np.array_equal(back.prototypes[modality], array)  # version 1's cases alone, as before
 
 
 # --------------------------------------------------------------------------------------------------------

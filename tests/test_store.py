@@ -272,6 +272,73 @@ def test_seed_defaults_writes_the_120_synthetic_cases_once_even_when_two_replica
     assert store.prototype_set().labels == tuple(dict.fromkeys(support.labels))
 
 
+def test_cases_of_another_embedding_stay_listed_but_only_the_served_embeddings_cases_make_the_prototypes(store, url):
+    shipped = SupportSet.load()
+    assert store.seed_defaults(shipped) is True and store.current_version() == 1
+    site_study = uid()
+    add(store, "benign", {CT: vec(1)}, study_uid=site_study)
+    before = store.prototype_set()
+    # the same database, served with a version set whose lesion embedding was fine-tuned
+    tuned = SupportSet(shipped.embeddings[:6] + 1.0, shipped.labels[:6], False, "train lesions of cohort x")
+    with SupportStore(url, embedding="0123456789abcdef") as other:
+        assert other.prototype_set().labels == ()  # no case of this embedding yet
+        assert other.seed_defaults(tuned) is True and other.seed_defaults(tuned) is False
+        assert other.current_version() == 3
+        info = other.version_info()
+        assert info.change == "seed default support set of embedding 0123456789abcdef (6 cases)"
+        assert info.created_by == "cspine (default support set of a version from a site's cohort)"
+        listed = other.list_cases()
+        mine = [c for c in listed if c.in_use]
+        assert len(listed) == len(shipped.labels) + 1 + 6 and len(mine) == 6
+        assert all(c.embedding == "0123456789abcdef" and c.note == "train lesions of cohort x" for c in mine)
+        assert {c.embedding for c in listed if not c.in_use} == {""}
+        prototypes = other.prototype_set()
+        assert prototypes.composition[0].default_cases == 6 and prototypes.composition[0].site_cases == 0
+        # the site's study is added again, embedded anew; a second time it is a duplicate
+        assert add(other, "benign", {CT: vec(2)}, study_uid=site_study) == 4
+        with pytest.raises(DuplicateCaseError):
+            add(other, "benign", {CT: vec(3)}, study_uid=site_study)
+        assert other.prototype_set().composition[0].site_cases == 1
+    # served with the shipped embedding again: its own cases, as before
+    again = store.prototype_set()
+    assert again.labels == before.labels and again.composition == before.composition
+    for modality, array in before.prototypes.items():
+        assert np.array_equal(again.prototypes[modality], array)
+    with pytest.raises(DuplicateCaseError):
+        add(store, "benign", {CT: vec(4)}, study_uid=site_study)
+
+
+def test_a_store_made_before_cases_recorded_their_embedding_migrates_them_as_version_1s(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from cspine.fewshot.store import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'support.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0001")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO cases (id, study_uid_hash, label, pathology_reference, note, curator, created_at, "
+                "synthetic) VALUES (1, 'ab', 'benign', 'biopsy', '', 'dr old', '2026-12-01 10:00:00', 0)"
+            )
+        )
+        conn.execute(text("INSERT INTO case_embeddings VALUES (1, 'CT', :v)"), {"v": vec(5).astype("<f4").tobytes()})
+        conn.execute(text("INSERT INTO versions VALUES (1, '2026-12-01 10:00:00', 'dr old', 'add case 1')"))
+        conn.execute(text("INSERT INTO version_cases VALUES (1, 1)"))
+        conn.execute(text("UPDATE store_head SET version = 1"))
+    engine.dispose()
+    with SupportStore(url) as store:
+        store.migrate()
+        (case,) = store.list_cases()
+        assert (case.curator, case.embedding, case.in_use) == ("dr old", "", True)
+        assert np.allclose(store.prototype_set().prototypes[CT][0], vec(5))
+
+
 def test_two_replicas_migrating_a_new_database_at_once_both_succeed(url):
     replicas = [SupportStore(url), SupportStore(url)]
     barrier = threading.Barrier(2)

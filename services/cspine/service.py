@@ -29,7 +29,13 @@ from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
 from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, ServiceFullError
-from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet, default_prototypes
+from cspine.fewshot.prototypes import (
+    Adaptation,
+    PrototypeSet,
+    default_prototypes,
+    default_support,
+    embedding_key,
+)
 from cspine.fewshot.store import Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
 from cspine.inference.model_config import model_versions, served_set
@@ -63,10 +69,11 @@ class Readiness:
         return self.triton and self.store
 
 
-def _all_synthetic(cases: list[Case]) -> bool:
-    """Whether a support set is cspine's SYNTHETIC default: it has cases and every one is synthetic (an emptied
-    set is no longer the default)."""
-    return bool(cases) and all(c.synthetic for c in cases)
+def _all_synthetic(cases: list[Case], repository: Path) -> bool:
+    """Whether the support set in use is a SYNTHETIC default: it has cases of the served embedding, every one a
+    default case, and the served version's default set is SYNTHETIC (an emptied set is no longer the default)."""
+    used = [c for c in cases if c.in_use]
+    return bool(used) and all(c.synthetic for c in used) and default_support(repository).synthetic
 
 
 def _served_set(repository: Path) -> int | None:
@@ -100,11 +107,13 @@ class AnalysisService:
         if store is not None and prototypes is not None:
             raise ValueError("a service with a support store serves the store's prototype sets: give one or the other")
         self.store = store
-        self.prototypes = prototypes or (store.prototype_set() if store is not None else default_prototypes())
+        self.prototypes = prototypes or (store.prototype_set() if store is not None else default_prototypes(repository))
         self.version_number = store.current_version() if store is not None else 0
         if synthetic_support_set is None:
             synthetic_support_set = (
-                _all_synthetic(store.list_cases()) if store is not None else SupportSet.load().synthetic
+                _all_synthetic(store.list_cases(), repository)
+                if store is not None
+                else default_support(repository).synthetic
             )
         self.synthetic_support_set = synthetic_support_set
         self.repository = repository
@@ -174,7 +183,7 @@ class AnalysisService:
             return False
         prototypes = await asyncio.to_thread(store.prototype_set, number)
         self.prototypes, self.version_number = prototypes, number
-        self.synthetic_support_set = _all_synthetic(await asyncio.to_thread(store.list_cases, number))
+        self.synthetic_support_set = _all_synthetic(await asyncio.to_thread(store.list_cases, number), self.repository)
         logger.info("prototype set %s is now in use", prototypes.version)
         if self.on_prototypes is not None:
             self.on_prototypes(prototypes.version)
@@ -230,21 +239,35 @@ class AnalysisService:
             return False
 
         def version_files():
-            prototypes = None
-            if self.store is not None and self.store.adaptation is not None:
-                self.store.adaptation = Adaptation.of_repository(self.store.adaptation.method, self.repository)
-                prototypes = self.store.prototype_set(self.version_number)
+            store, store_version, synthetic = self.store, 0, False
+            if store is None:
+                prototypes = default_prototypes(self.repository)
+                synthetic = default_support(self.repository).synthetic
+            else:  # N's embedding, its default cases (added once), N's calibration for the fitted prototypes
+                store.embedding = embedding_key(self.repository)
+                store.seed_defaults(default_support(self.repository))
+                if store.adaptation is not None:
+                    store.adaptation = Adaptation.of_repository(store.adaptation.method, self.repository)
+                store_version = store.current_version()
+                prototypes = store.prototype_set(store_version)
+                synthetic = _all_synthetic(store.list_cases(store_version), self.repository)
             return (
                 Calibration.load(self.repository),
                 CompetenceReference.load(self.repository),
                 model_versions(self.repository),
                 prototypes,
+                store_version,
+                synthetic,
             )
 
-        calibration, competence, models, prototypes = await asyncio.to_thread(version_files)
+        calibration, competence, models, prototypes, store_version, synthetic = await asyncio.to_thread(version_files)
         self.calibration, self.competence, self.models = calibration, competence, models
-        if prototypes is not None:
-            self.prototypes = prototypes
+        changed = prototypes.version != self.prototypes.version
+        self.prototypes, self.synthetic_support_set = prototypes, synthetic
+        if self.store is not None:
+            self.version_number = store_version
+        if changed and self.on_prototypes is not None:
+            self.on_prototypes(prototypes.version)
         self.version_set, self._version_problem = number, ""
         logger.info("model version set %d is now in use", number)
         return True

@@ -231,11 +231,15 @@ def format_weights(info: spb.PrototypeSetInfo) -> str:
 
 
 def format_case(case: spb.SupportCase) -> str:
-    """A support case in one line: id, label, modalities, when and by whom, its pathology reference."""
+    """A support case in one line: id, label, modalities, when and by whom, its pathology reference, and whether
+    another lesion embedding than the served one made it (then it is not in the prototypes)."""
     modalities = ",".join(MODALITY_NAMES.get(m, "?") for m in case.modalities)
     synthetic = " SYNTHETIC" if case.synthetic else ""
     note = f" — {case.note}" if case.note else ""
+    unused = ""
+    if case.other_embedding:
+        unused = f" [not in use: made by embedding {case.embedding or 'of version 1'}]"
     return (
         f"{case.case_id:>6}  {case.label:<12} {modalities:<9} {case.created_at}  {case.curator}{synthetic}  "
-        f"{case.pathology_reference}{note}"
+        f"{case.pathology_reference}{note}{unused}"
     )

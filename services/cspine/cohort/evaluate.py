@@ -269,7 +269,6 @@ async def _run(
     progress: bool,
 ) -> dict[int, list[dict]]:
     out: dict[int, list[dict]] = {}
-    prototypes = default_prototypes()
     async with TritonClient(url) as client:
         for number in versions:
             use_version(repository, number)
@@ -278,7 +277,7 @@ async def _run(
             if behind:
                 raise TritonUnavailableError(f"Triton did not serve version {number} of {', '.join(behind)}")
             calibration, competence = Calibration.load(repository), CompetenceReference.load(repository)
-            models = model_versions(repository)
+            models, prototypes = model_versions(repository), default_prototypes(repository)
             records = []
             for truth in tqdm(truths, desc=f"version {number}", unit="study", disable=not progress):
                 study = await asyncio.to_thread(ingest_paths, image_files(folder / truth.name), limits)

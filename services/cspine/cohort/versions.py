@@ -33,6 +33,7 @@ from cspine.cohort.training import require_clean
 from cspine.config import IngestLimits
 from cspine.domain import Disclosure, Modality
 from cspine.errors import InvalidInputError
+from cspine.fewshot.prototypes import DEFAULT_SUPPORT, SupportSet, default_support
 from cspine.inference.model_config import available_sets, served_set, version_file
 from cspine.inference.specs import MODALITY_ORDER, MODELS, SEG_MODEL_NAMES
 
@@ -90,7 +91,7 @@ def _calibration_records(
 
     async def run(url: str, copy: Path) -> list[dict]:
         records = []
-        competence, models, prototypes = CompetenceReference.load(copy), model_versions(copy), default_prototypes()
+        competence, models, prototypes = CompetenceReference.load(copy), model_versions(copy), default_prototypes(copy)
         async with TritonClient(url) as client:
             for study in tqdm(train, desc="calibration", unit="study", disable=not progress):
                 assert study.row is not None
@@ -109,34 +110,46 @@ def _calibration_records(
             return asyncio.run(run(triton.grpc_url, copy))
 
 
+def records_support(records: list[dict], synthetic: bool = False, source: str = "") -> SupportSet:
+    """The tumor studies of pipeline ``records`` (``evaluation.cohort.calibration_record``) with a lesion embedding
+    as support cases: per modality the matched lesion's embedding (NaN where none), the study's class."""
+    import numpy as np
+
+    from cspine.inference.specs import EMBEDDING_DIM
+
+    rows, labels = [], []
+    for record in records:
+        found = [record["modalities"][m.value]["embedding"] for m in MODALITY_ORDER]
+        if record["truth"]["tumor"] and any(found):
+            rows.append([np.array(e, np.float32) if e else np.full(EMBEDDING_DIM, np.nan, np.float32) for e in found])
+            labels.append(record["truth"]["class"])
+    embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), len(MODALITY_ORDER), EMBEDDING_DIM)
+    return SupportSet(embeddings, tuple(labels), synthetic, source)
+
+
 def site_fusion_weights(
-    records: list[dict], repository: Path, version: int, start: dict[Modality, float]
+    records: list[dict],
+    repository: Path,
+    version: int,
+    start: dict[Modality, float],
+    default: SupportSet | None,
 ) -> dict[Modality, float]:
     """The classification weights of log-linear pooling fitted to tumor studies' records (their class and per
     modality the matched lesion's embedding), as the service fits them once a site has enough cases of every
     class (``fewshot.prototypes``): each study classified by the prototypes of the others by the support rule
-    over the default set, fitted with version ``version``'s classifier scale; the weights that minimise the
-    cross-entropy, pulled towards ``start``."""
+    over the ``default`` set (None: no default cases, as when the records are version ``version``'s default set),
+    fitted with version ``version``'s classifier scale; the weights that minimise the cross-entropy, pulled towards
+    ``start``."""
     import numpy as np
 
     from cspine.fewshot.adapt import exported_scale, pooling_weights
-    from cspine.fewshot.prototypes import Adaptation, SupportSet, held_out_log_probabilities
+    from cspine.fewshot.prototypes import Adaptation, held_out_log_probabilities
 
-    default = SupportSet.load()
-    rows = [
-        [
-            np.array(r["modalities"][m.value]["embedding"], dtype=np.float32)
-            if r["modalities"][m.value]["embedding"]
-            else np.full(default.embeddings.shape[2], np.nan, dtype=np.float32)
-            for m in MODALITY_ORDER
-        ]
-        for r in records
-    ]
-    both = SupportSet(
-        np.concatenate([default.embeddings, np.array(rows, dtype=np.float32)]),
-        default.labels + tuple(r["truth"]["class"] for r in records),
-    )
-    flags = np.array([True] * len(default.labels) + [False] * len(records))
+    site = records_support(records)
+    if default is None:
+        default = SupportSet(site.embeddings[:0], ())
+    both = SupportSet(np.concatenate([default.embeddings, site.embeddings]), default.labels + site.labels)
+    flags = np.array([True] * len(default.labels) + [False] * len(site.labels))
     labels = tuple(dict.fromkeys(both.labels))
     scale = exported_scale(repository / "proto_classify" / str(version) / "model.onnx")
     held_out, truth = held_out_log_probabilities(both, flags, labels, Adaptation("fitted", scale))
@@ -154,9 +167,15 @@ def refit_calibration(
     progress: bool = True,
     detection_min: int = DETECTION_MIN_STUDIES,
     classification_min: int = CLASSIFICATION_MIN_STUDIES,
+    records: list[dict] | None = None,
+    default: SupportSet | None = None,
+    records_are_default: bool = False,
 ) -> tuple[Calibration, dict[str, str]]:
     """Version ``version``'s calibration: the base version's, with each part refitted on the cohort's train studies
-    where there are enough of them. Returns it and, per part, what it was fitted on or why it was not refitted."""
+    (their pipeline ``records`` with version ``version``, run when not given and needed) where there are enough of
+    them. The classification weights are fitted against the ``default`` support set (None: the repository's served
+    one), or, with ``records_are_default`` (version ``version``'s default set is made of these records), against
+    the records alone. Returns it and, per part, what it was fitted on or why it was not refitted."""
     from dataclasses import replace
 
     from cspine.evaluation.calibrate import fit_calibration
@@ -174,7 +193,8 @@ def refit_calibration(
     }
     if not detection_ok and tumor < classification_min:
         return inherited, why
-    records = _calibration_records(report, repository, version, limits, progress)
+    if records is None:
+        records = _calibration_records(report, repository, version, limits, progress)
     summary = cohort_summary(report)
     fitted_on = f"train studies of the {'SYNTHETIC ' if summary['synthetic'] else ''}cohort {summary['name']}, " + (
         f"version {version}"
@@ -192,14 +212,17 @@ def refit_calibration(
         why["detection"] = f"refitted: {fitted.fitted_on} ({tumor} with a tumor, {free} without)"
     cases = [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
     if len(cases) >= classification_min:
-        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights)
+        against = None if records_are_default else (default or default_support(repository))
+        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights, against)
+        rule = "their own prototypes" if against is None else "the support rule over the default set"
         calibration = replace(
             calibration,
             classification_weights=weights,
             classification_weights_ci95={},
             classification_fitted_on=f"{fitted_on}: the pooling weights of the {len(cases)} studies with a tumor and "
-            "a lesion embedding, each classified by the prototypes of the others (5 folds; the support rule over "
-            "the default set, fitted), as the service refits them from a site's cases",
+            f"a lesion embedding, each classified by the prototypes of the others (5 folds; {rule}, fitted), as "
+            "the service refits them from a site's cases",
+            embed_model_sha256=_sha256(repository / "lesion_embed" / str(version) / "model.onnx"),
         )
         why["classification"] = f"refitted: {calibration.classification_fitted_on}; the choice of pooling or one "
         why["classification"] += f"modality is version {base}'s"
@@ -225,7 +248,7 @@ def export_version(
     from cspine.evaluation.competence import FOLDS, fit_references
     from cspine.inference.runner import OnnxRunner
     from cspine.inference.specs import seg_spec
-    from cspine.modeling.export import export_seg, load_seg_onnx
+    from cspine.modeling.export import export_embed, export_seg, load_embed_onnx, load_seg_onnx
 
     base = served_set(repository)
     taken = [name for name in MODELS if (repository / name / str(version)).exists()]
@@ -256,7 +279,7 @@ def export_version(
                     shutil.copy2(path, target / path.name)
             checkpoint = run / f"{name}.pt"
             entry = metrics.get("models", {}).get(name)
-            if entry is None or not checkpoint.exists():
+            if entry is None or "skipped" in entry or not checkpoint.exists():
                 shutil.copy2(source / "model.onnx", target / "model.onnx")
                 continue
             state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -265,23 +288,36 @@ def export_version(
                     f"{checkpoint} was fine-tuned from {state['config']['start']}, not from the served version {base} "
                     f"of {repository}"
                 )
-            net, _ = load_seg_onnx(source / "model.onnx")
-            net.load_state_dict(state["modules"]["net"])
-            config = {k: v for k, v in state["config"].items() if k not in ("cases", "cohort", "start", "start_sha256")}
+            identity = ("cases", "lesions", "cohort", "start", "start_sha256")
+            config = {k: v for k, v in state["config"].items() if k not in identity}
             metadata = {
-                "training_config": config,
                 "training_steps": str(state["step"]),
                 "base_version": str(base),
                 "fine_tuned_on": json.dumps(cohort_summary(report)),
             }
             staged = staging / name
-            export_seg(net.eval(), Modality(state["config"]["modality"]), staged, metadata)
+            if name == "lesion_embed":
+                encoder, base_config = load_embed_onnx(source / "model.onnx")
+                encoder.load_state_dict(state["modules"]["encoder"])
+                # the base's configuration (its architecture), so that this version can be fine-tuned in turn
+                export_embed(encoder.eval(), staged, {**metadata, "training_config": base_config, "fine_tune": config})
+                fine_tuned[name] = {
+                    "steps": state["step"],
+                    "train_lesions": entry["train_lesions"],
+                    "held_out_few_shot_accuracy": entry.get("held_out"),
+                }
+            else:
+                net, _ = load_seg_onnx(source / "model.onnx")
+                net.load_state_dict(state["modules"]["net"])
+                export_seg(
+                    net.eval(), Modality(state["config"]["modality"]), staged, {**metadata, "training_config": config}
+                )
+                fine_tuned[name] = {
+                    "steps": state["step"],
+                    "train_studies": entry["train_studies"],
+                    "held_out_dice_on_model_grid": entry.get("held_out"),
+                }
             shutil.move(str(staged / name / "1" / "model.onnx"), target / "model.onnx")
-            fine_tuned[name] = {
-                "steps": state["step"],
-                "train_studies": entry["train_studies"],
-                "held_out_dice_on_model_grid": entry.get("held_out"),
-            }
         files = {
             name: version_file(repository, name, version) for name in (CALIBRATION_FILE, COMPETENCE_FILE, MODEL_CARD)
         }
@@ -312,7 +348,37 @@ def export_version(
             progress,
         )
         reference.save(repository, version)
-        calibration, calibration_parts = refit_calibration(report, repository, version, base, limits, progress)
+        # With its own embedding, version N gets its own default support set: the train studies' lesions as the
+        # service finds and embeds them with N (the base's vectors are another embedding's); else the base's.
+        records = None
+        embedding_tuned = "lesion_embed" in fine_tuned
+        support_file = version_file(repository, DEFAULT_SUPPORT.name, version)
+        if embedding_tuned:
+            records = _calibration_records(report, repository, version, limits, progress)
+            origin = f"{label}train study of the cohort {summary['name']}: its lesion as version {version} finds "
+            origin += "and embeds it"
+            support = records_support(records, summary["synthetic"], origin)
+            if len(set(support.labels)) < 2:
+                raise InvalidInputError(
+                    f"version {version}'s own lesion embedding needs its own default support set, but the pipeline "
+                    f"found lesions of {len(set(support.labels))} class(es) in the cohort's train studies"
+                )
+            written.append(support_file)
+            support.save(support_file)
+            counts = ", ".join(f"{c} {support.labels.count(c)}" for c in dict.fromkeys(support.labels))
+            inherited_support = (
+                f"rebuilt: the {len(support.labels)} train studies with a tumor and a lesion found and embedded by "
+                f"version {version} ({counts})"
+            )
+        else:
+            base_file = version_file(repository, DEFAULT_SUPPORT.name, base)
+            if base_file.exists():
+                written.append(support_file)
+                shutil.copy2(base_file, support_file)
+            inherited_support = f"version {base}'s, not rebuilt: version {version} copies lesion_embed from it"
+        calibration, calibration_parts = refit_calibration(
+            report, repository, version, base, limits, progress, records=records, records_are_default=embedding_tuned
+        )
         calibration.save(repository, version)
         card = {
             "version": version,
@@ -330,11 +396,8 @@ def export_version(
                 for m in MODALITY_ORDER
             },
             "calibration": calibration_parts,
-            "inherited": {
-                "default support set": "the shipped SYNTHETIC default support set, not rebuilt: its embeddings are "
-                f"lesion_embed's, which version {version} copies from version {base}",
-            },
-            "files": sorted(p.name for p in files.values()),
+            "default support set": inherited_support,
+            "files": sorted(p.name for p in [*files.values(), support_file] if p.exists()),
         }
         files[MODEL_CARD].write_text(json.dumps(card, indent=2) + "\n")
     except BaseException:

@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     import asyncio
     from contextlib import AsyncExitStack, ExitStack
 
-    from cspine.fewshot.prototypes import Adaptation, SupportSet
+    from cspine.fewshot.prototypes import Adaptation, default_support, embedding_key
     from cspine.fewshot.store import SupportStore
     from cspine.gateway import auth, logs
     from cspine.gateway.metrics import Metrics
@@ -129,10 +129,16 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     if config.tls_cert and config.tls_key:
         credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     repository = config.triton.repository or default_repository()
-    store = SupportStore(config.store, adaptation=Adaptation.of_repository(config.prototype_adaptation, repository))
+    store = SupportStore(
+        config.store,
+        adaptation=Adaptation.of_repository(config.prototype_adaptation, repository),
+        embedding=embedding_key(repository),
+    )
     store.migrate()
-    if store.seed_defaults(SupportSet.load()):
-        print("support set: seeded with cspine's SYNTHETIC default cases (version 1)", flush=True)
+    defaults = default_support(repository)
+    if store.seed_defaults(defaults):
+        kind = "cspine's SYNTHETIC" if defaults.synthetic else "the served version set's"
+        print(f"support set: seeded with {kind} default cases (version {store.current_version()})", flush=True)
     metrics = Metrics()
 
     async def run(url: str) -> None:

@@ -57,6 +57,7 @@ class SupportSet:
     embeddings: np.ndarray
     labels: tuple[str, ...]
     synthetic: bool = False
+    source: str = ""  # where the cases come from, as the store notes them ("": the shipped SYNTHETIC set)
 
     def __post_init__(self) -> None:
         if self.embeddings.shape[1:] != (len(MODALITY_ORDER), EMBEDDING_DIM) or len(self.labels) != len(
@@ -66,13 +67,18 @@ class SupportSet:
 
     def save(self, path: Path) -> None:
         np.savez_compressed(
-            path, embeddings=self.embeddings.astype(np.float32), labels=np.array(self.labels), synthetic=self.synthetic
+            path,
+            embeddings=self.embeddings.astype(np.float32),
+            labels=np.array(self.labels),
+            synthetic=self.synthetic,
+            source=self.source,
         )
 
     @staticmethod
     def load(path: Path = DEFAULT_SUPPORT) -> SupportSet:
         with np.load(path) as npz:
-            return SupportSet(npz["embeddings"], tuple(str(x) for x in npz["labels"]), bool(npz["synthetic"]))
+            source = str(npz["source"]) if "source" in npz.files else ""
+            return SupportSet(npz["embeddings"], tuple(str(x) for x in npz["labels"]), bool(npz["synthetic"]), source)
 
 
 def site_weight(site_cases: int, default_cases: int, k: int = SITE_CASES_TO_REPLACE) -> float:
@@ -298,5 +304,29 @@ def site_prototypes(
     return PrototypeSet.from_cases(both, flags, version, k, adaptation)
 
 
-def default_prototypes() -> PrototypeSet:
-    return PrototypeSet.from_support(SupportSet.load(DEFAULT_SUPPORT))
+def default_prototypes(repository: Path | None = None) -> PrototypeSet:
+    """The prototypes of the default support set (of the served version set of ``repository``, when given)."""
+    return PrototypeSet.from_support(default_support(repository) if repository is not None else SupportSet.load())
+
+
+def default_support(repository: Path) -> SupportSet:
+    """The served version set's default support set: ``default_support.vN.npz`` beside its models when version
+    N has one (its lesion embedding was fine-tuned, ``cspine export --version N``), else the shipped SYNTHETIC
+    set (``DEFAULT_SUPPORT``), whose vectors are version 1's embedding."""
+    from cspine.inference.model_config import version_file
+
+    path = version_file(repository, DEFAULT_SUPPORT.name)
+    return SupportSet.load(path if path.exists() else DEFAULT_SUPPORT)
+
+
+def embedding_key(repository: Path) -> str:
+    """Which lesion embedding the served version set of ``repository`` makes vectors with, as the support store
+    records it: ``""`` when its ``lesion_embed`` is version 1's (byte for byte), else the first 16 hex digits of
+    the model's SHA-256. Vectors of two keys cannot be compared."""
+    from cspine.inference.model_config import served_model_file
+
+    served = hashlib.sha256(served_model_file(repository, "lesion_embed").read_bytes()).hexdigest()
+    first = Path(repository) / "lesion_embed" / "1" / "model.onnx"
+    if first.exists() and hashlib.sha256(first.read_bytes()).hexdigest() == served:
+        return ""
+    return served[:16]

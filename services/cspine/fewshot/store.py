@@ -1,6 +1,11 @@
 """The support-case store: support cases (embeddings, label, pathology reference, curator — never pixels or
 patient identity) and the immutable prototype-set versions made of them, in SQLite or PostgreSQL (DESIGN.md §7).
 
+Each case records which lesion embedding made its vectors (``fewshot.prototypes.embedding_key``: ``""`` for
+version 1's ``lesion_embed``). A store serves one embedding at a time (``SupportStore.embedding``): only its cases
+make the prototypes, and a study can be added once per embedding, so a site that serves a version set with a
+fine-tuned embedding adds its studies again to embed them with it; the other cases stay, listed as not in use.
+
 Every change is one transaction that writes a new version: the next number, who made it, what changed, and
 its full membership. Earlier versions are never touched, so any analysis can be audited against the exact
 set it used. Writers are serialised — SQLite: ``BEGIN IMMEDIATE`` (one writer at a time, others wait up to
@@ -77,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SYNTHETIC_CURATOR = "cspine (SYNTHETIC default)"
+DEFAULT_CURATOR = "cspine (default support set of a version from a site's cohort)"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 5
 STORE_TIMEOUT_S = 10.0  # the longest PostgreSQL may take to answer one statement (a healthy store: milliseconds)
@@ -87,7 +93,7 @@ _MAX_REFERENCE = 1024  # a pathology report's reference, not the report itself
 _MAX_NOTE = 4096  # a curator's note; ListCases returns every note, so it must stay small
 _MAX_UID = 64  # DICOM UI value representation; the synthetic seed keys are longer, so never a study's
 
-# The tables as migrations/versions/0001_support_store.py creates them (test_store checks the two agree).
+# The tables as migrations/versions/ create them (test_store checks the two agree).
 metadata = MetaData()
 store_head = Table(
     "store_head",
@@ -114,6 +120,7 @@ cases = Table(
     Column("curator", String(_MAX_TEXT), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("synthetic", Boolean, nullable=False),
+    Column("embedding", String(64), nullable=False, server_default=""),  # the embedding that made its vectors
 )
 case_embeddings = Table(
     "case_embeddings",
@@ -142,6 +149,8 @@ class Case:
     created_at: datetime
     synthetic: bool
     modalities: tuple[Modality, ...]
+    embedding: str = ""  # which lesion embedding made its vectors ("": version 1's)
+    in_use: bool = True  # made by the store's embedding: only such cases make the prototypes
 
 
 @dataclass(frozen=True)
@@ -165,10 +174,16 @@ class SupportStore:
     """Support cases and prototype-set versions in one database: ``sqlite:///path/support.db`` (embedded
     default) or ``postgresql+psycopg://user@host/db`` (replicas sharing it). Thread-safe; call ``migrate()``
     once before use and ``close()`` at the end. A PostgreSQL statement not answered within ``timeout_s`` is
-    given up (``StoreUnavailableError``)."""
+    given up (``StoreUnavailableError``). ``embedding`` is the served lesion embedding's key: new cases are
+    recorded as made by it, and only its cases make the prototypes."""
 
     def __init__(
-        self, url: str | URL, *, timeout_s: float = STORE_TIMEOUT_S, adaptation: Adaptation | None = None
+        self,
+        url: str | URL,
+        *,
+        timeout_s: float = STORE_TIMEOUT_S,
+        adaptation: Adaptation | None = None,
+        embedding: str = "",
     ) -> None:
         try:
             parsed = make_url(url)
@@ -180,6 +195,7 @@ class SupportStore:
         backend = parsed.get_backend_name()
         self.timeout_s = timeout_s
         self.adaptation = adaptation  # what prototype_set does to the rule's prototypes (None: plain)
+        self.embedding = embedding  # the served lesion embedding (fewshot.prototypes.embedding_key)
         self._watchdog: _Watchdog | None = None
         if backend == "sqlite":
             if parsed.database in (None, "", ":memory:"):
@@ -238,13 +254,13 @@ class SupportStore:
 
     def prototype_set(self, version: int | None = None) -> PrototypeSet:
         """The prototypes of one version (the current one by default), named ``v<number>``: its site cases
-        and its SYNTHETIC default cases (the ``synthetic`` flag) combined by the rule of
-        ``PrototypeSet.from_cases`` (docs/support.md), which also says per class which cases weigh how much,
-        then adapted to the site's cases by the store's ``adaptation``."""
+        and its SYNTHETIC default cases (the ``synthetic`` flag) made by the store's ``embedding``, combined by
+        the rule of ``PrototypeSet.from_cases`` (docs/support.md), which also says per class which cases weigh
+        how much, then adapted to the site's cases by the store's ``adaptation``."""
         with self._translate(), self._engine.connect() as conn:
             number = self._resolve(conn, version)
-            rows = _member_rows(conn, number)
-            vectors = _vectors(conn, number)
+            rows = [row for row in _member_rows(conn, number) if row.embedding == self.embedding]
+            vectors = _vectors(conn, number, self.embedding)
         if not rows:
             return PrototypeSet(f"v{number}", (), {})
         embeddings = np.full((len(rows), len(MODALITY_ORDER), EMBEDDING_DIM), np.nan, dtype=np.float32)
@@ -274,6 +290,8 @@ class SupportStore:
                 created_at=_utc(row.created_at),
                 synthetic=row.synthetic,
                 modalities=tuple(m for m in MODALITY_ORDER if m in present.get(row.id, ())),
+                embedding=row.embedding,
+                in_use=row.embedding == self.embedding,
             )
             for row in rows
         ]
@@ -302,8 +320,9 @@ class SupportStore:
         note: str = "",
         create_class: bool = False,
     ) -> int:
-        """Add one pathology-confirmed case to the current set; returns the new version's number. A label that
-        is not yet a class needs ``create_class=True``."""
+        """Add one pathology-confirmed case, made by the store's ``embedding``, to the current set; returns the
+        new version's number. A label that is not yet a class needs ``create_class=True``. A study already in
+        the set by another embedding is added again (embedded anew), and its earlier case stays."""
         uid = study_uid.strip().rstrip("\x00")
         if not uid or len(uid) > _MAX_UID or not uid.isprintable():
             raise InvalidInputError(f"study_uid is not a DICOM UID (1 to {_MAX_UID} printable characters)")
@@ -318,7 +337,11 @@ class SupportStore:
             existing = conn.execute(
                 select(cases.c.id)
                 .join(version_cases, version_cases.c.case_id == cases.c.id)
-                .where(version_cases.c.version == head, cases.c.study_uid_hash == digest)
+                .where(
+                    version_cases.c.version == head,
+                    cases.c.study_uid_hash == digest,
+                    cases.c.embedding == self.embedding,
+                )
             ).scalar()
             if existing is not None:
                 raise DuplicateCaseError(f"this study is already in the current support set as case {existing}")
@@ -330,7 +353,9 @@ class SupportStore:
                 if len(labels) >= MAX_PROTOTYPES:
                     raise LimitExceededError(f"the support set already has {len(labels)} classes, the most allowed")
             now = datetime.now(UTC)
-            case_id = _insert_case(conn, digest, label, pathology_reference, note, curator, now, False, vectors)
+            case_id = _insert_case(
+                conn, digest, label, pathology_reference, note, curator, now, False, vectors, self.embedding
+            )
             new_class = "" if label in labels else "new class "
             change = f"add case {case_id} ({new_class}{label})"
             number = _new_version(conn, head, curator, change, now, add=[case_id])
@@ -355,11 +380,18 @@ class SupportStore:
         return number
 
     def seed_defaults(self, support: SupportSet) -> bool:
-        """Write ``support`` (the shipped SYNTHETIC default set) as version 1 when the store holds no version
-        yet; True when it did. Safe when replicas call it at once: one writes, the others find version 1."""
+        """Add ``support`` (the served version set's default support set: ``fewshot.prototypes.default_support``)
+        as default cases made by the store's ``embedding``, in a new version (version 1 in an empty store), when
+        the store has never held a default case of that embedding; True when it did. Default cases a curator
+        removed are not added back. Safe when replicas call it at once: one writes, the others find it done."""
         key = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes()).hexdigest()
+        synthetic = "SYNTHETIC " if support.synthetic else ""
+        curator = SYNTHETIC_CURATOR if support.synthetic else DEFAULT_CURATOR
         with self._writing() as (conn, head):
-            if head:
+            seeded = conn.execute(
+                select(cases.c.id).where(cases.c.synthetic.is_(True), cases.c.embedding == self.embedding).limit(1)
+            ).scalar()
+            if seeded is not None:
                 return False
             now = datetime.now(UTC)
             members = []
@@ -371,13 +403,25 @@ class SupportStore:
                 }
                 # Longer than any UID add_case accepts: never the hash of a real study.
                 digest = study_uid_hash(f"cspine:synthetic-default:{key}:{row}")
-                note = "SYNTHETIC phantom lesion shipped with cspine"
+                note = support.source or "SYNTHETIC phantom lesion shipped with cspine"
                 members.append(
-                    _insert_case(conn, digest, label, "SYNTHETIC", note, SYNTHETIC_CURATOR, now, True, vectors)
+                    _insert_case(
+                        conn,
+                        digest,
+                        label,
+                        "SYNTHETIC" if support.synthetic else "the cohort's manifest",
+                        note,
+                        curator,
+                        now,
+                        True,
+                        vectors,
+                        self.embedding,
+                    )
                 )
-            change = f"seed SYNTHETIC default support set ({len(members)} cases)"
-            _new_version(conn, head, SYNTHETIC_CURATOR, change, now, add=members)
-        logger.info("support store %s: version 1: %s", self.name, change)
+            embedding = f" of embedding {self.embedding}" if self.embedding else ""
+            change = f"seed {synthetic}default support set{embedding} ({len(members)} cases)"
+            number = _new_version(conn, head, curator, change, now, add=members)
+        logger.info("support store %s: version %d: %s", self.name, number, change)
         return True
 
     # -- plumbing -----------------------------------------------------------------------------------------
@@ -565,14 +609,16 @@ def _member_rows(conn: Connection, number: int) -> list:
     )
 
 
-def _vectors(conn: Connection, number: int) -> list:
-    return list(
-        conn.execute(
-            select(case_embeddings.c.case_id, case_embeddings.c.modality, case_embeddings.c.vector)
-            .join(version_cases, version_cases.c.case_id == case_embeddings.c.case_id)
-            .where(version_cases.c.version == number)
-        )
+def _vectors(conn: Connection, number: int, embedding: str | None = None) -> list:
+    """The vectors of one version's cases (those made by ``embedding``, unless None)."""
+    query = (
+        select(case_embeddings.c.case_id, case_embeddings.c.modality, case_embeddings.c.vector)
+        .join(version_cases, version_cases.c.case_id == case_embeddings.c.case_id)
+        .where(version_cases.c.version == number)
     )
+    if embedding is not None:
+        query = query.join(cases, cases.c.id == case_embeddings.c.case_id).where(cases.c.embedding == embedding)
+    return list(conn.execute(query))
 
 
 def _labels(conn: Connection, number: int) -> tuple[str, ...]:
@@ -597,6 +643,7 @@ def _insert_case(
     now: datetime,
     synthetic: bool,
     vectors: Mapping[Modality, np.ndarray],
+    embedding: str,
 ) -> int:
     case_id = conn.execute(
         insert(cases)
@@ -608,6 +655,7 @@ def _insert_case(
             curator=curator,
             created_at=now,
             synthetic=synthetic,
+            embedding=embedding,
         )
         .returning(cases.c.id)
     ).scalar_one()

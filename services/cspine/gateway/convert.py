@@ -234,4 +234,6 @@ def case_to_pb(case: Case) -> spb.SupportCase:
         created_at=_rfc3339(case.created_at),
         synthetic=case.synthetic,
         modalities=[MODALITY_TO_PB[m] for m in case.modalities],
+        embedding=case.embedding,
+        other_embedding=not case.in_use,
     )
