@@ -498,7 +498,11 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     e.add_argument("--seed", type=int, default=9700, help="the lesions' seed; new-class lesions use seed + 1")
     e.add_argument("--repeats", type=int, default=10, help="support draws per number of site cases (default 10)")
     e.add_argument("--no-baseline", action="store_true", help="leave out the fine-tuned baseline (faster)")
-    e.add_argument("--repository", default="model_repository")
+    e.add_argument(
+        "--repository",
+        default="model_repository",
+        help="the models: its served version set's embedding, classifier and calibration (cspine models use N)",
+    )
     e.add_argument("--cache", default=".cache/cspine")
     e.add_argument("--out", default=None, help="also write adaptation.json here")
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")

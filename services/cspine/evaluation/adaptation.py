@@ -386,19 +386,22 @@ def run_adaptation(
     baseline: bool = True,
     workers: int = 1,
 ) -> dict:
-    """``evaluate_adaptation`` with the shipped models, the default support set cut about the true lesion centres
-    as the pools are (``ground_truth_support``), the service's fusion weights and method, on each site's pools."""
+    """``evaluate_adaptation`` with the served version set's embedding, classifier and fusion weights (the shipped
+    models unless ``cspine models use N`` chose another set), the protocol's default support set (SYNTHETIC lesions
+    of the default site cut about their true centres, as the pools are: ``ground_truth_support``, embedded by the
+    served embedding) and the service's method, on each site's pools."""
     from cspine.analysis.fusion import Calibration
     from cspine.fewshot.prototypes import SHIPPED_METHOD
+    from cspine.inference.model_config import served_model_file
     from cspine.modeling.data import ground_truth_support
-    from cspine.modeling.recipes import ARTIFACTS, load_baseline_artifact, model_path, proto_classifier
+    from cspine.modeling.recipes import ARTIFACTS, load_baseline_artifact, proto_classifier
 
     calibration = Calibration.load(repository)
     weights = np.array([calibration.classification_weights[m] for m in MODALITY_ORDER])
     result = evaluate_adaptation(
         {site: site_pools(cache, site, seed, workers) for site in sites},
-        ground_truth_support(cache, model_path(repository, "lesion_embed"), workers=workers),
-        onnx_embed(model_path(repository, "lesion_embed")),
+        ground_truth_support(cache, served_model_file(repository, "lesion_embed"), workers=workers),
+        onnx_embed(served_model_file(repository, "lesion_embed")),
         proto_classifier(repository),
         load_baseline_artifact(ARTIFACTS / "baseline.pt") if baseline else None,
         weights,

@@ -161,7 +161,10 @@ def load_baseline_artifact(path: Path):
 
 
 def proto_classifier(repository: Path):
-    session = onnx_session(model_path(repository, "proto_classify"))
+    """The served version set's ``proto_classify`` as a function (embeddings, prototypes → probabilities)."""
+    from cspine.inference.model_config import served_model_file
+
+    session = onnx_session(served_model_file(repository, "proto_classify"))
 
     def classify(embedding: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
         return session.run(None, {"embedding": embedding.astype(np.float32), "prototypes": prototypes})[0]

@@ -511,22 +511,44 @@ def train_embed(
         picks = np.stack([rng.choice(by_subtype[modality][c], size=per_class, replace=False) for c in chosen])
         support, query = picks[:, : config.shots].ravel(), picks[:, config.shots :].ravel()
         rois = augment_rois(bank.rois[np.concatenate([support, query]), modality], rng)
-        emb = encoder(torch.from_numpy(rois), _one_hot(np.full(len(rois), modality)))
-        labels = torch.arange(len(chosen)).repeat_interleave(config.shots)
-        query_labels = torch.arange(len(chosen)).repeat_interleave(config.queries)
-        _schedule(optimizer, config.lr, run.step, config.episodes)
-        optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = prototypical_loss(proto.logits, emb[: len(support)], labels, emb[len(support) :], query_labels)
-        loss.backward()
-        optimizer.step()
-        run.step += 1
-        run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": float(accuracy)})
-        bar.update()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(accuracy):.2f}")
-        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
-            run.save(modules, optimizer)
+        shape = (len(chosen), config.shots, config.queries)
+        _episode(run, encoder, proto, optimizer, modules, (config.lr, config.episodes, end), bar, rois, modality, shape)
     bar.close()
     return run.path
+
+
+def _episode(
+    run: Run,
+    encoder: LesionEncoder,
+    proto: ProtoClassifier,
+    optimizer: torch.optim.Optimizer,
+    modules: dict[str, torch.nn.Module],
+    schedule: tuple[float, int, int],
+    bar: tqdm,
+    rois: np.ndarray,
+    modality: int,
+    shape: tuple[int, int, int],
+) -> None:
+    """One prototypical episode of ``shape`` (ways, shots, queries) on one modality's ``rois`` (the support cases
+    class by class, then the queries), at the ``schedule`` (base learning rate, episodes, last episode of this
+    call): the loss on the queries, one optimiser step, the history, and a checkpoint when one is due."""
+    ways, shots, queries = shape
+    lr, total, end = schedule
+    emb = encoder(torch.from_numpy(rois), _one_hot(np.full(len(rois), modality)))
+    labels = torch.arange(ways).repeat_interleave(shots)
+    query_labels = torch.arange(ways).repeat_interleave(queries)
+    _schedule(optimizer, lr, run.step, total)
+    optimizer.zero_grad(set_to_none=True)
+    split = ways * shots
+    loss, accuracy = prototypical_loss(proto.logits, emb[:split], labels, emb[split:], query_labels)
+    loss.backward()
+    optimizer.step()
+    run.step += 1
+    run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": float(accuracy)})
+    bar.update()
+    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(accuracy):.2f}")
+    if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
+        run.save(modules, optimizer)
 
 
 @dataclass(frozen=True)
@@ -589,20 +611,8 @@ def finetune_embed(
         picks = np.stack([rng.choice(members[m][c], size=shots + queries, replace=False) for c in kinds])
         support, query = picks[:, :shots].ravel(), picks[:, shots:].ravel()
         batch = augment_rois(rois[np.concatenate([support, query]), m].astype(np.float32), rng)
-        emb = encoder(torch.from_numpy(batch), _one_hot(np.full(len(batch), m)))
-        labels = torch.arange(len(kinds)).repeat_interleave(shots)
-        query_labels = torch.arange(len(kinds)).repeat_interleave(queries)
-        _schedule(optimizer, config.lr, run.step, config.episodes)
-        optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = prototypical_loss(proto.logits, emb[: len(support)], labels, emb[len(support) :], query_labels)
-        loss.backward()
-        optimizer.step()
-        run.step += 1
-        run.history.append({"step": run.step, "loss": float(loss.detach()), "accuracy": float(accuracy)})
-        bar.update()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(accuracy):.2f}")
-        if run.step % CHECKPOINT_EVERY == 0 or run.step == end:
-            run.save(modules, optimizer)
+        schedule = (config.lr, config.episodes, end)
+        _episode(run, encoder, proto, optimizer, modules, schedule, bar, batch, m, (len(kinds), shots, queries))
     bar.close()
     return run.path
 
