@@ -450,6 +450,18 @@ def test_a_cohort_without_lesions_of_two_classes_leaves_the_embedding_out_or_sto
     args = ["train", "--cohort", str(labelled), "--models", "lesion_embed", "--checkpoints", str(tmp_path), "--quiet"]
     assert cli.main(args) == 2
     assert "need lesions of at least 2 classes to fine-tune lesion_embed" in capsys.readouterr().err
+    # not named (the default models): the run goes on without it, and says why
+    from cspine.cohort.training import train_on_cohort
+
+    results = train_on_cohort(
+        labelled, [], REPOSITORY, tmp_path, progress=False, embedding=True, embedding_optional=True
+    )
+    assert results["models"] == {
+        "lesion_embed": {
+            "skipped": "the cohort's train studies need lesions of at least 2 classes to fine-tune lesion_embed"
+        }
+    }
+    assert not (tmp_path / "cohort-cohort" / "lesion_embed.pt").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
