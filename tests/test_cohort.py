@@ -694,7 +694,8 @@ def test_a_version_with_its_own_lesion_embedding_gets_a_default_support_set_it_e
     assert card["default support set"].startswith(f"rebuilt: the {len(support.labels)} train studies with a tumor")
     assert "default_support.v2.npz" in card["files"]
     assert set(support.labels) == {"benign", "malignant"} and len(support.labels) <= 4
-    assert support.synthetic and support.source.startswith("SYNTHETIC train study of the cohort tumors: its lesion")
+    assert support.synthetic and support.site  # the site's own cases (SYNTHETIC here), not default ones
+    assert support.source.startswith("SYNTHETIC train study of the cohort tumors: its lesion")
     assert np.isnan(support.embeddings[:, :2]).all() and np.isfinite(support.embeddings[:, 2]).all()  # radiographs
     assert np.allclose(np.linalg.norm(support.embeddings[:, 2], axis=1), 1.0, atol=1e-4)  # the embedding's output
     # served: version 1's embedding is the shipped one (key ""), version 2's its own, with its own default set
@@ -728,7 +729,7 @@ def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_emb
             assert await service.refresh_models()
             seen["v2"] = (service.prototypes, service.version_number, service.synthetic_support_set, store.embedding)
             case, info = await service.add_case(instances, "benign", "biopsy 5", "", False, "dr test")
-            seen["added"] = (case, info, service.prototypes)
+            seen["added"] = (case, info, service.prototypes, service.synthetic_support_set)
             seen["cases"] = store.list_cases()
             use_version(repository, 1)
             assert await service.refresh_models()
@@ -741,14 +742,16 @@ def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_emb
     own = default_support(repository)  # served version 1 again: the shipped set
     v2_support = SupportSet.load(repository / "default_support.v2.npz")
     prototypes, number, synthetic, key = seen["v2"]
-    assert len(key) == 16 and number == 2 and synthetic  # version 2's default cases, seeded as store version 2
+    assert len(key) == 16 and number == 2 and synthetic  # version 2's own cases, seeded as store version 2
     assert prototypes.labels == tuple(dict.fromkeys(v2_support.labels)) and set(prototypes.prototypes) == {Modality.XR}
-    assert [c.default_cases for c in prototypes.composition] == [
-        v2_support.labels.count(label) for label in prototypes.labels
+    assert [(c.site_cases, c.default_cases) for c in prototypes.composition] == [
+        (v2_support.labels.count(label), 0) for label in prototypes.labels
     ]
-    case, info, after = seen["added"]
+    case, info, after, synthetic = seen["added"]
     assert info.number == 3 and case.embedding == key and case.in_use and case.modalities == (Modality.XR,)
-    assert after.composition[prototypes.labels.index("benign")].site_cases == 1
+    benign = prototypes.labels.index("benign")
+    assert after.composition[benign].site_cases == prototypes.composition[benign].site_cases + 1
+    assert not synthetic  # a case of the site's own is in use
     listed = seen["cases"]
     assert sum(c.in_use for c in listed) == len(v2_support.labels) + 1
     assert sum(not c.in_use and c.embedding == "" for c in listed) == len(own.labels)

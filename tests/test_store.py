@@ -23,7 +23,7 @@ from cspine.errors import (
     UnknownClassError,
 )
 from cspine.fewshot.prototypes import SupportSet
-from cspine.fewshot.store import SYNTHETIC_CURATOR, SupportStore, metadata, study_uid_hash
+from cspine.fewshot.store import SITE_SEED_CURATOR, SYNTHETIC_CURATOR, SupportStore, metadata, study_uid_hash
 from support.server import free_port
 
 CT, MR, XR = Modality.CT, Modality.MR, Modality.XR
@@ -279,26 +279,28 @@ def test_cases_of_another_embedding_stay_listed_but_only_the_served_embeddings_c
     add(store, "benign", {CT: vec(1)}, study_uid=site_study)
     before = store.prototype_set()
     # the same database, served with a version set whose lesion embedding was fine-tuned
-    tuned = SupportSet(shipped.embeddings[:6] + 1.0, shipped.labels[:6], False, "train lesions of cohort x")
+    tuned = SupportSet(shipped.embeddings[:6] + 1.0, shipped.labels[:6], False, "train lesions of cohort x", site=True)
     with SupportStore(url, embedding="0123456789abcdef") as other:
         assert other.prototype_set().labels == ()  # no case of this embedding yet
         assert other.seed_defaults(tuned) is True and other.seed_defaults(tuned) is False
         assert other.current_version() == 3
         info = other.version_info()
-        assert info.change == "seed default support set of embedding 0123456789abcdef (6 cases)"
-        assert info.created_by == "cspine (default support set of a version from a site's cohort)"
+        assert info.change == "seed the version's own cases from its cohort of embedding 0123456789abcdef (6 cases)"
+        assert info.created_by == SITE_SEED_CURATOR == "cspine (a version's own cases, from the site's cohort)"
         listed = other.list_cases()
         mine = [c for c in listed if c.in_use]
         assert len(listed) == len(shipped.labels) + 1 + 6 and len(mine) == 6
         assert all(c.embedding == "0123456789abcdef" and c.note == "train lesions of cohort x" for c in mine)
+        assert not any(c.synthetic for c in mine) and {c.pathology_reference for c in mine} == {"the cohort's manifest"}
         assert {c.embedding for c in listed if not c.in_use} == {""}
         prototypes = other.prototype_set()
-        assert prototypes.composition[0].default_cases == 6 and prototypes.composition[0].site_cases == 0
+        # the site's own cases: a case the curator adds joins them (no default cases to replace)
+        assert prototypes.composition[0].site_cases == 6 and prototypes.composition[0].default_cases == 0
         # the site's study is added again, embedded anew; a second time it is a duplicate
         assert add(other, "benign", {CT: vec(2)}, study_uid=site_study) == 4
         with pytest.raises(DuplicateCaseError):
             add(other, "benign", {CT: vec(3)}, study_uid=site_study)
-        assert other.prototype_set().composition[0].site_cases == 1
+        assert other.prototype_set().composition[0].site_cases == 7
     # served with the shipped embedding again: its own cases, as before
     again = store.prototype_set()
     assert again.labels == before.labels and again.composition == before.composition

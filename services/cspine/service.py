@@ -36,7 +36,7 @@ from cspine.fewshot.prototypes import (
     default_support,
     embedding_key,
 )
-from cspine.fewshot.store import Case, SupportStore, VersionInfo
+from cspine.fewshot.store import SITE_SEED_CURATOR, Case, SupportStore, VersionInfo
 from cspine.inference.client import TritonClient
 from cspine.inference.model_config import model_versions, served_set
 from cspine.inference.specs import ENSEMBLES, MODELS
@@ -70,10 +70,12 @@ class Readiness:
 
 
 def _all_synthetic(cases: list[Case], repository: Path) -> bool:
-    """Whether the support set in use is a SYNTHETIC default: it has cases of the served embedding, every one a
-    default case, and the served version's default set is SYNTHETIC (an emptied set is no longer the default)."""
+    """Whether the support set in use is SYNTHETIC: it has cases of the served embedding, every one seeded from the
+    served version's default set (the shipped default cases, or a version's own cases from its cohort), and that
+    set is SYNTHETIC. A site's own case, or an emptied set, ends it."""
     used = [c for c in cases if c.in_use]
-    return bool(used) and all(c.synthetic for c in used) and default_support(repository).synthetic
+    seeded = all(c.synthetic or c.curator == SITE_SEED_CURATOR for c in used)
+    return bool(used) and seeded and default_support(repository).synthetic
 
 
 def _served_set(repository: Path) -> int | None:

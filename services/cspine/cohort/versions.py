@@ -112,7 +112,7 @@ def _calibration_records(
 
 def records_support(records: list[dict], synthetic: bool = False, source: str = "") -> SupportSet:
     """The tumor studies of pipeline ``records`` (``evaluation.cohort.calibration_record``) with a lesion embedding
-    as support cases: per modality the matched lesion's embedding (NaN where none), the study's class."""
+    as the site's support cases: per modality the matched lesion's embedding (NaN where none), the study's class."""
     import numpy as np
 
     from cspine.inference.specs import EMBEDDING_DIM
@@ -124,7 +124,7 @@ def records_support(records: list[dict], synthetic: bool = False, source: str = 
             rows.append([np.array(e, np.float32) if e else np.full(EMBEDDING_DIM, np.nan, np.float32) for e in found])
             labels.append(record["truth"]["class"])
     embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), len(MODALITY_ORDER), EMBEDDING_DIM)
-    return SupportSet(embeddings, tuple(labels), synthetic, source)
+    return SupportSet(embeddings, tuple(labels), synthetic, source, site=True)
 
 
 def site_fusion_weights(

@@ -58,6 +58,9 @@ class SupportSet:
     labels: tuple[str, ...]
     synthetic: bool = False
     source: str = ""  # where the cases come from, as the store notes them ("": the shipped SYNTHETIC set)
+    # the site's own cases (a version's set made from its cohort): seeded into the store as site cases, not as
+    # default ones, so that cases a curator adds join them instead of replacing them (docs/support.md)
+    site: bool = False
 
     def __post_init__(self) -> None:
         if self.embeddings.shape[1:] != (len(MODALITY_ORDER), EMBEDDING_DIM) or len(self.labels) != len(
@@ -72,13 +75,16 @@ class SupportSet:
             labels=np.array(self.labels),
             synthetic=self.synthetic,
             source=self.source,
+            site=self.site,
         )
 
     @staticmethod
     def load(path: Path = DEFAULT_SUPPORT) -> SupportSet:
         with np.load(path) as npz:
             source = str(npz["source"]) if "source" in npz.files else ""
-            return SupportSet(npz["embeddings"], tuple(str(x) for x in npz["labels"]), bool(npz["synthetic"]), source)
+            site = bool(npz["site"]) if "site" in npz.files else False
+            labels = tuple(str(x) for x in npz["labels"])
+            return SupportSet(npz["embeddings"], labels, bool(npz["synthetic"]), source, site)
 
 
 def site_weight(site_cases: int, default_cases: int, k: int = SITE_CASES_TO_REPLACE) -> float:

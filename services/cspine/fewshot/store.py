@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SYNTHETIC_CURATOR = "cspine (SYNTHETIC default)"
-DEFAULT_CURATOR = "cspine (default support set of a version from a site's cohort)"
+SITE_SEED_CURATOR = "cspine (a version's own cases, from the site's cohort)"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 5
 STORE_TIMEOUT_S = 10.0  # the longest PostgreSQL may take to answer one statement (a healthy store: milliseconds)
@@ -381,19 +381,24 @@ class SupportStore:
 
     def seed_defaults(self, support: SupportSet) -> bool:
         """Add ``support`` (the served version set's default support set: ``fewshot.prototypes.default_support``)
-        as default cases made by the store's ``embedding``, in a new version (version 1 in an empty store), when
-        the store has never held a default case of that embedding; True when it did. Default cases a curator
-        removed are not added back. Safe when replicas call it at once: one writes, the others find it done."""
+        as cases made by the store's ``embedding``, in a new version (version 1 in an empty store), when the store
+        has never been seeded with cases of that embedding; True when it did. The shipped SYNTHETIC set goes in as
+        default cases; a version's set made from a site's cohort (``support.site``) as site cases. Seeded cases a
+        curator removed are not added back. Safe when replicas call it at once: one writes, the others find it
+        done."""
         key = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes()).hexdigest()
-        synthetic = "SYNTHETIC " if support.synthetic else ""
-        curator = SYNTHETIC_CURATOR if support.synthetic else DEFAULT_CURATOR
+        curator = SITE_SEED_CURATOR if support.site else SYNTHETIC_CURATOR
+        reference = "SYNTHETIC" if support.synthetic else "the cohort's manifest"
         with self._writing() as (conn, head):
             seeded = conn.execute(
-                select(cases.c.id).where(cases.c.synthetic.is_(True), cases.c.embedding == self.embedding).limit(1)
+                select(cases.c.id)
+                .where(cases.c.curator.in_((SYNTHETIC_CURATOR, SITE_SEED_CURATOR)), cases.c.embedding == self.embedding)
+                .limit(1)
             ).scalar()
             if seeded is not None:
                 return False
             now = datetime.now(UTC)
+            note = support.source or "SYNTHETIC phantom lesion shipped with cspine"
             members = []
             for row, label in enumerate(support.labels):
                 vectors = {
@@ -403,23 +408,14 @@ class SupportStore:
                 }
                 # Longer than any UID add_case accepts: never the hash of a real study.
                 digest = study_uid_hash(f"cspine:synthetic-default:{key}:{row}")
-                note = support.source or "SYNTHETIC phantom lesion shipped with cspine"
-                members.append(
-                    _insert_case(
-                        conn,
-                        digest,
-                        label,
-                        "SYNTHETIC" if support.synthetic else "the cohort's manifest",
-                        note,
-                        curator,
-                        now,
-                        True,
-                        vectors,
-                        self.embedding,
-                    )
+                case_id = _insert_case(
+                    conn, digest, label, reference, note, curator, now, not support.site, vectors, self.embedding
                 )
+                members.append(case_id)
+            synthetic = "SYNTHETIC " if support.synthetic else ""
+            kind = "the version's own cases from its cohort" if support.site else "default support set"
             embedding = f" of embedding {self.embedding}" if self.embedding else ""
-            change = f"seed {synthetic}default support set{embedding} ({len(members)} cases)"
+            change = f"seed {synthetic}{kind}{embedding} ({len(members)} cases)"
             number = _new_version(conn, head, curator, change, now, add=members)
         logger.info("support store %s: version %d: %s", self.name, number, change)
         return True
