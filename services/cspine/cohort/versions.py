@@ -397,7 +397,7 @@ def export_version(
             },
             "calibration": calibration_parts,
             "default support set": inherited_support,
-            "files": sorted(p.name for p in [*files.values(), support_file] if p.exists()),
+            "files": sorted([p.name for p in files.values()] + [support_file.name] * support_file.exists()),
         }
         files[MODEL_CARD].write_text(json.dumps(card, indent=2) + "\n")
     except BaseException:
