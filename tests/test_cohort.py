@@ -21,6 +21,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pack_bits
+from sqlalchemy import create_engine, text
 
 from cspine import cli
 from cspine.analysis.fusion import Calibration
@@ -28,6 +29,7 @@ from cspine.cohort.check import check_cohort, format_report, image_files, labell
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.cohort.versions import refit_calibration
 from cspine.domain import Modality
+from cspine.errors import DuplicateCaseError
 from cspine.fewshot.prototypes import Adaptation, SupportSet, default_support, embedding_key
 from cspine.fewshot.store import SupportStore
 from cspine.inference.client import TritonClient
@@ -734,12 +736,20 @@ def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_emb
             use_version(repository, 1)
             assert await service.refresh_models()
             seen["back"] = (service.prototypes, store.embedding)
+            # the same study added while the set switches to 2 again: it is embedded and recorded by one
+            # embedding, before the switch (version 1's: a new case) or after it (version 2's: a duplicate)
+            use_version(repository, 2)
+            seen["race"] = await asyncio.gather(
+                service.refresh_models(),
+                service.add_case(instances, "benign", "biopsy 5", "", False, "dr test"),
+                return_exceptions=True,
+            )
         return seen
 
     with LocalTriton(repository, TritonPorts.free()) as triton:
         seen = asyncio.run(scenario(triton.grpc_url))
     store.close()
-    own = default_support(repository)  # served version 1 again: the shipped set
+    shipped = SupportSet.load()  # version 1's: the shipped SYNTHETIC set
     v2_support = SupportSet.load(repository / "default_support.v2.npz")
     prototypes, number, synthetic, key = seen["v2"]
     assert len(key) == 16 and number == 2 and synthetic  # version 2's own cases, seeded as store version 2
@@ -754,11 +764,22 @@ def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_emb
     assert not synthetic  # a case of the site's own is in use
     listed = seen["cases"]
     assert sum(c.in_use for c in listed) == len(v2_support.labels) + 1
-    assert sum(not c.in_use and c.embedding == "" for c in listed) == len(own.labels)
+    assert sum(not c.in_use and c.embedding == "" for c in listed) == len(shipped.labels)
     back, key = seen["back"]
     assert key == "" and back.labels == seen["before"].labels
     for modality, array in seen["before"].prototypes.items():
         assert np.array_equal(back.prototypes[modality], array)  # version 1's cases alone, as before
+    switched, raced = seen["race"]
+    assert switched is True
+    engine = create_engine(f"sqlite:///{tmp_path / 'support.db'}")
+    with engine.connect() as conn:
+        vectors = dict(conn.execute(text("SELECT case_id, vector FROM case_embeddings WHERE modality = 'XR'")).all())
+    engine.dispose()
+    if isinstance(raced, DuplicateCaseError):  # after the switch: version 2's embedding, as the first time
+        pass
+    else:
+        added, _ = raced
+        assert added.embedding == "" and vectors[added.id] != vectors[case.id]  # version 1's embedding made it
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration, matched_lesions
 from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
-from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
+from cspine.domain import Disclosure, Modality, ModelVersion, Study, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, ServiceFullError
 from cspine.fewshot.prototypes import (
     Adaptation,
@@ -125,6 +125,9 @@ class AnalysisService:
         self.version_set = _served_set(repository)
         self._version_problem = ""  # the last reason a version set could not be switched to, logged once
         self._refused: tuple[int | None, float] = (None, 0.0)  # the last set Triton did not load, and when
+        # Held while the version set switches and while AddCase embeds a case and stores it, so that a case is
+        # recorded as made by the embedding that made it.
+        self._switching = asyncio.Lock()
         self.in_flight = 0
         self.on_prototypes: Callable[[str], None] | None = None  # told the version whenever it changes
 
@@ -223,6 +226,10 @@ class AnalysisService:
         refused, when = self._refused
         if number == refused and time.monotonic() - when < VERSION_RETRY_S:
             return False
+        async with self._switching:  # no AddCase embeds a case meanwhile (add_case)
+            return await self._switch(number)
+
+    async def _switch(self, number: int) -> bool:
         try:
             await self.triton.reload((*MODELS, *ENSEMBLES), back_to=self.version_set)
         except CspineError as error:
@@ -297,6 +304,19 @@ class AnalysisService:
         whose lesions lie elsewhere gives none). The next analysis uses the new prototype set."""
         store = self._store()
         study = await asyncio.to_thread(ingest, instances, self.limits)
+        async with self._switching:
+            return await self._add_analysed(store, study, label, pathology_reference, note, create_class, curator)
+
+    async def _add_analysed(
+        self,
+        store: SupportStore,
+        study: Study,
+        label: str,
+        pathology_reference: str,
+        note: str,
+        create_class: bool,
+        curator: str,
+    ) -> tuple[Case, VersionInfo]:
         analysis = await analyze(
             study,
             self.triton,
