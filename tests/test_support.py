@@ -365,3 +365,19 @@ def test_track_health_serves_analyses_while_triton_answers_and_the_support_set_w
     statuses, ready = asyncio.run(scenario())
     assert statuses == {"": analyses, ANALYSIS: analyses, SUPPORT: support_set}
     assert ready is (analyses == SERVING)  # /ready, the chart's readiness probe, follows the overall health
+
+
+def test_a_case_made_by_another_lesion_embedding_is_listed_as_not_in_use():
+    from datetime import UTC, datetime
+
+    from cspine.client.decode import format_case
+    from cspine.domain import Modality
+    from cspine.fewshot.store import Case
+    from cspine.gateway.convert import case_to_pb
+
+    made = datetime(2026, 12, 7, 7, 0, tzinfo=UTC)
+    in_use = Case(7, "benign", "biopsy 1", "", "dr x", made, False, (Modality.XR,), "0123456789abcdef", True)
+    other = Case(8, "benign", "biopsy 2", "", "dr x", made, False, (Modality.CT,), "", False)
+    assert (case_to_pb(in_use).embedding, case_to_pb(in_use).other_embedding) == ("0123456789abcdef", False)
+    assert format_case(case_to_pb(in_use)).endswith("biopsy 1")
+    assert format_case(case_to_pb(other)).endswith("biopsy 2 [not in use: made by embedding of version 1]")
