@@ -27,7 +27,7 @@ from cspine.analysis.competence import CompetenceReference
 from cspine.analysis.fusion import Calibration, matched_lesions
 from cspine.config import AnalysisConfig, IngestLimits
 from cspine.dicom.ingest import ingest
-from cspine.domain import Disclosure, Modality, ModelVersion, Study, StudyAnalysis
+from cspine.domain import Disclosure, Modality, ModelVersion, StudyAnalysis
 from cspine.errors import CspineError, InvalidInputError, ServiceFullError
 from cspine.fewshot.prototypes import (
     Adaptation,
@@ -304,56 +304,44 @@ class AnalysisService:
         whose lesions lie elsewhere gives none). The next analysis uses the new prototype set."""
         store = self._store()
         study = await asyncio.to_thread(ingest, instances, self.limits)
-        async with self._switching:
-            return await self._add_analysed(store, study, label, pathology_reference, note, create_class, curator)
-
-    async def _add_analysed(
-        self,
-        store: SupportStore,
-        study: Study,
-        label: str,
-        pathology_reference: str,
-        note: str,
-        create_class: bool,
-        curator: str,
-    ) -> tuple[Case, VersionInfo]:
-        analysis = await analyze(
-            study,
-            self.triton,
-            self.prototypes,
-            self.calibration,
-            AnalysisOptions(),
-            self.models,
-            self.competence,
-            limits=self.limits,
-        )
-        if not analysis.fused.assessed:
-            raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")
-        matched, _ = matched_lesions({result.modality: result for result in analysis.modalities})
-        embeddings: dict[Modality | str, np.ndarray] = {
-            modality: lesion.embedding for modality, lesion in matched.items() if lesion.embedding is not None
-        }
-        if not analysis.fused.tumor_detected:
-            raise InvalidInputError(
-                f"no tumor was detected in the case (detection score {analysis.fused.detection_score:.2f}, "
-                f"below {self.calibration.detection_threshold:g}): a support case needs a lesion to learn from"
+        async with self._switching:  # no switch meanwhile: the case is recorded by the embedding that made it
+            analysis = await analyze(
+                study,
+                self.triton,
+                self.prototypes,
+                self.calibration,
+                AnalysisOptions(),
+                self.models,
+                self.competence,
+                limits=self.limits,
             )
-        if not embeddings:
-            raise InvalidInputError(
-                f"a tumor was detected (detection score {analysis.fused.detection_score:.2f}) but no lesion of "
-                "an assessed modality has an embedding: a support case needs a lesion to learn from"
+            if not analysis.fused.assessed:
+                raise InvalidInputError(f"the case is {analysis.fused.status_message}: it cannot be a support case")
+            matched, _ = matched_lesions({result.modality: result for result in analysis.modalities})
+            embeddings: dict[Modality | str, np.ndarray] = {
+                modality: lesion.embedding for modality, lesion in matched.items() if lesion.embedding is not None
+            }
+            if not analysis.fused.tumor_detected:
+                raise InvalidInputError(
+                    f"no tumor was detected in the case (detection score {analysis.fused.detection_score:.2f}, "
+                    f"below {self.calibration.detection_threshold:g}): a support case needs a lesion to learn from"
+                )
+            if not embeddings:
+                raise InvalidInputError(
+                    f"a tumor was detected (detection score {analysis.fused.detection_score:.2f}) but no lesion of "
+                    "an assessed modality has an embedding: a support case needs a lesion to learn from"
+                )
+            number = await asyncio.to_thread(
+                lambda: store.add_case(
+                    study.study_instance_uid,
+                    label,
+                    embeddings,
+                    pathology_reference=pathology_reference,
+                    curator=curator,
+                    note=note,
+                    create_class=create_class,
+                )
             )
-        number = await asyncio.to_thread(
-            lambda: store.add_case(
-                study.study_instance_uid,
-                label,
-                embeddings,
-                pathology_reference=pathology_reference,
-                curator=curator,
-                note=note,
-                create_class=create_class,
-            )
-        )
         await self.refresh_prototypes()
         added = max(await asyncio.to_thread(store.list_cases, number), key=lambda case: case.id)
         return added, await asyncio.to_thread(store.version_info, number)

@@ -168,14 +168,13 @@ def refit_calibration(
     detection_min: int = DETECTION_MIN_STUDIES,
     classification_min: int = CLASSIFICATION_MIN_STUDIES,
     records: list[dict] | None = None,
-    default: SupportSet | None = None,
     records_are_default: bool = False,
 ) -> tuple[Calibration, dict[str, str]]:
     """Version ``version``'s calibration: the base version's, with each part refitted on the cohort's train studies
     (their pipeline ``records`` with version ``version``, run when not given and needed) where there are enough of
-    them. The classification weights are fitted against the ``default`` support set (None: the repository's served
-    one), or, with ``records_are_default`` (version ``version``'s default set is made of these records), against
-    the records alone. Returns it and, per part, what it was fitted on or why it was not refitted."""
+    them. The classification weights are fitted against the repository's served default support set, or, with
+    ``records_are_default`` (version ``version``'s support set is made of these records), against the records
+    alone. Returns it and, per part, what it was fitted on or why it was not refitted."""
     from dataclasses import replace
 
     from cspine.evaluation.calibrate import fit_calibration
@@ -212,7 +211,7 @@ def refit_calibration(
         why["detection"] = f"refitted: {fitted.fitted_on} ({tumor} with a tumor, {free} without)"
     cases = [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
     if len(cases) >= classification_min:
-        against = None if records_are_default else (default or default_support(repository))
+        against = None if records_are_default else default_support(repository)
         weights = site_fusion_weights(cases, repository, version, inherited.classification_weights, against)
         rule = "their own prototypes" if against is None else "the support rule over the default set"
         calibration = replace(
