@@ -137,8 +137,10 @@ def cmd_serve(args: argparse.Namespace, limits: IngestLimits) -> int:
     store.migrate()
     defaults = default_support(repository)
     if store.seed_defaults(defaults):
-        kind = "cspine's SYNTHETIC" if defaults.synthetic else "the served version set's"
-        print(f"support set: seeded with {kind} default cases (version {store.current_version()})", flush=True)
+        synthetic = "SYNTHETIC " if defaults.synthetic else ""
+        kind = f"the served version set's own cases from its {synthetic}cohort" if defaults.site else None
+        kind = kind or "cspine's SYNTHETIC default cases"
+        print(f"support set: seeded with {kind} (version {store.current_version()})", flush=True)
     metrics = Metrics()
 
     async def run(url: str) -> None:

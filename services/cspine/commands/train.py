@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "seeded, checkpointed; segmentation on a CUDA GPU when torch sees one)",
         description="Checkpoints go to --checkpoints and runs resume from them. The full preset reproduces "
         "the shipped models (make train); smoke trains tiny models for seconds. --cohort DIR fine-tunes the served "
-        "segmentation models on a site's labelled cohort (docs/cohort.md).",
+        "segmentation models and lesion embedding on a site's labelled cohort (docs/cohort.md).",
     )
     p.add_argument(
         "--models",
@@ -165,11 +165,13 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "--cohort",
         default=None,
         metavar="DIR",
-        help="fine-tune the served segmentation models (--repository) on a site's labelled cohort instead "
+        help="fine-tune the served models (--repository) on a site's labelled cohort instead "
         "(docs/cohort.md): stops on any error cspine cohort check reports; trains on the manifest's train "
-        "studies with each modality's phantom recipe (400 steps unless --steps, learning rate 1e-3, BatchNorm "
-        "frozen), checkpoints to --checkpoints/cohort-<name>/ and resumes; prints the held-out Dice (validation "
-        "and test studies) of the served and the fine-tuned model; trains on the GPU when torch sees one (CUDA)",
+        "studies, the segmentation models with each modality's phantom recipe (400 steps unless --steps, "
+        "learning rate 1e-3, BatchNorm frozen), the lesion embedding's last block and projection on 300 class "
+        "episodes of the studies' labelled lesions; checkpoints to --checkpoints/cohort-<name>/ and resumes; "
+        "prints the held-out Dice and few-shot accuracy (validation and test studies) of the served and the "
+        "fine-tuned model; trains on the GPU when torch sees one (CUDA)",
     )
     p.add_argument("--repository", default="model_repository", help="with --cohort: the served models to start from")
     p.add_argument("--preset", default="full", choices=["full", "smoke"])
