@@ -216,6 +216,12 @@ def train_on_cohort(
         "held_out_studies": sum(splits.count(s) for s in HELD_OUT),
         "models": {},
     }
+    metrics = work / "metrics.json"
+    earlier = json.loads(metrics.read_text()) if metrics.exists() else {}
+    if {k: earlier.get(k) for k in ("cohort", "train_studies", "held_out_studies")} == {
+        k: v for k, v in results.items() if k != "models"
+    }:  # models trained by an earlier run on this cohort stay in the run's figures (and in what export reads)
+        results["models"] = dict(earlier.get("models", {}))
     for modality in modalities:
         name = SEG_MODEL_NAMES[modality]
         cases = modality_cases(train, modality)
@@ -254,7 +260,7 @@ def train_on_cohort(
                 raise
             entry = {"skipped": str(error)}
         results["models"]["lesion_embed"] = entry
-    (work / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    metrics.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -268,7 +274,7 @@ def train_embedding(
 ) -> dict:
     """Fine-tune the served lesion embedding on the lesions of the cohort's train studies (``cohort.embedding``)
     and compare it with the served one on the held-out studies' lesions."""
-    from cspine.cohort.embedding import cohort_lesions, embed_all, few_shot_figures
+    from cspine.cohort.embedding import calibration_fold, cohort_lesions, embed_all, few_shot_figures
     from cspine.fewshot.adapt import exported_scale
     from cspine.inference.model_config import served_model_file
     from cspine.modeling.evaluate import onnx_embed
@@ -284,14 +290,17 @@ def train_embedding(
     start = served_model_file(repository, "lesion_embed")
     scale = exported_scale(served_model_file(repository, "proto_classify"))
     config = EmbedFinetune()
+    fold = calibration_fold(train.studies)
+    trained = train.without(fold)
     identity = {
         "cohort": str(report.folder.resolve()),
-        "lesions": train.counts(),
+        "lesions": trained.counts(),
         "start_sha256": hashlib.sha256(start.read_bytes()).hexdigest(),
     }
     try:
+        path = work / "lesion_embed.pt"
         checkpoint = finetune_embed(
-            config, train.rois, train.classes, start, scale, work / "lesion_embed.pt", identity, progress, stop_after
+            config, trained.rois, trained.classes, start, scale, path, identity, progress, stop_after
         )
     except ValueError as error:
         raise InvalidInputError(f"lesion_embed: {error}") from error
@@ -308,8 +317,10 @@ def train_embedding(
         "checkpoint": str(checkpoint),
         "steps": state["step"],
         "of_steps": config.episodes,
-        "train_studies": len(train.classes),
-        "train_lesions": train.counts(),
+        "train_studies": len(trained.classes),
+        "train_lesions": trained.counts(),
+        # kept out of the fine-tuning: the export fits the version's fusion weights on them
+        "calibration_studies": sorted(fold),
         "device": training_device().type,
     }
     if len(held_out.classes):
