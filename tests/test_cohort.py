@@ -446,6 +446,10 @@ def test_fine_tuning_the_lesion_embedding_on_a_cohort_trains_the_head_keeps_the_
     assert "(episode 5 of 300" in capsys.readouterr().out
     resumed = torch.load(run / "lesion_embed.pt", map_location="cpu", weights_only=False)
     assert resumed["history"][:3] == state["history"]
+    # another model trained later on the same cohort joins the run's figures (export reads them all)
+    seg = ["train", "--cohort", str(tumor_cohort), "--models", "seg_xr", "--steps", "2", "--checkpoints", str(tmp_path)]
+    assert cli.main([*seg, "--quiet"]) == 0
+    assert set(json.loads((run / "metrics.json").read_text())["models"]) == {"lesion_embed", "seg_xr"}
 
 
 def test_a_cohort_without_lesions_of_two_classes_leaves_the_embedding_out_or_stops_when_it_is_named(
