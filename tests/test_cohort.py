@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import subprocess
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from sqlalchemy import create_engine, text
 from cspine import cli
 from cspine.analysis.fusion import Calibration
 from cspine.cohort.check import check_cohort, format_report, image_files, labelled_study
-from cspine.cohort.embedding import CLASSES
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.cohort.versions import refit_calibration
 from cspine.domain import Modality
@@ -712,34 +710,6 @@ def test_a_version_with_its_own_lesion_embedding_gets_a_default_support_set_it_e
     assert embedding_key(repository) == "" and default_support(repository).labels[0] == "benign"
     use_version(repository, 2)
     assert len(embedding_key(repository)) == 16 and default_support(repository).labels == support.labels
-
-
-def test_a_version_with_its_own_embedding_fits_its_fusion_weights_only_on_studies_kept_out_of_its_training(
-    embedded: Path, tumor_cohort: Path
-):
-    """Records as the export's pipeline run gives them (here made up: 30 tumor studies, CT and MR lesions near
-    their class's direction, radiographs that say nothing): with ``kept_out`` only those 10 are classified, by
-    prototypes of all the others."""
-    rng = np.random.default_rng(0)
-    directions = rng.normal(size=(3, 64))
-    records = []
-    for i in range(30):
-        c = i % 3
-        vectors = [directions[c] + 0.8 * rng.normal(size=64) for _ in range(2)] + [rng.normal(size=64)]
-        modalities = {
-            m: {"embedding": (v / np.linalg.norm(v)).tolist()} for m, v in zip(("CT", "MR", "XR"), vectors, strict=True)
-        }
-        records.append({"study": f"s{i:02d}", "truth": {"tumor": True, "class": CLASSES[c]}, "modalities": modalities})
-    report = check_cohort(tumor_cohort)
-    kept_out = {f"s{i:02d}" for i in range(0, 30, 3)} | {f"s{i:02d}" for i in (1, 2)}
-    refit = partial(refit_calibration, report, embedded, 2, 1, progress=False, detection_min=99, records=records)
-    mine, parts = refit(classification_min=1, kept_out=kept_out)
-    assert "the 12 of them kept out of the embedding's training" in parts["classification"]
-    everyone, _ = refit(classification_min=1, kept_out={r["study"] for r in records})
-    assert mine.classification_weights != everyone.classification_weights
-    too_few, parts = refit(classification_min=1, kept_out=set(list(kept_out)[:9]))
-    assert parts["classification"].startswith("version 1's: 9 train studies with a lesion were kept out")
-    assert too_few.classification_weights == Calibration.load(embedded).classification_weights
 
 
 def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_embedding_s_cases_and_back(

@@ -9,10 +9,6 @@ Fine-tuning (``modeling.train.finetune_embed``) starts from the served ``lesion_
 the convolutional trunk and trains the last block and the projection on class episodes of the train studies (one
 modality per episode), with the served ``proto_classify``'s scale: the classifier and the service are unchanged.
 
-With ``CALIBRATION_FOLD_MIN`` train tumor studies or more, every ``CALIBRATION_FOLD``-th of them (by name) is kept
-out of the fine-tuning: ``cspine export`` fits the version's fusion weights on those, which the embedding has not
-seen (on its training lesions the held-out answers are easier than a new study's, and the weights overconfident).
-
 The held-out figures are few-shot accuracy on the held-out studies' lesions (validation and test), with the train
 studies' lesions as the site's support cases: k cases per class drawn from them (many draws) or all of them make
 each class's prototype; served and fine-tuned embedding on the same draws.
@@ -40,22 +36,15 @@ from cspine.modeling.data import SEG_ROLES
 CLASSES = ("benign", "borderline", "malignant")  # the manifest's tumor classes, in the classifier's order
 HELD_OUT_SHOTS = (1, 5)
 HELD_OUT_DRAWS = 200
-CALIBRATION_FOLD = 5  # every 5th train tumor study is kept out of the embedding's training ...
-CALIBRATION_FOLD_MIN = 15  # ... when there are at least this many (the export's minimum to refit the weights)
 
 
 @dataclass
 class CohortLesions:
     """One lesion per tumor study: ``rois`` [N, modalities, 3, 64, 64] (NaN where the study has no labelled
-    lesion of that modality), its class index in ``CLASSES`` and the study's folder name."""
+    lesion of that modality) and its class index in ``CLASSES``."""
 
     rois: np.ndarray
     classes: np.ndarray
-    studies: tuple[str, ...] = ()
-
-    def without(self, studies: set[str]) -> CohortLesions:
-        keep = np.array([s not in studies for s in self.studies], dtype=bool)
-        return CohortLesions(self.rois[keep], self.classes[keep], tuple(np.array(self.studies)[keep]))
 
     def present(self, m: int) -> np.ndarray:
         return ~np.isnan(self.rois[:, m]).any(axis=(1, 2, 3))
@@ -130,16 +119,7 @@ def cohort_lesions(
             rois.append(npz["rois"])
         classes.append(CLASSES.index(study.row.tumor_class))
     shape = (0, len(MODALITY_ORDER), ROI_CHANNELS, ROI_SIZE, ROI_SIZE)
-    stacked = np.stack(rois) if rois else np.zeros(shape, np.float32)
-    return CohortLesions(stacked, np.array(classes, dtype=int), tuple(s.name for s in chosen))
-
-
-def calibration_fold(studies: tuple[str, ...]) -> set[str]:
-    """The train tumor studies kept out of the embedding's fine-tuning for the export's fusion weights (module
-    docstring): every CALIBRATION_FOLD-th by name, when there are CALIBRATION_FOLD_MIN or more."""
-    if len(studies) < CALIBRATION_FOLD_MIN:
-        return set()
-    return set(sorted(studies)[CALIBRATION_FOLD - 1 :: CALIBRATION_FOLD])
+    return CohortLesions(np.stack(rois) if rois else np.zeros(shape, np.float32), np.array(classes, dtype=int))
 
 
 def embed_all(lesions: CohortLesions, embed) -> np.ndarray:

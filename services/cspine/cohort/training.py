@@ -274,7 +274,7 @@ def train_embedding(
 ) -> dict:
     """Fine-tune the served lesion embedding on the lesions of the cohort's train studies (``cohort.embedding``)
     and compare it with the served one on the held-out studies' lesions."""
-    from cspine.cohort.embedding import calibration_fold, cohort_lesions, embed_all, few_shot_figures
+    from cspine.cohort.embedding import cohort_lesions, embed_all, few_shot_figures
     from cspine.fewshot.adapt import exported_scale
     from cspine.inference.model_config import served_model_file
     from cspine.modeling.evaluate import onnx_embed
@@ -290,17 +290,14 @@ def train_embedding(
     start = served_model_file(repository, "lesion_embed")
     scale = exported_scale(served_model_file(repository, "proto_classify"))
     config = EmbedFinetune()
-    fold = calibration_fold(train.studies)
-    trained = train.without(fold)
     identity = {
         "cohort": str(report.folder.resolve()),
-        "lesions": trained.counts(),
+        "lesions": train.counts(),
         "start_sha256": hashlib.sha256(start.read_bytes()).hexdigest(),
     }
     try:
-        path = work / "lesion_embed.pt"
         checkpoint = finetune_embed(
-            config, trained.rois, trained.classes, start, scale, path, identity, progress, stop_after
+            config, train.rois, train.classes, start, scale, work / "lesion_embed.pt", identity, progress, stop_after
         )
     except ValueError as error:
         raise InvalidInputError(f"lesion_embed: {error}") from error
@@ -317,10 +314,8 @@ def train_embedding(
         "checkpoint": str(checkpoint),
         "steps": state["step"],
         "of_steps": config.episodes,
-        "train_studies": len(trained.classes),
-        "train_lesions": trained.counts(),
-        # kept out of the fine-tuning: the export fits the version's fusion weights on them
-        "calibration_studies": sorted(fold),
+        "train_studies": len(train.classes),
+        "train_lesions": train.counts(),
         "device": training_device().type,
     }
     if len(held_out.classes):

@@ -66,7 +66,6 @@ def cohort_summary(report: CohortReport) -> dict:
 
 DETECTION_MIN_STUDIES = 5  # train studies with a tumor, and without one, to refit the detection curves and weights
 CLASSIFICATION_MIN_STUDIES = 15  # train studies with a tumor and a classified matched lesion, for the weights
-KEPT_OUT_MIN = 10  # of them kept out of a fine-tuned embedding's training, to classify when the weights are fitted
 
 
 def _calibration_records(
@@ -100,7 +99,7 @@ def _calibration_records(
                 analysis = await analyze(
                     ingested, client, prototypes, Calibration.uniform(), AnalysisOptions(), models, competence
                 )
-                records.append({**calibration_record(study.row.tumor_class, analysis), "study": study.name})
+                records.append(calibration_record(study.row.tumor_class, analysis))
         return records
 
     with tempfile.TemporaryDirectory(prefix="cspine-calibration-") as work:
@@ -111,11 +110,6 @@ def _calibration_records(
             return asyncio.run(run(triton.grpc_url, copy))
 
 
-def with_lesion(records: list[dict]) -> list[dict]:
-    """The records of tumor studies with a lesion embedding: the ones that can be support cases."""
-    return [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
-
-
 def records_support(records: list[dict], synthetic: bool = False, source: str = "") -> SupportSet:
     """The tumor studies of pipeline ``records`` (``evaluation.cohort.calibration_record``) with a lesion embedding
     as the site's support cases: per modality the matched lesion's embedding (NaN where none), the study's class."""
@@ -124,10 +118,11 @@ def records_support(records: list[dict], synthetic: bool = False, source: str = 
     from cspine.inference.specs import EMBEDDING_DIM
 
     rows, labels = [], []
-    for record in with_lesion(records):
+    for record in records:
         found = [record["modalities"][m.value]["embedding"] for m in MODALITY_ORDER]
-        rows.append([np.array(e, np.float32) if e else np.full(EMBEDDING_DIM, np.nan, np.float32) for e in found])
-        labels.append(record["truth"]["class"])
+        if record["truth"]["tumor"] and any(found):
+            rows.append([np.array(e, np.float32) if e else np.full(EMBEDDING_DIM, np.nan, np.float32) for e in found])
+            labels.append(record["truth"]["class"])
     embeddings = np.array(rows, dtype=np.float32).reshape(len(rows), len(MODALITY_ORDER), EMBEDDING_DIM)
     return SupportSet(embeddings, tuple(labels), synthetic, source, site=True)
 
@@ -138,15 +133,13 @@ def site_fusion_weights(
     version: int,
     start: dict[Modality, float],
     default: SupportSet | None,
-    held_out: set[str] | None = None,
 ) -> dict[Modality, float]:
     """The classification weights of log-linear pooling fitted to tumor studies' records (their class and per
     modality the matched lesion's embedding), as the service fits them once a site has enough cases of every
     class (``fewshot.prototypes``): each study classified by the prototypes of the others by the support rule
     over the ``default`` set (None: no default cases, as when the records are version ``version``'s default set),
     fitted with version ``version``'s classifier scale; the weights that minimise the cross-entropy, pulled towards
-    ``start``. With ``held_out``, only those studies are classified (the others, which trained the embedding, are
-    in every fold's prototypes)."""
+    ``start``."""
     import numpy as np
 
     from cspine.fewshot.adapt import exported_scale, pooling_weights
@@ -157,13 +150,11 @@ def site_fusion_weights(
         default = SupportSet(site.embeddings[:0], ())
     both = SupportSet(np.concatenate([default.embeddings, site.embeddings]), default.labels + site.labels)
     flags = np.array([True] * len(default.labels) + [False] * len(site.labels))
-    names = [r.get("study") for r in with_lesion(records)]
-    trained = np.array([False] * len(default.labels) + [held_out is not None and n not in held_out for n in names])
     labels = tuple(dict.fromkeys(both.labels))
     scale = exported_scale(repository / "proto_classify" / str(version) / "model.onnx")
-    answers, truth = held_out_log_probabilities(both, flags, labels, Adaptation("fitted", scale), trained)
+    held_out, truth = held_out_log_probabilities(both, flags, labels, Adaptation("fitted", scale))
     begin = np.array([start[m] for m in MODALITY_ORDER])
-    weights = pooling_weights(answers, truth, begin)
+    weights = pooling_weights(held_out, truth, begin)
     return {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, weights, strict=True)}
 
 
@@ -177,15 +168,13 @@ def refit_calibration(
     detection_min: int = DETECTION_MIN_STUDIES,
     classification_min: int = CLASSIFICATION_MIN_STUDIES,
     records: list[dict] | None = None,
-    kept_out: set[str] | None = None,
+    records_are_default: bool = False,
 ) -> tuple[Calibration, dict[str, str]]:
     """Version ``version``'s calibration: the base version's, with each part refitted on the cohort's train studies
     (their pipeline ``records`` with version ``version``, run when not given and needed) where there are enough of
-    them. The classification weights are fitted against the repository's served default support set; or, given
-    ``kept_out`` (version ``version`` has its own embedding, and its support set is made of these records), on the
-    records alone, classifying only the studies kept out of the embedding's training (at least
-    ``KEPT_OUT_MIN`` of them with a lesion). Returns it and, per part, what it was fitted on or why it was not
-    refitted."""
+    them. The classification weights are fitted against the repository's served default support set, or, with
+    ``records_are_default`` (version ``version``'s support set is made of these records), against the records
+    alone. Returns it and, per part, what it was fitted on or why it was not refitted."""
     from dataclasses import replace
 
     from cspine.evaluation.calibrate import fit_calibration
@@ -220,37 +209,27 @@ def refit_calibration(
             fitted_on=fitted.fitted_on,
         )
         why["detection"] = f"refitted: {fitted.fitted_on} ({tumor} with a tumor, {free} without)"
-    cases = with_lesion(records)
-    classified = [r for r in cases if kept_out is None or r.get("study") in kept_out]
-    if len(cases) < classification_min:
-        why["classification"] = (
-            f"version {base}'s: {len(cases)} train studies with a tumor and a lesion embedding; a refit needs "
-            f"{classification_min}"
-        )
-    elif kept_out is not None and len(classified) < KEPT_OUT_MIN:
-        why["classification"] = (
-            f"version {base}'s: {len(classified)} train studies with a lesion were kept out of the embedding's "
-            f"training; a refit needs {KEPT_OUT_MIN}"
-        )
-    else:
-        against = None if kept_out is not None else default_support(repository)
-        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights, against, kept_out)
-        if against is None:
-            rule = f"the {len(classified)} of them kept out of the embedding's training, each classified by the "
-            rule += "prototypes of all the others (5 folds; fitted)"
-        else:
-            rule = "each classified by the prototypes of the others (5 folds; the support rule over the default set, "
-            rule += "fitted)"
+    cases = [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
+    if len(cases) >= classification_min:
+        against = None if records_are_default else default_support(repository)
+        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights, against)
+        rule = "their own prototypes" if against is None else "the support rule over the default set"
         calibration = replace(
             calibration,
             classification_weights=weights,
             classification_weights_ci95={},
             classification_fitted_on=f"{fitted_on}: the pooling weights of the {len(cases)} studies with a tumor and "
-            f"a lesion embedding, {rule}, as the service refits them from a site's cases",
+            f"a lesion embedding, each classified by the prototypes of the others (5 folds; {rule}, fitted), as "
+            "the service refits them from a site's cases",
             embed_model_sha256=_sha256(repository / "lesion_embed" / str(version) / "model.onnx"),
         )
         why["classification"] = f"refitted: {calibration.classification_fitted_on}; the choice of pooling or one "
         why["classification"] += f"modality is version {base}'s"
+    else:
+        why["classification"] = (
+            f"version {base}'s: {len(cases)} train studies with a tumor and a lesion embedding; a refit needs "
+            f"{classification_min}"
+        )
     return calibration, why
 
 
@@ -396,9 +375,8 @@ def export_version(
                 written.append(support_file)
                 shutil.copy2(base_file, support_file)
             inherited_support = f"version {base}'s, not rebuilt: version {version} copies lesion_embed from it"
-        kept_out = set(metrics["models"]["lesion_embed"].get("calibration_studies", [])) if embedding_tuned else None
         calibration, calibration_parts = refit_calibration(
-            report, repository, version, base, limits, progress, records=records, kept_out=kept_out
+            report, repository, version, base, limits, progress, records=records, records_are_default=embedding_tuned
         )
         calibration.save(repository, version)
         card = {

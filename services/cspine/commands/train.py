@@ -111,8 +111,7 @@ def _embedding_line(entry: dict) -> str:
     if "skipped" in entry:
         return f"lesion_embed: not fine-tuned: {entry['skipped']}"
     line = f"lesion_embed: {entry['checkpoint']} (episode {entry['steps']} of {entry['of_steps']}, "
-    kept = len(entry.get("calibration_studies", []))
-    line += f"{entry['train_studies']} train lesions" + (f", {kept} kept out for the fusion weights)" if kept else ")")
+    line += f"{entry['train_studies']} train lesions)"
     held = entry.get("held_out")
     if held:
         cells = []

@@ -20,9 +20,7 @@ the rule's. A set without site cases is the same under both.
 Once every class has at least SITE_CASES_TO_FIT_FUSION site cases, ``fitted`` also fits the weights the fusion
 of modalities gives each modality's class evidence (fewshot/adapt.py ``pooling_weights``, starting from and
 pulled toward the shipped calibration's): on the site's cases, each classified by the prototypes of the other
-folds of a FUSION_FOLDS-fold split. Fewer site cases keep the calibration's weights. Site cases the embedding was
-trained on (a version's own cases from its cohort) make prototypes but are never held out: held out, they would
-be easier than a new study, and the weights overconfident (docs/cohort.md); only the others count.
+folds of a FUSION_FOLDS-fold split. Fewer site cases keep the calibration's weights.
 """
 
 from __future__ import annotations
@@ -183,12 +181,10 @@ class PrototypeSet:
         version: str | None = None,
         k: int = SITE_CASES_TO_REPLACE,
         adaptation: Adaptation | None = None,
-        trained_on: Sequence[bool] | np.ndarray | None = None,
     ) -> PrototypeSet:
         """Prototypes by the rule (module docstring, docs/support.md) from cases of which ``synthetic[i]`` says
         whether case i is one of the SYNTHETIC default cases (else a site case), then adapted to the site's
-        cases by ``adaptation`` (default: plain); ``trained_on[i]``: site case i trained the embedding (never held
-        out when the fusion weights are refitted). Classes are in the order of their first case. Without
+        cases by ``adaptation`` (default: plain). Classes are in the order of their first case. Without
         ``version`` the set is named by a digest of its cases: ``default-<hex>`` while every case is of one kind
         (then every prototype is a plain mean, as it always was), ``site-<hex>`` when site cases are mixed with
         default ones."""
@@ -241,11 +237,10 @@ class PrototypeSet:
             described = f"fitted to {int((~flags).sum())} site cases"
         fusion: dict[Modality, float] = {}
         if method == "fitted" and adaptation is not None and adaptation.fusion_weights:
-            trained = np.zeros(len(flags), bool) if trained_on is None else np.asarray(trained_on, dtype=bool)
-            site_labels = owner[~flags & ~trained]
+            site_labels = owner[~flags]
             if all((site_labels == label).sum() >= SITE_CASES_TO_FIT_FUSION for label in labels):
                 plain_fusion = replace(adaptation, fusion_weights=())
-                held_out, truth = held_out_log_probabilities(support, flags, labels, plain_fusion, trained)
+                held_out, truth = held_out_log_probabilities(support, flags, labels, plain_fusion)
                 pooled = pooling_weights(held_out, truth, np.array(adaptation.fusion_weights))
                 fusion = {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, pooled, strict=True)}
         digest = hashlib.sha256(np.ascontiguousarray(support.embeddings, dtype=np.float32).tobytes())
@@ -273,19 +268,13 @@ class PrototypeSet:
 
 
 def held_out_log_probabilities(
-    support: SupportSet,
-    flags: np.ndarray,
-    labels: tuple[str, ...],
-    adaptation: Adaptation,
-    trained: np.ndarray | None = None,
+    support: SupportSet, flags: np.ndarray, labels: tuple[str, ...], adaptation: Adaptation
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each site case's [modalities, K] log-probabilities from the prototypes (by the rule, then ``adaptation``)
     of the cases outside its fold (FUSION_FOLDS folds, each class's site cases dealt round-robin; 0 for a
-    modality the case lacks), and its class index in ``labels``. Site cases marked ``trained`` (they trained the
-    embedding) are in every fold's prototypes and are not held out."""
+    modality the case lacks), and its class index in ``labels``."""
     owner = np.array(support.labels)
-    keep_in = np.zeros(len(flags), bool) if trained is None else np.asarray(trained, dtype=bool)
-    site = np.nonzero(~flags & ~keep_in)[0]
+    site = np.nonzero(~flags)[0]
     fold = np.zeros(len(site), dtype=int)
     for label in labels:
         mine = np.nonzero(owner[site] == label)[0]
@@ -296,7 +285,7 @@ def held_out_log_probabilities(
         keep = np.ones(len(flags), dtype=bool)
         keep[out] = False
         rest = SupportSet(support.embeddings[keep], tuple(owner[keep]))
-        others = PrototypeSet.from_cases(rest, flags[keep], "held-out", adaptation=adaptation, trained_on=keep_in[keep])
+        others = PrototypeSet.from_cases(rest, flags[keep], "held-out", adaptation=adaptation)
         order = [others.labels.index(label) for label in labels]
         for m, modality in enumerate(MODALITY_ORDER):
             embeddings = support.embeddings[out, m]

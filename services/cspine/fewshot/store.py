@@ -270,9 +270,7 @@ class SupportStore:
             embeddings[index[case_id], slot[Modality(modality)]] = _decode(vector)
         support = SupportSet(embeddings, tuple(row.label for row in rows))
         flags = [bool(row.synthetic) for row in rows]
-        # a version's own cases from its cohort trained (most of) its embedding: never held out to fit the fusion
-        trained = [row.curator == SITE_SEED_CURATOR for row in rows]
-        return PrototypeSet.from_cases(support, flags, f"v{number}", adaptation=self.adaptation, trained_on=trained)
+        return PrototypeSet.from_cases(support, flags, f"v{number}", adaptation=self.adaptation)
 
     def list_cases(self, version: int | None = None) -> list[Case]:
         """The cases of one version (the current one by default), oldest first."""
