@@ -82,3 +82,21 @@ def test_calibration_and_balanced_accuracy():
     half[:, 0] += 1e-6  # always predicts 0 with confidence 0.5: 3 of 4 right
     assert expected_calibration_error(half, truth) == pytest.approx(0.25, abs=1e-4)
     assert balanced_accuracy(np.zeros(4, int), truth, 2) == pytest.approx(0.5)
+
+
+def test_a_calibrated_answer_s_ece_is_its_sampling_floor_and_a_confident_wrong_one_is_far_above_it():
+    """``calibrated_ece``: predictions right as often as they say show only the ECE of sampling on so many
+    predictions (small, and smaller with more of them); a measured ECE far above it is miscalibration."""
+    from cspine.fewshot.adapt import calibrated_ece
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.4, 1.0, 2000)
+    probabilities = np.stack([confidence, (1 - confidence) / 2, (1 - confidence) / 2], axis=1)
+    floor_small = calibrated_ece(probabilities[:100], np.random.default_rng(1))
+    floor_large = calibrated_ece(probabilities, np.random.default_rng(1))
+    assert 0.0 < floor_large < floor_small < 0.15
+    # truth drawn so that these predictions are calibrated: the measured ECE sits near the floor
+    truth = np.where(rng.random(2000) < confidence, 0, 1)
+    assert expected_calibration_error(probabilities, truth) < 3 * floor_large
+    # always wrong at a mean confidence of 0.7: far above it
+    assert expected_calibration_error(probabilities, np.ones(2000, int)) > 0.6

@@ -82,6 +82,10 @@ def test_the_evaluation_runs_every_method_and_shot_count_in_the_issue_s_json_sha
         for values in method.values():
             assert set(values) == {"accuracy", "balanced_accuracy", "ece"}
             assert 0.0 <= values["accuracy"] <= 1.0 and 0.0 <= values["ece"] <= 1.0
+    for method in result["details"]["toy"]["methods"].values():
+        for values in method.values():
+            low, high = values["ece_ci95"]
+            assert 0.0 <= low <= high <= 1.0 and 0.0 < values["ece_if_calibrated"] < 0.5
     # The toy classes are plain to see once the site's own cases are in: 20 of them per class beat none.
     assert figures["plain"]["20"]["balanced_accuracy"] > figures["plain"]["0"]["balanced_accuracy"]
     # The ring looks like nothing else: 5 cases make a class that finds most rings. (The toy blobs are far from

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from cspine.domain import Modality
-from cspine.fewshot.adapt import balanced_accuracy, classifier_scale, expected_calibration_error, transductive
+from cspine.fewshot.adapt import (
+    balanced_accuracy,
+    calibrated_ece,
+    classifier_scale,
+    expected_calibration_error,
+    transductive,
+)
 from cspine.fewshot.prototypes import Adaptation, PrototypeSet, SupportSet
 from cspine.inference.specs import MODALITY_ORDER
 from cspine.modeling.data import CLASSES, LesionBank
@@ -45,6 +51,7 @@ from cspine.phantom.sites import DEFAULT_SITE
 METHODS = ("plain", "fitted", "transductive", "baseline")
 SHOTS = (0, 1, 5, 10, 20)
 QUERIES_PER_CLASS = 15
+ECE_RESAMPLES = 500  # bootstrap resamples of the query lesions behind an ECE's CI
 NEW_CLASS_CASES = 5
 # The subtype each shifted site adds as a class of its own in the new-class row: one its population has more of
 # than the default site's (phantom/sites.py), so a site would want it told apart; the default site adds chordoma.
@@ -217,14 +224,27 @@ def compare(
 
 
 def _figures(probabilities: list[np.ndarray], truth: np.ndarray, classes: int, rng: np.random.Generator) -> dict:
+    """Accuracy (CI over the query lesions), balanced accuracy, and the ECE of every draw's predictions pooled,
+    with its CI (the query lesions resampled, each with its predictions of every draw) and ``ece_if_calibrated``,
+    what a perfectly calibrated answer with the same confidences would show on as many predictions."""
     accuracy = [float((p.argmax(1) == truth).mean()) for p in probabilities]
     balanced = [balanced_accuracy(p.argmax(1), truth, classes) for p in probabilities]
     correct = np.mean([p.argmax(1) == truth for p in probabilities], axis=0)
+    stacked = np.stack(probabilities)  # [draws, queries, classes]
+    resampled = []
+    for _ in range(ECE_RESAMPLES):
+        picked = rng.integers(0, len(truth), len(truth))
+        resampled.append(
+            expected_calibration_error(stacked[:, picked].reshape(-1, classes), np.tile(truth[picked], len(stacked)))
+        )
+    pooled = stacked.reshape(-1, classes)
     return {
         "accuracy": round(float(np.mean(accuracy)), 4),
         "accuracy_ci95": _bootstrap(correct, rng),
         "balanced_accuracy": round(float(np.mean(balanced)), 4),
-        "ece": round(expected_calibration_error(np.concatenate(probabilities), np.tile(truth, len(probabilities))), 4),
+        "ece": round(expected_calibration_error(pooled, np.tile(truth, len(probabilities))), 4),
+        "ece_ci95": [round(float(np.percentile(resampled, q)), 4) for q in (2.5, 97.5)],
+        "ece_if_calibrated": round(calibrated_ece(pooled, rng), 4),
     }
 
 
@@ -415,8 +435,9 @@ def run_adaptation(
 
 
 def format_adaptation(result: dict) -> str:
-    """One table per site: balanced accuracy / ECE per method and number of site cases per class; then the
-    new-class row and the fused accuracy beside the best single modality."""
+    """One table per site: balanced accuracy / ECE per method and number of site cases per class; the shipped
+    method's ECE with its CI and the floor a calibrated answer shows; then the new-class row and the fused
+    accuracy beside the best single modality."""
     lines = [f"{result['measured_on']}; shipped method: {result['shipped_method']}"]
     for site, methods in result["sites"].items():
         details = result["details"][site]
@@ -431,6 +452,17 @@ def format_adaptation(result: dict) -> str:
                 for k in map(str, SHOTS)
             ]
             lines.append(f"{method:<22}" + "".join(f"{c:>14}" for c in cells))
+        shipped = details["methods"][result["shipped_method"]]
+        lines.append(
+            f"ECE of {result['shipped_method']} [95 % CI over the query lesions] (a perfectly calibrated answer on "
+            "as many predictions): "
+            + "; ".join(
+                f"{k}: {shipped[k]['ece']:.3f} [{shipped[k]['ece_ci95'][0]:.3f}, {shipped[k]['ece_ci95'][1]:.3f}] "
+                f"({shipped[k]['ece_if_calibrated']:.3f})"
+                for k in map(str, SHOTS)
+                if k in shipped
+            )
+        )
         added = details["new_class"]
         versus = result["fused_vs_best_single"][site]
         lines.append(

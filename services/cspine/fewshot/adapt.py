@@ -116,6 +116,19 @@ def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bin
     return float(error)
 
 
+def calibrated_ece(probabilities: np.ndarray, rng: np.random.Generator, draws: int = 200) -> float:
+    """The mean ECE that a perfectly calibrated classifier with these predictions' confidences would show on as
+    many predictions: each one right with probability its confidence, drawn independently ``draws`` times. It is
+    the floor an ECE measured on this many predictions sits on (a lower one where predictions share queries)."""
+    confidence = probabilities.max(1)
+    predicted = probabilities.argmax(1)
+    errors = []
+    for _ in range(draws):
+        right = rng.random(len(confidence)) < confidence
+        errors.append(expected_calibration_error(probabilities, np.where(right, predicted, -1)))
+    return float(np.mean(errors))
+
+
 def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray, classes: int) -> float:
     """Mean per-class recall over the classes present in ``truth``."""
     recalls = [float((predicted[truth == c] == c).mean()) for c in range(classes) if (truth == c).any()]
