@@ -28,8 +28,9 @@ from cspine.analysis.fusion import Calibration
 from cspine.cohort.check import check_cohort, format_report, image_files, labelled_study
 from cspine.cohort.manifest import MANIFEST_FILE
 from cspine.cohort.versions import refit_calibration
+from cspine.config import TritonClientConfig
 from cspine.domain import Modality
-from cspine.errors import DuplicateCaseError
+from cspine.errors import CspineError, DuplicateCaseError, TritonUnavailableError
 from cspine.fewshot.prototypes import Adaptation, SupportSet, default_support, embedding_key
 from cspine.fewshot.store import SupportStore
 from cspine.inference.client import TritonClient
@@ -784,6 +785,59 @@ def test_a_service_switching_to_a_version_with_its_own_embedding_serves_that_emb
     else:
         added, _ = raced
         assert added.embedding == "" and vectors[added.id] != vectors[case.id]  # version 1's embedding made it
+
+
+def test_a_triton_that_loads_every_set_answers_each_pinned_gateway_with_its_own_set(
+    embedded: Path, tumor_cohort: Path, tmp_path: Path, capsys
+):
+    """The Helm chart's layout: Triton's copy of the repository loads every set (`cspine models use all`), each
+    gateway's copy names its own set, and its client names that set in every call (CSPINE_TRITON_PIN_VERSIONS).
+    Version 2's lesion embedding differs from version 1's, and Triton's default answer would be version 2's."""
+    triton_repository = tmp_path / "triton"
+    shutil.copytree(embedded, triton_repository)
+    assert cli.main(["models", "use", "all", "--repository", str(triton_repository)]) == 0
+    assert "every version set (1, 2) is named" in capsys.readouterr().out
+    with pytest.raises(CspineError, match="cspine serves one version per model"):
+        served_set(triton_repository)  # a Triton-only repository: no gateway serves from it
+    gateways = {}
+    for version in (1, 2):
+        gateways[version] = tmp_path / f"gateway-{version}"
+        shutil.copytree(embedded, gateways[version])
+        use_version(gateways[version], version)
+    files = sorted(p for p in (tumor_cohort / "case-0005" / "xr").glob("*.dcm"))
+    instances = [(p.name, p.read_bytes()) for p in files]
+
+    def embedding(analysis) -> np.ndarray:
+        return analysis.modality(Modality.XR).lesions[0].embedding
+
+    def probabilities(analysis) -> list[float]:
+        return [p.probability for p in analysis.modality(Modality.XR).lesions[0].assessment.probabilities]
+
+    async def scenario(url: str) -> dict:
+        seen: dict = {}
+        async with TritonClient(url) as unpinned:
+            seen["unpinned"] = embedding(await AnalysisService(unpinned, gateways[1]).analyze(instances))
+            # set 2 is the highest: unpinned, the lesion_classify ensemble gives what the pinned two calls give
+            seen["ensemble"] = probabilities(await AnalysisService(unpinned, gateways[2]).analyze(instances))
+        for version, repository in gateways.items():
+            async with TritonClient(url, TritonClientConfig(pin_versions=True)) as client:
+                service = AnalysisService(client, repository)
+                analysis = await service.analyze(instances)
+                await client.check_ready()
+                client.version_set = 3  # a set this Triton does not have
+                with pytest.raises(TritonUnavailableError, match="seg_ct is not ready at version 3"):
+                    await client.check_ready()
+                seen[version] = (embedding(analysis), {m.version.split()[0] for m in analysis.models})
+                seen[f"probabilities {version}"] = probabilities(analysis)
+        return seen
+
+    with LocalTriton(triton_repository, TritonPorts.free()) as triton:
+        seen = asyncio.run(scenario(triton.grpc_url))
+    (v1, reported_1), (v2, reported_2) = seen[1], seen[2]
+    assert reported_1 == {"1"} and reported_2 == {"2"}
+    assert np.array_equal(v2, seen["unpinned"])  # unpinned, Triton answers with its highest version
+    assert not np.allclose(v1, v2, atol=1e-3)  # pinned to 1: version 1's embedding, not the highest
+    assert np.allclose(seen["probabilities 2"], seen["ensemble"], atol=1e-6) and len(seen["ensemble"]) >= 2
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -18,12 +21,13 @@ import yaml
 
 from cspine.config import ServeConfig
 from cspine.inference.local_triton import default_repository
-from cspine.inference.model_config import config_path, load_config, opt_batch
+from cspine.inference.model_config import config_path, load_config, opt_batch, served_set
 from cspine.inference.specs import MODELS, SERVED
 from cspine.inference.tensorrt import plan_commands
 from support.helm import CHART, NAMESPACE, ROOT, find, helm, render
 
 PRODUCTION = ROOT / "tests" / "fixtures" / "helm" / "production-values.yaml"
+TRTEXEC_DIR = "/usr/src/tensorrt/bin"  # triton.trtexecDir of the default values
 KUBERNETES_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor, and a current release
 BUILT_IN_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2")
 # The DICOM node on (over the default values): one gateway pod, as the chart requires.
@@ -199,36 +203,84 @@ def test_inconsistent_values_fail_the_render_with_a_clear_message(settings, mess
 # -- Triton ---------------------------------------------------------------------------------------------------
 
 
-def expected_plan_commands() -> list[list[str]]:
-    local = default_repository()
-    batches = {name: opt_batch(load_config(config_path(local, name, "gpu"))) for name in MODELS}
-    return plan_commands("/models", batches)
+def image_with_two_sets(root: Path) -> Path:
+    """What a site's image carries in /opt/cspine/model_repository: the shipped repository and a version set 2
+    (here version 1's files again; a real one comes from cspine export --version 2)."""
+    image = root / "image"
+    shutil.copytree(default_repository(), image, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in MODELS:
+        shutil.copytree(image / name / "1", image / name / "2")
+    return image
 
 
-def test_the_plan_init_container_runs_exactly_the_commands_of_cspine_triton_plan_commands(default):
-    spec = pod_spec(default, "cspine-triton")
-    build = container(spec, "build-plans", init=True)
-    script = build["args"][0]
-    rendered = [shlex.split(line) for line in script.splitlines() if line.startswith("trtexec ")]
-    assert rendered == expected_plan_commands()
-    assert len(rendered) == len(MODELS)
-    shipped = (CHART / "files" / "plan-commands.sh").read_text()
-    cli = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "cspine"), "triton", "plan-commands", "--repository", "/models"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cli.returncode == 0
-    assert [line for line in shipped.splitlines() if not line.startswith("#")] == cli.stdout.splitlines(), (
-        "helm/cspine/files/plan-commands.sh is stale: run `make chart`"
-    )
+def run_init(script: str, image: Path, pod: Path, tmp: Path, path: str = "") -> subprocess.CompletedProcess:
+    """Run an init container's script here, its paths mapped onto folders of this machine (the image's repository,
+    the pod's model volume, its /tmp) and `cspine` this checkout's."""
+    script = script.replace("/tmp/plan-commands.sh", "@TMP@/plan-commands.sh")
+    script = re.sub(r"(?<![\w.-])/models", str(pod), script)
+    script = script.replace("/opt/cspine/model_repository", str(image)).replace("@TMP@", str(tmp))
+    environment = {**os.environ, "PATH": f"{path}{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    return subprocess.run(["/bin/bash", "-ec", script], env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_triton_pods_load_every_set_the_image_carries_and_build_a_plan_for_each(tmp_path):
+    """copy-models (the cspine image) copies the repository, names every set and writes the trtexec commands of
+    `cspine triton plan-commands`; build-plans (the Triton image) runs them. Run here with a trtexec that writes
+    the engine file it is asked for."""
+    spec = pod_spec(render("--set", "models.version=2"), "cspine-triton")
+    assert spec == pod_spec(render(), "cspine-triton")  # the set served is the gateways' choice: Triton stays
+    assert [c["name"] for c in spec["spec"]["initContainers"]] == ["copy-models", "build-plans"]
+    copy, build = (container(spec, n, init=True) for n in ("copy-models", "build-plans"))
     triton = container(spec, "triton")
     assert build["image"] == triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
     assert "--model-config-name=gpu" in triton["args"] and "--model-repository=/models" in triton["args"]
-    copy = container(spec, "copy-models", init=True)
-    assert [c["name"] for c in spec["spec"]["initContainers"]] == ["copy-models", "build-plans"]
-    assert "/opt/cspine/model_repository" in copy["args"][0]
+
+    image, pod, tmp, tools = image_with_two_sets(tmp_path), tmp_path / "pod", tmp_path / "podtmp", tmp_path / "tools"
+    for folder in (pod, tmp, tools):
+        folder.mkdir()
+    copied = run_init(copy["args"][0], image, pod, tmp)
+    assert copied.returncode == 0, copied.stderr
+    for name in MODELS:
+        for config in (pod / name / "config.pbtxt", pod / name / "configs" / "gpu.pbtxt"):
+            assert load_config(config).version_policy.HasField("all")
+    written = [shlex.split(line) for line in (tmp / "plan-commands.sh").read_text().splitlines()]
+    batches = {name: opt_batch(load_config(config_path(default_repository(), name, "gpu"))) for name in MODELS}
+    assert written == plan_commands(str(pod), batches, (1, 2)) and len(written) == 2 * len(MODELS)
+
+    trtexec = tools / "trtexec"
+    trtexec.write_text('#!/bin/sh\nfor a; do case "$a" in --saveEngine=*) echo x > "${a#--saveEngine=}";; esac; done\n')
+    trtexec.chmod(0o755)
+    built = run_init(build["args"][0].replace(TRTEXEC_DIR, str(tools)), image, pod, tmp)
+    assert built.returncode == 0, built.stderr
+    assert sorted(str(p.relative_to(pod)) for p in pod.glob("*/*/model.plan")) == sorted(
+        f"{name}/{version}/model.plan" for name in MODELS for version in (1, 2)
+    )
+
+
+def test_gateways_serve_the_chosen_set_and_name_it_in_every_triton_call(default, tmp_path):
+    """choose-models names models.version in the gateway's copy of the repository; cspine serve reads that copy
+    and pins its Triton calls to it. A set the image lacks stops the pod's start with the reason."""
+    spec = pod_spec(render("--set", "models.version=2"), "cspine-gateway")
+    choose = container(spec, "choose-models", init=True)
+    gateway = container(spec, "gateway")
+    assert env(gateway)["CSPINE_MODEL_REPOSITORY"] == "/models" and env(gateway)["CSPINE_TRITON_PIN_VERSIONS"] == "1"
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"]
+    image = image_with_two_sets(tmp_path)
+    for version in (1, 2):
+        pod = tmp_path / f"gateway-{version}"
+        pod.mkdir()
+        spec = pod_spec(render("--set", f"models.version={version}"), "cspine-gateway")
+        done = run_init(container(spec, "choose-models", init=True)["args"][0], image, pod, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert served_set(pod) == version and served_set(image) == 1
+    pod = tmp_path / "gateway-3"
+    pod.mkdir()
+    script = container(pod_spec(render("--set", "models.version=3"), "cspine-gateway"), "choose-models", True)
+    failed = run_init(script["args"][0], image, pod, tmp_path)
+    assert failed.returncode != 0 and "no version set 3" in failed.stderr and "the sets are 1, 2" in failed.stderr
+    assert "cspine models use 1 " in container(pod_spec(default, "cspine-gateway"), "choose-models", True)["args"][0]
+    assert choose["image"] == gateway["image"]
 
 
 def test_triton_pods_ask_for_gpus_on_gpu_nodes(default, production):

@@ -204,12 +204,15 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class TritonClientConfig:
-    """How the analysis calls Triton (inference/client.py): the deadline of one inference call and, behind a
-    Kubernetes headless Service, round-robin over every address its name has and a fresh channel this often."""
+    """How the analysis calls Triton (inference/client.py): the deadline of one inference call; behind a
+    Kubernetes headless Service, round-robin over every address its name has and a fresh channel this often; and
+    whether every call names the version set the service serves (for a Triton that loads every set, the Helm
+    chart's: each gateway then gets its own set's models, whichever sets its neighbours serve)."""
 
     timeout_s: float = 120.0
     round_robin: bool = setting(False, "CSPINE_TRITON_ROUND_ROBIN")
     reconnect_s: float | None = setting(None, "CSPINE_TRITON_RECONNECT_SECONDS")  # None: one channel for good
+    pin_versions: bool = setting(False, "CSPINE_TRITON_PIN_VERSIONS")
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

@@ -80,7 +80,11 @@ from cspine.inference.specs import (
     LESION_EMBED,
     MAX_EMBEDDINGS,
     MODALITY_ORDER,
+    MODALITY_TENSOR,
     PROBABILITIES_TENSOR,
+    PROTO_CLASSIFY,
+    PROTOTYPES_TENSOR,
+    ROI_TENSOR,
     seg_spec,
 )
 
@@ -291,7 +295,8 @@ async def _classify(
     timer: _Timer,
 ) -> list[Lesion]:
     """Embed the lesions (largest first; beyond MAX_EMBEDDINGS they stay unclassified) and classify them
-    against the modality's prototypes in one ``lesion_classify`` call; returns the lesions with their
+    against the modality's prototypes in one ``lesion_classify`` call (a client pinned to a version set asks
+    ``lesion_embed`` and ``proto_classify`` in turn, inference/client.py); returns the lesions with their
     embeddings and assessments. Without prototypes for the modality (an emptied support set) only
     ``lesion_embed`` runs: the lesions get embeddings, no class probabilities."""
     lesions, rest = lesions[:MAX_EMBEDDINGS], lesions[MAX_EMBEDDINGS:]
@@ -299,8 +304,14 @@ async def _classify(
     with timer.stage("preprocess"):
         inputs = await asyncio.to_thread(classify_inputs, modality, lesions, volumes, classes)
     with timer.stage("classify"):
-        model = LESION_EMBED if classes is None else LESION_CLASSIFY
-        out = await triton.infer(model, inputs, deadline_s=deadline.left())
+        if classes is None or not triton.classifies_by_ensemble:
+            embed = {name: inputs[name] for name in (ROI_TENSOR, MODALITY_TENSOR)}
+            out = await triton.infer(LESION_EMBED, embed, deadline_s=deadline.left())
+            if classes is not None:  # a pinned client: the two steps of the ensemble, each at the set's version
+                scores = {EMBEDDING_TENSOR: out[EMBEDDING_TENSOR], PROTOTYPES_TENSOR: classes}
+                out |= await triton.infer(PROTO_CLASSIFY, scores, deadline_s=deadline.left())
+        else:
+            out = await triton.infer(LESION_CLASSIFY, inputs, deadline_s=deadline.left())
     probabilities = out[PROBABILITIES_TENSOR] if classes is not None else None
     embedded = classified(modality, lesions, out[EMBEDDING_TENSOR], calibration, prototypes.labels, probabilities)
     return embedded + rest

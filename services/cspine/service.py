@@ -123,6 +123,7 @@ class AnalysisService:
         self.competence = CompetenceReference.load(repository)
         self.models = model_versions(repository)
         self.version_set = _served_set(repository)
+        triton.version_set = self.version_set  # what a pinned client asks Triton for
         self._version_problem = ""  # the last reason a version set could not be switched to, logged once
         self._refused: tuple[int | None, float] = (None, 0.0)  # the last set Triton did not load, and when
         # Held while the version set switches and while AddCase embeds a case and stores it, so that a case is
@@ -230,6 +231,16 @@ class AnalysisService:
             return await self._switch(number)
 
     async def _switch(self, number: int) -> bool:
+        # While its Triton reloads, a pinned client asks for the version Triton has (the old one is unloaded
+        # midway); from the switch on, for N, or for the old set again when the switch fails.
+        self.triton.version_set = None
+        try:
+            switched = await self._reload(number)
+        finally:
+            self.triton.version_set = self.version_set
+        return switched
+
+    async def _reload(self, number: int) -> bool:
         try:
             await self.triton.reload((*MODELS, *ENSEMBLES), back_to=self.version_set)
         except CspineError as error:

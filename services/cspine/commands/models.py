@@ -41,12 +41,24 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_use(args: argparse.Namespace) -> int:
-    from cspine.inference.model_config import model_versions, use_version
+    from cspine.errors import CspineError
+    from cspine.inference.model_config import available_sets, model_versions, serve_every_version, use_version
 
     repository = Path(args.repository)
-    changed = use_version(repository, args.version)
+    if args.version == "all":
+        changed = serve_every_version(repository)
+        sets = ", ".join(map(str, available_sets(repository)))
+        print(
+            f"every version set ({sets}) is named in the repository ({len(changed)} configs changed): a Triton "
+            "over it loads them all, for cspine gateways that each ask for their own set (CSPINE_TRITON_PIN_VERSIONS)"
+        )
+        return 0
+    if not args.version.isdigit():
+        raise CspineError(f"a version set is a number, or all; got {args.version!r}")
+    version = int(args.version)
+    changed = use_version(repository, version)
     print(
-        f"version set {args.version} is named in the repository ({len(changed)} configs changed): a running cspine "
+        f"version set {version} is named in the repository ({len(changed)} configs changed): a running cspine "
         "serve on it switches within its --store-poll seconds, its Triton reloading the models without losing "
         "availability; otherwise it is served from the next start:"
     )
@@ -71,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     use = sub.add_parser(
         "use",
         help="serve version set N (a running cspine serve switches within seconds, without a restart); roll back "
-        "with the old N",
+        "with the old N. 'all': have Triton load every set, for gateways that ask for theirs by number (Kubernetes)",
     )
-    use.add_argument("version", type=int)
+    use.add_argument("version", metavar="N|all")
     use.add_argument("--repository", default="model_repository")
     use.set_defaults(func=cmd_models_use)

@@ -59,7 +59,9 @@ def serve_config(args: argparse.Namespace, limits: IngestLimits) -> ServeConfig:
         triton=triton_config(args),
         analysis=analysis,
         triton_client=TritonClientConfig(
-            round_robin=args.triton_round_robin, reconnect_s=args.triton_reconnect or None
+            round_robin=args.triton_round_robin,
+            reconnect_s=args.triton_reconnect or None,
+            pin_versions=args.triton_pin_versions,
         ),
         data_dir=Path(args.data_dir).expanduser(),
         triton_url=args.triton_url or None,
@@ -202,13 +204,13 @@ def cmd_triton_start(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_plan_commands(args: argparse.Namespace) -> int:
-    from cspine.inference.model_config import config_path, load_config, opt_batch
+    from cspine.inference.model_config import available_sets, config_path, load_config, opt_batch
     from cspine.inference.specs import MODELS
     from cspine.inference.tensorrt import format_commands, plan_commands
 
     local = Path(args.local_repository)
     batches = {name: opt_batch(load_config(config_path(local, name, "gpu"))) for name in MODELS}
-    print(format_commands(plan_commands(args.repository, batches)))
+    print(format_commands(plan_commands(args.repository, batches, tuple(available_sets(local)))))
     return 0
 
 
@@ -284,6 +286,13 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         default=serve.triton_client.reconnect_s,
         help="open a fresh Triton channel (a fresh DNS lookup) this often, in seconds, so Triton pods added by an "
         "autoscaler get work (env CSPINE_TRITON_RECONNECT_SECONDS; default off)",
+    )
+    p.add_argument(
+        "--triton-pin-versions",
+        action="store_true",
+        default=serve.triton_client.pin_versions,
+        help="name the served version set in every model call, for a Triton that loads every set (cspine models "
+        "use all; the Helm chart's Triton pods) (env CSPINE_TRITON_PIN_VERSIONS=1)",
     )
     p.add_argument(
         "--max-studies-in-flight",
@@ -462,7 +471,8 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     t.set_defaults(func=cmd_triton_start)
     t = triton.add_parser(
         "plan-commands",
-        help="print the trtexec commands that build each model.plan from model.onnx on the target GPU",
+        help="print the trtexec commands that build each model.plan from model.onnx on the target GPU, for every "
+        "version set the local repository holds",
     )
     t.add_argument(
         "--repository", default="/models", help="model repository path where the commands will run (default /models)"
@@ -470,6 +480,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     t.add_argument(
         "--local-repository",
         default=str(default_repository()),
-        help="this checkout's model repository, whose configs/gpu.pbtxt give the batch sizes to optimise for",
+        help="the model repository to read: its configs/gpu.pbtxt give the batch sizes to optimise for, its version "
+        "folders the sets to build (default: this checkout's)",
     )
     t.set_defaults(func=cmd_triton_plan_commands)

@@ -15,6 +15,11 @@
   resolves it again when a connection fails, so Triton pods added by the autoscaler would get no work. With
   ``reconnect_s`` the client opens a fresh channel (a fresh DNS lookup) that often; calls already running
   finish on the old channel, which is closed once they have had ``timeout_s``.
+- With ``TritonClientConfig.pin_versions`` every call to a model with weights names ``version_set`` (which the
+  service sets to the set it serves): a Triton that loads every set (the Helm chart's) answers each gateway with
+  its own set's models. A model without such a version is ``TritonUnavailableError``. The ``lesion_classify``
+  ensemble cannot name its steps' versions, so a pinned client is asked for ``lesion_embed`` and
+  ``proto_classify`` instead (``classifies_by_ensemble``).
 - When Triton goes away and comes back (``cspine serve`` restarts a local one that crashed), the channel
   reconnects by itself; its reconnection backoff is capped at ``RECONNECT_MAX_BACKOFF_MS`` so that readiness
   returns within seconds of Triton's, not after gRPC's default of up to two minutes.
@@ -35,7 +40,7 @@ from tritonclient.utils import InferenceServerException
 
 from cspine.config import TritonClientConfig
 from cspine.errors import DeadlineExceededError, InferenceError, TritonUnavailableError
-from cspine.inference.specs import SERVED, ModelSpec
+from cspine.inference.specs import MODELS, SERVED, ModelSpec
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 RECONNECT_MAX_BACKOFF_MS = 2_000
@@ -78,6 +83,8 @@ class TritonClient:
         self._client = triton_aio.InferenceServerClient(url, channel_args=self._args)
         self._opened = time.monotonic()
         self._retiring: set[asyncio.Task] = set()
+        self.pin_versions = config.pin_versions
+        self.version_set: int | None = None  # the set a pinned client asks for (the service sets it)
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
@@ -108,6 +115,19 @@ class TritonClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _version(self, model: str) -> str:
+        """The version to ask ``model`` for: the service's set when pinned and ``model`` has weights, else "" (the
+        one Triton serves)."""
+        if self.pin_versions and self.version_set is not None and model in MODELS:
+            return str(self.version_set)
+        return ""
+
+    @property
+    def classifies_by_ensemble(self) -> bool:
+        """Whether lesions are embedded and classified in one ``lesion_classify`` call (unpinned), or as two calls
+        that each name the set."""
+        return not self.pin_versions
+
     async def server_ready(self, timeout_s: float = 2.0) -> bool:
         try:
             return bool(await self.client.is_server_ready(client_timeout=timeout_s))
@@ -127,11 +147,13 @@ class TritonClient:
             raise TritonUnavailableError(f"Triton at {self.url} does not answer or is not ready")
         for name in names:
             try:
-                ready = await self.client.is_model_ready(name, client_timeout=timeout_s)
+                ready = await self.client.is_model_ready(name, self._version(name), client_timeout=timeout_s)
             except InferenceServerException as error:
                 raise self._translate(error, name) from None
             if not ready:
-                raise TritonUnavailableError(f"model {name} is not ready on Triton at {self.url}")
+                version = self._version(name)
+                at = f" at version {version}" if version else ""
+                raise TritonUnavailableError(f"model {name} is not ready{at} on Triton at {self.url}")
 
     async def reload(self, models: tuple[str, ...], back_to: int | None = None, timeout_s: float = 300.0) -> None:
         """Have Triton load ``models`` again, in order, each from its config in the repository (a changed version
@@ -215,7 +237,9 @@ class TritonClient:
         outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
         start = time.perf_counter()
         try:
-            result = await self.client.infer(spec.name, request, outputs=outputs, client_timeout=left)
+            result = await self.client.infer(
+                spec.name, request, self._version(spec.name), outputs=outputs, client_timeout=left
+            )
         except InferenceServerException as error:
             raise self._translate(error, spec.name) from None
         finally:

@@ -228,8 +228,12 @@ def _children(pid: int) -> dict[int, str]:
 def _has_model_file(repository: Path, model: str) -> bool:
     from cspine.inference.model_config import config_path, load_config, served_model_file
 
-    if load_config(config_path(repository, model)).platform == "ensemble":
+    config = load_config(config_path(repository, model))
+    if config.platform == "ensemble":
         return True
+    if config.version_policy.HasField("all"):  # cspine models use all: every version folder is loaded
+        folders = [p for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit()]
+        return bool(folders) and all((p / "model.onnx").is_file() for p in folders)
     return served_model_file(repository, model).is_file()
 
 

@@ -120,7 +120,17 @@ def use_version(repository: Path, version: int) -> list[Path]:
         raise CspineError(
             f"no version set {version} in {repository}: the sets are {', '.join(map(str, available_sets(repository)))}"
         )
-    line = f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}"
+    return _write_policy(repository, f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}")
+
+
+def serve_every_version(repository: Path) -> list[Path]:
+    """Have a Triton over ``repository`` load every version set it holds (``version_policy: { all: {} }``) for
+    cspine gateways that each ask for their own set by number (``TritonClientConfig.pin_versions``; the Helm
+    chart's Triton pods). A repository in this state is for Triton only: ``served_set`` refuses it."""
+    return _write_policy(repository, "version_policy: { all: {} }")
+
+
+def _write_policy(repository: Path, line: str) -> list[Path]:
     changed = []
     for name in MODELS:
         for path in _config_files(repository, name):

@@ -1,8 +1,8 @@
-"""The ``trtexec`` commands that build each model's TensorRT engine (``1/model.plan``) from its
-``1/model.onnx`` on the GPU it will run on — engines are specific to the GPU and TensorRT version, so they
-are built where they run (the Helm chart's init container, from the same Triton image). Shapes come from
-``inference.specs``; the optimisation profile spans batch 1 … ``max_batch_size`` and is tuned for the
-largest preferred batch size of the model's ``configs/gpu.pbtxt``.
+"""The ``trtexec`` commands that build each model's TensorRT engine (``N/model.plan``, for each version set N the
+repository holds) from its ``N/model.onnx`` on the GPU it will run on — engines are specific to the GPU and
+TensorRT version, so they are built where they run (the Helm chart's init container, from the same Triton
+image). Shapes come from ``inference.specs``; the optimisation profile spans batch 1 … ``max_batch_size`` and is
+tuned for the largest preferred batch size of the model's ``configs/gpu.pbtxt``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
-def plan_command(spec: ModelSpec, repository: str, opt_batch: int, workspace_mib: int = 2048) -> list[str]:
-    folder = f"{repository.rstrip('/')}/{spec.name}/1"
+def plan_command(
+    spec: ModelSpec, repository: str, opt_batch: int, version: int = 1, workspace_mib: int = 2048
+) -> list[str]:
+    folder = f"{repository.rstrip('/')}/{spec.name}/{version}"
     p = profile(spec, opt_batch)
     return [
         "trtexec",
@@ -61,9 +63,14 @@ def plan_command(spec: ModelSpec, repository: str, opt_batch: int, workspace_mib
     ]
 
 
-def plan_commands(repository: str, opt_batches: dict[str, int]) -> list[list[str]]:
-    """One command per model; ``opt_batches`` maps batching models to the batch size to optimise for."""
-    return [plan_command(spec, repository, opt_batches.get(name, 1)) for name, spec in MODELS.items()]
+def plan_commands(repository: str, opt_batches: dict[str, int], versions: tuple[int, ...] = (1,)) -> list[list[str]]:
+    """One command per model and version set; ``opt_batches`` maps batching models to the batch size to optimise
+    for."""
+    return [
+        plan_command(spec, repository, opt_batches.get(name, 1), version)
+        for version in versions
+        for name, spec in MODELS.items()
+    ]
 
 
 def format_commands(commands: list[list[str]]) -> str:
