@@ -565,6 +565,14 @@ def test_a_version_s_calibration_is_refitted_on_the_cohort_s_train_studies_throu
     assert parts["classification"].startswith("refitted: ")
     assert "the pooling weights of the 1 studies with a tumor and a lesion embedding" in parts["classification"]
     assert calibration.classification_weights != base.classification_weights
+    # pooling or one modality, chosen again on the same held-out answers (1 study cannot show a gain: pooling)
+    choice = calibration.classification_choice
+    assert choice["studies"] == 1 and choice["chosen"] == "pooled" and calibration.classification_order == ()
+    assert choice["fitted_on"].endswith(
+        "each classified by the prototypes of the others (5 folds; the support rule over the default set, fitted)"
+    )
+    assert set(choice["alone"]) <= {"CT", "MR", "XR"} and choice["alone"]
+    assert f"pooled accuracy {choice['pooled_accuracy']:.3f}" in parts["classification"]
     assert calibration.fitted_on == "train studies of the SYNTHETIC cohort cohort, version 2; 2 studies"
     assert calibration.detection != base.detection and calibration.detection_weights != base.detection_weights
     assert set(calibration.classification_weights) == set(Modality)

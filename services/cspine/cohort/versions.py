@@ -127,23 +127,27 @@ def records_support(records: list[dict], synthetic: bool = False, source: str = 
     return SupportSet(embeddings, tuple(labels), synthetic, source, site=True)
 
 
-def site_fusion_weights(
+def site_classification(
     records: list[dict],
     repository: Path,
     version: int,
     start: dict[Modality, float],
     default: SupportSet | None,
-) -> dict[Modality, float]:
-    """The classification weights of log-linear pooling fitted to tumor studies' records (their class and per
-    modality the matched lesion's embedding), as the service fits them once a site has enough cases of every
-    class (``fewshot.prototypes``): each study classified by the prototypes of the others by the support rule
-    over the ``default`` set (None: no default cases, as when the records are version ``version``'s default set),
-    fitted with version ``version``'s classifier scale; the weights that minimise the cross-entropy, pulled towards
-    ``start``."""
+) -> tuple[dict[Modality, float], tuple[Modality, ...], dict]:
+    """How version ``version`` turns the modalities' class evidence into the study's, fitted to tumor studies'
+    records (their class and per modality the matched lesion's embedding) as the service fits it once a site has
+    enough cases of every class (``fewshot.prototypes``): each study classified by the prototypes of the others by
+    the support rule over the ``default`` set (None: no default cases, as when the records are version
+    ``version``'s default set), with version ``version``'s classifier scale. Returns the weights of log-linear
+    pooling that minimise the cross-entropy of those held-out answers, pulled towards ``start``; and, judged on the
+    same answers by ``choose_classification``, whether one modality beats pooling beyond doubt (its order, else
+    empty) with the figures behind the choice."""
     import numpy as np
 
+    from cspine.evaluation.calibrate import choose_classification
     from cspine.fewshot.adapt import exported_scale, pooling_weights
     from cspine.fewshot.prototypes import Adaptation, held_out_log_probabilities
+    from cspine.modeling.data import CLASSES
 
     site = records_support(records)
     if default is None:
@@ -154,8 +158,20 @@ def site_fusion_weights(
     scale = exported_scale(repository / "proto_classify" / str(version) / "model.onnx")
     held_out, truth = held_out_log_probabilities(both, flags, labels, Adaptation("fitted", scale))
     begin = np.array([start[m] for m in MODALITY_ORDER])
-    weights = pooling_weights(held_out, truth, begin)
-    return {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, weights, strict=True)}
+    pooled = pooling_weights(held_out, truth, begin)
+    weights = {m: round(float(w), 4) for m, w in zip(MODALITY_ORDER, pooled, strict=True)}
+    present = ~np.isnan(site.embeddings).any(axis=2)  # [site cases, modalities], the rows of held_out
+    columns = [CLASSES.index(label) for label in labels]
+    answers = []
+    for i, t in enumerate(truth):
+        evidence = {}
+        for m, modality in enumerate(MODALITY_ORDER):
+            probabilities = np.zeros(len(CLASSES))
+            probabilities[columns] = np.exp(held_out[i, m])
+            evidence[modality.value] = {"probabilities": probabilities.tolist() if present[i, m] else None}
+        answers.append({"truth": {"tumor": True, "class": labels[t]}, "modalities": evidence})
+    order, choice = choose_classification(answers, weights)
+    return weights, order, choice
 
 
 def refit_calibration(
@@ -212,19 +228,28 @@ def refit_calibration(
     cases = [r for r in records if r["truth"]["tumor"] and any(m["embedding"] for m in r["modalities"].values())]
     if len(cases) >= classification_min:
         against = None if records_are_default else default_support(repository)
-        weights = site_fusion_weights(cases, repository, version, inherited.classification_weights, against)
+        start = inherited.classification_weights
+        weights, order, choice = site_classification(cases, repository, version, start, against)
         rule = "their own prototypes" if against is None else "the support rule over the default set"
+        held_out = f"each classified by the prototypes of the others (5 folds; {rule}, fitted)"
         calibration = replace(
             calibration,
             classification_weights=weights,
             classification_weights_ci95={},
             classification_fitted_on=f"{fitted_on}: the pooling weights of the {len(cases)} studies with a tumor and "
-            f"a lesion embedding, each classified by the prototypes of the others (5 folds; {rule}, fitted), as "
-            "the service refits them from a site's cases",
+            f"a lesion embedding, {held_out}, as the service refits them from a site's cases",
             embed_model_sha256=_sha256(repository / "lesion_embed" / str(version) / "model.onnx"),
+            classification_order=order,
+            classification_choice={**choice, "fitted_on": f"{fitted_on}, {held_out}"},
         )
-        why["classification"] = f"refitted: {calibration.classification_fitted_on}; the choice of pooling or one "
-        why["classification"] += f"modality is version {base}'s"
+        single = "/".join(m.value for m in order) if order else ""
+        why["classification"] = (
+            f"refitted: {calibration.classification_fitted_on}; on the same answers, "
+            + (f"one modality ({single} first)" if order else "pooling")
+            + f": pooled accuracy {choice['pooled_accuracy']:.3f}, the best single-modality order "
+            f"({'/'.join(choice['order'])}) {choice['single_accuracy']:.3f}, its gain's 95 % interval "
+            f"[{choice['single_gain_ci95'][0]:.3f}, {choice['single_gain_ci95'][1]:.3f}]"
+        )
     else:
         why["classification"] = (
             f"version {base}'s: {len(cases)} train studies with a tumor and a lesion embedding; a refit needs "
