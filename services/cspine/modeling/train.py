@@ -229,7 +229,7 @@ def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConf
 
 
 def training_device() -> torch.device:
-    """Where segmentation training runs: the GPU when torch sees one (CUDA), else the CPU."""
+    """Where training runs (segmentation, the lesion embedding): the GPU when torch sees one (CUDA), else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -494,6 +494,8 @@ def train_embed(
     by_subtype = members_by_modality(bank, codes)
     torch.manual_seed(config.seed)
     encoder, proto = LesionEncoder(config.widths), ProtoClassifier()
+    encoder.to(training_device())
+    proto.to(training_device())
     params = list(encoder.parameters()) + list(proto.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
     modules = {"encoder": encoder, "proto": proto}
@@ -534,9 +536,10 @@ def _episode(
     call): the loss on the queries, one optimiser step, the history, and a checkpoint when one is due."""
     ways, shots, queries = shape
     lr, total, end = schedule
-    emb = encoder(torch.from_numpy(rois), _one_hot(np.full(len(rois), modality)))
-    labels = torch.arange(ways).repeat_interleave(shots)
-    query_labels = torch.arange(ways).repeat_interleave(queries)
+    device = _device_of(encoder)
+    emb = encoder(torch.from_numpy(rois).to(device), _one_hot(np.full(len(rois), modality)).to(device))
+    labels = torch.arange(ways, device=device).repeat_interleave(shots)
+    query_labels = torch.arange(ways, device=device).repeat_interleave(queries)
     _schedule(optimizer, lr, run.step, total)
     optimizer.zero_grad(set_to_none=True)
     split = ways * shots
@@ -586,6 +589,8 @@ def finetune_embed(
         parameter.requires_grad_(False)
     proto = ProtoClassifier(scale)
     proto.log_scale.requires_grad_(False)
+    encoder.to(training_device())
+    proto.to(training_device())
     kinds = sorted(set(int(c) for c in classes))
     present = ~np.isnan(rois).any(axis=(2, 3, 4))  # [N, modalities]
     members = [{c: np.nonzero(present[:, m] & (classes == c))[0] for c in kinds} for m in range(len(MODALITY_ORDER))]
