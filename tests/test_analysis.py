@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from cspine.analysis.alignment import cobb_angle, endplate_tilt, wall_tilt
+from cspine.analysis.alignment import cobb_angle, endplate_tilt, projection_sampler, snapped_tilt, wall_tilt
 from cspine.analysis.canal import canal_section
 from cspine.analysis.discs import disc_height
 from cspine.analysis.fusion import (
@@ -134,6 +134,58 @@ def test_endplate_tilt_of_a_rectangle_is_its_angle(angle):
 
 def test_cobb_angle_is_the_difference_of_the_c7_and_c2_tilts():
     assert cobb_angle(_rectangle(-5.0), _rectangle(17.0)) == pytest.approx(22.0, abs=1.0)
+
+
+def _radiograph(bodies: dict[float, float], body_dark: bool = False, flat: bool = False) -> Volume:
+    """A lateral radiograph (0.5 mm pixels, rows going down, columns going posterior) of bodies 16 × 14 mm centred
+    at superior mm → leaning forward by deg (``bodies``), their edges blurred as a projection blurs them;
+    MONOCHROME1-like when ``body_dark``."""
+    from scipy import ndimage
+
+    i, j = np.meshgrid(np.arange(640), np.arange(320), indexing="ij")  # drawn at 0.125 mm, summed into pixels
+    y, z = -20.0 - 0.1875 + 0.125 * j, 40.0 + 0.1875 - 0.125 * i
+    fine = np.zeros(y.shape, np.float32)
+    for centre, angle in bodies.items():
+        t = np.radians(angle)
+        u, w = y * np.cos(t) + (z - centre) * np.sin(t), -y * np.sin(t) + (z - centre) * np.cos(t)
+        fine[(np.abs(u) <= 8.0) & (np.abs(w) <= 7.0)] = 1.0
+    body = fine.reshape(160, 4, 80, 4).mean(axis=(1, 3))
+    pixels = np.zeros_like(body) if flat else ndimage.gaussian_filter(body, 1.0) * (-1.0 if body_dark else 1.0)
+    noise = np.random.default_rng(0).normal(0.0, 0.01, pixels.shape)
+    return Volume(
+        voxels=(1000.0 + 500.0 * pixels + (0.0 if flat else noise))[None].astype(np.float32),
+        origin=np.array([0.0, -20.0, 40.0]),
+        row_direction=np.array([0.0, 1.0, 0.0]),
+        column_direction=np.array([0.0, 0.0, -1.0]),
+        pixel_spacing=(0.5, 0.5),
+        slice_offsets=np.zeros(1),
+        projection=True,
+    )
+
+
+def _at(points: np.ndarray, superior_mm: float) -> np.ndarray:
+    return points + np.array([0.0, superior_mm])
+
+
+@pytest.mark.parametrize("body_dark", [False, True])
+def test_outlines_a_few_degrees_off_are_snapped_to_the_radiographs_edges(body_dark):
+    image = projection_sampler(_radiograph({20.0: -3.0, -20.0: 6.0}, body_dark))
+    c2, c7 = _at(_rectangle(1.0), 20.0), _at(_rectangle(10.0), -20.0)  # the model's outlines, 4° off each body
+    for edge in ("inferior", "superior", "anterior", "posterior"):
+        assert snapped_tilt(c7, image, edge) == pytest.approx(6.0, abs=1.0), edge
+        assert snapped_tilt(c2, image, edge) == pytest.approx(-3.0, abs=1.0), edge
+    assert cobb_angle(c2, c7) == pytest.approx(9.0, abs=1.0)  # as outlined: no difference to see
+    assert cobb_angle(c2, c7, image) == pytest.approx(9.0, abs=1.0)
+    c2, c7 = _at(_rectangle(-7.0), 20.0), _at(_rectangle(10.0), -20.0)  # off by −4° and +4°
+    assert cobb_angle(c2, c7) == pytest.approx(17.0, abs=1.0)
+    assert cobb_angle(c2, c7, image) == pytest.approx(9.0, abs=1.0)
+
+
+def test_without_an_edge_in_the_image_the_outlines_are_measured_as_they_are():
+    flat = projection_sampler(_radiograph({20.0: -3.0, -20.0: 6.0}, flat=True))
+    c2, c7 = _at(_rectangle(-7.0), 20.0), _at(_rectangle(10.0), -20.0)
+    assert snapped_tilt(c7, flat, "inferior") is None
+    assert cobb_angle(c2, c7, flat) == cobb_angle(c2, c7) == pytest.approx(17.0, abs=1.0)
 
 
 def test_endplate_tilt_ignores_stray_pixels_below_the_body():

@@ -82,8 +82,9 @@ class ModalitySpine:
 
 def measure_spine(modality: Modality, labels: np.ndarray, volume: Volume, image: Volume | None = None) -> ModalitySpine:
     """Levels, canal/cord/disc per level, Cobb angle and OPLL from ``labels`` on ``volume``'s grid (the model
-    grid in the pipeline); OPLL reads the CT numbers of ``image`` (the source series; default ``volume``)."""
-    return _MEASURE[modality](labels, volume, volume if image is None else image)
+    grid in the pipeline), with the source series ``image``: OPLL reads its CT numbers (default ``volume``'s),
+    and the radiograph's Cobb angle snaps the body outlines to its edges (without it, as labelled)."""
+    return _MEASURE[modality](labels, volume, image)
 
 
 def combine(measured: Mapping[Modality, ModalitySpine]) -> SpineMeasurements:
@@ -138,29 +139,29 @@ def _at_level(name: str, field_name: str) -> Callable[[ModalitySpine], object]:
 # -- per modality --------------------------------------------------------------------------------------
 
 
-def _measure_radiograph(labels: np.ndarray, volume: Volume, image: Volume) -> ModalitySpine:
+def _measure_radiograph(labels: np.ndarray, volume: Volume, image: Volume | None) -> ModalitySpine:
     frame = frame_from_radiograph(labels, volume)
     if frame is None:
         return ModalitySpine()
-    return ModalitySpine(frame, _xr_discs(labels, volume, frame), cobb_angle_deg=_xr_cobb(labels, volume))
+    return ModalitySpine(frame, _xr_discs(labels, volume, frame), cobb_angle_deg=_xr_cobb(labels, volume, image))
 
 
-def _measure_ct(labels: np.ndarray, volume: Volume, image: Volume) -> ModalitySpine:
+def _measure_ct(labels: np.ndarray, volume: Volume, image: Volume | None) -> ModalitySpine:
     frame, masks, levels = _sectional(Modality.CT, labels, volume)
     if frame is None:
         return ModalitySpine()
     canal = SEG_LABELS[Modality.CT].index("canal")
-    return ModalitySpine(frame, levels, opll=_opll(masks, image, frame, canal))
+    return ModalitySpine(frame, levels, opll=_opll(masks, volume if image is None else image, frame, canal))
 
 
-def _measure_mr(labels: np.ndarray, volume: Volume, image: Volume) -> ModalitySpine:
+def _measure_mr(labels: np.ndarray, volume: Volume, image: Volume | None) -> ModalitySpine:
     frame, _, levels = _sectional(Modality.MR, labels, volume)
     if frame is None:
         return ModalitySpine()
     return ModalitySpine(frame, levels, cobb_angle_deg=_mr_cobb(labels, volume, frame))
 
 
-_MEASURE: dict[Modality, Callable[[np.ndarray, Volume, Volume], ModalitySpine]] = {
+_MEASURE: dict[Modality, Callable[[np.ndarray, Volume, Volume | None], ModalitySpine]] = {
     Modality.CT: _measure_ct,
     Modality.MR: _measure_mr,
     Modality.XR: _measure_radiograph,
@@ -224,8 +225,9 @@ def _opll(masks: LabelMasks, ct: Volume, frame: SpineFrame, canal: int) -> OpllM
     )
 
 
-def _xr_cobb(labels: np.ndarray, volume: Volume) -> float | None:
-    """Cobb angle on the radiograph, from its individually labelled C2 and C7 bodies."""
+def _xr_cobb(labels: np.ndarray, volume: Volume, image: Volume | None) -> float | None:
+    """Cobb angle on the radiograph, from its individually labelled C2 and C7 bodies (snapped to the edges of
+    ``image``, the source radiograph, when there is one)."""
     names = SEG_LABELS[Modality.XR]
     points = {}
     for level in ("c2", "c7"):
@@ -233,7 +235,9 @@ def _xr_cobb(labels: np.ndarray, volume: Volume) -> float | None:
         if body.sum() < 30:
             return None
         points[level] = mask_points(body, volume, 0)[:, 1:3]  # at 0.25 mm, whatever the grid's pixels
-    return alignment.cobb_angle(points["c2"], points["c7"])
+    around = np.concatenate([points["c2"], points["c7"]])
+    sampler = alignment.projection_sampler(image, around) if image is not None else None
+    return alignment.cobb_angle(points["c2"], points["c7"], sampler)
 
 
 def _mr_cobb(labels: np.ndarray, volume: Volume, frame: SpineFrame) -> float | None:
