@@ -186,6 +186,10 @@ def test_without_an_edge_in_the_image_the_outlines_are_measured_as_they_are():
     c2, c7 = _at(_rectangle(-7.0), 20.0), _at(_rectangle(10.0), -20.0)
     assert snapped_tilt(c7, flat, "inferior") is None
     assert cobb_angle(c2, c7, flat) == cobb_angle(c2, c7) == pytest.approx(17.0, abs=1.0)
+    # outlines beyond the image's edge (a model grid wider than a small radiograph): nothing to snap to either
+    image = _radiograph({20.0: -3.0, -20.0: 6.0})
+    beyond = projection_sampler(image, np.concatenate([_at(c2, 200.0), _at(c7, 200.0)]))
+    assert cobb_angle(_at(c2, 200.0), _at(c7, 200.0), beyond) == pytest.approx(17.0, abs=1.0)
 
 
 def test_endplate_tilt_ignores_stray_pixels_below_the_body():

@@ -170,6 +170,8 @@ def projection_sampler(image: Volume, around_yz: np.ndarray | None = None) -> Im
         r0, c0 = (max(0, int(np.floor(v.min() - m))) for v, m in ((rows, margin[0]), (cols, margin[1])))
         r1, c1 = (int(np.ceil(v.max() + m)) + 1 for v, m in ((rows, margin[0]), (cols, margin[1])))
         pixels = pixels[r0:r1, c0:c1]
+    if not pixels.size:  # the points lie beyond the image (a model grid wider than a small radiograph)
+        pixels = np.zeros((1, 1))
     smooth = ndimage.gaussian_filter(pixels.astype(np.float64), SMOOTH_MM / spacing)
 
     def at(y: np.ndarray, z: np.ndarray) -> np.ndarray:
