@@ -11,11 +11,10 @@ On a radiograph the model's outlines are only where its 0.75 mm grid puts them, 
 SYNTHETIC cohorts (docs/pipeline.md); the image itself shows the edges better. So each strip's edge point
 is moved to the centre of the steepest step of the radiograph's values across it (smoothed at ``SMOOTH_MM``),
 within ``SNAP_MM`` of the outline (the step into the body, whichever way the image's values run), and a
-body's tilt is the median of its edges:
-C2's anterior and posterior walls below the dens and its inferior endplate, C7's two endplates and two
-walls, so that one edge gone astray does not count. Chosen on the 60 SYNTHETIC studies of the evaluation's
-tuning cohort (seed 9300: 2.43° against 3.98° from the outlines alone, through the pipeline); on the held-out
-cohort (seed 9800) 2.37° against 4.69° (docs/pipeline.md).
+body's tilt is the median of its edges: C2's anterior and posterior walls below the dens and its inferior
+endplate, C7's two endplates and two walls, so that one edge gone astray does not count. Chosen on the 60
+SYNTHETIC studies of the evaluation's tuning cohort (seed 9300: 2.43° against 3.98° from the outlines alone,
+through the pipeline); on the held-out cohort (seed 9800) 2.37° against 4.69° (docs/pipeline.md).
 
 Without an image (a label map drawn by hand, measured as drawn; the MR slice) the outlines are used as
 they are: C7's tilt is the mean of its endplates, C2's the mean of its walls below the dens (its inferior
@@ -183,8 +182,8 @@ def projection_sampler(image: Volume, around_yz: np.ndarray | None = None) -> Im
 
 def snapped_tilt(points_yz: np.ndarray, image: ImageSampler, edge: str, height_mm: float | None = None) -> float | None:
     """Forward lean (deg) of one edge of a body (``EDGES``; walls over its lowest ``height_mm``) from its points
-    (N, 2) as (posterior mm, superior mm): per 0.5 mm strip the outline's extreme point, moved along the strip to
-    the image's strongest step into the body within ``SNAP_MM``; then the robust line through them."""
+    (N, 2) as (posterior mm, superior mm): per 0.5 mm strip the outline's extreme point, moved across the edge to
+    the centre of the image's steepest step into the body within ``SNAP_MM``; then the robust line through them."""
     if len(points_yz) < 30:
         return None
     wall = edge in WALLS
