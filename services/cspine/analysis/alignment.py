@@ -14,7 +14,8 @@ within ``SNAP_MM`` of the outline (the step into the body, whichever way the ima
 body's tilt is the median of its edges: C2's anterior and posterior walls below the dens and its inferior
 endplate, C7's two endplates and two walls, so that one edge gone astray does not count. Chosen on the 60
 SYNTHETIC studies of the evaluation's tuning cohort (seed 9300: 2.43° against 3.98° from the outlines alone,
-through the pipeline); on the held-out cohort (seed 9800) 2.37° against 4.69° (docs/pipeline.md).
+through the pipeline); on the held-out cohort (seed 9800) 2.37° against 4.69°, a cohort whose in-process
+figures were seen while the variants were tried (docs/pipeline.md).
 
 Without an image (a label map drawn by hand, measured as drawn; the MR slice) the outlines are used as
 they are: C7's tilt is the mean of its endplates, C2's the mean of its walls below the dens (its inferior
