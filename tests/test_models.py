@@ -15,10 +15,18 @@ import onnx
 import pytest
 import torch
 
-from cspine.domain import Modality
+from cspine.domain import Modality, SeriesRole
 from cspine.inference.specs import LESION_EMBED, MODELS, PROTO_CLASSIFY, SEG_GEOMETRY, SEG_LABELS, DType, seg_spec
-from cspine.modeling.data import SEEN_SUBTYPES, UNSEEN_SUBTYPES, LesionBank, lesion_bank, lesion_boxes, model_labels
-from cspine.modeling.evaluate import eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics, torch_seg
+from cspine.modeling.data import (
+    SEEN_SUBTYPES,
+    UNSEEN_SUBTYPES,
+    LesionBank,
+    SegCase,
+    lesion_bank,
+    lesion_boxes,
+    model_labels,
+)
+from cspine.modeling.evaluate import dice, eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics, torch_seg
 from cspine.modeling.export import (
     PARITY,
     EmbedExport,
@@ -30,9 +38,10 @@ from cspine.modeling.export import (
     one_hot_batch,
     random_inputs,
 )
+from cspine.modeling.losses import IGNORE, NOT_TUMOR, seg_loss
 from cspine.modeling.networks import LesionEncoder, ProtoClassifier, SegExport, UNet2D
 from cspine.modeling.recipes import EVAL_SEED, FEWSHOT_BANK_SEED, PRESETS, proto_classifier, train_models
-from cspine.modeling.train import EmbedConfig, members_by_modality, train_embed
+from cspine.modeling.train import EmbedConfig, box_prior_labels, members_by_modality, train_embed
 from cspine.phantom.anatomy import Label
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -75,10 +84,67 @@ def test_lesion_boxes_give_one_tight_box_per_lesion():
     ]
 
 
-@pytest.mark.parametrize("tumor_labels", ["box", "mask"])
-def test_segmentation_training_on_phantom_cases_makes_the_loss_fall(cache, tmp_path, tumor_labels):
+def _ellipsoid_case() -> tuple[SegCase, tuple[slice, ...], np.ndarray]:
+    """A CT case whose one lesion is an ellipsoid of radii 3, 6 and 8 voxels in a 9 × 15 × 19 box."""
+    labels = np.zeros((12, 32, 32), dtype=np.uint8)
+    k, i, j = np.meshgrid(np.arange(12), np.arange(32), np.arange(32), indexing="ij")
+    lesion = ((k - 5) / 4.4) ** 2 + ((i - 15) / 7.4) ** 2 + ((j - 16) / 9.4) ** 2 <= 1
+    labels[:, 20:, :] = SEG_LABELS[Modality.CT].index("vertebral_body")
+    labels[lesion] = SEG_LABELS[Modality.CT].index("tumor")
+    case = SegCase({SeriesRole.CT: np.zeros(labels.shape, np.float16)}, labels)
+    (box,) = case.boxes()
+    return case, box, lesion
+
+
+def test_a_box_prior_labels_the_lesion_core_or_the_whole_inscribed_ellipsoid():
+    case, box, lesion = _ellipsoid_case()
+    tumor = SEG_LABELS[Modality.CT].index("tumor")
+    core = box_prior_labels(case, [box], tumor, "core").pseudo
+    whole = box_prior_labels(case, [box], tumor, "ellipsoid").pseudo
+    assert core is not None and whole is not None
+    outside = np.ones(lesion.shape, bool)
+    outside[box] = False
+    for labels in (core, whole):  # outside the box the labels are the truth's
+        assert np.array_equal(labels[outside], case.labels[outside])
+    # core: 0.8 of the radii is tumor (about half the lesion), the rest of the box unknown
+    assert set(np.unique(core[box])) == {tumor, IGNORE}
+    assert (core == tumor).sum() < 0.6 * lesion.sum() and not (core == tumor)[~lesion].any()
+    # ellipsoid: the whole inscribed ellipsoid is tumor, the box's corners are known not to be
+    assert set(np.unique(whole[box])) == {tumor, NOT_TUMOR}
+    assert dice(whole == tumor, lesion) > 0.9
+
+
+def test_not_tumor_targets_penalise_the_tumor_probability_whatever_the_other_class():
+    tumor = SEG_LABELS[Modality.CT].index("tumor")
+    classes = len(SEG_LABELS[Modality.CT])
+    target = torch.full((1, 4, 4), NOT_TUMOR, dtype=torch.long)
+    image = torch.zeros(1, 4, 4)
+
+    def loss_with_logit_on(label: int) -> float:
+        logits = torch.zeros(1, classes, 4, 4)
+        logits[:, label] = 8.0
+        return float(seg_loss(logits, target, image, [], tumor))
+
+    on_body, on_disc, on_tumor = (
+        loss_with_logit_on(SEG_LABELS[Modality.CT].index(n)) for n in ("vertebral_body", "disc", "tumor")
+    )
+    assert on_body == pytest.approx(on_disc) and on_body < 0.01
+    assert on_tumor > 5.0
+
+
+@pytest.mark.parametrize(("tumor_labels", "box_prior"), [("box", "core"), ("box", "ellipsoid"), ("mask", "core")])
+def test_segmentation_training_on_phantom_cases_makes_the_loss_fall(cache, tmp_path, tumor_labels, box_prior):
     done = train_models(
-        ["seg_ct"], SMOKE, cache, tmp_path, workers=1, progress=False, steps=40, tumor_labels=tumor_labels, lr=5e-3
+        ["seg_ct"],
+        SMOKE,
+        cache,
+        tmp_path,
+        workers=1,
+        progress=False,
+        steps=40,
+        tumor_labels=tumor_labels,
+        box_prior=box_prior,
+        lr=5e-3,
     )
     history = [h["loss"] for h in torch.load(done["seg_ct"], weights_only=False)["history"]]
     assert len(history) == 40
@@ -254,3 +320,38 @@ def test_cli_evaluate_models_json_has_the_keys_integrators_read(cache):
     for by_k in metrics["fewshot"].values():
         for value in by_k.values():
             assert 0.0 <= value["ci95"][0] <= value["mean"] <= value["ci95"][1] <= 1.0 + 1e-9
+
+
+def test_evaluate_segmentation_puts_a_trained_checkpoint_beside_the_shipped_models(cache, tmp_path):
+    """A checkpoint trained for 2 smoke steps beside the shipped CT model on 3 held-out studies (2 with a tumor):
+    the figures are each model's own, and the checkpoint's difference to the shipped model is paired."""
+    done = train_models(["seg_ct"], SMOKE, cache, tmp_path, workers=1, progress=False, steps=2)
+
+    def evaluate(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "cspine", "evaluate", "segmentation", "--cache", str(cache), "--json", *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    run = evaluate("--checkpoint", f"tiny={done['seg_ct']}", "--studies", "3")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["synthetic"] is True and "seed 9001 (3)" in result["measured_on"]
+    assert result["reference"] == {"CT": "seg_ct"}
+    models = result["models"]
+    assert set(models) == {"seg_ct", "seg_ct_mask", "tiny"}  # only the checkpoints' modality is run
+    shipped, tiny = models["seg_ct"], models["tiny"]
+    assert shipped["lesion_dice"]["ct"]["cases"] == tiny["lesion_dice"]["ct"]["cases"] == 2
+    assert "minus_reference" not in shipped["lesion_dice"]["ct"]
+    assert shipped["lesion_dice"]["ct"]["mean"] > 0.3 > tiny["lesion_dice"]["ct"]["mean"]
+    difference = tiny["lesion_dice"]["ct"]["minus_reference"]
+    assert difference == pytest.approx(
+        tiny["lesion_dice"]["ct"]["mean"] - shipped["lesion_dice"]["ct"]["mean"], abs=2e-4
+    )
+    low, high = tiny["lesion_dice"]["ct"]["minus_reference_ci95"]
+    assert low <= difference <= high < 0
+    assert shipped["structure_dice"]["vertebral_body"] > 0.7 > tiny["structure_dice"]["vertebral_body"]
+    assert shipped["size_mae_mm"] >= abs(shipped["size_bias_mm"])
+
+    nothing = evaluate("--checkpoint", f"tiny={done['seg_ct']}", "--studies-from", str(tmp_path))
+    assert nothing.returncode != 0 and "no phantom case folders" in nothing.stderr
+    clash = evaluate("--checkpoint", f"seg_ct={done['seg_ct']}")
+    assert clash.returncode != 0 and "shipped model" in clash.stderr

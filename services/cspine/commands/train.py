@@ -30,9 +30,13 @@ def cmd_train(args: argparse.Namespace, limits: IngestLimits) -> int:
     from cspine.modeling.train import EmbedConfig
 
     names = _split_names(args.models, MODEL_NAMES)
-    overrides = {"tumor_labels": args.tumor_labels} if args.tumor_labels else {}
+    overrides: dict = {"tumor_labels": args.tumor_labels} if args.tumor_labels else {}
     if args.steps:
         overrides["steps"] = args.steps
+    if args.box_prior:
+        overrides["box_prior"] = args.box_prior
+    if args.self_training_from is not None:
+        overrides["pseudo_from"] = args.self_training_from
     preset = PRESETS[args.preset]
     if args.embed_seed is not None:
         preset = dataclasses.replace(preset, embed={**preset.embed, "seed": args.embed_seed})
@@ -180,6 +184,22 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         choices=["box", "mask"],
         default=None,
         help="lesion supervision of segmentation models: box (default; one box per lesion) or mask",
+    )
+    p.add_argument(
+        "--box-prior",
+        choices=["core", "ellipsoid"],
+        default=None,
+        help="with box labels, what a box says about its lesion: core (default) - the inner 80 %% of the "
+        "inscribed ellipsoid is lesion, the rest of the box unknown; ellipsoid - the whole inscribed ellipsoid is "
+        "lesion, the rest of the box is not (the checkpoint's name says which)",
+    )
+    p.add_argument(
+        "--self-training-from",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with box labels, the share of the steps after which the model's own lesion masks fill the boxes and "
+        "training goes on with them (default 0.5; 1: no self-training)",
     )
     p.add_argument("--steps", type=int, default=None, help="override the preset's segmentation steps")
     p.add_argument(

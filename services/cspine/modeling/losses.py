@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = 255
+NOT_TUMOR = 254  # a target pixel known not to be tumor, its structure unknown
 _PAIR_OFFSETS = ((0, 2), (2, 0), (2, 2), (2, -2))  # dilated neighbours, as in BoxInst
 PAIR_SIGMA = 0.1  # image similarity scale on normalised intensities
 PAIR_THRESHOLD = 0.3  # pairs less alike than this are not pulled together
@@ -110,14 +111,26 @@ def seg_loss(
     tumor_class: int,
 ) -> torch.Tensor:
     """Class-weighted cross-entropy + soft Dice where labels are known (``IGNORE`` marks pixels inside
-    lesion boxes), plus, for each box, the projection and pairwise terms on the tumor probability."""
+    lesion boxes; where only not-tumor is known, ``NOT_TUMOR``, the cross-entropy takes the log of the other
+    classes' summed probability, weighted as a structure's pixel), plus, for each box, the projection and
+    pairwise terms on the tumor probability."""
+    not_tumor = target == NOT_TUMOR
+    target = target.masked_fill(not_tumor, IGNORE).long()
     valid = target != IGNORE
     weight = torch.ones(logits.shape[1], device=logits.device)
     weight[0] = BACKGROUND_WEIGHT
-    loss = F.cross_entropy(logits, target.long(), weight=weight, ignore_index=IGNORE)
-    loss = loss + soft_dice_loss(logits, target.long(), valid)
+    log_probs = F.log_softmax(logits, dim=1)
+    known = target.clamp(max=logits.shape[1] - 1)
+    pixel_weight = weight[known] * valid
+    nll = -log_probs.gather(1, known[:, None])[:, 0]
+    others = torch.cat([log_probs[:, :tumor_class], log_probs[:, tumor_class + 1 :]], dim=1)
+    nll_not_tumor = -torch.logsumexp(others, dim=1)
+    total_weight = pixel_weight.sum() + not_tumor.sum()
+    loss = soft_dice_loss(logits, target, valid)
+    if total_weight > 0:
+        loss = loss + ((pixel_weight * nll).sum() + (nll_not_tumor * not_tumor).sum()) / total_weight
     if boxes:
-        tumor = torch.softmax(logits, dim=1)[:, tumor_class]
+        tumor = log_probs[:, tumor_class].exp()
         box_terms = [
             box_projection_loss(tumor, b) + box_fill_loss(tumor, b) + 0.5 * pairwise_loss(tumor, image, b)
             for b in boxes

@@ -27,13 +27,15 @@ from cspine.modeling.data import (
     load_seg_case,
     seg_cases,
 )
-from cspine.modeling.losses import IGNORE, Box, prototypical_loss, seg_loss
+from cspine.modeling.losses import IGNORE, NOT_TUMOR, Box, prototypical_loss, seg_loss
 from cspine.modeling.networks import BaselineClassifier, LesionEncoder, ProtoClassifier, UNet2D
 from cspine.phantom.tumors import TumorSubtype
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 250
+BOX_PRIORS = ("core", "ellipsoid")
+DEFAULT_BOX_PRIOR = "core"
 TORCH_THREADS = 2
 
 
@@ -51,13 +53,21 @@ class SegConfig:
     lr: float = 3e-3
     widths: tuple[int, ...] = (12, 24, 48, 96)
     seed: int = 0
+    # With box labels, what a box says about its lesion (``box_prior_labels``): "core", the inscribed
+    # ellipsoid's core is lesion and the rest of the box unknown; "ellipsoid", the whole inscribed ellipsoid is
+    # lesion and the rest of the box is not.
+    box_prior: str = "core"
     # With box labels, after this share of the steps the model's own lesion masks fill the boxes
-    # (self-training, as in BoxSup) and training goes on with them as labels.
+    # (self-training, as in BoxSup) and training goes on with them as labels; 1: never.
     pseudo_from: float = 0.5
 
     def __post_init__(self) -> None:
         if self.tumor_labels not in ("box", "mask"):
             raise ValueError(f"tumor labels must be box or mask, got {self.tumor_labels!r}")
+        if self.box_prior not in BOX_PRIORS:
+            raise ValueError(f"box prior must be one of {', '.join(BOX_PRIORS)}, got {self.box_prior!r}")
+        if not 0 < self.pseudo_from <= 1:
+            raise ValueError(f"self-training must start after a share of the steps in (0, 1], got {self.pseudo_from}")
         if self.coordinates and self.crop is not None:
             raise ValueError("a model with coordinate channels must be trained on whole images (crop=None)")
 
@@ -69,7 +79,15 @@ class SegConfig:
 
     @property
     def name(self) -> str:
-        return SEG_MODEL_NAMES[self.modality] + ("_mask" if self.tumor_labels == "mask" else "")
+        name = SEG_MODEL_NAMES[self.modality]
+        if self.tumor_labels == "mask":
+            return name + "_mask"
+        default = SegConfig(self.modality)
+        if self.box_prior != default.box_prior:
+            name += f"_{self.box_prior}"
+        if self.pseudo_from != default.pseudo_from:
+            name += f"_st{self.pseudo_from:g}"
+        return name
 
 
 _SEG_DEFAULTS: dict[Modality, dict] = {
@@ -276,19 +294,22 @@ def pseudo_labels(net: UNet2D, case: SegCase, boxes: list, modality: Modality) -
     return filled_labels, frozenset(filled)
 
 
-ELLIPSOID_CORE = 0.8  # share of the inscribed ellipsoid's radii taken as certainly lesion
+ELLIPSOID_CORE = 0.8  # share of the inscribed ellipsoid's radii taken as certainly lesion ("core")
 
 
-def box_prior_labels(case: SegCase, boxes: list, tumor_class: int) -> SegCase:
-    """First-phase targets of box supervision: inside each box, the core of the inscribed ellipsoid is
-    lesion (lesions are roughly ellipsoidal and fill their tight box) and the rest of the box unknown."""
+def box_prior_labels(case: SegCase, boxes: list, tumor_class: int, prior: str = DEFAULT_BOX_PRIOR) -> SegCase:
+    """Targets of box supervision before self-training. Lesions are roughly ellipsoidal and touch every side of
+    their tight box. "core": the core of the inscribed ellipsoid is lesion and the rest of the box unknown;
+    "ellipsoid": the whole inscribed ellipsoid is lesion and the rest of the box is not (``NOT_TUMOR``: some
+    structure, unknown which)."""
     targets = case.labels.copy()
+    inside, outside = (ELLIPSOID_CORE, IGNORE) if prior == "core" else (1.0, NOT_TUMOR)
     for box in boxes:
         centre = [(s.start + s.stop - 1) / 2 for s in box]
         radii = [max((s.stop - s.start) / 2, 0.5) for s in box]
         grids = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
         r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True))
-        targets[box] = np.where(r2 <= ELLIPSOID_CORE**2, tumor_class, IGNORE)
+        targets[box] = np.where(r2 <= inside**2, tumor_class, outside)
     return dataclasses.replace(case, pseudo=targets, filled=frozenset(range(len(boxes))))
 
 
@@ -386,7 +407,7 @@ def seg_loop(
     pseudo_step = int(config.pseudo_from * config.steps) if config.tumor_labels == "box" else None
     pseudo_path = out_dir / f"{name}.pseudo.npz"
     if config.tumor_labels == "box":
-        cases = [box_prior_labels(c, b, tumor_class) for c, b in zip(cases, boxes, strict=True)]
+        cases = [box_prior_labels(c, b, tumor_class, config.box_prior) for c, b in zip(cases, boxes, strict=True)]
     if pseudo_step is not None and run.step >= pseudo_step and pseudo_path.exists():
         cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
     while run.step < end:
