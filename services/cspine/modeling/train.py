@@ -56,7 +56,7 @@ class SegConfig:
     # With box labels, what a box says about its lesion (``box_prior_labels``): "core", the inscribed
     # ellipsoid's core is lesion and the rest of the box unknown; "ellipsoid", the whole inscribed ellipsoid is
     # lesion and the rest of the box is not.
-    box_prior: str = "core"
+    box_prior: str = DEFAULT_BOX_PRIOR
     # With box labels, after this share of the steps the model's own lesion masks fill the boxes
     # (self-training, as in BoxSup) and training goes on with them as labels; 1: never.
     pseudo_from: float = 0.5
