@@ -355,3 +355,6 @@ def test_evaluate_segmentation_puts_a_trained_checkpoint_beside_the_shipped_mode
     assert nothing.returncode != 0 and "no phantom case folders" in nothing.stderr
     clash = evaluate("--checkpoint", f"seg_ct={done['seg_ct']}")
     assert clash.returncode != 0 and "shipped model" in clash.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    junk = evaluate("--checkpoint", f"junk={tmp_path / 'junk.pt'}")
+    assert junk.returncode != 0 and "not a segmentation checkpoint" in junk.stderr and "Traceback" not in junk.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -84,7 +85,10 @@ def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
 
     checkpoints = {}
     for name, path in _checkpoints(args.checkpoint).items():
-        net, state = load_seg(path)
+        try:
+            net, state = load_seg(path)
+        except (KeyError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ValueError(f"--checkpoint {name}: {path} is not a segmentation checkpoint of cspine train") from e
         checkpoints[name] = (Modality(state["config"]["modality"]), torch_seg(net))
     modalities = {m for m, _ in checkpoints.values()} or set(SEG_NAMES.values())
     repository = Path(args.repository)
