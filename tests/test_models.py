@@ -41,7 +41,17 @@ from cspine.modeling.export import (
 from cspine.modeling.losses import IGNORE, NOT_TUMOR, seg_loss
 from cspine.modeling.networks import LesionEncoder, ProtoClassifier, SegExport, UNet2D
 from cspine.modeling.recipes import EVAL_SEED, FEWSHOT_BANK_SEED, PRESETS, proto_classifier, train_models
-from cspine.modeling.train import EmbedConfig, box_prior_labels, members_by_modality, train_embed
+from cspine.modeling.train import (
+    EmbedConfig,
+    Run,
+    SegConfig,
+    _focus_voxels,
+    _stack,
+    box_prior_labels,
+    members_by_modality,
+    seg_loop,
+    train_embed,
+)
 from cspine.phantom.anatomy import Label
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -130,6 +140,66 @@ def test_not_tumor_targets_penalise_the_tumor_probability_whatever_the_other_cla
     )
     assert on_body == pytest.approx(on_disc) and on_body < 0.01
     assert on_tumor > 5.0
+
+
+def test_ct_stacks_focused_on_opll_hold_it_and_the_others_mostly_miss_it():
+    """OPLL is in 15 of the 120 training studies, a few hundred voxels each: --focus-stacks N adds N stacks per batch
+    centred on one of its voxels (SegConfig.focus)."""
+    opll = SEG_LABELS[Modality.CT].index("opll")
+    labels = np.zeros((40, 160, 160), dtype=np.uint8)
+    labels[:, 40:120, 40:120] = SEG_LABELS[Modality.CT].index("vertebral_body")
+    labels[30:33, 130:133, 20:23] = opll  # 27 voxels at the edge of the image, away from the spine
+    case = SegCase({SeriesRole.CT: np.zeros(labels.shape, np.float16)}, labels)
+    config = SegConfig.for_modality(Modality.CT, focus_stacks=1)
+    assert (config.focus, config.name) == ("opll", "seg_ct_focus1")
+    assert SegConfig.for_modality(Modality.CT).focus_stacks == 0  # the shipped recipe draws no focused stack
+    with pytest.raises(ValueError, match="no structure to focus"):
+        SegConfig.for_modality(Modality.MR, focus_stacks=1)
+    with pytest.raises(ValueError, match="no 'opll' label"):
+        SegConfig.for_modality(Modality.MR, focus="opll", focus_stacks=1)
+    empty = SegCase({SeriesRole.CT: np.zeros(labels.shape, np.float16)}, np.zeros_like(labels))
+    voxels = _focus_voxels([empty, case], config)
+    assert list(voxels) == [1] and len(voxels[1]) == 27
+    assert _focus_voxels([case], SegConfig.for_modality(Modality.CT)) == {}
+    focused = random = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        point = voxels[1][int(rng.integers(27))]
+        _, targets, _ = _stack(case, [], rng, config, point)
+        assert targets.shape == (config.stack, config.crop, config.crop)
+        focused += bool((targets == opll).any())
+        random += bool((_stack(case, [], rng, config)[1] == opll).any())
+    assert focused == 20 and random <= 2
+
+
+def test_a_ct_run_with_a_focused_stack_trains_on_it(tmp_path):
+    """Two small CT cases, one with OPLL: --focus-stacks 1 adds a stack to every batch (the loss changes from the
+    first step), and a run without it is the recipe's own."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for n in range(2):
+        labels = np.zeros((12, 48, 48), dtype=np.uint8)
+        labels[:, 12:36, 12:36] = SEG_LABELS[Modality.CT].index("vertebral_body")
+        if n == 1:
+            labels[4:8, 38:41, 20:28] = SEG_LABELS[Modality.CT].index("opll")
+        image = (labels > 0).astype(np.float16) + rng.normal(0, 0.1, labels.shape).astype(np.float16)
+        paths.append(tmp_path / f"case-{n}.npz")
+        np.savez(paths[-1], ct_image=image, ct_labels=labels)
+
+    def history(focus_stacks: int, name: str) -> list[float]:
+        config = SegConfig.for_modality(
+            Modality.CT, steps=4, stack=4, crop=32, widths=(4, 8, 16, 32), cases=2, focus_stacks=focus_stacks
+        )
+        torch.manual_seed(0)
+        net = UNet2D(SEG_GEOMETRY[Modality.CT].channels, len(SEG_LABELS[Modality.CT]), config.widths)
+        run = Run(tmp_path / f"{name}.pt", dataclasses.asdict(config) | {"modality": "CT"})
+        state = torch.load(seg_loop(config, paths, net, run, False, None), weights_only=False)
+        return [h["loss"] for h in state["history"]]
+
+    plain, focused = history(0, "plain"), history(1, "focused")
+    assert len(plain) == len(focused) == 4 and np.isfinite(plain + focused).all()
+    assert history(0, "again") == plain  # the same weights and batches again
+    assert plain[0] != focused[0]
 
 
 @pytest.mark.parametrize(("tumor_labels", "box_prior"), [("box", "core"), ("box", "ellipsoid"), ("mask", "core")])
@@ -349,7 +419,16 @@ def test_evaluate_segmentation_puts_a_trained_checkpoint_beside_the_shipped_mode
     low, high = tiny["lesion_dice"]["ct"]["minus_reference_ci95"]
     assert low <= difference <= high < 0
     assert shipped["structure_dice"]["vertebral_body"] > 0.7 > tiny["structure_dice"]["vertebral_body"]
+    low, high = shipped["structure_dice_ci95"]["vertebral_body"]
+    assert low <= shipped["structure_dice"]["vertebral_body"] <= high
+    assert shipped["structure_dice_by_series"]["ct"] == shipped["structure_dice"]  # CT has one series
     assert shipped["size_mae_mm"] >= abs(shipped["size_bias_mm"])
+    for entry in models.values():  # one of the three studies has no tumor; a structure none has is counted in all
+        absent = entry["marked_where_absent"]
+        assert absent["tumor"]["of"] == 1 and absent["tumor"]["series"] in (0, 1)
+        assert (absent["tumor"]["median_mm3"] >= 10.0) == (absent["tumor"]["series"] == 1)
+        assert set(absent) <= set(SEG_LABELS[Modality.CT][1:])
+    assert shipped["marked_where_absent"]["tumor"]["series"] == 0
 
     nothing = evaluate("--checkpoint", f"tiny={done['seg_ct']}", "--studies-from", str(tmp_path))
     assert nothing.returncode != 0 and "no phantom case folders" in nothing.stderr

@@ -120,6 +120,8 @@ def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
 
 
 def _format_segmentation(result: dict) -> str:
+    from cspine.modeling.evaluate import ABSENT_MARK_MM3
+
     lines = [
         f"Measured on {result['measured_on']}.",
         "lesion Dice per series: mean [95 % CI] (minus the shipped model)",
@@ -137,10 +139,24 @@ def _format_segmentation(result: dict) -> str:
         lines.append("CT lesion size (largest lesion's Feret diameter): MAE, bias (mm)")
     for name, entry in sized.items():
         lines.append(f"  {name:24s} {entry['size_mae_mm']:.2f}, {entry['size_bias_mm']:+.2f}")
-    lines.append("structure Dice")
+    lines.append("structure Dice: mean [95 % CI] over the series holding it")
     for name, entry in result["models"].items():
-        structures = ", ".join(f"{k} {v:.3f}" for k, v in entry["structure_dice"].items())
+        ci = entry["structure_dice_ci95"]
+        structures = ", ".join(
+            f"{k} {v:.3f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, v in entry["structure_dice"].items()
+        )
         lines.append(f"  {name:24s} {structures}")
+        if len(entry["structure_dice_by_series"]) > 1:
+            for role, by_role in entry["structure_dice_by_series"].items():
+                lines.append(f"  {'':24s} {role}: " + ", ".join(f"{k} {v:.3f}" for k, v in by_role.items()))
+    lines.append(
+        f"series marking a structure they lack (≥ {ABSENT_MARK_MM3:g} mm³ of it): marked of absent (median mm³)"
+    )
+    for name, entry in result["models"].items():
+        marked = ", ".join(
+            f"{k} {v['series']} of {v['of']} ({v['median_mm3']:g})" for k, v in entry["marked_where_absent"].items()
+        )
+        lines.append(f"  {name:24s} {marked}")
     return "\n".join(lines)
 
 
@@ -667,25 +683,26 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
     p.add_argument("--repository", default=str(default_repository()))
     p.add_argument("--cache", default=".cache/cspine")
     p.add_argument("--per-subtype", type=int, default=12, help="default support studies per subtype (default 12)")
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()
+    only.add_argument(
         "--competence-only",
         action="store_true",
         help="only fit the competence reference (model_repository/competence.json): the segmentation models' "
         "feature statistics and out-of-distribution thresholds, on a SYNTHETIC reference cohort",
     )
-    p.add_argument(
+    only.add_argument(
         "--classification-only",
         action="store_true",
         help="only refit the classification weights and their intervals on the calibration cohort, with the shipped "
         "default support set; the detection curves and weights stay as they are",
     )
-    p.add_argument(
+    only.add_argument(
         "--support-only",
         action="store_true",
         help="only rebuild the default support set (SYNTHETIC studies of every subtype through the pipeline, "
         "--per-subtype of each); calibration.json stays as it is",
     )
-    p.add_argument(
+    only.add_argument(
         "--choose-classification",
         action="store_true",
         help="only choose, on the calibration cohort with the shipped weights and default support set, between "

@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace, limits: IngestLimits) -> int:
         overrides["box_prior"] = args.box_prior
     if args.self_training_from is not None:
         overrides["pseudo_from"] = args.self_training_from
+    if args.focus_stacks is not None:
+        overrides["focus_stacks"] = args.focus_stacks
     preset = PRESETS[args.preset]
     if args.embed_seed is not None:
         preset = dataclasses.replace(preset, embed={**preset.embed, "seed": args.embed_seed})
@@ -200,6 +202,14 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         metavar="F",
         help="with box labels, the share of the steps after which the model's own lesion masks fill the boxes and "
         "training goes on with them (default 0.5; 1: no self-training)",
+    )
+    p.add_argument(
+        "--focus-stacks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CT: N more training stacks per batch, each holding an OPLL voxel of a study that has OPLL (default 0; "
+        "the checkpoint's name says when it is not the default)",
     )
     p.add_argument("--steps", type=int, default=None, help="override the preset's segmentation steps")
     p.add_argument(

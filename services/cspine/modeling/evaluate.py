@@ -696,12 +696,19 @@ def site_metrics(
     }
 
 
+# A structure the phantom's labels lack counts as marked by a model from this much of it (mm³; mm² on a radiograph).
+ABSENT_MARK_MM3 = 10.0
+
+
 def seg_comparison(
     cases: list[Path], models: dict[str, tuple[Modality, SegModel]], reference: dict[Modality, str], boot: int = 1000
 ) -> dict:
     """Segmentation models side by side on the same held-out cases (``segment_case``): per model, the lesion Dice
     of each series role (mean over the cases with a lesion, 95 % bootstrap interval over those cases, and the
-    paired difference to ``reference[modality]``, the model compared against), the Dice of each structure, and on
+    paired difference to ``reference[modality]``, the model compared against), the Dice of each structure (mean
+    over the series holding it, with its 95 % bootstrap interval; and per series role), in how
+    many series without a structure (tumor included) the model marks ``ABSENT_MARK_MM3`` or more of it (and the
+    median it marks there), and on
     CT the error of the largest predicted lesion's Feret diameter against the phantom's (mm: MAE and bias)."""
     per_case: dict[str, dict] = {}
     for name, (modality, model) in models.items():
@@ -709,21 +716,36 @@ def seg_comparison(
         tumor = names.index("tumor")
         lesion: dict[str, list[float]] = {}
         structures: dict[str, list[float]] = {}
+        by_series: dict[str, dict[str, list[float]]] = {}
+        absent: dict[str, list[float]] = {}  # mm³ marked per series lacking the structure
         size: list[float] = []
         for case_dir in cases:
             seg = segment_case(case_dir, {modality: model})
             truth = seg.truth[modality]
             for role, labels in seg.predicted.items():
+                volume = seg.volumes[role]
+                voxel = float(np.prod(volume.pixel_spacing if volume.projection else volume.spacing))
                 for index, structure in enumerate(names[1:], start=1):
-                    if structure != "tumor" and (truth == index).any():
-                        structures.setdefault(structure, []).append(dice(labels == index, truth == index))
+                    if not (truth == index).any():
+                        absent.setdefault(structure, []).append(float((labels == index).sum()) * voxel)
+                    elif structure != "tumor":
+                        value = dice(labels == index, truth == index)
+                        structures.setdefault(structure, []).append(value)
+                        by_series.setdefault(role.value, {}).setdefault(structure, []).append(value)
                 if (truth == tumor).any():
                     lesion.setdefault(role.value, []).append(dice(labels == tumor, truth == tumor))
             known = _truth(case_dir)["tumor"]
             if modality is Modality.CT and known is not None:
                 predicted = seg.predicted[SeriesRole.CT] == tumor
                 size.append(_largest_diameter(predicted, seg.volumes[SeriesRole.CT]) - known["max_diameter_mm"])
-        per_case[name] = {"modality": modality, "lesion": lesion, "structures": structures, "size": size}
+        per_case[name] = {
+            "modality": modality,
+            "lesion": lesion,
+            "structures": structures,
+            "by_series": by_series,
+            "absent": absent,
+            "size": size,
+        }
     rng = np.random.default_rng(0)
     out = {}
     for name, found in per_case.items():
@@ -740,6 +762,19 @@ def seg_comparison(
                 figure["minus_reference_ci95"] = _interval(difference[draws].mean(1))
             entry["lesion_dice"][role] = figure
         entry["structure_dice"] = {k: round(float(np.mean(v)), 4) for k, v in found["structures"].items()}
+        entry["structure_dice_ci95"] = {}
+        for structure, values in found["structures"].items():
+            v = np.asarray(values)
+            entry["structure_dice_ci95"][structure] = _interval(v[rng.integers(0, len(v), (boot, len(v)))].mean(1))
+        entry["structure_dice_by_series"] = {
+            role: {k: round(float(np.mean(v)), 4) for k, v in found_role.items()}
+            for role, found_role in found["by_series"].items()
+        }
+        entry["marked_where_absent"] = {}
+        for structure, volumes in found["absent"].items():
+            marked = [v for v in volumes if v >= ABSENT_MARK_MM3]
+            median = round(float(np.median(marked)), 1) if marked else 0.0
+            entry["marked_where_absent"][structure] = {"series": len(marked), "of": len(volumes), "median_mm3": median}
         if found["size"]:
             errors = np.asarray(found["size"])
             entry["size_mae_mm"] = round(float(np.abs(errors).mean()), 2)

@@ -60,6 +60,11 @@ class SegConfig:
     # With box labels, after this share of the steps the model's own lesion masks fill the boxes
     # (self-training, as in BoxSup) and training goes on with them as labels; 1: never.
     pseudo_from: float = 0.5
+    # A structure too small and rare to be learned from random stacks (CT's OPLL: 15 of the 120 studies, a few
+    # hundred voxels each): ``focus_stacks`` more stacks per batch, each holding one of its voxels (drawn from their
+    # own random stream, so the other stacks are the recipe's without them).
+    focus: str | None = None
+    focus_stacks: int = 0
 
     def __post_init__(self) -> None:
         if self.tumor_labels not in ("box", "mask"):
@@ -68,6 +73,12 @@ class SegConfig:
             raise ValueError(f"box prior must be one of {', '.join(BOX_PRIORS)}, got {self.box_prior!r}")
         if not 0 < self.pseudo_from <= 1:
             raise ValueError(f"self-training must start after a share of the steps in (0, 1], got {self.pseudo_from}")
+        if self.focus_stacks < 0:
+            raise ValueError(f"focused stacks must be 0 or more, got {self.focus_stacks}")
+        if self.focus_stacks and self.focus is None:
+            raise ValueError(f"{self.modality.value} models have no structure to focus stacks on")
+        if self.focus is not None and self.focus not in SEG_LABELS[self.modality]:
+            raise ValueError(f"{self.modality.value} models have no {self.focus!r} label to focus on")
         if self.coordinates and self.crop is not None:
             raise ValueError("a model with coordinate channels must be trained on whole images (crop=None)")
 
@@ -82,16 +93,18 @@ class SegConfig:
         name = SEG_MODEL_NAMES[self.modality]
         if self.tumor_labels == "mask":
             return name + "_mask"
-        default = SegConfig(self.modality)
+        default = SegConfig.for_modality(self.modality)
         if self.box_prior != default.box_prior:
             name += f"_{self.box_prior}"
         if self.pseudo_from != default.pseudo_from:
             name += f"_st{self.pseudo_from:g}"
+        if self.focus_stacks != default.focus_stacks:
+            name += f"_focus{self.focus_stacks}"
         return name
 
 
 _SEG_DEFAULTS: dict[Modality, dict] = {
-    Modality.CT: {"stack": 8, "stacks": 4, "crop": 96},
+    Modality.CT: {"stack": 8, "stacks": 4, "crop": 96, "focus": "opll"},
     Modality.MR: {"stack": 8, "stacks": 2, "crop": 128},
     Modality.XR: {"stack": 1, "stacks": 8, "crop": None, "coordinates": True},
 }
@@ -192,15 +205,20 @@ def _crop_origin(labels: np.ndarray, box, size: int, rng: np.random.Generator) -
     return int(np.clip(r, 0, h - size)), int(np.clip(c, 0, w - size))
 
 
-def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConfig):
+def _stack(case: SegCase, boxes: list, rng: np.random.Generator, config: SegConfig, focus: np.ndarray | None = None):
     """A run of consecutive slices of one case: inputs [L, C, H, W], targets [L, H, W] (IGNORE inside
-    lesion boxes with box supervision) and the boxes lying wholly inside the run, in its coordinates."""
+    lesion boxes with box supervision) and the boxes lying wholly inside the run, in its coordinates.
+    ``focus`` (a voxel k, i, j): the run and the crop hold it, anywhere in them."""
     modality = config.modality
     context = SEG_GEOMETRY[modality].context
     roles = list(case.images)
     volume = case.images[roles[int(rng.integers(len(roles)))]]
     count = volume.shape[0]
-    chosen = boxes[int(rng.integers(len(boxes)))] if boxes and rng.random() < 0.5 else None
+    chosen: tuple[slice, ...] | None
+    if focus is not None:
+        chosen = tuple(slice(int(v), int(v) + 1) for v in focus)
+    else:
+        chosen = boxes[int(rng.integers(len(boxes)))] if boxes and rng.random() < 0.5 else None
     if chosen is not None:  # a whole lesion box, padded with neighbours to the stack length
         lo, hi = chosen[0].start, chosen[0].stop
         spare = max(0, config.stack - (hi - lo))
@@ -410,6 +428,7 @@ def seg_loop(
         cases = [box_prior_labels(c, b, tumor_class, config.box_prior) for c, b in zip(cases, boxes, strict=True)]
     if pseudo_step is not None and run.step >= pseudo_step and pseudo_path.exists():
         cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
+    focus = _focus_voxels(cases, config)
     while run.step < end:
         if run.step == pseudo_step:
             cases = _with_pseudo_labels(net, cases, boxes, modality, pseudo_path)
@@ -419,9 +438,14 @@ def seg_loop(
         rng = np.random.default_rng([config.seed, run.step])
         torch.manual_seed(config.seed * 1_000_003 + run.step)
         parts, offset, batch_boxes = [], 0, []
-        for _ in range(config.stacks):
-            c = int(rng.integers(len(cases)))
-            inputs, targets, stack_boxes = _stack(cases[c], boxes[c], rng, config)
+        focus_rng = np.random.default_rng([config.seed, run.step, 1])
+        for n in range(config.stacks + (config.focus_stacks if focus else 0)):
+            if n < config.stacks:
+                c, stack_rng, point = int(rng.integers(len(cases))), rng, None
+            else:
+                c = list(focus)[int(focus_rng.integers(len(focus)))]
+                stack_rng, point = focus_rng, focus[c][int(focus_rng.integers(len(focus[c])))]
+            inputs, targets, stack_boxes = _stack(cases[c], boxes[c], stack_rng, config, point)
             parts.append((inputs, targets))
             batch_boxes += [dataclasses.replace(b, k0=b.k0 + offset, k1=b.k1 + offset) for b in stack_boxes]
             offset += len(inputs)
@@ -442,6 +466,15 @@ def seg_loop(
     bar.close()
     logger.info("%s trained to step %d in %.0f s on %s", name, run.step, time.monotonic() - started, device)
     return run.path
+
+
+def _focus_voxels(cases: list[SegCase], config: SegConfig) -> dict[int, np.ndarray]:
+    """The voxels (k, i, j) of the focused structure, per case that has it."""
+    if config.focus is None or config.focus_stacks == 0:
+        return {}
+    label = SEG_LABELS[config.modality].index(config.focus)
+    voxels = {n: np.argwhere(c.labels == label) for n, c in enumerate(cases)}
+    return {n: v for n, v in voxels.items() if len(v)}
 
 
 def load_seg(path: Path) -> tuple[UNet2D, dict]:
