@@ -706,10 +706,9 @@ def seg_comparison(
     """Segmentation models side by side on the same held-out cases (``segment_case``): per model, the lesion Dice
     of each series role (mean over the cases with a lesion, 95 % bootstrap interval over those cases, and the
     paired difference to ``reference[modality]``, the model compared against), the Dice of each structure (mean
-    over the series holding it, with its 95 % bootstrap interval; and per series role), in how
-    many series without a structure (tumor included) the model marks ``ABSENT_MARK_MM3`` or more of it (and the
-    median it marks there), and on
-    CT the error of the largest predicted lesion's Feret diameter against the phantom's (mm: MAE and bias)."""
+    over the series holding it, with its 95 % bootstrap interval; and per series role), in how many series without
+    a structure (tumor included) the model marks ``ABSENT_MARK_MM3`` or more of it (and the median it marks there),
+    and on CT the error of the largest predicted lesion's Feret diameter against the phantom's (mm: MAE and bias)."""
     per_case: dict[str, dict] = {}
     for name, (modality, model) in models.items():
         names = SEG_LABELS[modality]
