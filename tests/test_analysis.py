@@ -28,7 +28,7 @@ from cspine.analysis.fusion import (
 from cspine.analysis.lesions import measure_lesions
 from cspine.analysis.levels import LevelFrame, frame_from_discs, frame_from_radiograph
 from cspine.analysis.masks import LabelMasks
-from cspine.analysis.spine import ModalitySpine, combine, unavailable_notices
+from cspine.analysis.spine import ModalitySpine, combine, opll_where_measured, unavailable_notices
 from cspine.dicom.ingest import ingest_paths
 from cspine.dicom.selection import select_series
 from cspine.domain import (
@@ -226,6 +226,16 @@ def test_levels_are_counted_from_the_uppermost_disc():
         assert frame.discs[name].centre[2] == pytest.approx(z, abs=0.6)
     assert frame.levels_of(np.array([[15.0, 15.0, discs[2] + 8.0]]))[0] == "C4"
     assert frame.levels_of(np.array([[15.0, 15.0, discs[5] - 8.0]]))[0] == "T1"
+
+
+def test_disc_specks_are_not_counted_as_levels_even_when_they_outnumber_the_discs():
+    volume, labels, discs = _stack()
+    for k in range(8):  # 8 one-voxel specks above C2 (a model's stray disc voxels at the skull base), 6 discs
+        labels[145 + k % 4, 10 + 4 * k, 12] = 3
+    frame = frame_from_discs(labels, volume, disc=3, body=1)
+    assert list(frame.discs) == list(MEASURED_LEVELS)
+    for name, z in zip(MEASURED_LEVELS, discs, strict=True):
+        assert frame.discs[name].centre[2] == pytest.approx(z, abs=0.6)
 
 
 def test_a_disc_the_segmentation_lost_is_put_back_in_the_gap():
@@ -549,6 +559,19 @@ def test_each_spine_measurement_comes_from_its_preferred_modality(subset, canal,
     assert [level.level for level in spine.levels] == list(MEASURED_LEVELS)
     assert all(level == LevelMeasurement(level.level) for level in spine.levels if level.level != "C3")
     assert unavailable_notices(measured, spine) == []
+
+
+def test_the_ct_models_opll_is_kept_only_where_the_ct_numbers_find_it():
+    names = SEG_LABELS[Modality.CT]
+    body, canal, opll = names.index("vertebral_body"), names.index("canal"), names.index("opll")
+    labels = np.full((3, 8, 12), body, dtype=np.uint8)
+    labels[:, :, 7:] = canal
+    labels[:, :, 5:7] = opll  # columns 5 (next to the body) and 6 (next to the canal)
+    assert opll_where_measured(labels, CT_OPLL) is labels
+    for measured in (None, dataclasses.replace(CT_OPLL, present=False)):
+        kept = opll_where_measured(labels, measured)
+        assert (kept[:, :, 5] == body).all() and (kept[:, :, 6] == canal).all()
+        assert np.array_equal(kept[labels != opll], labels[labels != opll])
 
 
 def test_a_missing_cobb_angle_is_told_only_when_a_modality_that_measures_it_was_assessed():

@@ -34,13 +34,21 @@ from cspine.modeling.export import (
     export_embed,
     export_proto,
     export_seg,
+    load_seg_onnx,
     model_path,
     one_hot_batch,
     random_inputs,
 )
 from cspine.modeling.losses import IGNORE, NOT_TUMOR, seg_loss
 from cspine.modeling.networks import LesionEncoder, ProtoClassifier, SegExport, UNet2D
-from cspine.modeling.recipes import EVAL_SEED, FEWSHOT_BANK_SEED, PRESETS, proto_classifier, train_models
+from cspine.modeling.recipes import (
+    EVAL_SEED,
+    FEWSHOT_BANK_SEED,
+    FIRST_ROUND,
+    PRESETS,
+    proto_classifier,
+    train_models,
+)
 from cspine.modeling.train import (
     EmbedConfig,
     Run,
@@ -48,6 +56,7 @@ from cspine.modeling.train import (
     _focus_voxels,
     _stack,
     box_prior_labels,
+    load_seg,
     members_by_modality,
     seg_loop,
     train_embed,
@@ -219,6 +228,35 @@ def test_segmentation_training_on_phantom_cases_makes_the_loss_fall(cache, tmp_p
     history = [h["loss"] for h in torch.load(done["seg_ct"], weights_only=False)["history"]]
     assert len(history) == 40
     assert np.mean(history[-10:]) < 0.9 * np.mean(history[:10])
+
+
+def test_a_second_round_fine_tunes_the_first_rounds_export(cache, tmp_path):
+    """A model with a second round (make train's CT model): the first round is checkpointed and exported in its own
+    folder (computing what the checkpoint does), the second starts from that export and is the checkpoint that
+    cspine export takes; a rerun resumes both without training again."""
+    preset = dataclasses.replace(SMOKE, second_round={"seg_ct": {"steps": 3, "lr": 1e-3, "focus_stacks": 1}})
+    done = train_models(["seg_ct"], preset, cache, tmp_path, workers=1, progress=False, steps=4)
+    assert done["seg_ct"] == tmp_path / "seg_ct.pt"
+    first = torch.load(tmp_path / FIRST_ROUND / "seg_ct.pt", weights_only=False)
+    second = torch.load(done["seg_ct"], weights_only=False)
+    assert first["step"] == first["config"]["steps"] == 4 and first["config"]["focus_stacks"] == 0
+    assert second["step"] == second["config"]["steps"] == 3
+    assert (second["config"]["lr"], second["config"]["focus_stacks"], second["config"]["first_round"]) == (1e-3, 1, 4)
+    start = tmp_path / FIRST_ROUND / "seg_ct" / "1" / "model.onnx"
+    assert second["config"]["start"] == str(start)
+    first_net, _ = load_seg(tmp_path / FIRST_ROUND / "seg_ct.pt")
+    exported, _ = load_seg_onnx(start)
+    x = torch.from_numpy(random_inputs(seg_spec(Modality.CT), 2)[0])
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(x).numpy(), first_net(x).numpy(), atol=1e-4)
+    stamp = done["seg_ct"].stat().st_mtime_ns
+    assert train_models(["seg_ct"], preset, cache, tmp_path, workers=1, progress=False, steps=4) == done
+    assert done["seg_ct"].stat().st_mtime_ns == stamp
+
+    first_only = tmp_path / "stopped"
+    stopped = train_models(["seg_ct"], preset, cache, first_only, workers=1, progress=False, steps=4, stop_after=2)
+    assert stopped["seg_ct"] == first_only / FIRST_ROUND / "seg_ct.pt"  # the first round is not done yet
+    assert not (first_only / "seg_ct.pt").exists()
 
 
 def test_episodic_embedding_training_makes_the_loss_fall(cache, tmp_path):

@@ -45,7 +45,7 @@ from cspine.analysis.fusion import (
     study_assessment,
 )
 from cspine.analysis.lesions import classify_inputs, clean_grid_labels, find_lesions
-from cspine.analysis.spine import ModalitySpine, combine, measure_spine, unavailable_notices
+from cspine.analysis.spine import ModalitySpine, combine, measure_spine, opll_where_measured, unavailable_notices
 from cspine.budget import plan_study
 from cspine.config import IngestLimits
 from cspine.dicom.selection import select_series
@@ -268,6 +268,8 @@ async def _analyse_modality(
     main = roles[0]
     with timer.stage("measure"):
         spine = await asyncio.to_thread(measure_spine, modality, label_maps[main], on_grid[main], volumes[main])
+        if modality is Modality.CT:
+            label_maps = {r: opll_where_measured(labels, spine.opll) for r, labels in label_maps.items()}
         ood = competence.ood(modality, segmented[main][1]) if competence is not None else None
         frame = spine.frame
         reasons = await asyncio.to_thread(segmentation_reasons, modality, label_maps[main], on_grid[main], frame, ood)

@@ -98,9 +98,9 @@ def canal_section(
     )
 
 
-# OPLL on CT. The models do not segment it (see the model card), so it is measured from the CT numbers:
-# along the midline, the dense bone in front of the free canal is the body's posterior cortex alone
-# (about CORTEX_RUN_MM on these images) or cortex plus an ossified ligament.
+# OPLL on CT is measured from the CT numbers (the model's OPLL mask is kept only where they find it:
+# ``spine.opll_where_measured``). Along the midline, the dense bone in front of the free canal is the body's
+# posterior cortex alone (about CORTEX_RUN_MM on these images) or cortex plus an ossified ligament.
 DENSE_HU = 500.0
 CORTEX_RUN_MM = 1.8
 OPLL_MIN_MM = 1.0

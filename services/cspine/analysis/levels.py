@@ -16,7 +16,9 @@ import numpy as np
 from cspine.analysis.masks import component_voxels, components, largest_component
 from cspine.domain import VERTEBRAL_LEVELS, Volume
 
-MIN_DISC_SHARE = 0.25  # disc components smaller than this share of the median disc are specks
+# Disc components smaller than this share of the median of the largest ones (as many as the discs below C2 … C7)
+# are specks: the median of all of them would be a speck's size where specks outnumber the discs.
+MIN_DISC_SHARE = 0.25
 BODY_RADIUS_MM = 22.0  # body voxels farther than this from the disc line belong to something else
 LEVELS_BELOW_C1 = VERTEBRAL_LEVELS[1:]  # C2 … T1, top to bottom
 
@@ -102,8 +104,8 @@ def frame_from_discs(labels: np.ndarray, volume: Volume, disc: int, body: int) -
     parts = _component_centres(labels == disc, volume)
     if len(parts) < 2:
         return None
-    sizes = np.array([p[2] for p in parts])
-    parts = [p for p in parts if p[2] >= MIN_DISC_SHARE * np.median(sizes)]
+    largest = sorted(p[2] for p in parts)[-(len(LEVELS_BELOW_C1) - 1) :]
+    parts = [p for p in parts if p[2] >= MIN_DISC_SHARE * np.median(largest)]
     parts.sort(key=lambda p: -p[0][2])  # superior first (patient +z)
     if len(parts) < 2:
         return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+from scipy import ndimage
 
 from cspine.analysis import alignment
 from cspine.analysis.canal import OPLL_MIN_MM, canal_section, opll_section
@@ -50,7 +51,7 @@ SOURCES: dict[Measurement, tuple[Modality, ...]] = {
     Measurement.CORD: (Modality.MR,),  # only MR tells cord from CSF
     Measurement.DISC: (Modality.MR, Modality.CT, Modality.XR),  # MR: the disc axis lies in its fine sagittal plane
     Measurement.COBB: (Modality.XR, Modality.MR),  # XR: C2 … C7 labelled one by one; MR: its mid-sagittal slice
-    Measurement.OPLL: (Modality.CT,),  # read from the CT numbers: no model segments it
+    Measurement.OPLL: (Modality.CT,),  # read from the CT numbers (``opll_where_measured``)
 }
 
 # The per-level measurements and the ``LevelMeasurement`` fields each fills, the value that must be present
@@ -223,6 +224,18 @@ def _opll(masks: LabelMasks, ct: Volume, frame: SpineFrame, canal: int) -> OpllM
         max_thickness_mm=thickness[worst] if present else 0.0,
         levels=tuple(n for n in MEASURED_LEVELS if thickness.get(n, 0.0) >= OPLL_MIN_MM),
     )
+
+
+def opll_where_measured(labels: np.ndarray, opll: OpllMeasurement | None) -> np.ndarray:
+    """A CT label map whose OPLL the CT numbers confirm: the model's OPLL mask is kept where they find OPLL and
+    otherwise given, voxel by voxel, the label of the nearest other voxel. The model marks a little OPLL in CTs
+    without it; the measurement is right far more often (docs/models/model_card.md)."""
+    index = SEG_LABELS[Modality.CT].index("opll")
+    marked = labels == index
+    if (opll is not None and opll.present) or not marked.any():
+        return labels
+    nearest = ndimage.distance_transform_edt(marked, return_distances=False, return_indices=True)
+    return labels[tuple(nearest)]
 
 
 def _xr_cobb(labels: np.ndarray, volume: Volume, image: Volume | None) -> float | None:

@@ -419,19 +419,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
         print(f"wrote {fitted.save(repository)}:\n{json.dumps(fitted.to_json(), indent=2)}")
         return 0
-    if args.classification_only:
+    if args.classification_only or args.detection_only:
         current = Calibration.load(repository)
         records = evaluate(run, Calibration.uniform(), default_prototypes())
         refit = fit_calibration(records, embed, f"SYNTHETIC phantom cohort seed {args.seed}")
-        fitted = replace(
-            current,
-            classification_weights=refit.classification_weights,
-            classification_weights_ci95=refit.classification_weights_ci95,
-            classification_fitted_on=refit.classification_fitted_on,
-            embed_model_sha256=refit.embed_model_sha256,
-            classification_order=refit.classification_order,
-            classification_choice=refit.classification_choice,
-        )
+        if args.detection_only:
+            fitted = replace(
+                current,
+                detection=refit.detection,
+                detection_weights=refit.detection_weights,
+                fitted_on=refit.fitted_on,
+                classification_fitted_on=current.classification_fitted_on or current.fitted_on,
+            )
+        else:
+            fitted = replace(
+                current,
+                classification_weights=refit.classification_weights,
+                classification_weights_ci95=refit.classification_weights_ci95,
+                classification_fitted_on=refit.classification_fitted_on,
+                embed_model_sha256=refit.embed_model_sha256,
+                classification_order=refit.classification_order,
+                classification_choice=refit.classification_choice,
+            )
         print(f"wrote {fitted.save(repository)}:\n{json.dumps(fitted.to_json(), indent=2)}")
         return 0
     support = build_default_support(Path(args.cache), embed, args.per_subtype, args.workers, args.triton_url)
@@ -695,6 +704,12 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         action="store_true",
         help="only refit the classification weights and their intervals on the calibration cohort, with the shipped "
         "default support set; the detection curves and weights stay as they are",
+    )
+    only.add_argument(
+        "--detection-only",
+        action="store_true",
+        help="only refit the detection curves and weights on the calibration cohort, with the shipped default "
+        "support set (after a segmentation model changed); the classification weights and choice stay as they are",
     )
     only.add_argument(
         "--support-only",

@@ -156,7 +156,9 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         help="train models on SYNTHETIC phantom data, or fine-tune them on a site's labelled cohort (CPU, "
         "seeded, checkpointed; segmentation on a CUDA GPU when torch sees one)",
         description="Checkpoints go to --checkpoints and runs resume from them. The full preset reproduces "
-        "the shipped models (make train); smoke trains tiny models for seconds. --cohort DIR fine-tunes the served "
+        "the shipped models (make train); seg_ct trains in two rounds there, the second fine-tuning the first's "
+        "export (kept in --checkpoints/first-round/) with one more OPLL stack per batch. smoke trains tiny models "
+        "for seconds. --cohort DIR fine-tunes the served "
         "segmentation models and lesion embedding on a site's labelled cohort (docs/cohort.md).",
     )
     p.add_argument(
@@ -191,9 +193,9 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         "--box-prior",
         choices=["core", "ellipsoid"],
         default=None,
-        help="with box labels, what a box says about its lesion: core (default) - the inner 80 %% of the "
-        "inscribed ellipsoid is lesion, the rest of the box unknown; ellipsoid - the whole inscribed ellipsoid is "
-        "lesion, the rest of the box is not (the checkpoint's name says which)",
+        help="with box labels, what a box says about its lesion: core (CT and radiograph default) - the inner 80 %% of "
+        "the inscribed ellipsoid is lesion, the rest of the box unknown; ellipsoid (MR default) - the whole inscribed "
+        "ellipsoid is lesion, the rest of the box is not (the checkpoint's name says when it is not the default)",
     )
     p.add_argument(
         "--self-training-from",
@@ -201,7 +203,7 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         default=None,
         metavar="F",
         help="with box labels, the share of the steps after which the model's own lesion masks fill the boxes and "
-        "training goes on with them (default 0.5; 1: no self-training)",
+        "training goes on with them (default 0.5, MR 1; 1: no self-training)",
     )
     p.add_argument(
         "--focus-stacks",

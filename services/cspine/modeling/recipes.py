@@ -16,12 +16,13 @@ import torch
 
 from cspine.domain import Modality
 from cspine.inference.runner import onnx_session
-from cspine.modeling.data import UNSEEN_SUBTYPES, LesionBank, lesion_bank
+from cspine.modeling.data import UNSEEN_SUBTYPES, LesionBank, lesion_bank, seg_cases
 from cspine.modeling.evaluate import eval_cohort, fewshot_metrics, onnx_embed, onnx_seg, seg_metrics
 from cspine.modeling.export import export_embed, export_proto, export_seg, model_path
 from cspine.modeling.train import (
     EmbedConfig,
     SegConfig,
+    finetune_seg,
     load_baseline,
     load_embed,
     load_seg,
@@ -33,6 +34,7 @@ from cspine.modeling.train import (
 logger = logging.getLogger(__name__)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # evaluation-only artifacts (not served by Triton)
+FIRST_ROUND = "first-round"  # the checkpoints folder of models trained in two rounds (``Preset.second_round``)
 SEG_NAMES = {"seg_ct": Modality.CT, "seg_mr": Modality.MR, "seg_xr": Modality.XR}
 MODEL_NAMES = ("seg_ct", "seg_mr", "seg_xr", "seg_ct_mask", "lesion_embed", "baseline")
 EVAL_SEED = 9001  # held-out studies: disjoint from the training cohort (seed 1)
@@ -44,6 +46,9 @@ class Preset:
     seg: dict  # SegConfig overrides for every segmentation model
     per_model: dict  # model name → further SegConfig overrides
     embed: dict  # EmbedConfig overrides
+    # model name → SegConfig overrides of a second round of training: the first round's export fine-tuned on the
+    # same studies (``finetune_seg``: BatchNorm frozen, self-training again half-way)
+    second_round: dict
     eval_cases: int
     fewshot_pool: int  # lesions per unseen subtype
     episodes: int
@@ -57,6 +62,8 @@ PRESETS = {
         # the mask-supervised CT model only serves the box-versus-mask comparison
         per_model={"seg_xr": {"stacks": 4}, "seg_ct_mask": {"steps": 1000}},
         embed={"episodes": 1200, "per_subtype": 60, "ways": 7},
+        # CT: 400 more steps with one more stack per batch on OPLL, which random stacks seldom hold
+        second_round={"seg_ct": {"steps": 400, "lr": 1e-3, "focus_stacks": 1}},
         eval_cases=24,
         fewshot_pool=60,
         episodes=200,
@@ -67,6 +74,7 @@ PRESETS = {
         seg={"cases": 3, "steps": 6, "widths": (4, 8, 16, 32)},
         per_model={},
         embed={"episodes": 6, "per_subtype": 3, "ways": 3, "shots": 1, "queries": 1, "widths": (8, 16, 24, 32)},
+        second_round={},
         eval_cases=2,
         fewshot_pool=8,
         episodes=5,
@@ -107,10 +115,36 @@ def train_models(
             done[name] = train_embed(embed, cache, checkpoints, workers, progress, stop_after, service_cut)
         elif name == "baseline":
             done[name] = train_baseline(embed, cache, checkpoints, workers, progress, stop_after)
-        else:
+        elif name not in preset.second_round:
             config = seg_config(name, preset, **overrides)
             done[name] = train_seg(config, cache, checkpoints, workers, progress, stop_after)
+        else:
+            config = seg_config(name, preset, **overrides)
+            first = train_seg(config, cache, checkpoints / FIRST_ROUND, workers, progress, stop_after)
+            second = dataclasses.replace(config, **preset.second_round[name])
+            done[name] = _second_round(
+                first, second, cache, checkpoints / f"{config.name}.pt", workers, progress, stop_after
+            )
     return done
+
+
+def _second_round(
+    first: Path,
+    config: SegConfig,
+    cache: Path,
+    checkpoint: Path,
+    workers: int,
+    progress: bool,
+    stop_after: int | None,
+) -> Path:
+    """Fine-tune the first round's checkpoint (exported beside it, as a served model would be) with ``config``;
+    returns the first round's checkpoint while that has not reached its last step."""
+    net, state = load_seg(first)
+    if state["step"] < state["config"]["steps"]:
+        return first
+    start = export_seg(net, config.modality, first.parent, _metadata(state))
+    paths = seg_cases(cache, config.data_seed, config.cases, workers=workers, progress=progress)
+    return finetune_seg(config, paths, start, checkpoint, {"first_round": state["step"]}, progress, stop_after)
 
 
 def _metadata(state: dict) -> dict:
