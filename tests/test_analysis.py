@@ -198,9 +198,9 @@ def test_endplate_tilt_ignores_stray_pixels_below_the_body():
     assert endplate_tilt(np.concatenate([points, stray]), inferior=True) == pytest.approx(6.0, abs=0.8)
 
 
-def _stack(missing: int | None = None):
-    """A straight synthetic spine on an axial grid: bodies 14 mm tall, discs 5 mm, C2 at the top."""
-    volume = axial_volume(np.zeros((150, 60, 60), dtype=np.float32), (1.0, 0.5, 0.5))
+def _stack(missing: int | None = None, slices: int = 150):
+    """A straight synthetic spine on an axial grid: bodies 14 mm tall, discs 5 mm, C2 at the top (z 140 mm)."""
+    volume = axial_volume(np.zeros((slices, 60, 60), dtype=np.float32), (1.0, 0.5, 0.5))
     z = grid_points(volume)[..., 2]
     xy = grid_points(volume)[..., :2]
     inside = np.linalg.norm(xy - 15.0, axis=-1) <= 8.0
@@ -232,6 +232,19 @@ def test_disc_specks_are_not_counted_as_levels_even_when_they_outnumber_the_disc
     volume, labels, discs = _stack()
     for k in range(8):  # 8 one-voxel specks above C2 (a model's stray disc voxels at the skull base), 6 discs
         labels[145 + k % 4, 10 + 4 * k, 12] = 3
+    frame = frame_from_discs(labels, volume, disc=3, body=1)
+    assert list(frame.discs) == list(MEASURED_LEVELS)
+    for name, z in zip(MEASURED_LEVELS, discs, strict=True):
+        assert frame.discs[name].centre[2] == pytest.approx(z, abs=0.6)
+
+
+def test_a_false_disc_beyond_the_end_of_the_stack_is_not_a_level():
+    volume, labels, discs = _stack(slices=200)
+    xy = grid_points(volume)[..., :2]
+    z = grid_points(volume)[..., 2]
+    # 2.8 disc spacings above C2-C3: two lost discs would be needed to make it one
+    skull_base = (np.linalg.norm(xy - 15.0, axis=-1) <= 6.0) & (z > 175.0) & (z <= 179.0)
+    labels[skull_base] = 3
     frame = frame_from_discs(labels, volume, disc=3, body=1)
     assert list(frame.discs) == list(MEASURED_LEVELS)
     for name, z in zip(MEASURED_LEVELS, discs, strict=True):

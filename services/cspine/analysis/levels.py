@@ -19,6 +19,7 @@ from cspine.domain import VERTEBRAL_LEVELS, Volume
 # Disc components smaller than this share of the median of the largest ones (as many as the discs below C2 … C7)
 # are specks: the median of all of them would be a speck's size where specks outnumber the discs.
 MIN_DISC_SHARE = 0.25
+MAX_END_GAP = 2.5  # usual spacings from an end component to the next: half-way between one lost disc and two
 BODY_RADIUS_MM = 22.0  # body voxels farther than this from the disc line belong to something else
 LEVELS_BELOW_C1 = VERTEBRAL_LEVELS[1:]  # C2 … T1, top to bottom
 
@@ -88,6 +89,15 @@ def _component_centres(mask: np.ndarray, volume: Volume) -> list[tuple[np.ndarra
     return out
 
 
+def _usual_spacing(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> float:
+    return float(np.median(np.linalg.norm(np.diff(np.array([p[0] for p in parts]), axis=0), axis=1)))
+
+
+def _gap(a: tuple[np.ndarray, np.ndarray, int], b: tuple[np.ndarray, np.ndarray, int], usual: float) -> float:
+    """The distance between two disc components' centres, in usual spacings."""
+    return float(np.linalg.norm(a[0] - b[0])) / usual
+
+
 def _disc_axis(points: np.ndarray, along: np.ndarray) -> np.ndarray:
     """A disc's axis: the direction of its least extent, turned toward ``along``."""
     if len(points) < 10:
@@ -109,8 +119,15 @@ def frame_from_discs(labels: np.ndarray, volume: Volume, disc: int, body: int) -
     parts.sort(key=lambda p: -p[0][2])  # superior first (patient +z)
     if len(parts) < 2:
         return None
+    usual = _usual_spacing(parts)
+    # An end of the stack farther from the next disc than one lost disc explains is not a disc: the models' false
+    # discs lie at the ends (the skull base, the upper thorax), where two discs lost in a row are far less likely.
+    while len(parts) > 2 and _gap(parts[0], parts[1], usual) > MAX_END_GAP:
+        parts = parts[1:]
+    while len(parts) > 2 and _gap(parts[-1], parts[-2], usual) > MAX_END_GAP:
+        parts = parts[:-1]
+    usual = _usual_spacing(parts)
     # Put back discs the model lost: a gap of about twice the usual spacing holds one.
-    usual = float(np.median(np.linalg.norm(np.diff(np.array([p[0] for p in parts]), axis=0), axis=1)))
     centres: list[np.ndarray] = []
     points: list[np.ndarray] = []
     found: list[bool] = []
