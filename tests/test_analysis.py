@@ -228,23 +228,21 @@ def test_levels_are_counted_from_the_uppermost_disc():
     assert frame.levels_of(np.array([[15.0, 15.0, discs[5] - 8.0]]))[0] == "T1"
 
 
-def test_disc_specks_are_not_counted_as_levels_even_when_they_outnumber_the_discs():
-    volume, labels, discs = _stack()
+def _specks(volume: Volume, labels: np.ndarray) -> None:
     for k in range(8):  # 8 one-voxel specks above C2 (a model's stray disc voxels at the skull base), 6 discs
         labels[145 + k % 4, 10 + 4 * k, 12] = 3
-    frame = frame_from_discs(labels, volume, disc=3, body=1)
-    assert list(frame.discs) == list(MEASURED_LEVELS)
-    for name, z in zip(MEASURED_LEVELS, discs, strict=True):
-        assert frame.discs[name].centre[2] == pytest.approx(z, abs=0.6)
 
 
-def test_a_false_disc_beyond_the_end_of_the_stack_is_not_a_level():
-    volume, labels, discs = _stack(slices=200)
-    xy = grid_points(volume)[..., :2]
-    z = grid_points(volume)[..., 2]
+def _false_disc_at_the_skull_base(volume: Volume, labels: np.ndarray) -> None:
+    xy, z = grid_points(volume)[..., :2], grid_points(volume)[..., 2]
     # 2.8 disc spacings above C2-C3: two lost discs would be needed to make it one
-    skull_base = (np.linalg.norm(xy - 15.0, axis=-1) <= 6.0) & (z > 175.0) & (z <= 179.0)
-    labels[skull_base] = 3
+    labels[(np.linalg.norm(xy - 15.0, axis=-1) <= 6.0) & (z > 175.0) & (z <= 179.0)] = 3
+
+
+@pytest.mark.parametrize("stray", [_specks, _false_disc_at_the_skull_base])
+def test_disc_labels_that_are_no_discs_are_not_counted_as_levels(stray):
+    volume, labels, discs = _stack(slices=200)
+    stray(volume, labels)
     frame = frame_from_discs(labels, volume, disc=3, body=1)
     assert list(frame.discs) == list(MEASURED_LEVELS)
     for name, z in zip(MEASURED_LEVELS, discs, strict=True):
