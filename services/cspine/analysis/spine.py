@@ -229,7 +229,7 @@ def _opll(masks: LabelMasks, ct: Volume, frame: SpineFrame, canal: int) -> OpllM
 def opll_where_measured(labels: np.ndarray, opll: OpllMeasurement | None) -> np.ndarray:
     """A CT label map whose OPLL the CT numbers confirm: the model's OPLL mask is kept where they find OPLL and
     otherwise given, voxel by voxel, the label of the nearest other voxel. The model marks a little OPLL in CTs
-    without it; the measurement is right far more often (docs/models/model_card.md)."""
+    without it; the measurement is right far more often (model_repository/README.md)."""
     index = SEG_LABELS[Modality.CT].index("opll")
     marked = labels == index
     if (opll is not None and opll.present) or not marked.any():

@@ -384,7 +384,7 @@ _SYNTHETIC: tuple[_Synthetic, ...] = (
     _Synthetic(
         "synthetic-head-ct",
         "head-like ellipsoid, no spine (OOD test)",
-        # the seg_ct of 2026-12-07 finds four body-like parts in its skull shell, but no canal behind them (before:
+        # the seg_ct of 2026-12-07 finds a column of body-like parts in its skull shell, but no canal behind it (before:
         # no vertebral column); its features are out of distribution too
         ReasonCode.NO_CANAL,
         lambda s: _Head(s.spine, None),

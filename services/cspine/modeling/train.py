@@ -106,7 +106,7 @@ class SegConfig:
 _SEG_DEFAULTS: dict[Modality, dict] = {
     Modality.CT: {"stack": 8, "stacks": 4, "crop": 96, "focus": "opll"},
     # MR: the whole inscribed ellipsoid as lesion, no self-training (measured better than the core prior with
-    # self-training on both MR contrasts: docs/models/model_card.md)
+    # self-training on both MR contrasts: model_repository/README.md)
     Modality.MR: {"stack": 8, "stacks": 2, "crop": 128, "box_prior": "ellipsoid", "pseudo_from": 1.0},
     Modality.XR: {"stack": 1, "stacks": 8, "crop": None, "coordinates": True},
 }
