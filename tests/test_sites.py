@@ -24,7 +24,16 @@ from cspine.phantom.generate import (
     draw_study,
     generate_case,
 )
-from cspine.phantom.scanner import Protocol, ScannerProfile, Scene, Shift, acquire_ct, acquire_mr, acquire_xr
+from cspine.phantom.scanner import (
+    Protocol,
+    ScannerProfile,
+    Scene,
+    Shift,
+    acquire_ct,
+    acquire_mr,
+    acquire_xr,
+    varied_scanner,
+)
 from cspine.phantom.sites import DEFAULT_SITE, SITES, Population, get_site
 from cspine.phantom.tumors import SUBTYPES, TumorClass, place_tumor
 
@@ -201,6 +210,36 @@ def test_a_site_composes_with_a_shift():
     )
     assert protocol.compose(Shift()).thickness == protocol.thickness_mm
     assert Protocol().compose(Shift(noise=1.5)) == Shift(noise=1.5)
+
+
+def test_varied_scanners_span_the_site_profiles_knobs_and_vary_from_draw_to_draw():
+    draws = [varied_scanner(np.random.default_rng(i)) for i in range(200)]
+    for modality in ("ct", "mr", "xr"):
+        noise = [getattr(d, modality).noise for d in draws]
+        sites = [getattr(SITES[name].scanner, modality).noise for name in SHIFTED]
+        assert min(noise) <= min(sites) and max(noise) >= max(sites), modality
+        assert any(getattr(d, modality).blur_mm > 0 for d in draws)
+        assert any(getattr(d, modality).sharpen > 0 for d in draws)
+    assert {d.mr_field_t for d in draws} == {1.5, 3.0}
+    assert max(d.mr_weighting for d in draws) >= max(SITES[name].scanner.mr_weighting for name in SHIFTED)
+    assert len({d for d in draws}) == len(draws)
+
+
+def test_a_training_lesion_keeps_its_anatomy_and_changes_its_images_under_a_varied_scanner():
+    from cspine.modeling.data import UNSEEN_SUBTYPES, lesion_sample
+    from cspine.modeling.train import EmbedConfig
+
+    subtype = UNSEEN_SUBTYPES[0]
+    default = lesion_sample(5000, 3, subtype, (0.5, 0.5))
+    assert np.array_equal(default, lesion_sample(5000, 3, subtype, (0.5, 0.5), scanners=0.0))
+    varied = lesion_sample(5000, 3, subtype, (0.5, 0.5), scanners=1.0)
+    assert varied.shape == default.shape and np.isfinite(varied).all()
+    # the same lesion: its CT planes stay close (same HU window), but no modality is rendered alike
+    changed = np.abs(varied - default).mean(axis=(1, 2, 3))
+    assert (changed > 0.005).all(), changed
+    assert np.corrcoef(varied[0].ravel(), default[0].ravel())[0, 1] > 0.8
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        EmbedConfig(scanners=1.5)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def cmd_train(args: argparse.Namespace, limits: IngestLimits) -> int:
     preset = PRESETS[args.preset]
     if args.embed_seed is not None:
         preset = dataclasses.replace(preset, embed={**preset.embed, "seed": args.embed_seed})
+    if args.scanner_variation is not None:
+        preset = dataclasses.replace(preset, embed={**preset.embed, "scanners": args.scanner_variation})
     service_cut = None
     if args.service_cut:
         from cspine.evaluation.service_cut import service_cut_bank
@@ -235,6 +237,15 @@ def register(subparsers: argparse._SubParsersAction, settings: Settings) -> None
         default=None,
         metavar="S",
         help="training seed of lesion_embed and baseline (default: the preset's, 0, as shipped)",
+    )
+    p.add_argument(
+        "--scanner-variation",
+        type=float,
+        default=None,
+        metavar="F",
+        help="lesion_embed and baseline: the share F (0-1) of training lesions imaged by a randomly drawn scanner "
+        "and protocol (noise, pixel size, contrast, slices, kernel; MR field and weighting) instead of the default "
+        "site's (default: the preset's; full: 0.75, as shipped)",
     )
     p.add_argument("--cache", default=".cache/cspine", help="where generated training data is cached")
     p.add_argument("--checkpoints", default=".cache/cspine/checkpoints", help="checkpoint folder")

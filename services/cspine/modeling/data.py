@@ -34,7 +34,15 @@ from cspine.inference.runner import onnx_session
 from cspine.inference.specs import EMBEDDING_DIM, MODALITY_ORDER, SEG_GEOMETRY, SEG_LABELS
 from cspine.phantom.anatomy import Label, level_code, sample_spine
 from cspine.phantom.generate import PhantomOptions, generate_case
-from cspine.phantom.scanner import RenderedSeries, Scene, Shift, acquire_ct, acquire_mr, acquire_xr
+from cspine.phantom.scanner import (
+    RenderedSeries,
+    Scene,
+    Shift,
+    acquire_ct,
+    acquire_mr,
+    acquire_xr,
+    varied_scanner,
+)
 from cspine.phantom.tumors import SUBTYPES, TumorClass, TumorSubtype, place_tumor, plan_tumor
 
 logger = logging.getLogger(__name__)
@@ -244,9 +252,15 @@ def _main_centre(series: RenderedSeries, volume: Volume) -> np.ndarray | None:
     return volume.index_to_patient(kij[None])[0]
 
 
-def lesion_sample(seed: int, index: int, subtype: TumorSubtype, difficulty: tuple[float, float]) -> np.ndarray | None:
-    """ROIs [3 modalities, 3, 64, 64] of one SYNTHETIC lesion, or None when it could not be placed."""
-    anatomy_ss, ct_ss, mr_ss, xr_ss, jitter_ss = np.random.SeedSequence([seed, index]).spawn(5)
+def lesion_sample(
+    seed: int, index: int, subtype: TumorSubtype, difficulty: tuple[float, float], scanners: float = 0.0
+) -> np.ndarray | None:
+    """ROIs [3 modalities, 3, 64, 64] of one SYNTHETIC lesion, or None when it could not be placed. With
+    probability ``scanners`` it is imaged by a randomly drawn scanner (``varied_scanner``), else by the default
+    site's."""
+    anatomy_ss, ct_ss, mr_ss, xr_ss, jitter_ss, scanner_ss = np.random.SeedSequence([seed, index]).spawn(6)
+    scanner_rng = np.random.default_rng(scanner_ss)
+    scanner = varied_scanner(scanner_rng) if scanner_rng.uniform() < scanners else None
     rng = np.random.default_rng(anatomy_ss)
     level = float(rng.uniform(*difficulty))
     plan = plan_tumor(rng, subtype, level)
@@ -256,7 +270,7 @@ def lesion_sample(seed: int, index: int, subtype: TumorSubtype, difficulty: tupl
         tumor = place_tumor(rng, plan, spine, level)
         scene = Scene(spine, tumor)
         window = (tumor.blobs[0].centre, ROI_WINDOW_MM)
-        ct = acquire_ct(scene, np.random.default_rng(ct_ss), Shift(), level, roi=window)
+        ct = acquire_ct(scene, np.random.default_rng(ct_ss), Shift(), level, roi=window, scanner=scanner)
         ct_volume = ct.as_volume()
         centre = _main_centre(ct, ct_volume)
         if centre is not None:
@@ -265,11 +279,11 @@ def lesion_sample(seed: int, index: int, subtype: TumorSubtype, difficulty: tupl
         return None
     rois = np.zeros((len(MODALITY_ORDER), 3, 64, 64), dtype=np.float32)
     rois[0] = lesion_roi(Modality.CT, {SeriesRole.CT: ct_volume}, centre + jitter.normal(0, 1.5, 3))
-    t1, t2 = acquire_mr(scene, np.random.default_rng(mr_ss), Shift(), level, roi=window)
+    t1, t2 = acquire_mr(scene, np.random.default_rng(mr_ss), Shift(), level, roi=window, scanner=scanner)
     volumes = {SeriesRole.MR_T1: t1.as_volume(), SeriesRole.MR_T2: t2.as_volume()}
     mr_centre = _main_centre(t1, volumes[SeriesRole.MR_T1])
     rois[1] = lesion_roi(Modality.MR, volumes, (centre if mr_centre is None else mr_centre) + jitter.normal(0, 1.5, 3))
-    xr = acquire_xr(scene, np.random.default_rng(xr_ss), Shift(), level, roi=window)
+    xr = acquire_xr(scene, np.random.default_rng(xr_ss), Shift(), level, roi=window, scanner=scanner)
     xr_volume = xr.as_volume()
     xr_centre = _main_centre(xr, xr_volume)
     if xr_centre is None:  # hidden behind denser structures on the radiograph: centre of the window
@@ -297,7 +311,7 @@ class LesionBank:
         return len(self.subtypes)
 
 
-def _lesion_job(args: tuple[int, int, TumorSubtype, tuple[float, float]]) -> np.ndarray | None:
+def _lesion_job(args: tuple[int, int, TumorSubtype, tuple[float, float], float]) -> np.ndarray | None:
     return lesion_sample(*args)
 
 
@@ -309,9 +323,12 @@ def lesion_bank(
     difficulty: tuple[float, float] = (0.3, 0.7),
     workers: int = 1,
     progress: bool = True,
+    scanners: float = 0.0,
 ) -> LesionBank:
-    """``per_subtype`` SYNTHETIC lesions of each subtype (cached per seed and subtype)."""
-    folder = cache / f"lesions-v{CACHE_VERSION}" / f"seed{seed}-d{difficulty[0]:.2f}-{difficulty[1]:.2f}"
+    """``per_subtype`` SYNTHETIC lesions of each subtype (cached per seed and subtype); ``scanners``: the share
+    imaged by a randomly drawn scanner (``lesion_sample``)."""
+    name = f"seed{seed}-d{difficulty[0]:.2f}-{difficulty[1]:.2f}" + (f"-scanners{scanners:.2f}" if scanners else "")
+    folder = cache / f"lesions-v{CACHE_VERSION}" / name
     folder.mkdir(parents=True, exist_ok=True)
     all_subtypes = list(TumorSubtype)
     rois, subs, classes = [], [], []
@@ -319,7 +336,7 @@ def lesion_bank(
         path = folder / f"{subtype.value}-{per_subtype}.npy"
         if not path.exists():
             code = all_subtypes.index(subtype)
-            jobs = [(seed * 1000 + code, i, subtype, difficulty) for i in range(per_subtype)]
+            jobs = [(seed * 1000 + code, i, subtype, difficulty, scanners) for i in range(per_subtype)]
             made = [r for r in _run(jobs, _lesion_job, workers, progress, subtype.value) if r is not None]
             partial = path.with_suffix(".partial.npy")
             np.save(partial, np.stack(made).astype(np.float16))

@@ -61,7 +61,8 @@ PRESETS = {
         seg={"cases": 120, "steps": 1500},
         # the mask-supervised CT model only serves the box-versus-mask comparison
         per_model={"seg_xr": {"stacks": 4}, "seg_ct_mask": {"steps": 1000}},
-        embed={"episodes": 1200, "per_subtype": 60, "ways": 7},
+        # 3 in 4 training lesions imaged by a randomly drawn scanner and protocol (phantom/scanner.py varied_scanner)
+        embed={"episodes": 1200, "per_subtype": 60, "ways": 7, "scanners": 0.75},
         # CT: 400 more steps with one more stack per batch on OPLL, which random stacks seldom hold
         second_round={"seg_ct": {"steps": 400, "lr": 1e-3, "focus_stacks": 1}},
         eval_cases=24,

@@ -126,6 +126,15 @@ class EmbedConfig:
     # SYNTHETIC studies per seen subtype run through the pipeline, their ROIs cut about the lesions the service
     # found (evaluation/service_cut.py), added to the lesions cut about their true centres (0: none)
     service_cut_per_subtype: int = 0
+    # share of the lesions imaged by a randomly drawn scanner and protocol (phantom/scanner.py varied_scanner)
+    # instead of the default site's (0: none)
+    scanners: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scanners <= 1.0:
+            raise ValueError(
+                f"the share of lesions imaged by a varied scanner must be between 0 and 1, got {self.scanners}"
+            )
 
 
 def _config_dict(config) -> dict:
@@ -511,7 +520,15 @@ def _one_hot(modalities: np.ndarray) -> torch.Tensor:
 def _bank(config: EmbedConfig, cache: Path, workers: int, progress: bool, service_cut: LesionBank | None) -> LesionBank:
     """The seen subtypes' lesions cut about their true centres, then those of ``service_cut``: studies the
     pipeline analysed, cut about the lesions it matched (NaN where a modality had none)."""
-    bank = lesion_bank(cache, config.bank_seed, SEEN_SUBTYPES, config.per_subtype, workers=workers, progress=progress)
+    bank = lesion_bank(
+        cache,
+        config.bank_seed,
+        SEEN_SUBTYPES,
+        config.per_subtype,
+        workers=workers,
+        progress=progress,
+        scanners=config.scanners,
+    )
     if service_cut is None:
         return bank
     return LesionBank(

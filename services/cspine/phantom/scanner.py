@@ -169,6 +169,39 @@ class ScannerProfile:
         }
 
 
+def varied_scanner(rng: np.random.Generator) -> ScannerProfile:
+    """A scanner and protocol drawn at random, for training models that must hold up at other sites than the
+    default: noise ×0.7–3.5, pixels ×0.8–1.4, contrast ×0.85–1.15, thin or thick slices, a soft or sharp
+    kernel or none, per modality; MR at 1.5 or 3 T with up to 0.35 of the other weighting mixed in. The ranges
+    span the phantom's site profiles (sites.py) and go beyond them; a profile's exact settings are one draw
+    among many, not a training target."""
+
+    def kernel() -> dict:
+        kind = rng.choice(["none", "soft", "sharp"], p=[0.4, 0.3, 0.3])
+        if kind == "soft":
+            return {"blur_mm": float(rng.uniform(0.2, 1.2))}
+        if kind == "sharp":
+            return {"sharpen": float(rng.uniform(0.3, 2.0)), "sharpen_mm": float(rng.uniform(0.6, 1.2))}
+        return {}
+
+    def protocol(noise: tuple[float, float], thickness: list[float | None]) -> Protocol:
+        return Protocol(
+            noise=float(rng.uniform(*noise)),
+            resolution=float(rng.uniform(0.8, 1.4)),
+            contrast=float(rng.uniform(0.85, 1.15)),
+            thickness_mm=thickness[int(rng.integers(len(thickness)))],
+            **kernel(),
+        )
+
+    return ScannerProfile(
+        ct=protocol((0.7, 3.5), [None, 1.0, 3.0]),
+        mr=protocol((0.6, 3.0), [None, 4.0]),
+        xr=protocol((0.7, 4.5), [None]),
+        mr_field_t=float(rng.choice([1.5, 3.0])),
+        mr_weighting=float(rng.uniform(0.0, 0.35)),
+    )
+
+
 def apply_kernel(
     values: np.ndarray, spacing_mm: float, blur_mm: float, sharpen: float, sharpen_mm: float
 ) -> np.ndarray:
