@@ -171,10 +171,10 @@ class ScannerProfile:
 
 def varied_scanner(rng: np.random.Generator) -> ScannerProfile:
     """A scanner and protocol drawn at random, for training models that must hold up at other sites than the
-    default: noise ×0.7–3.5, pixels ×0.8–1.4, contrast ×0.85–1.15, thin or thick slices, a soft or sharp
-    kernel or none, per modality; MR at 1.5 or 3 T with up to 0.35 of the other weighting mixed in. The ranges
-    span the phantom's site profiles (sites.py) and go beyond them; a profile's exact settings are one draw
-    among many, not a training target."""
+    default: per modality noise ×0.7–3.5 (CT), ×0.6–3.0 (MR), ×0.7–4.5 (radiograph), pixels ×0.8–1.4, contrast
+    ×0.85–1.15, thin or thick slices (CT, MR), a soft or sharp kernel or none; MR at 1.5 or 3 T with up to 0.35 of
+    the other weighting mixed in. The ranges span the phantom's site profiles (sites.py) and go beyond them; a
+    profile's exact settings are one draw among many, not a training target."""
 
     def kernel() -> dict:
         kind = rng.choice(["none", "soft", "sharp"], p=[0.4, 0.3, 0.3])
