@@ -161,9 +161,12 @@ def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_b
     classify = onnx_session(default_repository() / "proto_classify" / "1" / "model.onnx")
     rng = np.random.default_rng(11)
     centres = {m: base.prototypes[m][[1, 2, 0]] for m in MODALITY_ORDER}  # class c looks like the default's c + 1
+    ct = base.prototypes[CT]
+    closest = min(np.linalg.norm(ct[i] - ct[j]) for i in range(3) for j in range(i + 1, 3))
+    spread = 1.2 * closest / np.sqrt(EMBEDDING_DIM)  # noise about 1.2 times the closest CT prototypes' distance
 
     def draw(c: int, n: int) -> np.ndarray:
-        x = np.stack([centres[m][c] + 0.05 * rng.normal(size=(n, EMBEDDING_DIM)) for m in MODALITY_ORDER], axis=1)
+        x = np.stack([centres[m][c] + spread * rng.normal(size=(n, EMBEDDING_DIM)) for m in MODALITY_ORDER], axis=1)
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
     site = SupportSet(np.concatenate([draw(c, 5) for c in range(3)]), tuple(np.repeat(base.labels, 5)))
