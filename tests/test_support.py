@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2
 
 from cspine.client import channel_credentials
-from cspine.fewshot.prototypes import SupportSet
+from cspine.fewshot.prototypes import SITE_CASES_TO_REPLACE, SupportSet
 from cspine.fewshot.store import SupportStore
 from cspine.gateway.auth import server_credentials
 from cspine.gateway.metrics import Metrics
@@ -87,13 +87,13 @@ def test_a_new_case_moves_the_probabilities_of_a_similar_study_toward_its_class(
     assert case.prototype_set.number == int(version_before[1:]) + 1
     assert version_after == case.prototype_set.version != version_before  # no reload, the next analysis uses it
     assert after["malignant"] > before["malignant"]
-    # one site case beside the SYNTHETIC ones weighs 1/5 of the malignant prototypes (docs/support.md)
+    # one site case beside the SYNTHETIC ones weighs 1/K of the malignant prototypes (docs/support.md)
     malignant = {c.label: c for c in case.prototype_set.classes}["malignant"]
     default = SupportSet.load().labels.count("malignant")
     assert (malignant.site_cases, malignant.default_cases, malignant.cases) == (1, default, default + 1)
-    assert case.prototype_set.site_cases_to_replace == 5
+    assert case.prototype_set.site_cases_to_replace == SITE_CASES_TO_REPLACE
     assert {w.modality: round(w.site_weight, 6) for w in malignant.weights} == {
-        m: 0.2 if m in case.modalities else 0.0 for m in (pb.CT, pb.MR, pb.XR)
+        m: 1 / SITE_CASES_TO_REPLACE if m in case.modalities else 0.0 for m in (pb.CT, pb.MR, pb.XR)
     }
     value = server.metrics.registry.get_sample_value
     assert value("cspine_prototype_set_info", {"version": version_after}) == 1.0

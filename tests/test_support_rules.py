@@ -17,6 +17,7 @@ from cspine.domain import Modality
 from cspine.fewshot.adapt import classifier_scale, exported_scale, pooling_weights, softmax_probabilities
 from cspine.fewshot.prototypes import (
     SHIPPED_METHOD,
+    SITE_CASES_TO_FIT,
     SITE_CASES_TO_FIT_FUSION,
     SITE_CASES_TO_REPLACE,
     Adaptation,
@@ -61,9 +62,9 @@ def mean(support: SupportSet, modality: Modality) -> np.ndarray:
 # -- the rule -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "w"), [(0, 0.0), (1, 0.2), (4, 0.8), (5, 1.0), (8, 1.0)])
+@pytest.mark.parametrize(("n", "w"), [(0, 0.0), (1, 0.05), (5, 0.25), (10, 0.5), (20, 1.0), (25, 1.0)])
 def test_n_site_cases_weigh_min_n_k_over_k_against_the_default_class_mean(n, w):
-    assert SITE_CASES_TO_REPLACE == 5
+    assert SITE_CASES_TO_REPLACE == 20
     benign_default, malignant_default = cases("benign", 40, 0.1, seed=1), cases("malignant", 30, -0.3, seed=2)
     site = cases("benign", n, 0.5, seed=3)
     prototypes = site_prototypes(joined(benign_default, malignant_default), site, "v9")
@@ -84,8 +85,8 @@ def test_n_site_cases_weigh_min_n_k_over_k_against_the_default_class_mean(n, w):
 
 
 def test_the_worked_example_of_the_docs():
-    # default benign mean 0.10, site benign mean 0.50 (docs/support.md): 0.10, 0.18, 0.42, 0.50, 0.50
-    for n, expected in [(0, 0.10), (1, 0.18), (4, 0.42), (5, 0.50), (8, 0.50)]:
+    # default benign mean 0.10, site benign mean 0.50 (docs/support.md): 0.10, 0.12, 0.20, 0.30, 0.50, 0.50
+    for n, expected in [(0, 0.10), (1, 0.12), (5, 0.20), (10, 0.30), (20, 0.50), (30, 0.50)]:
         w = site_weight(n, 48)
         assert w * 0.50 + (1 - w) * 0.10 == pytest.approx(expected)
     assert round((5 * 0.50 + 48 * 0.10) / 53, 2) == 0.14  # the old mean over every case
@@ -117,7 +118,7 @@ def test_a_modality_the_site_cases_lack_keeps_the_default_and_each_modality_is_s
     prototypes = site_prototypes(default, site)
     benign_default = cases("benign", 40, 0.1, seed=1)
     for modality, n in [(CT, 3), (MR, 1), (XR, 0)]:
-        w = n / 5
+        w = n / SITE_CASES_TO_REPLACE
         expected = (1 - w) * mean(benign_default, modality) + (w * mean(site, modality) if n else 0)
         np.testing.assert_allclose(prototypes.prototypes[modality][0], expected, rtol=1e-5, atol=1e-6)
         assert prototypes.site_weight_of("benign", modality) == pytest.approx(w)
@@ -153,9 +154,10 @@ def test_a_set_of_one_kind_keeps_its_plain_means_and_its_name_and_the_set_is_imm
         PrototypeSet.from_cases(default, [True])
 
 
-def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_barely_moved_them():
+def test_site_cases_per_class_change_the_probabilities_where_the_old_mean_barely_moved_them():
     """The issue's finding, reproduced and fixed: site lesions of each class lie where the default puts another
-    class. With all cases averaged alike (the old rule) 5 site cases per class change nothing; now they decide."""
+    class. With all cases averaged alike (the old rule) 5 site cases per class change nothing; now K of them make
+    the prototypes alone, and 5 of them, fitted as the service fits them, decide most answers."""
     default = SupportSet.load()
     base = default_prototypes()
     classify = onnx_session(default_repository() / "proto_classify" / "1" / "model.onnx")
@@ -169,12 +171,15 @@ def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_b
         x = np.stack([centres[m][c] + spread * rng.normal(size=(n, EMBEDDING_DIM)) for m in MODALITY_ORDER], axis=1)
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
-    site = SupportSet(np.concatenate([draw(c, 5) for c in range(3)]), tuple(np.repeat(base.labels, 5)))
+    k = SITE_CASES_TO_REPLACE
+    site = SupportSet(np.concatenate([draw(c, k) for c in range(3)]), tuple(np.repeat(base.labels, k)))
     new = site_prototypes(default, site)
-    old = PrototypeSet.from_support(joined(default, site))  # every case alike, as before the rule
     for modality in MODALITY_ORDER:
-        site_means = [site.embeddings[5 * c : 5 * c + 5, MODALITY_ORDER.index(modality)].mean(0) for c in range(3)]
+        site_means = [site.embeddings[k * c : k * c + k, MODALITY_ORDER.index(modality)].mean(0) for c in range(3)]
         np.testing.assert_allclose(new.prototypes[modality], np.stack(site_means), rtol=1e-6)
+    five = SupportSet(np.concatenate([draw(c, 5) for c in range(3)]), tuple(np.repeat(base.labels, 5)))
+    old = PrototypeSet.from_support(joined(default, five))  # every case alike, as before the rule
+    fitted = site_prototypes(default, five, adaptation=Adaptation("fitted", exported_scale(PROTO_CLASSIFY)))
     queries = np.concatenate([draw(c, 20) for c in range(3)])[:, 0]  # CT lesions of the same site
     truth = np.repeat(np.arange(3), 20)
 
@@ -187,6 +192,9 @@ def test_five_site_cases_per_class_change_the_probabilities_where_the_old_mean_b
     assert (after.argmax(1) == truth).mean() > 0.95
     assert np.median(np.abs(after - before)) > 0.3
     assert np.median(after[np.arange(60), truth]) - np.median(before[np.arange(60), truth]) > 0.5
+    adapted = probabilities(fitted)  # 5 per class weigh 25 % in the rule; the fit to them moves the rest
+    assert (adapted.argmax(1) == truth).mean() > 0.8
+    assert np.median(adapted[np.arange(60), truth]) - np.median(before[np.arange(60), truth]) > 0.3
 
 
 # -- the fitted adaptation -----------------------------------------------------------------------------------
@@ -217,7 +225,7 @@ def test_the_exported_classifier_s_scale_is_read_from_its_onnx_model():
     )
 
 
-def test_the_fitted_adaptation_moves_the_prototypes_to_classify_the_site_cases_and_leaves_a_default_set_alone():
+def test_the_fitted_adaptation_moves_the_prototypes_to_classify_the_site_cases_and_leaves_fewer_cases_alone():
     default = SupportSet.load()
     fitted = Adaptation("fitted", exported_scale(PROTO_CLASSIFY))
     alone = PrototypeSet.from_support(default)
@@ -244,6 +252,15 @@ def test_the_fitted_adaptation_moves_the_prototypes_to_classify_the_site_cases_a
         moved = np.linalg.norm(adapted.prototypes[modality] - plain.prototypes[modality], axis=1)
         assert (moved > 1e-4).all()
         assert loss(adapted.prototypes[modality], m) < loss(plain.prototypes[modality], m)
+    # one class with a case fewer than SITE_CASES_TO_FIT: the rule's prototypes, not fitted
+    assert SITE_CASES_TO_FIT == 5
+    fewer = SupportSet(site.embeddings[1:], site.labels[1:])
+    unfitted = site_prototypes(default, fewer, adaptation=fitted)
+    assert unfitted.adaptation == "plain"
+    for modality in MODALITY_ORDER:
+        np.testing.assert_array_equal(
+            unfitted.prototypes[modality], site_prototypes(default, fewer).prototypes[modality]
+        )
     with pytest.raises(ValueError, match="needs the classifier's scale"):
         Adaptation("fitted")
     with pytest.raises(ValueError, match="one of plain, fitted"):
@@ -316,6 +333,7 @@ def test_the_store_serves_the_refitted_fusion_weights_and_support_show_prints_th
         (pb.XR, prototypes.fusion_weights[XR]),
     ]
     assert "fusion weights refitted to the site's cases (held out, 5 folds): CT " in format_weights(info)
+    assert f"then fitted to {3 * 10} site cases" in format_weights(info)
     assert not version_to_pb(seeded.version_info(1), seeded.prototype_set(1)).fusion_weights
 
 
@@ -358,7 +376,7 @@ def test_the_store_makes_each_version_by_the_rule(seeded):
     for number, n in [(1, 0), (one, 1), (four, 4), (five, 5), (eight, 8)]:
         prototypes = seeded.prototype_set(number)
         assert prototypes.version == f"v{number}" and prototypes.labels == base.labels
-        w = min(n, 5) / 5
+        w = min(n, SITE_CASES_TO_REPLACE) / SITE_CASES_TO_REPLACE
         first = SupportSet(site.embeddings[:n], site.labels[:n])
         for modality in MODALITY_ORDER:
             expected = mean(benign_default, modality) * (1 - w) + (w * mean(first, modality) if n else 0)
@@ -374,7 +392,7 @@ def test_the_store_makes_each_version_by_the_rule(seeded):
     np.testing.assert_allclose(prototypes.prototypes[CT][-1], mean(chordoma, CT), rtol=1e-5)
     # the default's malignant cases removed, one site case stands alone: no default left to shrink toward
     malignant = add_site_cases(seeded, cases("malignant", 1, -0.2, seed=12))
-    assert seeded.prototype_set(malignant).site_weight_of("malignant", CT) == pytest.approx(0.2)
+    assert seeded.prototype_set(malignant).site_weight_of("malignant", CT) == pytest.approx(1 / SITE_CASES_TO_REPLACE)
     for case in seeded.list_cases():
         if case.synthetic and case.label == "malignant":
             seeded.remove_case(case.id, curator="dr site")
@@ -396,8 +414,8 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
         analyst = spb_grpc.SupportSetStub(server.channel)
         info = analyst.GetPrototypeSet(spb.GetPrototypeSetRequest(), timeout=10)
         default = SupportSet.load()
-        assert info.site_cases_to_replace == 5 and info.cases == len(default.labels) + 11
-        assert info.adaptation == "fitted to 11 site cases"
+        assert info.site_cases_to_replace == SITE_CASES_TO_REPLACE and info.cases == len(default.labels) + 11
+        assert info.adaptation == "plain"  # borderline has 1 site case, malignant none: fewer than SITE_CASES_TO_FIT
         # the SYNTHETIC default's cases of each class, in all and with an embedding of each modality
         d = {c: default.labels.count(c) for c in ("benign", "borderline", "malignant")}
         dm = {
@@ -432,8 +450,8 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
         }
         weights = {c.label: [round(w.site_weight, 6) for w in c.weights] for c in info.classes}
         assert weights == {
-            "benign": [1.0, 1.0, 1.0],
-            "borderline": [0.2, 0.2, 0.0],
+            "benign": [0.25, 0.25, 0.25],  # 5 of K = 20
+            "borderline": [0.05, 0.05, 0.0],
             "malignant": [0.0, 0.0, 0.0],
             "chordoma": [1.0, 1.0],
         }
@@ -447,13 +465,13 @@ def test_get_prototype_set_and_support_show_give_each_class_its_cases_and_weight
         shown = capsys.readouterr().out.splitlines()
         assert shown[2].split()[:6] == ["class", "site", "default", "CT", "MR", "XR"]
         assert [line.split() for line in shown[3:7]] == [
-            ["benign", "5", str(d["benign"]), "100%", "100%", "100%"],
-            ["borderline", "1", str(d["borderline"]), "20%", "20%", "0%"],
+            ["benign", "5", str(d["benign"]), "25%", "25%", "25%"],
+            ["borderline", "1", str(d["borderline"]), "5%", "5%", "0%"],
             ["malignant", "0", str(d["malignant"]), "0%", "0%", "0%"],
             ["chordoma", "5", "0", "100%", "100%", "—"],
         ]
-        assert "w = min(n, 5)/5" in shown[7] and "5 site cases replace the default" in shown[8]
-        assert "then fitted to 11 site cases" in shown[9]
+        assert "w = min(n, 20)/20" in shown[7] and "20 site cases replace the default" in shown[8]
+        assert len(shown) == 9  # no "then fitted" line
         assert old.adaptation == "plain"
     finally:
         server.close()

@@ -346,9 +346,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction, serve: ServeConfig
         "--prototype-adaptation",
         choices=["plain", "fitted"],
         default=serve.prototype_adaptation,
-        help="what a site's support cases do beyond the support rule: fitted (fit the prototypes to them, about "
-        "1 ms per change, and from 10 site cases per class refit the fusion weights too; measured best, "
-        "docs/evaluation.md) or plain (the rule alone) (env CSPINE_PROTOTYPE_ADAPTATION, default fitted)",
+        help="what a site's support cases do beyond the support rule: fitted (from 5 site cases per class fit the "
+        "prototypes to them, about 1 ms per change, and from 10 refit the fusion weights too; chosen on a tuning "
+        "seed, docs/support.md) or plain (the rule alone) (env CSPINE_PROTOTYPE_ADAPTATION, default fitted)",
     )
     p.add_argument(
         "--tokens",

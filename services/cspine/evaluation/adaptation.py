@@ -5,8 +5,8 @@ lesions are: ``calibrate.ground_truth_support``) gives the 0-shot prototypes. A 
 adds k of its own lesions per class, and each method turns the default cases and the site's into prototypes
 for the shipped ``proto_classify``:
 
-- ``plain``: the support rule of the service (fewshot/prototypes.py): per class, site cases weigh min(k, 5)/5
-  against the default class mean;
+- ``plain``: the support rule of the service (fewshot/prototypes.py): per class, site cases weigh min(k, K)/K
+  against the default class mean (K = ``SITE_CASES_TO_REPLACE``);
 - ``fitted``: ``plain``, then fitted to the site's cases by a few gradient steps (fewshot/adapt.py, ~1 ms),
   and with 10 or more site cases per class the fusion weights refitted to them (fewshot/prototypes.py);
 - ``transductive``: ``plain``, then refined with the unlabelled query lesions (soft k-means);
