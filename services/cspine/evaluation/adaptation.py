@@ -7,8 +7,9 @@ for the shipped ``proto_classify``:
 
 - ``plain``: the support rule of the service (fewshot/prototypes.py): per class, site cases weigh min(k, K)/K
   against the default class mean (K = ``SITE_CASES_TO_REPLACE``);
-- ``fitted``: ``plain``, then fitted to the site's cases by a few gradient steps (fewshot/adapt.py, ~1 ms),
-  and with 10 or more site cases per class the fusion weights refitted to them (fewshot/prototypes.py);
+- ``fitted``: ``plain``, then, from ``SITE_CASES_TO_FIT`` site cases per class, fitted to them by a few gradient
+  steps (fewshot/adapt.py, ~1 ms), and with 10 or more site cases per class the fusion weights refitted to them
+  (fewshot/prototypes.py);
 - ``transductive``: ``plain``, then refined with the unlabelled query lesions (soft k-means);
 - ``baseline``: the conventionally trained encoder with its last block and a new linear head fine-tuned on
   the site's cases (modeling/evaluate.py), for k ≥ 1.

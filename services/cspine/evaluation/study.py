@@ -4,7 +4,8 @@ the rest are analysed (``AnalyzeStudy``) with every modality and with each alone
 compared with the pathology reference; the support set grows in steps so the learning curve shows what
 each added case buys. The server's store makes the prototypes from the cases by the same rule as in service
 (``PrototypeSet.from_cases``, docs/support.md): n site cases of a class weigh min(n, K)/K against the
-SYNTHETIC default's class mean (K = ``SITE_CASES_TO_REPLACE``), then the prototypes are fitted to them.
+SYNTHETIC default's class mean (K = ``SITE_CASES_TO_REPLACE``), then, once every class has
+``SITE_CASES_TO_FIT`` site cases, the prototypes are fitted to them.
 
 A cohort is a folder with one folder per case: the case's DICOM files (any layout) and ``reference.json``
 (``{"class": "malignant", "subtype": "metastasis", "level": "C4"}``; class ``none`` for a tumor-free
